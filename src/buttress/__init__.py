@@ -1,0 +1,91 @@
+"""buttress: resilience primitives for Python services, sync and async.
+
+Retry, circuit breaker, bulkhead, rate limiter, timeout, debounce, throttle,
+fallback, hedge and pipeline; health and state views; typed events.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import backoff as backoff
+from . import events as events
+from ._deadline import remaining as remaining
+from .bulkhead import Bulkhead as Bulkhead
+from .circuit_breaker import CircuitBreaker as CircuitBreaker
+from .clock import Clock as Clock
+from .clock import SystemClock as SystemClock
+from .debounce import Debounce as Debounce
+from .debounce import debounce as debounce
+from .debounce import throttle as throttle
+from .exceptions import BulkheadFull as BulkheadFull
+from .exceptions import ButtressError as ButtressError
+from .exceptions import CircuitOpenError as CircuitOpenError
+from .exceptions import ConfigError as ConfigError
+from .exceptions import DuplicateNameError as DuplicateNameError
+from .exceptions import RateLimited as RateLimited
+from .exceptions import RejectedError as RejectedError
+from .exceptions import RetryExhausted as RetryExhausted
+from .exceptions import TimeoutExceeded as TimeoutExceeded
+from .fallback import Fallback as Fallback
+from .fallback import fallback as fallback
+from .hedge import Hedge as Hedge
+from .hedge import hedge as hedge
+from .pipeline import Pipeline as Pipeline
+from .pipeline import pipeline as pipeline
+from .rate_limiter import RateLimiter as RateLimiter
+from .registry import Registry as Registry
+from .registry import default_registry as default_registry
+from .registry import health as health
+from .registry import state as state
+from .retry import Retry as Retry
+from .retry import RetryBudget as RetryBudget
+from .retry import retry as retry
+from .timeout import Timeout as Timeout
+from .timeout import timeout as timeout
+
+__all__ = [
+    "Bulkhead",
+    "BulkheadFull",
+    "ButtressError",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "Clock",
+    "ConfigError",
+    "Debounce",
+    "DuplicateNameError",
+    "Fallback",
+    "Hedge",
+    "Pipeline",
+    "RateLimited",
+    "RateLimiter",
+    "Registry",
+    "RejectedError",
+    "Retry",
+    "RetryBudget",
+    "RetryExhausted",
+    "SystemClock",
+    "Timeout",
+    "TimeoutExceeded",
+    "backoff",
+    "debounce",
+    "default_registry",
+    "events",
+    "fallback",
+    "health",
+    "hedge",
+    "pipeline",
+    "remaining",
+    "retry",
+    "state",
+    "throttle",
+    "timeout",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from importlib.metadata import version
+
+        return version("buttress")
+    raise AttributeError(f"module 'buttress' has no attribute {name!r}")

@@ -1,0 +1,141 @@
+"""What every primitive shares: decoration, naming, events and snapshots.
+
+A policy turns a function into a protected function *at decoration time*:
+``__call__`` checks the target once, picks the sync or the async wrapper once,
+and the wrapper does only the primitive's own work per call. A pipeline nests
+the same wrappers, so composing policies costs the sum of their parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
+from typing import Any, ClassVar, ParamSpec, TypeVar
+
+from . import events as _events
+from ._validate import check_decoratable, check_name
+from .clock import Clock, resolve_clock
+from .exceptions import ConfigTypeError
+from .registry import Registry, default_registry
+
+__all__ = ["Policy", "is_async_callable"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def is_async_callable(obj: object) -> bool:
+    """True for coroutine functions, including partials and objects with an async ``__call__``."""
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    if inspect.iscoroutinefunction(obj):
+        return True
+    call = getattr(obj, "__call__", None)  # noqa: B004 - we want the method itself
+    return (
+        call is not None and not inspect.isfunction(obj) and inspect.iscoroutinefunction(call)
+    )
+
+
+class Policy:
+    """Base of every primitive: usable as a decorator and as part of a pipeline."""
+
+    kind: ClassVar[str] = "policy"
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        listeners: Iterable[_events.Listener] | None = None,
+        registry: Registry | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.name: str | None = check_name(name)
+        self._listeners: tuple[_events.Listener, ...] = _events.check_listeners(listeners)
+        self._clock: Clock = resolve_clock(clock)
+        if registry is not None and not isinstance(registry, Registry):
+            raise ConfigTypeError(
+                f"registry must be a buttress.Registry, got {registry!r} "
+                f"({type(registry).__name__})"
+            )
+        self._registry: Registry | None = None
+        if self.name is not None:
+            self._registry = registry if registry is not None else default_registry()
+
+    def _register(self) -> None:
+        """Join the registry; subclasses call this once they are fully built."""
+        if self._registry is not None:
+            self._registry.register(self)
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    # -- decoration -------------------------------------------------------------------------
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        """Decorate ``fn`` (sync or async); the wrapper keeps its signature."""
+        check_decoratable(fn)
+        wrapper = self._wrap_async(fn) if is_async_callable(fn) else self._wrap_sync(fn)
+        return functools.wraps(fn)(wrapper)
+
+    def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        raise ConfigTypeError(f"{type(self).__name__} cannot protect the sync function {fn!r}")
+
+    def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        raise ConfigTypeError(f"{type(self).__name__} cannot protect the async function {fn!r}")
+
+    # -- events -----------------------------------------------------------------------------
+
+    def _listening(self) -> bool:
+        return bool(self._listeners or _events.hub.listeners)
+
+    def _emit(self, event_type: type[_events.Event], **fields: Any) -> None:
+        if self._listeners or _events.hub.listeners:
+            event = event_type(
+                source=self.kind, name=self.name, time=self._clock.now(), **fields
+            )
+            _events.dispatch(self._listeners, event)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-serialisable view of this primitive's configuration and counters."""
+        return {"kind": self.kind, "name": self.name}
+
+    def health_check(self) -> tuple[str, Any, str]:
+        """``(status, observed value, output)`` with status ``"pass"``, ``"warn"`` or ``"fail"``."""
+        return "pass", None, ""
+
+    def __repr__(self) -> str:
+        label = f" {self.name!r}" if self.name is not None else ""
+        return f"<{type(self).__name__}{label}>"
+
+
+class TokenStack:
+    """Per-task/per-thread stack of values for context-manager use of a shared policy.
+
+    ``with breaker:`` may run concurrently in many threads and tasks; each entry
+    keeps what ``__exit__`` needs in its own context, and nesting works.
+    """
+
+    __slots__ = ("_var",)
+
+    def __init__(self, label: str) -> None:
+        self._var: ContextVar[tuple[Any, ...]] = ContextVar(label, default=())
+
+    def push(self, value: Any) -> None:
+        self._var.set((*self._var.get(), value))
+
+    def pop(self) -> Any:
+        stack = self._var.get()
+        if not stack:
+            raise RuntimeError("context manager exited without being entered")
+        self._var.set(stack[:-1])
+        return stack[-1]
+
+
+def running_loop() -> asyncio.AbstractEventLoop:
+    return asyncio.get_running_loop()

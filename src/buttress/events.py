@@ -1,0 +1,228 @@
+"""Typed events that primitives emit, and the listeners that receive them.
+
+Events are frozen, slotted dataclasses. A listener is any callable taking one
+:class:`Event`. Listeners subscribe globally with :func:`subscribe` or per
+primitive with the ``listeners=[...]`` option. A listener that raises is logged
+(on the ``buttress.events`` logger) and never breaks the protected call.
+Building an event costs nothing when nobody listens.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+__all__ = [
+    "AcquiredAfterWait",
+    "CallRejected",
+    "CircuitStateChanged",
+    "Event",
+    "FallbackUsed",
+    "HedgeLaunched",
+    "Listener",
+    "RetryGaveUp",
+    "RetryRecovered",
+    "RetryScheduled",
+    "Severity",
+    "TimeoutFired",
+    "subscribe",
+]
+
+_log = logging.getLogger("buttress.events")
+
+
+class Severity(enum.IntEnum):
+    """How much an event deserves attention (maps onto logging levels)."""
+
+    DEBUG = logging.DEBUG
+    INFO = logging.INFO
+    WARNING = logging.WARNING
+    ERROR = logging.ERROR
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base of every event.
+
+    Attributes:
+        source: the kind of primitive that emitted it (``"retry"``, ``"circuit_breaker"``...).
+        name: the primitive's name, or ``None`` when it has none.
+        time: the primitive's clock reading (monotonic seconds) when it happened.
+    """
+
+    kind: ClassVar[str] = "event"
+    severity: ClassVar[Severity] = Severity.INFO
+
+    source: str
+    name: str | None
+    time: float
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready mapping (exceptions become ``"Type: message"`` strings)."""
+        out: dict[str, object] = {"kind": self.kind, "severity": self.severity.name.lower()}
+        for field in self.__dataclass_fields__:
+            value = getattr(self, field)
+            if isinstance(value, BaseException):
+                value = f"{type(value).__name__}: {value}"
+            out[field] = value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RetryScheduled(Event):
+    """An attempt failed (or returned a result to retry) and another one will follow."""
+
+    kind: ClassVar[str] = "retry_scheduled"
+    attempt: int
+    delay: float
+    error: BaseException | None
+    result: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryGaveUp(Event):
+    """No further attempt: ``reason`` is ``"attempts"``, ``"deadline"`` or ``"budget"``."""
+
+    kind: ClassVar[str] = "retry_gave_up"
+    severity: ClassVar[Severity] = Severity.WARNING
+    attempts: int
+    reason: str
+    error: BaseException | None
+    result: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRecovered(Event):
+    """A call succeeded after at least one retry."""
+
+    kind: ClassVar[str] = "retry_recovered"
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitStateChanged(Event):
+    """The breaker moved from ``old`` to ``new`` (``"closed"``, ``"open"``, ``"half_open"``)."""
+
+    kind: ClassVar[str] = "circuit_state_changed"
+    severity: ClassVar[Severity] = Severity.WARNING
+    old: str
+    new: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallRejected(Event):
+    """A call was refused before it ran (breaker open, bulkhead full, rate limited)."""
+
+    kind: ClassVar[str] = "call_rejected"
+    severity: ClassVar[Severity] = Severity.WARNING
+    reason: str
+    retry_after: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class AcquiredAfterWait(Event):
+    """A bulkhead slot or a rate-limit permit was obtained after ``waited`` seconds."""
+
+    kind: ClassVar[str] = "acquired_after_wait"
+    severity: ClassVar[Severity] = Severity.DEBUG
+    waited: float
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutFired(Event):
+    """A call ran past its timeout."""
+
+    kind: ClassVar[str] = "timeout_fired"
+    severity: ClassVar[Severity] = Severity.WARNING
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackUsed(Event):
+    """A fallback value or handler replaced a failure."""
+
+    kind: ClassVar[str] = "fallback_used"
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class HedgeLaunched(Event):
+    """A hedged (extra, concurrent) attempt was started."""
+
+    kind: ClassVar[str] = "hedge_launched"
+    severity: ClassVar[Severity] = Severity.DEBUG
+    attempt: int
+
+
+Listener = Callable[[Event], object]
+
+
+class _Hub:
+    """Global listeners, kept as an immutable tuple so readers need no lock."""
+
+    __slots__ = ("listeners", "lock")
+
+    def __init__(self) -> None:
+        self.listeners: tuple[Listener, ...] = ()
+        self.lock = threading.Lock()
+
+
+hub = _Hub()
+
+
+def subscribe(listener: Listener) -> Callable[[], None]:
+    """Send every event of every primitive to ``listener``; returns a function that unsubscribes."""
+    if not callable(listener):
+        from .exceptions import ConfigTypeError
+
+        raise ConfigTypeError(
+            f"listener must be callable, got {listener!r} ({type(listener).__name__})"
+        )
+    with hub.lock:
+        hub.listeners = (*hub.listeners, listener)
+
+    def unsubscribe() -> None:
+        with hub.lock:
+            items = list(hub.listeners)
+            if listener in items:
+                items.remove(listener)
+            hub.listeners = tuple(items)
+
+    return unsubscribe
+
+
+def check_listeners(listeners: Iterable[Listener] | None) -> tuple[Listener, ...]:
+    from .exceptions import ConfigTypeError
+
+    if listeners is None:
+        return ()
+    if callable(listeners) and not isinstance(listeners, (list, tuple)):
+        raise ConfigTypeError(
+            f"listeners must be a list of callables, got the single callable {listeners!r}"
+        )
+    try:
+        items = tuple(listeners)
+    except TypeError:
+        raise ConfigTypeError(
+            f"listeners must be a list of callables, got {listeners!r} ({type(listeners).__name__})"
+        ) from None
+    for item in items:
+        if not callable(item):
+            raise ConfigTypeError(
+                f"listeners must contain only callables, got {item!r} ({type(item).__name__})"
+            )
+    return items
+
+
+def dispatch(local: tuple[Listener, ...], event: Event) -> None:
+    """Deliver ``event`` to the primitive's own listeners, then the global ones."""
+    for listener in (*local, *hub.listeners):
+        try:
+            listener(event)
+        except Exception:
+            _log.exception("buttress event listener %r failed on %s", listener, event.kind)

@@ -1,0 +1,109 @@
+"""Every error buttress raises.
+
+The hierarchy::
+
+    ButtressError
+    ├── ConfigError                 a policy was built with a bad option
+    │   ├── ConfigTypeError         (also a TypeError)
+    │   └── ConfigValueError        (also a ValueError)
+    ├── DuplicateNameError          (also a ValueError) a live primitive already has that kind and name
+    ├── RejectedError               the protected call never ran; ``retry_after`` says when to try again
+    │   ├── CircuitOpenError        the circuit breaker is open (or its half-open probes are taken)
+    │   ├── BulkheadFull            no slot and no room (or no time) to queue for one
+    │   └── RateLimited             no permit within ``max_wait`` or the enclosing deadline
+    ├── TimeoutExceeded             (also the built-in TimeoutError) the call ran past its timeout
+    └── RetryExhausted              every attempt returned a result that ``retry_if_result`` rejected
+
+A retry that runs out of attempts because of exceptions re-raises the *last exception itself*,
+unchanged, with a note saying how many attempts were made; it never wraps it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BulkheadFull",
+    "ButtressError",
+    "CircuitOpenError",
+    "ConfigError",
+    "ConfigTypeError",
+    "ConfigValueError",
+    "DuplicateNameError",
+    "RateLimited",
+    "RejectedError",
+    "RetryExhausted",
+    "TimeoutExceeded",
+]
+
+
+class ButtressError(Exception):
+    """Base class of every error raised by buttress."""
+
+
+class ConfigError(ButtressError):
+    """A policy option was rejected when the policy was built."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An option had the wrong type (the message names the parameter and the value)."""
+
+
+class ConfigValueError(ConfigError, ValueError):
+    """An option was out of range (the message names the parameter and the value)."""
+
+
+class DuplicateNameError(ButtressError, ValueError):
+    """A live primitive of the same kind is already registered under that name."""
+
+
+class RejectedError(ButtressError):
+    """The protected call was not run.
+
+    Attributes:
+        retry_after: seconds after which trying again may succeed, or ``None`` when unknown.
+        name: the name of the primitive that rejected the call, if it has one.
+    """
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, name: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.name = name
+
+
+class CircuitOpenError(RejectedError):
+    """The circuit breaker is open, or half-open with every probe slot taken."""
+
+
+class BulkheadFull(RejectedError):
+    """The bulkhead had no free slot and the call could not queue (or waited too long)."""
+
+
+class RateLimited(RejectedError):
+    """The rate limiter could not admit the call within ``max_wait`` or the deadline."""
+
+
+class TimeoutExceeded(ButtressError, TimeoutError):
+    """The call ran longer than its timeout.
+
+    Attributes:
+        timeout: the timeout in seconds that was exceeded.
+    """
+
+    def __init__(self, message: str, *, timeout: float | None = None) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
+
+class RetryExhausted(ButtressError):
+    """Every attempt returned a result that ``retry_if_result`` asked to retry.
+
+    Attributes:
+        result: the result of the last attempt.
+        attempts: how many attempts were made.
+    """
+
+    def __init__(self, message: str, *, result: object, attempts: int) -> None:
+        super().__init__(message)
+        self.result = result
+        self.attempts = attempts

@@ -1,0 +1,165 @@
+"""Fallback: answer with a value (or a handler's answer) instead of raising.
+
+Only exceptions matching ``on`` are replaced. Cancellation, ``KeyboardInterrupt``
+and ``SystemExit`` are never swallowed, whatever ``on`` says.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+from . import events as _events
+from ._policy import Policy, TokenStack
+from ._validate import check_callable, check_exception_types
+from .clock import Clock
+from .exceptions import ConfigValueError
+from .registry import Registry
+
+__all__ = ["Fallback", "FallbackOutcome", "fallback"]
+
+_MISSING: Any = object()
+
+
+class FallbackOutcome:
+    """What ``with fallback(...) as outcome:`` yields: set ``outcome.value`` inside the block.
+
+    If the block raises a matching exception, ``value`` becomes the fallback value
+    and ``error`` holds the exception.
+    """
+
+    __slots__ = ("error", "value")
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+class Fallback(Policy):
+    """Replace matching failures by a value. Build it with :func:`fallback`."""
+
+    kind = "fallback"
+
+    def __init__(
+        self,
+        value: Any = _MISSING,
+        *,
+        handler: Callable[[BaseException], Any] | None = None,
+        on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        name: str | None = None,
+        listeners: Iterable[_events.Listener] | None = None,
+        registry: Registry | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
+        if (value is _MISSING) == (handler is None):
+            raise ConfigValueError(
+                f"fallback needs exactly one of value= or handler=, got value={value!r} "
+                f"and handler={handler!r}"
+                if value is not _MISSING
+                else "fallback needs exactly one of value= or handler=, got neither"
+            )
+        self.value = None if value is _MISSING else value
+        self.handler = check_callable("handler", handler, allow_none=True)
+        self.on = check_exception_types("on", on)
+        self._used = 0
+        self._lock = threading.Lock()
+        self._cm = TokenStack(f"buttress_fallback_{id(self)}")
+        self._register()
+
+    def _matches(self, exc: BaseException) -> bool:
+        return isinstance(exc, Exception) and isinstance(exc, self.on)
+
+    def _replacement(self, exc: BaseException) -> Any:
+        with self._lock:
+            self._used += 1
+        self._emit(_events.FallbackUsed, error=exc)
+        if self.handler is None:
+            return self.value
+        return self.handler(exc)
+
+    def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        matches, replacement = self._matches, self._replacement
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except BaseException as exc:
+                if not matches(exc):
+                    raise
+                return replacement(exc)
+
+        return guarded
+
+    def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        matches, replacement = self._matches, self._replacement
+
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(*args, **kwargs)
+            except BaseException as exc:
+                if not matches(exc):
+                    raise
+                value = replacement(exc)
+                if inspect.isawaitable(value):
+                    value = await value
+                return value
+
+        return guarded
+
+    def __enter__(self) -> FallbackOutcome:
+        outcome = FallbackOutcome()
+        self._cm.push(outcome)
+        return outcome
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        outcome: FallbackOutcome = self._cm.pop()
+        if exc is None or not self._matches(exc):
+            return False
+        outcome.error = exc
+        outcome.value = self._replacement(exc)
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "used": self._used}
+
+
+def fallback(
+    value: Any = _MISSING,
+    *,
+    handler: Callable[[BaseException], Any] | None = None,
+    on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+    name: str | None = None,
+    listeners: Iterable[_events.Listener] | None = None,
+    registry: Registry | None = None,
+    clock: Clock | None = None,
+) -> Fallback:
+    """Return ``value`` (or ``handler(exc)``) instead of raising an exception matching ``on``.
+
+    Args:
+        value: the replacement value.
+        handler: instead of ``value``, a function of the exception; for async functions
+            it may be async too.
+        on: exception class(es) to replace (default ``Exception``).
+        name: registers the policy for ``state()``.
+        listeners: event listeners for this policy only.
+        registry: registry to join instead of the default one.
+        clock: time source for event timestamps.
+    """
+    return Fallback(
+        value,
+        handler=handler,
+        on=on,
+        name=name,
+        listeners=listeners,
+        registry=registry,
+        clock=clock,
+    )

@@ -1,0 +1,509 @@
+"""Retry with backoff, jitter, a deadline and a shared retry budget.
+
+One decision object, :class:`_RetryState`, says for each failed attempt either
+"sleep this long, then try again" or "give up". The decorator's sync and async
+wrappers and the ``attempts()`` loop are thin drivers over it; only the way they
+sleep differs.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any
+
+from . import events as _events
+from ._config import config
+from ._deadline import remaining
+from ._policy import Policy
+from ._validate import check_callable, check_exception_types, check_int, check_number, check_seconds
+from .backoff import exponential
+from .clock import Clock, resolve_clock
+from .exceptions import ConfigTypeError, RetryExhausted
+from .registry import Registry
+
+__all__ = ["Attempt", "Retry", "RetryBudget", "retry"]
+
+_DEFAULT_BACKOFF = exponential()
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    if sys.version_info >= (3, 11):
+        exc.add_note(note)
+    else:  # pragma: no cover - Python 3.10
+        notes = getattr(exc, "__notes__", None)
+        if not isinstance(notes, list):
+            notes = []
+            exc.__notes__ = notes  # type: ignore[attr-defined]
+        notes.append(note)
+
+
+class RetryBudget:
+    """A shared cap on retries: at most ``ratio`` retries per call over a sliding ``window``.
+
+    Many callers retrying a failing dependency at once multiply its load (a retry storm).
+    A budget shared by those callers lets retries through while they stay a small
+    fraction of the traffic, plus a floor of ``min_per_second`` so that low-traffic
+    callers can still retry.
+
+    Args:
+        ratio: retries allowed per call made, over the window (default 0.2, in [0, 1000]).
+        window: the sliding window in seconds (default 10.0).
+        min_per_second: retries always allowed per second regardless of traffic (default 10).
+        clock: time source (default: the system clock).
+    """
+
+    _BUCKETS = 10
+
+    def __init__(
+        self,
+        ratio: float = 0.2,
+        *,
+        window: float = 10.0,
+        min_per_second: float = 10.0,
+        clock: Clock | None = None,
+    ) -> None:
+        self.ratio = check_number("ratio", ratio, min_value=0.0, max_value=1000.0)
+        seconds = check_seconds("window", window)
+        assert seconds is not None
+        self.window = seconds
+        self.min_per_second = check_number("min_per_second", min_per_second, min_value=0.0)
+        self._clock = resolve_clock(clock)
+        self._width = self.window / self._BUCKETS
+        self._calls = [0] * self._BUCKETS
+        self._retries = [0] * self._BUCKETS
+        self._epoch = int(self._clock.now() / self._width)
+        self._lock = threading.Lock()
+        self.rejected = 0
+
+    def _roll(self) -> int:
+        """Zero the buckets that slid out of the window; return the current bucket index."""
+        epoch = int(self._clock.now() / self._width)
+        gap = epoch - self._epoch
+        if gap > 0:
+            for step in range(1, min(gap, self._BUCKETS) + 1):
+                index = (self._epoch + step) % self._BUCKETS
+                self._calls[index] = 0
+                self._retries[index] = 0
+            self._epoch = epoch
+        return self._epoch % self._BUCKETS
+
+    def deposit(self) -> None:
+        """Record one call."""
+        with self._lock:
+            self._calls[self._roll()] += 1
+
+    def try_withdraw(self) -> bool:
+        """Record one retry if the budget allows it; return whether it does."""
+        with self._lock:
+            index = self._roll()
+            allowed = self.min_per_second * self.window + self.ratio * sum(self._calls)
+            if sum(self._retries) + 1 > allowed:
+                self.rejected += 1
+                return False
+            self._retries[index] += 1
+            return True
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            self._roll()
+            calls, retries = sum(self._calls), sum(self._retries)
+        return {
+            "ratio": self.ratio,
+            "window": self.window,
+            "min_per_second": self.min_per_second,
+            "calls_in_window": calls,
+            "retries_in_window": retries,
+            "rejected": self.rejected,
+        }
+
+
+class _RetryState:
+    """The decisions for one call being retried (one per call, made lazily on first failure)."""
+
+    __slots__ = ("attempt", "delays", "last_delay", "policy", "started")
+
+    def __init__(self, policy: Retry, started: float | None = None) -> None:
+        self.policy = policy
+        self.attempt = 1
+        self.started = started
+        self.delays: Iterator[float] | None = None
+        self.last_delay = 0.0
+
+    def on_error(self, exc: BaseException) -> float | None:
+        """The delay before the next attempt, or ``None`` to re-raise ``exc``."""
+        policy = self.policy
+        # Cancellation, KeyboardInterrupt and SystemExit are never retried, whatever `on` says.
+        if not isinstance(exc, Exception) or not policy._retryable(exc):
+            if self.attempt > 1:
+                _add_note(exc, f"buttress: not retryable, raised on attempt {self.attempt}")
+            return None
+        delay = self._next(exc, None, getattr(exc, "retry_after", None))
+        if delay is None:
+            return None
+        return delay
+
+    def on_result(self, result: object) -> float:
+        """The delay before the next attempt; raises RetryExhausted when giving up."""
+        delay = self._next(None, result, None)
+        if delay is None:
+            raise RetryExhausted(
+                f"result {result!r} still rejected by retry_if_result after "
+                f"{self.attempt} attempt(s)",
+                result=result,
+                attempts=self.attempt,
+            )
+        return delay
+
+    def _next(
+        self, error: BaseException | None, result: object, retry_after: object
+    ) -> float | None:
+        policy = self.policy
+        attempts = policy.max_attempts
+        if config.testing and config.testing_attempts is not None:
+            attempts = config.testing_attempts
+        if self.attempt >= attempts:
+            return self._give_up("attempts", error, result)
+        if self.delays is None:
+            self.delays = iter(policy.backoff)
+        delay = next(self.delays, None)
+        if delay is None:  # a finite schedule ran out: its last delay repeats
+            delay = self.last_delay
+        self.last_delay = delay
+        if isinstance(retry_after, (int, float)) and retry_after == retry_after:
+            delay = max(delay, float(retry_after))
+        if config.testing:
+            delay = 0.0
+        left = remaining()
+        if policy.deadline is not None and self.started is not None:
+            own = policy.deadline - (policy._clock.now() - self.started)
+            left = own if left is None else min(left, own)
+        if left is not None and delay >= left:
+            return self._give_up("deadline", error, result)
+        budget = policy.budget
+        if budget is not None and not budget.try_withdraw():
+            return self._give_up("budget", error, result)
+        policy._count_retry(self.attempt, delay, error, result)
+        self.attempt += 1
+        return delay
+
+    def _give_up(self, reason: str, error: BaseException | None, result: object) -> None:
+        policy = self.policy
+        with policy._lock:
+            policy._gave_up += 1
+        if error is not None:
+            what = {"attempts": "attempts", "deadline": "deadline", "budget": "retry budget"}
+            _add_note(
+                error,
+                f"buttress: gave up after {self.attempt} attempt(s) "
+                f"({what[reason]} exhausted)",
+            )
+        policy._emit(
+            _events.RetryGaveUp, attempts=self.attempt, reason=reason, error=error, result=result
+        )
+        return None
+
+    def succeeded(self) -> None:
+        if self.attempt > 1:
+            policy = self.policy
+            with policy._lock:
+                policy._recovered += 1
+            policy._emit(_events.RetryRecovered, attempts=self.attempt)
+
+
+class Retry(Policy):
+    """Retry a call that fails with a transient error. Build it with :func:`retry`."""
+
+    kind = "retry"
+
+    def __init__(
+        self,
+        attempts: int = 3,
+        *,
+        on: type[BaseException]
+        | tuple[type[BaseException], ...]
+        | Callable[[BaseException], bool] = Exception,
+        retry_if_result: Callable[[Any], bool] | None = None,
+        backoff: Iterable[float] | None = None,
+        deadline: float | None = None,
+        budget: RetryBudget | None = None,
+        name: str | None = None,
+        listeners: Iterable[_events.Listener] | None = None,
+        registry: Registry | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
+        self.max_attempts = check_int("attempts", attempts)
+        self._on_types: tuple[type[BaseException], ...] | None
+        self._on_predicate: Callable[[BaseException], bool] | None
+        if isinstance(on, (type, tuple, list)):
+            self._on_types = check_exception_types("on", on)
+            self._on_predicate = None
+        elif callable(on):
+            self._on_types = None
+            self._on_predicate = on
+        else:
+            raise ConfigTypeError(
+                f"on must be an exception class, a tuple of them or a predicate, "
+                f"got {on!r} ({type(on).__name__})"
+            )
+        self.retry_if_result = check_callable("retry_if_result", retry_if_result, allow_none=True)
+        if backoff is None:
+            backoff = _DEFAULT_BACKOFF
+        elif not isinstance(backoff, Iterable) or isinstance(backoff, (str, bytes)):
+            raise ConfigTypeError(
+                f"backoff must be an iterable of delays in seconds, "
+                f"got {backoff!r} ({type(backoff).__name__})"
+            )
+        elif isinstance(backoff, (list, tuple)):
+            backoff = tuple(
+                check_seconds(f"backoff[{i}]", d, allow_zero=True)  # type: ignore[misc]
+                for i, d in enumerate(backoff)
+            )
+        self.backoff: Iterable[float] = backoff
+        self.deadline = check_seconds("deadline", deadline, allow_none=True)
+        if budget is not None and not isinstance(budget, RetryBudget):
+            raise ConfigTypeError(
+                f"budget must be a buttress.RetryBudget, got {budget!r} ({type(budget).__name__})"
+            )
+        self.budget = budget
+        self._lock = threading.Lock()
+        self._retries = 0
+        self._gave_up = 0
+        self._recovered = 0
+        self._register()
+
+    # -- decisions shared by every driver ----------------------------------------------------
+
+    def _retryable(self, exc: Exception) -> bool:
+        if self._on_types is not None:
+            return isinstance(exc, self._on_types)
+        assert self._on_predicate is not None
+        return bool(self._on_predicate(exc))
+
+    def _count_retry(
+        self, attempt: int, delay: float, error: BaseException | None, result: object
+    ) -> None:
+        with self._lock:
+            self._retries += 1
+        self._emit(_events.RetryScheduled, attempt=attempt, delay=delay, error=error, result=result)
+
+    def _start(self) -> _RetryState | None:
+        """Per-call setup; ``None`` means "build the state lazily on the first failure"."""
+        if self.budget is not None:
+            self.budget.deposit()
+        if self.deadline is not None:
+            return _RetryState(self, self._clock.now())
+        return None
+
+    # -- the two drivers --------------------------------------------------------------------
+
+    def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        start, sleep, check = self._start, self._clock.sleep, self.retry_if_result
+
+        def retrying(*args: Any, **kwargs: Any) -> Any:
+            state = start()
+            while True:
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    if state is None:
+                        state = _RetryState(self)
+                    delay = state.on_error(exc)
+                    if delay is None:
+                        raise
+                else:
+                    if check is None or not check(result):
+                        if state is not None:
+                            state.succeeded()
+                        return result
+                    if state is None:
+                        state = _RetryState(self)
+                    delay = state.on_result(result)
+                if delay > 0:
+                    sleep(delay)
+
+        return retrying
+
+    def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        start, check = self._start, self.retry_if_result
+        asleep = self._clock.asleep
+
+        async def retrying(*args: Any, **kwargs: Any) -> Any:
+            state = start()
+            while True:
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    if state is None:
+                        state = _RetryState(self)
+                    delay = state.on_error(exc)
+                    if delay is None:
+                        raise
+                else:
+                    if check is None or not check(result):
+                        if state is not None:
+                            state.succeeded()
+                        return result
+                    if state is None:
+                        state = _RetryState(self)
+                    delay = state.on_result(result)
+                if delay > 0:
+                    await asleep(delay)
+
+        return retrying
+
+    def attempts(self) -> _Attempts:
+        """The loop form, for blocks of code rather than functions.
+
+        ``for attempt in policy.attempts(): with attempt: ...`` in sync code and
+        ``async for attempt in policy.attempts(): with attempt: ...`` in async code.
+        """
+        return _Attempts(self)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            counts = {
+                "retries": self._retries,
+                "gave_up": self._gave_up,
+                "recovered": self._recovered,
+            }
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "name": self.name,
+            "attempts": self.max_attempts,
+            "deadline": self.deadline,
+            **counts,
+        }
+        if self.budget is not None:
+            out["budget"] = self.budget.snapshot()
+        return out
+
+
+class Attempt:
+    """One attempt of the ``attempts()`` loop; use it as ``with attempt: ...``.
+
+    Attributes:
+        number: 1 for the first attempt, 2 for the first retry, ...
+    """
+
+    __slots__ = ("_loop", "number")
+
+    def __init__(self, loop: _Attempts, number: int) -> None:
+        self._loop = loop
+        self.number = number
+
+    def __enter__(self) -> Attempt:
+        self._loop._entered = True
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        loop = self._loop
+        if exc is None:
+            loop._finished = True
+            loop._state.succeeded()
+            return False
+        delay = loop._state.on_error(exc)
+        if delay is None:
+            loop._finished = True
+            return False
+        loop._pending = delay
+        return True
+
+    def __repr__(self) -> str:
+        return f"<Attempt {self.number}>"
+
+
+class _Attempts:
+    """The iterator behind ``for attempt in r.attempts()`` and ``async for``."""
+
+    __slots__ = ("_entered", "_finished", "_pending", "_policy", "_state")
+
+    def __init__(self, policy: Retry) -> None:
+        self._policy = policy
+        self._state = policy._start() or _RetryState(policy)
+        self._pending: float | None = None
+        self._finished = False
+        self._entered = True  # so that the first __next__ proceeds
+
+    def _advance(self) -> Attempt:
+        if self._finished or not self._entered:
+            raise StopIteration
+        self._entered = False
+        return Attempt(self, self._state.attempt)
+
+    def __iter__(self) -> Iterator[Attempt]:
+        return self
+
+    def __next__(self) -> Attempt:
+        if self._pending is not None:
+            delay, self._pending = self._pending, None
+            if delay > 0:
+                self._policy._clock.sleep(delay)
+        return self._advance()
+
+    def __aiter__(self) -> _Attempts:
+        return self
+
+    async def __anext__(self) -> Attempt:
+        if self._pending is not None:
+            delay, self._pending = self._pending, None
+            if delay > 0:
+                await self._policy._clock.asleep(delay)
+        try:
+            return self._advance()
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+
+def retry(
+    attempts: int = 3,
+    *,
+    on: type[BaseException]
+    | tuple[type[BaseException], ...]
+    | Callable[[BaseException], bool] = Exception,
+    retry_if_result: Callable[[Any], bool] | None = None,
+    backoff: Iterable[float] | None = None,
+    deadline: float | None = None,
+    budget: RetryBudget | None = None,
+    name: str | None = None,
+    listeners: Iterable[_events.Listener] | None = None,
+    registry: Registry | None = None,
+    clock: Clock | None = None,
+) -> Retry:
+    """Build a retry policy.
+
+    Args:
+        attempts: total attempts including the first (default 3, >= 1).
+        on: exception class(es) to retry, or a predicate ``exc -> bool`` (default ``Exception``).
+            ``CancelledError``, ``KeyboardInterrupt`` and ``SystemExit`` are never retried.
+        retry_if_result: predicate on a returned value; true means "retry". On the last
+            attempt a rejected result raises :class:`RetryExhausted` carrying it.
+        backoff: iterable of delays in seconds (default
+            ``backoff.exponential(0.1, 2.0, 10.0, "full")``).
+        deadline: total seconds for all attempts and sleeps; no sleep crosses it.
+        budget: a shared :class:`RetryBudget`.
+        name: registers the policy for ``state()``.
+        listeners: event listeners for this policy only.
+        registry: registry to join instead of the default one.
+        clock: time source (default: the system clock).
+    """
+    return Retry(
+        attempts,
+        on=on,
+        retry_if_result=retry_if_result,
+        backoff=backoff,
+        deadline=deadline,
+        budget=budget,
+        name=name,
+        listeners=listeners,
+        registry=registry,
+        clock=clock,
+    )
