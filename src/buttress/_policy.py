@@ -52,8 +52,10 @@ class Policy:
         registry: Registry | None = None,
         clock: Clock | None = None,
     ) -> None:
-        self.name: str | None = check_name(name)
-        self._listeners: tuple[_events.Listener, ...] = _events.check_listeners(listeners)
+        self.name: str | None = None if name is None else check_name(name)
+        self._listeners: tuple[_events.Listener, ...] = (
+            () if listeners is None else _events.check_listeners(listeners)
+        )
         self._clock: Clock = resolve_clock(clock)
         if registry is not None and not isinstance(registry, Registry):
             raise ConfigTypeError(
@@ -114,27 +116,30 @@ class Policy:
         return f"<{type(self).__name__}{label}>"
 
 
-class TokenStack:
-    """Per-task/per-thread stack of values for context-manager use of a shared policy.
+_cm_entries: ContextVar[tuple[tuple[object, Any], ...]] = ContextVar(
+    "buttress_cm_entries", default=()
+)
 
-    ``with breaker:`` may run concurrently in many threads and tasks; each entry
-    keeps what ``__exit__`` needs in its own context, and nesting works.
+
+def cm_push(owner: object, value: Any) -> None:
+    """Remember ``value`` for ``owner``'s ``__exit__`` in the current task or thread.
+
+    A shared policy may be entered concurrently by many threads and tasks and
+    nested in itself; each entry lives in its own context. All policies share one
+    ContextVar: a variable per policy would grow every task's context by one entry
+    per policy ever entered (``async with timeout(5)`` builds a new policy each time).
     """
+    _cm_entries.set((*_cm_entries.get(), (owner, value)))
 
-    __slots__ = ("_var",)
 
-    def __init__(self, label: str) -> None:
-        self._var: ContextVar[tuple[Any, ...]] = ContextVar(label, default=())
-
-    def push(self, value: Any) -> None:
-        self._var.set((*self._var.get(), value))
-
-    def pop(self) -> Any:
-        stack = self._var.get()
-        if not stack:
-            raise RuntimeError("context manager exited without being entered")
-        self._var.set(stack[:-1])
-        return stack[-1]
+def cm_pop(owner: object) -> Any:
+    """The value of ``owner``'s innermost open entry, forgotten."""
+    entries = _cm_entries.get()
+    for index in range(len(entries) - 1, -1, -1):
+        if entries[index][0] is owner:
+            _cm_entries.set(entries[:index] + entries[index + 1 :])
+            return entries[index][1]
+    raise RuntimeError("context manager exited without being entered")
 
 
 def running_loop() -> asyncio.AbstractEventLoop:

@@ -28,6 +28,9 @@ __all__ = [
 ]
 
 
+_INF = float("inf")
+
+
 def _show(value: object) -> str:
     return f"{value!r} ({type(value).__name__})"
 
@@ -40,6 +43,11 @@ def check_seconds(
     allow_none: bool = False,
 ) -> float | None:
     """Coerce seconds given as int, float or timedelta; reject NaN, infinity and negatives."""
+    kind = type(value)
+    if (kind is float or kind is int) and (
+        0.0 < value < _INF or (allow_zero and value == 0)  # type: ignore[operator]
+    ):
+        return float(value)  # type: ignore[arg-type]
     if value is None:
         if allow_none:
             return None

@@ -59,6 +59,11 @@ class WaiterQueue:
         self._items: OrderedDict[Waiter, None] = OrderedDict()
         self.weight = 0
 
+    @property
+    def items(self) -> OrderedDict[Waiter, None]:
+        """The underlying mapping; hot paths test its truthiness (a C-level length check)."""
+        return self._items
+
     def __len__(self) -> int:
         return len(self._items)
 

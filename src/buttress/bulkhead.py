@@ -184,27 +184,60 @@ class Bulkhead(Policy):
 
     # -- drivers ----------------------------------------------------------------------------
 
+    # The wrappers inline the uncontended paths of acquire() and release(): bound
+    # lock methods instead of `with`, and no Python call inside the critical section.
+
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         acquire, release = self.acquire, self.release
+        lock_acquire, lock_release = self._lock.acquire, self._lock.release
+        queue, limit = self._waiters.items, self.max_concurrent
 
         def guarded(*args: Any, **kwargs: Any) -> Any:
-            acquire()
+            lock_acquire()
+            if self._in_flight < limit and not queue:
+                self._in_flight += 1
+                self._accepted += 1
+                lock_release()
+            else:
+                lock_release()
+                acquire()
             try:
                 return fn(*args, **kwargs)
             finally:
-                release()
+                lock_acquire()
+                if queue:
+                    lock_release()
+                    release()
+                else:
+                    self._in_flight -= 1
+                    lock_release()
 
         return guarded
 
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         acquire, release = self.acquire_async, self.release
+        lock_acquire, lock_release = self._lock.acquire, self._lock.release
+        queue, limit = self._waiters.items, self.max_concurrent
 
         async def guarded(*args: Any, **kwargs: Any) -> Any:
-            await acquire()
+            lock_acquire()
+            if self._in_flight < limit and not queue:
+                self._in_flight += 1
+                self._accepted += 1
+                lock_release()
+            else:
+                lock_release()
+                await acquire()
             try:
                 return await fn(*args, **kwargs)
             finally:
-                release()
+                lock_acquire()
+                if queue:
+                    lock_release()
+                    release()
+                else:
+                    self._in_flight -= 1
+                    lock_release()
 
         return guarded
 

@@ -17,7 +17,8 @@ from types import TracebackType
 from typing import Any
 
 from . import events as _events
-from ._policy import Policy, TokenStack
+from ._counter import GIL_ENABLED, Counter
+from ._policy import Policy, cm_pop, cm_push
 from ._validate import (
     check_exception_types,
     check_int,
@@ -119,13 +120,16 @@ class CircuitBreaker(Policy):
         self._ring_pos = 0
         self._ring_len = 0
         self._ring_failures = 0
-        self._successes = 0
+        self._successes = 0  # successes recorded under the lock
+        self._fast_successes = Counter()  # successes recorded lock-free on the hot path
         self._failures = 0
         self._slow_calls = 0
         self._neutral = 0
         self._rejections = 0
         self._timed = self.slow_call_duration is not None
-        self._cm = TokenStack(f"buttress_breaker_{id(self)}")
+        # A closed, consecutive-mode breaker with no failure streak records a success with
+        # one atomic increment and no lock (see _counter); anything else takes the lock.
+        self._lock_free_success = GIL_ENABLED and not self._ring and not self._timed
         self._register()
 
     # -- the permission protocol -----------------------------------------------------------
@@ -302,11 +306,33 @@ class CircuitBreaker(Policy):
         with self._lock:
             self._successes = self._failures = self._slow_calls = 0
             self._neutral = self._rejections = 0
+            self._fast_successes.reset()
 
     # -- drivers ----------------------------------------------------------------------------
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         acquire, on_success, on_failure = self._acquire, self._on_success, self._on_failure
+        if self._lock_free_success:
+            count = self._fast_successes.incr
+
+            def guarded_fast(*args: Any, **kwargs: Any) -> Any:
+                token = self._closed_token
+                if token is None:
+                    token = acquire()
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    on_failure(token, exc)
+                    raise
+                # Reading the streak without the lock is safe: a success racing with a
+                # failure may be ordered before it, which is a valid interleaving.
+                if token == self._closed_token and not self._consecutive:
+                    count()
+                else:
+                    on_success(token)
+                return result
+
+            return guarded_fast
         if self._timed:
             now = self._clock.now
 
@@ -337,6 +363,25 @@ class CircuitBreaker(Policy):
 
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         acquire, on_success, on_failure = self._acquire, self._on_success, self._on_failure
+        if self._lock_free_success:
+            count = self._fast_successes.incr
+
+            async def guarded_fast(*args: Any, **kwargs: Any) -> Any:
+                token = self._closed_token
+                if token is None:
+                    token = acquire()
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    on_failure(token, exc)
+                    raise
+                if token == self._closed_token and not self._consecutive:
+                    count()
+                else:
+                    on_success(token)
+                return result
+
+            return guarded_fast
         now = self._clock.now
         timed = self._timed
 
@@ -355,7 +400,7 @@ class CircuitBreaker(Policy):
 
     def __enter__(self) -> CircuitBreaker:
         token = self._acquire()
-        self._cm.push((token, self._clock.now()))
+        cm_push(self, (token, self._clock.now()))
         return self
 
     def __exit__(
@@ -364,7 +409,7 @@ class CircuitBreaker(Policy):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        token, started = self._cm.pop()
+        token, started = cm_pop(self)
         duration = self._clock.now() - started
         if exc is None:
             self._on_success(token, duration)
@@ -393,6 +438,7 @@ class CircuitBreaker(Policy):
                 until = max(self.reset_timeout - (now - self._opened_at), 0.0)
                 if until == 0.0:
                     state = HALF_OPEN
+            successes = self._successes + self._fast_successes.value
             rate = (
                 self._ring_failures / self._ring_len if self._ring and self._ring_len else None
             )
@@ -405,8 +451,8 @@ class CircuitBreaker(Policy):
                 "consecutive_failures": self._consecutive,
                 "failure_rate": rate,
                 "window_calls": self._ring_len if self._ring else None,
-                "calls": self._successes + self._failures + self._neutral,
-                "successes": self._successes,
+                "calls": successes + self._failures + self._neutral,
+                "successes": successes,
                 "failures": self._failures,
                 "slow_calls": self._slow_calls,
                 "neutral": self._neutral,

@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from . import events as _events
-from ._policy import Policy, TokenStack
+from ._policy import Policy, cm_pop, cm_push
 from ._validate import check_callable, check_exception_types
 from .clock import Clock
 from .exceptions import ConfigValueError
@@ -67,7 +67,6 @@ class Fallback(Policy):
         self.on = check_exception_types("on", on)
         self._used = 0
         self._lock = threading.Lock()
-        self._cm = TokenStack(f"buttress_fallback_{id(self)}")
         self._register()
 
     def _matches(self, exc: BaseException) -> bool:
@@ -112,7 +111,7 @@ class Fallback(Policy):
 
     def __enter__(self) -> FallbackOutcome:
         outcome = FallbackOutcome()
-        self._cm.push(outcome)
+        cm_push(self, outcome)
         return outcome
 
     def __exit__(
@@ -121,7 +120,7 @@ class Fallback(Policy):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        outcome: FallbackOutcome = self._cm.pop()
+        outcome: FallbackOutcome = cm_pop(self)
         if exc is None or not self._matches(exc):
             return False
         outcome.error = exc

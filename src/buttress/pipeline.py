@@ -14,7 +14,7 @@ from contextlib import AsyncExitStack, ExitStack
 from types import TracebackType
 from typing import Any
 
-from ._policy import Policy, TokenStack
+from ._policy import Policy, cm_pop, cm_push
 from .exceptions import ConfigTypeError, ConfigValueError
 
 __all__ = ["Pipeline", "pipeline"]
@@ -42,7 +42,6 @@ class Pipeline(Policy):
         if not flat:
             raise ConfigValueError("pipeline needs at least one policy, got none")
         self.policies: tuple[Policy, ...] = tuple(flat)
-        self._cm = TokenStack(f"buttress_pipeline_{id(self)}")
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         for policy in reversed(self.policies):
@@ -73,7 +72,7 @@ class Pipeline(Policy):
         with stack:
             for policy in self._context_policies("__enter__"):
                 stack.enter_context(policy)  # type: ignore[arg-type]
-            self._cm.push(stack.pop_all())
+            cm_push(self, stack.pop_all())
         return self
 
     def __exit__(
@@ -82,7 +81,7 @@ class Pipeline(Policy):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        stack: ExitStack = self._cm.pop()
+        stack: ExitStack = cm_pop(self)
         return stack.__exit__(exc_type, exc, tb)
 
     async def __aenter__(self) -> Pipeline:
@@ -90,7 +89,7 @@ class Pipeline(Policy):
         async with stack:
             for policy in self._context_policies("__aenter__"):
                 await stack.enter_async_context(policy)  # type: ignore[arg-type]
-            self._cm.push(stack.pop_all())
+            cm_push(self, stack.pop_all())
         return self
 
     async def __aexit__(
@@ -99,7 +98,7 @@ class Pipeline(Policy):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        stack: AsyncExitStack = self._cm.pop()
+        stack: AsyncExitStack = cm_pop(self)
         return await stack.__aexit__(exc_type, exc, tb)
 
     def snapshot(self) -> dict[str, Any]:

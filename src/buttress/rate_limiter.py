@@ -22,6 +22,7 @@ from typing import Any
 
 from . import events as _events
 from ._deadline import remaining
+from ._counter import Counter
 from ._policy import Policy
 from ._validate import check_int, check_number, check_seconds
 from ._waiters import Waiter, WaiterQueue
@@ -96,6 +97,7 @@ class RateLimiter(Policy):
         self.max_keys = check_int("max_keys", max_keys)
         self._interval = self.per / self.rate
         self._tolerance = self.burst * self._interval
+        self._limit = self._tolerance + _EPS
         self._now = self._clock.now
         self._lock = threading.Lock()
         self._bucket = _Bucket()
@@ -103,6 +105,7 @@ class RateLimiter(Policy):
         self._parent: RateLimiter | None = None
         self._created_since_sweep = 0
         self._admitted = 0
+        self._fast_admitted = Counter()  # admissions on the lock-free-counted hot path
         self._rejected = 0
         self._waited = 0
         self._register()
@@ -138,21 +141,29 @@ class RateLimiter(Policy):
     # -- non-blocking ------------------------------------------------------------------------
 
     def _fast(self) -> bool:
-        """The hot path: admit one unit of an unkeyed limiter with nobody queued."""
-        with self._lock:
-            bucket = self._bucket
-            if bucket.waiters.weight or self._parent is not None:
-                return False
-            now = self._now()
-            tat = bucket.tat
+        """The hot path: admit one unit of an unkeyed limiter with nobody queued.
+
+        The clock is read before the lock, so the critical section makes no call; a
+        reading that is a little old can only make the check stricter, never looser.
+        """
+        if self._parent is not None:
+            return False
+        now = self._now()
+        bucket = self._bucket
+        lock = self._lock
+        lock.acquire()
+        tat = bucket.tat
+        if not bucket.waiters.items:
             if tat < now:
                 tat = now
             tat += self._interval
-            if tat - now - self._tolerance <= _EPS:
+            if tat - now <= self._limit:
                 bucket.tat = tat
                 self._admitted += 1
+                lock.release()
                 return True
-            return False
+        lock.release()
+        return False
 
     def try_acquire(self, weight: int = 1) -> bool:
         """Admit ``weight`` units now if possible; never waits, never jumps the queue."""
@@ -371,22 +382,70 @@ class RateLimiter(Policy):
 
     # -- drivers ----------------------------------------------------------------------------
 
+    # The wrappers inline _fast() for an unkeyed limiter (same logic, no method call).
+
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        fast, slow = self._fast, self._acquire_sync
+        slow = self._acquire_sync
+        if self._parent is not None:
+
+            def limited_key(*args: Any, **kwargs: Any) -> Any:
+                slow(1)
+                return fn(*args, **kwargs)
+
+            return limited_key
+        now_fn, bucket, queue = self._now, self._bucket, self._bucket.waiters.items
+        lock_acquire, lock_release = self._lock.acquire, self._lock.release
+        interval, limit = self._interval, self._limit
+        count = self._fast_admitted.incr
 
         def limited(*args: Any, **kwargs: Any) -> Any:
-            if not fast():
-                slow(1)
+            now = now_fn()
+            lock_acquire()
+            tat = bucket.tat
+            if not queue:
+                if tat < now:
+                    tat = now
+                tat += interval
+                if tat - now <= limit:
+                    bucket.tat = tat
+                    lock_release()
+                    count()
+                    return fn(*args, **kwargs)
+            lock_release()
+            slow(1)
             return fn(*args, **kwargs)
 
         return limited
 
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        fast, slow = self._fast, self._acquire_async
+        slow = self._acquire_async
+        if self._parent is not None:
+
+            async def limited_key(*args: Any, **kwargs: Any) -> Any:
+                await slow(1)
+                return await fn(*args, **kwargs)
+
+            return limited_key
+        now_fn, bucket, queue = self._now, self._bucket, self._bucket.waiters.items
+        lock_acquire, lock_release = self._lock.acquire, self._lock.release
+        interval, limit = self._interval, self._limit
+        count = self._fast_admitted.incr
 
         async def limited(*args: Any, **kwargs: Any) -> Any:
-            if not fast():
-                await slow(1)
+            now = now_fn()
+            lock_acquire()
+            tat = bucket.tat
+            if not queue:
+                if tat < now:
+                    tat = now
+                tat += interval
+                if tat - now <= limit:
+                    bucket.tat = tat
+                    lock_release()
+                    count()
+                    return await fn(*args, **kwargs)
+            lock_release()
+            await slow(1)
             return await fn(*args, **kwargs)
 
         return limited
@@ -438,7 +497,7 @@ class RateLimiter(Policy):
                 "max_wait": self.max_wait,
                 "tokens": round(tokens, 6),
                 "waiting": len(self._live_bucket().waiters),
-                "admitted": self._admitted,
+                "admitted": self._admitted + self._fast_admitted.value,
                 "rejected": self._rejected,
                 "waited": self._waited,
                 "keys": len(self._buckets),

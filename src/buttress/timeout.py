@@ -27,8 +27,9 @@ from types import TracebackType
 from typing import Any
 
 from . import events as _events
+from ._counter import Counter
 from ._deadline import reset_deadline, set_deadline
-from ._policy import Policy, TokenStack
+from ._policy import Policy, cm_pop, cm_push
 from ._validate import check_seconds
 from .clock import Clock
 from .exceptions import TimeoutExceeded
@@ -37,6 +38,7 @@ from .registry import Registry
 __all__ = ["Timeout", "timeout"]
 
 _HAS_UNCANCEL = sys.version_info >= (3, 11)
+_COUNTER_LOCK = threading.Lock()
 
 
 class _Scope:
@@ -71,14 +73,16 @@ class Timeout(Policy):
         value = check_seconds("seconds", seconds)
         assert value is not None
         self.seconds = value
-        self._timeouts = 0
-        self._lock = threading.Lock()
-        self._cm = TokenStack(f"buttress_timeout_{id(self)}")
+        # Most timeouts never expire (and `async with timeout(5)` builds one per use),
+        # so the expiry counter is created on the first expiry.
+        self._timeouts: Counter | None = None
         self._register()
 
     def _expired(self, seconds: float, cause: BaseException | None = None) -> TimeoutExceeded:
-        with self._lock:
-            self._timeouts += 1
+        with _COUNTER_LOCK:
+            if self._timeouts is None:
+                self._timeouts = Counter()
+        self._timeouts.incr()
         self._emit(_events.TimeoutFired, timeout=seconds)
         label = "timeout" if self.name is None else f"timeout {self.name!r}"
         error = TimeoutExceeded(f"{label}: exceeded {seconds:g}s", timeout=seconds)
@@ -126,7 +130,7 @@ class Timeout(Policy):
         return limited
 
     async def __aenter__(self) -> Timeout:
-        self._cm.push(self._enter_async())
+        cm_push(self, self._enter_async())
         return self
 
     async def __aexit__(
@@ -135,7 +139,7 @@ class Timeout(Policy):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        error = self._exit_async(self._cm.pop(), exc)
+        error = self._exit_async(cm_pop(self), exc)
         if error is not None:
             raise error from exc
 
@@ -160,7 +164,7 @@ class Timeout(Policy):
 
     def __enter__(self) -> Timeout:
         seconds, token = set_deadline(self.seconds, self._clock)
-        self._cm.push((seconds, token, self._clock.now()))
+        cm_push(self, (seconds, token, self._clock.now()))
         return self
 
     def __exit__(
@@ -169,7 +173,7 @@ class Timeout(Policy):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        seconds, token, started = self._cm.pop()
+        seconds, token, started = cm_pop(self)
         reset_deadline(token)
         if exc is None and self._clock.now() - started > seconds:
             raise self._expired(seconds)
@@ -179,7 +183,7 @@ class Timeout(Policy):
             "kind": self.kind,
             "name": self.name,
             "seconds": self.seconds,
-            "timeouts": self._timeouts,
+            "timeouts": 0 if self._timeouts is None else self._timeouts.value,
         }
 
 
