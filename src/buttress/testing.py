@@ -27,15 +27,46 @@ __all__ = ["FakeClock", "capture_events", "isolated_registry", "set_testing"]
 
 
 class _FakeTimer:
-    __slots__ = ("callback", "cancelled", "when")
+    __slots__ = ("callback", "cancelled", "loop", "when")
 
-    def __init__(self, when: float, callback: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        when: float,
+        callback: Callable[[], object],
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
         self.when = when
         self.callback = callback
+        self.loop = loop
         self.cancelled = False
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def fire(self) -> None:
+        """Run the callback: inline for sync timers, on its loop for async ones.
+
+        An event loop never runs a timer callback in the middle of a task; firing
+        async timers through the loop keeps that true under a fake clock too.
+        """
+        loop = self.loop
+        if loop is None:
+            self.callback()
+        elif loop.is_closed():
+            return
+        else:
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                loop.call_soon(self._run)
+            else:
+                loop.call_soon_threadsafe(self._run)
+
+    def _run(self) -> None:
+        if not self.cancelled:
+            self.callback()
 
 
 class FakeClock:
@@ -49,9 +80,9 @@ class FakeClock:
             seconds). When False, time moves only through :meth:`advance`.
         grace: real seconds a sync waiter gives other threads before jumping (default 0.05).
 
-    Timers scheduled with :meth:`call_later` fire, in order, while time moves; async
-    callbacks therefore run in whatever thread calls :meth:`advance` (the event loop's
-    thread in async tests).
+    Timers scheduled with :meth:`call_later` fire, in order, while time moves. A timer
+    scheduled from a running event loop fires on that loop (as soon as it gets control,
+    like a real timer); one scheduled elsewhere runs inside :meth:`advance`.
 
     Attributes:
         sleeps: every duration passed to ``sleep``/``asleep``, in order.
@@ -82,7 +113,7 @@ class FakeClock:
             timer = self._pop_due(target)
             if timer is None:
                 break
-            timer.callback()
+            timer.fire()
         with self._lock:
             if target > self._now:
                 self._now = target
@@ -118,8 +149,12 @@ class FakeClock:
     # -- the Clock protocol -----------------------------------------------------------------
 
     def call_later(self, delay: float, callback: Callable[[], object]) -> _FakeTimer:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
         with self._lock:
-            timer = _FakeTimer(self._now + max(delay, 0.0), callback)
+            timer = _FakeTimer(self._now + max(delay, 0.0), callback, loop)
             heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
         return timer
 

@@ -1,0 +1,256 @@
+"""Bulkhead: concurrency and queue limits, FIFO, waits, deadlines, threads, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+import buttress
+from buttress import Bulkhead, BulkheadFull
+from buttress.testing import FakeClock
+
+
+def test_rejects_at_once_when_full_and_no_queue(face):
+    """With max_queue=0, a call beyond max_concurrent raises BulkheadFull immediately."""
+    bulkhead = Bulkhead(max_concurrent=1)
+    inner_result = []
+
+    def nested() -> str:
+        with pytest.raises(BulkheadFull) as info:
+            face.run(lambda: bulkhead.acquire_async()) if face.is_async else bulkhead.acquire()
+        inner_result.append(info.value)
+        return "outer ok"
+
+    if face.is_async:
+
+        async def main() -> None:
+            async with bulkhead:
+                with pytest.raises(BulkheadFull):
+                    await bulkhead.acquire_async()
+
+        face.run(main)
+    else:
+        assert face.wrap(bulkhead, nested)() == "outer ok"
+        assert isinstance(inner_result[0], buttress.RejectedError)
+    assert bulkhead.in_flight == 0
+    assert bulkhead.snapshot()["rejected"] == 1
+
+
+def test_try_acquire_and_release_pair():
+    """try_acquire never waits; release hands the slot back; over-release is an error."""
+    bulkhead = Bulkhead(max_concurrent=2)
+    assert bulkhead.try_acquire() and bulkhead.try_acquire()
+    assert not bulkhead.try_acquire()
+    bulkhead.release()
+    bulkhead.release()
+    with pytest.raises(RuntimeError):
+        bulkhead.release()
+
+
+def test_async_waiters_are_served_in_fifo_order():
+    """Queued async callers get slots in arrival order."""
+    bulkhead = Bulkhead(max_concurrent=1, max_queue=10)
+    order: list[int] = []
+
+    async def worker(n: int) -> None:
+        async with bulkhead:
+            order.append(n)
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        await asyncio.gather(*(worker(n) for n in range(10)))
+
+    asyncio.run(main())
+    assert order == list(range(10))
+    assert bulkhead.snapshot()["in_flight"] == 0
+
+
+def test_queue_limit_rejects_the_extra_waiter():
+    """At most max_queue callers wait; the next one is rejected."""
+    bulkhead = Bulkhead(max_concurrent=1, max_queue=2)
+
+    async def main() -> list[object]:
+        await bulkhead.acquire_async()
+        waiters = [asyncio.ensure_future(bulkhead.acquire_async()) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert waiters[2].done() and isinstance(waiters[2].exception(), BulkheadFull)
+        assert bulkhead.queued == 2
+        bulkhead.release()
+        bulkhead.release()
+        bulkhead.release()
+        await asyncio.gather(waiters[0], waiters[1])
+        return [w.done() for w in waiters]
+
+    assert asyncio.run(main()) == [True, True, True]
+    assert bulkhead.in_flight == 0 and bulkhead.queued == 0
+
+
+def test_max_wait_expires_on_the_fake_clock():
+    """A queued async caller gives up after max_wait of (fake) time."""
+    clock = FakeClock()
+    bulkhead = Bulkhead(max_concurrent=1, max_queue=1, max_wait=2.0, clock=clock)
+
+    async def main() -> None:
+        await bulkhead.acquire_async()
+        started = clock.now()
+        with pytest.raises(BulkheadFull, match="in time"):
+            await bulkhead.acquire_async()
+        assert clock.now() - started == pytest.approx(2.0)
+
+    asyncio.run(main())
+    assert bulkhead.queued == 0
+    assert bulkhead.snapshot()["timed_out"] == 1
+
+
+def test_sync_max_wait_expires_on_the_fake_clock():
+    """A queued sync caller gives up after max_wait; nothing is left queued."""
+    clock = FakeClock(grace=0.0)
+    bulkhead = Bulkhead(max_concurrent=1, max_queue=1, max_wait=1.5, clock=clock)
+    bulkhead.acquire()
+    with pytest.raises(BulkheadFull):
+        bulkhead.acquire()
+    assert clock.now() == pytest.approx(1.5)
+    assert bulkhead.queued == 0 and bulkhead.in_flight == 1
+
+
+def test_waiting_is_bounded_by_the_enclosing_deadline():
+    """Inside a timeout, a queued caller never waits past the deadline."""
+    clock = FakeClock()
+    bulkhead = Bulkhead(max_concurrent=1, max_queue=5, clock=clock)
+
+    async def main() -> None:
+        await bulkhead.acquire_async()
+        with pytest.raises(buttress.TimeoutExceeded):
+            async with buttress.timeout(3, clock=clock):
+                await bulkhead.acquire_async()
+        assert clock.now() == pytest.approx(3.0)
+        assert bulkhead.queued == 0
+        await asyncio.sleep(0)  # no stray cancellation is left behind
+
+    asyncio.run(main())
+
+
+def test_slot_goes_to_a_waiting_thread():
+    """A sync waiter in another thread gets the slot released by this one."""
+    bulkhead = Bulkhead(max_concurrent=1, max_queue=1)
+    bulkhead.acquire()
+    got = threading.Event()
+
+    def waiter() -> None:
+        bulkhead.acquire()
+        got.set()
+        bulkhead.release()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    while bulkhead.queued == 0:
+        time.sleep(0.001)
+    bulkhead.release()
+    thread.join(5)
+    assert got.is_set()
+    assert bulkhead.in_flight == 0
+
+
+def test_thread_releases_to_an_async_waiter():
+    """A slot released from a thread wakes an async waiter on its loop."""
+    bulkhead = Bulkhead(max_concurrent=1, max_queue=1)
+    bulkhead.acquire()
+
+    async def main() -> None:
+        threading.Timer(0.01, bulkhead.release).start()
+        await asyncio.wait_for(bulkhead.acquire_async(), 5)
+        bulkhead.release()
+
+    asyncio.run(main())
+    assert bulkhead.in_flight == 0
+
+
+def test_threads_never_exceed_max_concurrent():
+    """16 threads hammering one bulkhead: in-flight never exceeds the limit."""
+    bulkhead = Bulkhead(max_concurrent=3, max_queue=16)
+    lock = threading.Lock()
+    current = peak = 0
+    completed = 0
+
+    @bulkhead
+    def work() -> None:
+        nonlocal current, peak, completed
+        with lock:
+            current += 1
+            peak = max(peak, current)
+        time.sleep(0.0002)
+        with lock:
+            current -= 1
+            completed += 1
+
+    def run() -> None:
+        for _ in range(200):
+            work()
+
+    threads = [threading.Thread(target=run) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert peak <= 3
+    assert completed == 16 * 200
+    snap = bulkhead.snapshot()
+    assert snap["in_flight"] == 0 and snap["queued"] == 0
+    assert snap["accepted"] == 16 * 200
+
+
+def test_storm_of_cancelled_waiters_leaves_the_bulkhead_idle():
+    """10,000 queued async callers cancelled: nothing held, nothing queued afterwards."""
+    bulkhead = Bulkhead(max_concurrent=2, max_queue=20_000)
+
+    async def main() -> None:
+        await bulkhead.acquire_async()
+        await bulkhead.acquire_async()
+        waiters = [asyncio.ensure_future(bulkhead.acquire_async()) for _ in range(10_000)]
+        await asyncio.sleep(0)
+        assert bulkhead.queued == 10_000
+        # Release a slot, then cancel everyone: the granted waiter must pass it on.
+        bulkhead.release()
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        bulkhead.release()
+
+    asyncio.run(main())
+    snap = bulkhead.snapshot()
+    assert snap["in_flight"] == 0
+    assert snap["queued"] == 0
+
+
+def test_a_granted_but_cancelled_waiter_passes_its_slot_on():
+    """Cancellation after the slot was handed over gives it to the next waiter."""
+    bulkhead = Bulkhead(max_concurrent=1, max_queue=5)
+
+    async def main() -> None:
+        await bulkhead.acquire_async()
+        first = asyncio.ensure_future(bulkhead.acquire_async())
+        second = asyncio.ensure_future(bulkhead.acquire_async())
+        await asyncio.sleep(0)
+        bulkhead.release()  # granted to `first`, not yet woken
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await asyncio.wait_for(second, 5)
+        assert bulkhead.in_flight == 1
+        bulkhead.release()
+
+    asyncio.run(main())
+    assert bulkhead.in_flight == 0
+
+
+def test_health_warns_when_saturated():
+    """A bulkhead with every slot busy makes health() warn."""
+    bulkhead = Bulkhead("pool", max_concurrent=1)
+    assert buttress.health()["status"] == "pass"
+    bulkhead.acquire()
+    assert buttress.health()["status"] == "warn"
+    bulkhead.release()
+    assert buttress.state()["bulkhead"]["pool"]["in_flight"] == 0

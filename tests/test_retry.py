@@ -1,0 +1,269 @@
+"""Retry: attempts, re-raising, results, deadlines, budgets, the loop form, events."""
+
+from __future__ import annotations
+
+import asyncio
+import traceback
+from typing import Any
+
+import pytest
+
+import buttress
+from buttress import RetryBudget, RetryExhausted, backoff, events, retry
+from buttress.testing import FakeClock, capture_events, set_testing
+
+
+class Transient(Exception):
+    """A retryable error."""
+
+
+class Fatal(Exception):
+    """A non-retryable error."""
+
+
+def test_succeeds_after_transient_failures(face, flaky, clock):
+    """Two failures then success: three calls, two sleeps, the result returned."""
+    behaviour = flaky(Transient(), Transient())
+    call = face.wrap(retry(3, clock=clock), behaviour)
+    assert call() == "ok"
+    assert behaviour.calls == 3
+    assert len(clock.sleeps) == 2
+
+
+def test_exhaustion_reraises_last_exception_unchanged_with_a_note(face, flaky, clock):
+    """The last exception itself propagates, with a PEP 678 note naming the attempts."""
+    last = Transient("third")
+    behaviour = flaky(Transient("first"), Transient("second"), last)
+    call = face.wrap(retry(3, clock=clock), behaviour)
+    with pytest.raises(Transient) as info:
+        call()
+    assert info.value is last
+    assert any("gave up after 3 attempt(s)" in note for note in info.value.__notes__)
+    # The traceback still reaches the frame that raised.
+    frames = [frame.name for frame in traceback.extract_tb(info.value.__traceback__)]
+    assert "__call__" in frames
+
+
+def test_non_retryable_error_is_raised_at_once(face, flaky, clock):
+    """An exception outside `on` is not retried."""
+    behaviour = flaky(Fatal())
+    call = face.wrap(retry(5, on=Transient, clock=clock), behaviour)
+    with pytest.raises(Fatal):
+        call()
+    assert behaviour.calls == 1
+    assert clock.sleeps == []
+
+
+def test_on_accepts_a_predicate(face, flaky, clock):
+    """A predicate decides which exceptions are transient."""
+    behaviour = flaky(Transient("retry me"), Transient("stop"))
+    policy = retry(5, on=lambda exc: str(exc) == "retry me", clock=clock)
+    with pytest.raises(Transient, match="stop"):
+        face.wrap(policy, behaviour)()
+    assert behaviour.calls == 2
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit, asyncio.CancelledError])
+def test_cancellation_is_never_retried(face, flaky, clock, exc_type):
+    """Cancellation-like BaseExceptions propagate at once, even with on=BaseException."""
+    behaviour = flaky(exc_type())
+    call = face.wrap(retry(5, on=BaseException, clock=clock), behaviour)
+    with pytest.raises(exc_type):
+        call()
+    assert behaviour.calls == 1
+
+
+def test_retry_if_result_retries_then_raises_retry_exhausted(face, flaky, clock):
+    """A rejected result is retried; on the last attempt RetryExhausted carries it."""
+    behaviour = flaky(None, None, None)
+    policy = retry(3, retry_if_result=lambda result: result is None, clock=clock)
+    with pytest.raises(RetryExhausted) as info:
+        face.wrap(policy, behaviour)()
+    assert info.value.result is None
+    assert info.value.attempts == 3
+    assert isinstance(info.value, buttress.ButtressError)
+
+
+def test_retry_if_result_accepts_a_good_result(face, flaky, clock):
+    """A result the predicate accepts ends the retries."""
+    behaviour = flaky(None, value=42)
+    policy = retry(3, retry_if_result=lambda result: result is None, clock=clock)
+    assert face.wrap(policy, behaviour)() == 42
+    assert behaviour.calls == 2
+
+
+def test_backoff_delays_are_used_in_order(face, flaky, clock):
+    """A list of delays is a backoff; when it runs out its last delay repeats."""
+    behaviour = flaky(Transient(), Transient(), Transient(), Transient())
+    policy = retry(5, backoff=[0.1, 0.5], clock=clock)
+    assert face.wrap(policy, behaviour)() == "ok"
+    assert clock.sleeps == [0.1, 0.5, 0.5, 0.5]
+
+
+def test_retry_after_attribute_lengthens_the_next_wait(face, flaky, clock):
+    """An exception's retry_after (seconds) is honoured as the minimum next wait."""
+    error = Transient()
+    error.retry_after = 7.0  # type: ignore[attr-defined]
+    behaviour = flaky(error)
+    policy = retry(3, backoff=backoff.constant(0.1), clock=clock)
+    assert face.wrap(policy, behaviour)() == "ok"
+    assert clock.sleeps == [7.0]
+
+
+def test_deadline_stops_before_a_sleep_that_would_cross_it(face, flaky, clock):
+    """No sleep starts that would end past the deadline: give up instead."""
+    behaviour = flaky(*[Transient()] * 10)
+    policy = retry(10, backoff=backoff.constant(1.0), deadline=2.5, clock=clock)
+    with pytest.raises(Transient) as info:
+        face.wrap(policy, behaviour)()
+    assert clock.sleeps == [1.0, 1.0]
+    assert behaviour.calls == 3
+    assert any("deadline exhausted" in note for note in info.value.__notes__)
+
+
+def test_enclosing_timeout_deadline_bounds_retry_sleeps(flaky, clock):
+    """Inside a sync timeout, a retry never sleeps past buttress.remaining()."""
+    behaviour = flaky(*[Transient()] * 10)
+    inner = retry(10, backoff=backoff.constant(1.0), clock=clock)(behaviour)
+    outer = buttress.timeout(2.5, clock=clock)(inner)
+    with pytest.raises(Transient):
+        outer()
+    assert clock.sleeps == [1.0, 1.0]
+
+
+def test_budget_stops_retry_storms():
+    """A shared budget allows min_per_second * window retries plus ratio * calls."""
+    clock = FakeClock()
+    budget = RetryBudget(0.5, window=10.0, min_per_second=0.0, clock=clock)
+    policy = retry(2, backoff=[0.0], budget=budget, clock=clock)
+    calls = 0
+
+    @policy
+    def always_fails() -> None:
+        nonlocal calls
+        calls += 1
+        raise Transient
+
+    for _ in range(10):
+        with pytest.raises(Transient):
+            always_fails()
+    # 10 calls deposit a ratio of 0.5: at most 5 retries in the window.
+    assert calls == 10 + 5
+    assert budget.snapshot()["retries_in_window"] == 5
+    assert budget.rejected == 5
+
+
+def test_budget_window_slides():
+    """Retries withdrawn from the budget leave it once the window has passed."""
+    clock = FakeClock()
+    budget = RetryBudget(0.0, window=10.0, min_per_second=0.1, clock=clock)
+    assert budget.try_withdraw()
+    assert not budget.try_withdraw()
+    clock.advance(10.0)
+    assert budget.try_withdraw()
+
+
+def test_set_testing_turns_waits_into_zero_and_caps_attempts(face, flaky):
+    """The global test switch removes backoff waits and can cap attempts."""
+    clock = FakeClock()
+    behaviour = flaky(Transient(), Transient(), Transient())
+    with set_testing(True, attempts=2):
+        with pytest.raises(Transient):
+            face.wrap(retry(5, backoff=backoff.constant(3.0), clock=clock), behaviour)()
+    assert behaviour.calls == 2
+    assert clock.sleeps == []
+    behaviour = flaky(Transient())
+    assert face.wrap(retry(5, backoff=backoff.constant(3.0), clock=clock), behaviour)() == "ok"
+    assert clock.sleeps == [3.0]
+
+
+def test_attempts_loop_sync(clock):
+    """The loop form retries a block and stops after the first success."""
+    policy = retry(4, backoff=[0.2], clock=clock)
+    seen = []
+    for attempt in policy.attempts():
+        with attempt:
+            seen.append(attempt.number)
+            if attempt.number < 3:
+                raise Transient
+    assert seen == [1, 2, 3]
+    assert clock.sleeps == [0.2, 0.2]
+
+
+def test_attempts_loop_async_reraises_on_exhaustion(clock):
+    """The async loop form sleeps on the clock and re-raises the last error."""
+    policy = retry(2, backoff=[0.2], clock=clock)
+
+    async def main() -> list[int]:
+        seen = []
+        async for attempt in policy.attempts():
+            with attempt:
+                seen.append(attempt.number)
+                raise Transient(attempt.number)
+        return seen
+
+    with pytest.raises(Transient, match="2"):
+        asyncio.run(main())
+    assert clock.sleeps == [0.2]
+
+
+def test_events_and_snapshot_describe_what_happened(face, flaky, clock):
+    """Retries, recoveries and give-ups are counted and emitted as typed events."""
+    policy = retry(2, backoff=[0.0], name="payments", clock=clock)
+    with capture_events() as captured:
+        assert face.wrap(policy, flaky(Transient()))() == "ok"
+        with pytest.raises(Transient):
+            face.wrap(policy, flaky(Transient(), Transient()))()
+    kinds = [event.kind for event in captured]
+    assert kinds == ["retry_scheduled", "retry_recovered", "retry_scheduled", "retry_gave_up"]
+    gave_up = captured[-1]
+    assert isinstance(gave_up, events.RetryGaveUp)
+    assert gave_up.reason == "attempts" and gave_up.name == "payments"
+    snap = buttress.state()["retry"]["payments"]
+    assert snap["retries"] == 2 and snap["recovered"] == 1 and snap["gave_up"] == 1
+
+
+def test_failing_listener_never_breaks_the_call(face, flaky, clock, caplog):
+    """A listener that raises is logged; the protected call carries on."""
+
+    def broken(event: Any) -> None:
+        raise RuntimeError("listener bug")
+
+    policy = retry(3, backoff=[0.0], listeners=[broken], clock=clock)
+    assert face.wrap(policy, flaky(Transient()))() == "ok"
+    assert "listener" in caplog.text
+
+
+def test_decorator_keeps_the_signature_and_metadata():
+    """functools.wraps metadata and coroutine-function-ness survive decoration."""
+
+    @retry(2)
+    async def fetch(url: str) -> str:
+        """Fetch a URL."""
+        return url
+
+    @retry(2)
+    def parse(text: str) -> int:
+        return len(text)
+
+    assert fetch.__name__ == "fetch" and fetch.__doc__ == "Fetch a URL."
+    assert asyncio.iscoroutinefunction(fetch)
+    assert not asyncio.iscoroutinefunction(parse)
+    assert parse("abc") == 3
+
+
+def test_decorating_methods_binds_self():
+    """A decorated method receives self like an undecorated one."""
+
+    class Client:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        @retry(3, backoff=[0.0])
+        def get(self) -> int:
+            self.calls += 1
+            if self.calls < 2:
+                raise Transient
+            return self.calls
+
+    assert Client().get() == 2
