@@ -95,6 +95,9 @@ class FakeClock:
         self._timers: list[tuple[float, int, _FakeTimer]] = []
         self._seq = itertools.count()
         self._lock = threading.RLock()
+        # Bumped by every jump and every new timer: autojump waits until a whole round of
+        # yields passes with no activity, i.e. until every task is blocked.
+        self._epoch = 0
         self.sleeps: list[float] = []
 
     def now(self) -> float:
@@ -137,6 +140,7 @@ class FakeClock:
             if not self._timers:
                 return False
             target = self._timers[0][0]
+            self._epoch += 1
         self.advance(max(target - self._now, 0.0))
         return True
 
@@ -154,6 +158,7 @@ class FakeClock:
         except RuntimeError:
             loop = None
         with self._lock:
+            self._epoch += 1
             timer = _FakeTimer(self._now + max(delay, 0.0), callback, loop)
             heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
         return timer
@@ -219,16 +224,21 @@ class FakeClock:
 
     async def _await(self, future: asyncio.Future[Any], *, jump: bool = True) -> None:
         if self.autojump and jump:
+            quiet = 0
+            epoch = self._epoch
             while not future.done():
                 # Let every task that is ready run first: it may resolve the future or
-                # schedule an earlier timer. Only when all are blocked does time jump.
-                for _ in range(8):
-                    await asyncio.sleep(0)
-                    if future.done():
-                        break
-                else:
+                # schedule an earlier timer. Time jumps only after a whole round of yields
+                # in which nobody scheduled a timer or jumped: every task is blocked.
+                await asyncio.sleep(0)
+                if self._epoch != epoch:
+                    epoch, quiet = self._epoch, 0
+                    continue
+                quiet += 1
+                if quiet >= 16:
                     if not self._jump_next():
                         break
+                    epoch, quiet = self._epoch, 0
         await future
 
     def __repr__(self) -> str:
