@@ -4,10 +4,6 @@ Retry, circuit breaker, bulkhead, rate limiter, timeout, debounce, throttle,
 fallback, hedge and pipeline; health and state views; typed events.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
 from . import backoff as backoff
 from . import events as events
 from ._deadline import remaining as remaining
@@ -83,7 +79,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> str:
     if name == "__version__":
         from importlib.metadata import version
 

@@ -13,7 +13,7 @@ import enum
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 __all__ = [
@@ -64,11 +64,13 @@ class Event:
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready mapping (exceptions become ``"Type: message"`` strings)."""
         out: dict[str, object] = {"kind": self.kind, "severity": self.severity.name.lower()}
-        for field in self.__dataclass_fields__:
-            value = getattr(self, field)
+        for field in fields(self):
+            value = getattr(self, field.name)
             if isinstance(value, BaseException):
                 value = f"{type(value).__name__}: {value}"
-            out[field] = value
+            elif not isinstance(value, (str, int, float, bool, type(None))):
+                value = repr(value)
+            out[field.name] = value
         return out
 
 
