@@ -16,25 +16,21 @@ from buttress.testing import FakeClock
 def test_rejects_at_once_when_full_and_no_queue(face):
     """With max_queue=0, a call beyond max_concurrent raises BulkheadFull immediately."""
     bulkhead = Bulkhead(max_concurrent=1)
-    inner_result = []
+    inner = face.wrap(bulkhead, lambda: "inner ran")
 
-    def nested() -> str:
+    def outer() -> str:
         with pytest.raises(BulkheadFull) as info:
-            face.run(lambda: bulkhead.acquire_async()) if face.is_async else bulkhead.acquire()
-        inner_result.append(info.value)
+            inner()
+        assert isinstance(info.value, buttress.RejectedError)
         return "outer ok"
 
+    # The outer call holds the only slot while it tries the inner one.
     if face.is_async:
-
-        async def main() -> None:
-            async with bulkhead:
-                with pytest.raises(BulkheadFull):
-                    await bulkhead.acquire_async()
-
-        face.run(main)
+        assert bulkhead.try_acquire()
+        outer()
+        bulkhead.release()
     else:
-        assert face.wrap(bulkhead, nested)() == "outer ok"
-        assert isinstance(inner_result[0], buttress.RejectedError)
+        assert face.wrap(bulkhead, outer)() == "outer ok"
     assert bulkhead.in_flight == 0
     assert bulkhead.snapshot()["rejected"] == 1
 

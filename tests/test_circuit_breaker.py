@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import pytest
@@ -75,8 +76,9 @@ def test_half_open_probe_failure_reopens(face, clock):
 
 def test_half_open_admits_at_most_half_open_max_calls_probes(clock):
     """While probes are in flight, extra calls are rejected."""
-    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=5, half_open_max_calls=2,
-                             clock=clock)
+    breaker = CircuitBreaker(
+        failure_threshold=1, reset_timeout=5, half_open_max_calls=2, clock=clock
+    )
     breaker._on_failure(breaker._acquire(), Boom())
     clock.advance(5)
     first, second = breaker._acquire(), breaker._acquire()
@@ -90,8 +92,7 @@ def test_half_open_admits_at_most_half_open_max_calls_probes(clock):
 
 def test_excluded_errors_are_neutral_even_for_probes(face, clock):
     """Excluded exceptions pass through; they neither count nor settle a probe."""
-    breaker = CircuitBreaker(failure_threshold=2, reset_timeout=5, exclude=NotFound,
-                             clock=clock)
+    breaker = CircuitBreaker(failure_threshold=2, reset_timeout=5, exclude=NotFound, clock=clock)
 
     def lookup(kind: str = "") -> str:
         if kind == "missing":
@@ -266,18 +267,19 @@ def test_health_reflects_the_state(clock):
 @pytest.mark.parametrize("mode", ["consecutive", "failure_rate"])
 def test_counts_are_exact_under_threads(mode):
     """8 threads hammering one breaker: every call is counted exactly once."""
-    options = {"failure_threshold": 10**9} if mode == "consecutive" else {
-        "failure_rate": 1.0, "window": 1000, "minimum_calls": 1000}
+    options = (
+        {"failure_threshold": 10**9}
+        if mode == "consecutive"
+        else {"failure_rate": 1.0, "window": 1000, "minimum_calls": 1000}
+    )
     breaker = CircuitBreaker(**options)
     protected = breaker(behaviour)
     per_thread, threads = 5000, 8
 
     def work(index: int) -> None:
         for i in range(per_thread):
-            try:
+            with contextlib.suppress(Boom):
                 protected(i % 7 == index % 7 and i % 2 == 0)
-            except Boom:
-                pass
 
     pool = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
     for thread in pool:

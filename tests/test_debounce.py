@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from itertools import pairwise
 
 import pytest
 
@@ -73,7 +74,7 @@ def test_max_wait_bounds_starvation():
     run(main)
     times = [t for _, t in executions]
     assert times[0] == pytest.approx(3.0)
-    assert all(b - a <= 3.0 + 1e-9 for a, b in zip(times, times[1:]))
+    assert all(b - a <= 3.0 + 1e-9 for a, b in pairwise(times))
     assert executions[-1][0] == 19  # the last arguments win in the end
 
 
@@ -156,7 +157,7 @@ def test_throttle_runs_at_most_once_per_interval():
     results = run(main)
     times = [t for _, t in executions]
     assert times[0] == 0.0
-    assert all(b - a >= 1.0 - 1e-9 for a, b in zip(times, times[1:]))
+    assert all(b - a >= 1.0 - 1e-9 for a, b in pairwise(times))
     assert results[0] == 0
     assert results[-1] == executions[-1][0] == 9
 

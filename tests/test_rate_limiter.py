@@ -29,9 +29,7 @@ def max_in_window(times: list[float], weights: list[int], length: float) -> int:
     rate=st.integers(1, 50),
     per=st.sampled_from([0.5, 1.0, 2.0]),
     burst=st.integers(1, 8),
-    steps=st.lists(
-        st.tuples(st.floats(0, 0.3), st.integers(1, 8)), min_size=1, max_size=120
-    ),
+    steps=st.lists(st.tuples(st.floats(0, 0.3), st.integers(1, 8)), min_size=1, max_size=120),
 )
 def test_never_admits_more_than_the_gcra_bound(rate, per, burst, steps):
     """Property: any interval of t seconds admits at most burst + rate * t / per units."""
@@ -39,9 +37,9 @@ def test_never_admits_more_than_the_gcra_bound(rate, per, burst, steps):
     limiter = RateLimiter(rate=rate, per=per, burst=burst, clock=clock)
     times: list[float] = []
     weights: list[int] = []
-    for gap, weight in steps:
+    for gap, wanted in steps:
         clock.advance(gap)
-        weight = min(weight, burst)
+        weight = min(wanted, burst)
         if limiter.try_acquire(weight):
             times.append(clock.now())
             weights.append(weight)

@@ -167,9 +167,8 @@ def test_set_testing_turns_waits_into_zero_and_caps_attempts(face, flaky):
     """The global test switch removes backoff waits and can cap attempts."""
     clock = FakeClock()
     behaviour = flaky(Transient(), Transient(), Transient())
-    with set_testing(True, attempts=2):
-        with pytest.raises(Transient):
-            face.wrap(retry(5, backoff=backoff.constant(3.0), clock=clock), behaviour)()
+    with set_testing(True, attempts=2), pytest.raises(Transient):
+        face.wrap(retry(5, backoff=backoff.constant(3.0), clock=clock), behaviour)()
     assert behaviour.calls == 2
     assert clock.sleeps == []
     behaviour = flaky(Transient())

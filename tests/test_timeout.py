@@ -128,9 +128,7 @@ def test_pipeline_timeout_bounds_retries_as_people_expect():
     clock = FakeClock()
     calls = []
 
-    @buttress.pipeline(
-        timeout(2, clock=clock), buttress.retry(10, backoff=[0.5], clock=clock)
-    )
+    @buttress.pipeline(timeout(2, clock=clock), buttress.retry(10, backoff=[0.5], clock=clock))
     async def flaky() -> None:
         calls.append(clock.now())
         await clock.asleep(0.2)

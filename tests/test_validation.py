@@ -114,8 +114,17 @@ def test_timedelta_is_accepted_as_seconds():
 
 @pytest.mark.parametrize(
     "policy",
-    [retry(), CircuitBreaker(), Bulkhead(max_concurrent=1), RateLimiter(rate=1), timeout(1),
-     fallback(0), hedge(1), debounce(1), buttress.pipeline(retry())],
+    [
+        retry(),
+        CircuitBreaker(),
+        Bulkhead(max_concurrent=1),
+        RateLimiter(rate=1),
+        timeout(1),
+        fallback(0),
+        hedge(1),
+        debounce(1),
+        buttress.pipeline(retry()),
+    ],
 )
 @pytest.mark.parametrize("target", [None, 42, "f", object()])
 def test_decorating_a_non_callable_is_a_type_error(policy, target):
@@ -161,8 +170,19 @@ values = st.one_of(
 
 SIGNATURES: list[tuple[Any, list[str], dict[str, Any]]] = [
     (retry, ["attempts", "deadline", "backoff", "on"], {}),
-    (CircuitBreaker, ["failure_threshold", "reset_timeout", "half_open_max_calls",
-                      "failure_rate", "window", "minimum_calls", "slow_call_duration"], {}),
+    (
+        CircuitBreaker,
+        [
+            "failure_threshold",
+            "reset_timeout",
+            "half_open_max_calls",
+            "failure_rate",
+            "window",
+            "minimum_calls",
+            "slow_call_duration",
+        ],
+        {},
+    ),
     (Bulkhead, ["max_concurrent", "max_queue", "max_wait"], {}),
     (RateLimiter, ["rate", "per", "burst", "max_wait"], {}),
     (timeout, ["seconds"], {}),

@@ -34,9 +34,7 @@ def is_async_callable(obj: object) -> bool:
     if inspect.iscoroutinefunction(obj):
         return True
     call = getattr(obj, "__call__", None)  # noqa: B004 - we want the method itself
-    return (
-        call is not None and not inspect.isfunction(obj) and inspect.iscoroutinefunction(call)
-    )
+    return call is not None and not inspect.isfunction(obj) and inspect.iscoroutinefunction(call)
 
 
 class Policy:
@@ -96,9 +94,7 @@ class Policy:
 
     def _emit(self, event_type: type[_events.Event], **fields: Any) -> None:
         if self._listeners or _events.hub.listeners:
-            event = event_type(
-                source=self.kind, name=self.name, time=self._clock.now(), **fields
-            )
+            event = event_type(source=self.kind, name=self.name, time=self._clock.now(), **fields)
             _events.dispatch(self._listeners, event)
 
     # -- state ------------------------------------------------------------------------------

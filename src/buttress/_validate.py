@@ -25,6 +25,7 @@ __all__ = [
     "check_name",
     "check_number",
     "check_seconds",
+    "require_seconds",
 ]
 
 
@@ -64,6 +65,14 @@ def check_seconds(
     if seconds < 0 or (seconds == 0 and not allow_zero):
         rule = ">= 0" if allow_zero else "> 0"
         raise ConfigValueError(f"{name} must be a finite number of seconds {rule}, got {value!r}")
+    return seconds
+
+
+def require_seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
+    """Like :func:`check_seconds` for options that cannot be ``None``."""
+    seconds = check_seconds(name, value, allow_zero=allow_zero)
+    if seconds is None:  # pragma: no cover - check_seconds raises first
+        raise ConfigTypeError(f"{name} must be a number of seconds, got None")
     return seconds
 
 

@@ -43,7 +43,8 @@ class Waiter:
         if self.event is not None:
             self.event.set()
             return
-        assert self.future is not None and self.loop is not None
+        assert self.future is not None
+        assert self.loop is not None
         if threading.get_ident() == self.thread:
             _resolve(self.future)
         elif not self.loop.is_closed():

@@ -17,10 +17,18 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ._validate import check_choice, check_number, check_seconds
+from ._validate import check_choice, check_number, require_seconds
 
-__all__ = ["Constant", "Decorrelated", "Exponential", "Linear", "constant", "decorrelated",
-           "exponential", "linear"]
+__all__ = [
+    "Constant",
+    "Decorrelated",
+    "Exponential",
+    "Linear",
+    "constant",
+    "decorrelated",
+    "exponential",
+    "linear",
+]
 
 _JITTERS = ("none", "full", "equal")
 _rand = random.random
@@ -104,9 +112,8 @@ def exponential(
         max: cap on the delay in seconds (default 10.0, must be >= initial).
         jitter: ``"full"`` (default), ``"equal"`` or ``"none"``.
     """
-    init = check_seconds("initial", initial, allow_zero=True)
-    cap = check_seconds("max", max, allow_zero=True)
-    assert init is not None and cap is not None
+    init = require_seconds("initial", initial, allow_zero=True)
+    cap = require_seconds("max", max, allow_zero=True)
     if cap < init:
         raise _range_error("max", max, f"must be >= initial ({initial!r})")
     return Exponential(
@@ -119,17 +126,14 @@ def exponential(
 
 def constant(delay: float) -> Constant:
     """The same ``delay`` seconds before every retry."""
-    seconds = check_seconds("delay", delay, allow_zero=True)
-    assert seconds is not None
-    return Constant(seconds)
+    return Constant(require_seconds("delay", delay, allow_zero=True))
 
 
 def linear(initial: float, step: float, max: float) -> Linear:
     """``initial``, ``initial + step``, ... up to ``max`` seconds."""
-    init = check_seconds("initial", initial, allow_zero=True)
-    inc = check_seconds("step", step, allow_zero=True)
-    cap = check_seconds("max", max, allow_zero=True)
-    assert init is not None and inc is not None and cap is not None
+    init = require_seconds("initial", initial, allow_zero=True)
+    inc = require_seconds("step", step, allow_zero=True)
+    cap = require_seconds("max", max, allow_zero=True)
     if cap < init:
         raise _range_error("max", max, f"must be >= initial ({initial!r})")
     return Linear(init, inc, cap)
@@ -137,9 +141,8 @@ def linear(initial: float, step: float, max: float) -> Linear:
 
 def decorrelated(initial: float, max: float) -> Decorrelated:
     """Decorrelated jitter between ``initial`` and ``max`` seconds."""
-    init = check_seconds("initial", initial)
-    cap = check_seconds("max", max)
-    assert init is not None and cap is not None
+    init = require_seconds("initial", initial)
+    cap = require_seconds("max", max)
     if cap < init:
         raise _range_error("max", max, f"must be >= initial ({initial!r})")
     return Decorrelated(init, cap)

@@ -24,6 +24,7 @@ from ._validate import (
     check_int,
     check_number,
     check_seconds,
+    require_seconds,
 )
 from .clock import Clock
 from .exceptions import CircuitOpenError, ConfigTypeError, ConfigValueError
@@ -80,8 +81,7 @@ class CircuitBreaker(Policy):
     ) -> None:
         super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
         self.failure_threshold = check_int("failure_threshold", failure_threshold)
-        seconds = check_seconds("reset_timeout", reset_timeout)
-        assert seconds is not None
+        seconds = require_seconds("reset_timeout", reset_timeout)
         self.reset_timeout = seconds
         self.half_open_max_calls = check_int("half_open_max_calls", half_open_max_calls)
         self.failure_rate = (
@@ -439,9 +439,7 @@ class CircuitBreaker(Policy):
                 if until == 0.0:
                     state = HALF_OPEN
             successes = self._successes + self._fast_successes.value
-            rate = (
-                self._ring_failures / self._ring_len if self._ring and self._ring_len else None
-            )
+            rate = self._ring_failures / self._ring_len if self._ring and self._ring_len else None
             return {
                 "kind": self.kind,
                 "name": self.name,

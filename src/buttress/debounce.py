@@ -151,6 +151,7 @@ class _Gate:
 
     async def call_async(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] | None
         with self.lock:
             self.args = (args, kwargs)
             decision = self._on_call(self.clock.now())
@@ -168,7 +169,10 @@ class _Gate:
         return await asyncio.shield(future)
 
     def _start_async(
-        self, loop: asyncio.AbstractEventLoop, args: tuple[Any, ...], kwargs: dict[str, Any],
+        self,
+        loop: asyncio.AbstractEventLoop,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
         future: asyncio.Future[Any] | None = None,
     ) -> asyncio.Future[Any]:
         if future is None:
@@ -371,6 +375,4 @@ def throttle(
             calls arrived during it (default True).
         clock: time source (default: the system clock).
     """
-    return Debounce(
-        interval, leading=leading, trailing=trailing, throttle=True, clock=clock
-    )
+    return Debounce(interval, leading=leading, trailing=trailing, throttle=True, clock=clock)

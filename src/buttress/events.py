@@ -179,7 +179,8 @@ hub = _Hub()
 
 def subscribe(listener: Listener) -> Callable[[], None]:
     """Send every event of every primitive to ``listener``; returns a function that unsubscribes."""
-    if not callable(listener):
+    candidate: object = listener
+    if not callable(candidate):
         from .exceptions import ConfigTypeError
 
         raise ConfigTypeError(

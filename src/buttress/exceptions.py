@@ -6,13 +6,13 @@ The hierarchy::
     ├── ConfigError                 a policy was built with a bad option
     │   ├── ConfigTypeError         (also a TypeError)
     │   └── ConfigValueError        (also a ValueError)
-    ├── DuplicateNameError          (also a ValueError) a live primitive already has that kind and name
-    ├── RejectedError               the protected call never ran; ``retry_after`` says when to try again
+    ├── DuplicateNameError          (also a ValueError) that kind and name are taken
+    ├── RejectedError               the call never ran; ``retry_after`` says when to retry
     │   ├── CircuitOpenError        the circuit breaker is open (or its half-open probes are taken)
     │   ├── BulkheadFull            no slot and no room (or no time) to queue for one
     │   └── RateLimited             no permit within ``max_wait`` or the enclosing deadline
-    ├── TimeoutExceeded             (also the built-in TimeoutError) the call ran past its timeout
-    └── RetryExhausted              every attempt returned a result that ``retry_if_result`` rejected
+    ├── TimeoutExceeded             (also the built-in TimeoutError) the call ran too long
+    └── RetryExhausted              every result was rejected by ``retry_if_result``
 
 A retry that runs out of attempts because of exceptions re-raises the *last exception itself*,
 unchanged, with a note saying how many attempts were made; it never wraps it.

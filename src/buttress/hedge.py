@@ -16,7 +16,7 @@ from typing import Any
 
 from . import events as _events
 from ._policy import Policy
-from ._validate import check_int, check_seconds
+from ._validate import check_int, require_seconds
 from .clock import Clock
 from .exceptions import ConfigTypeError
 from .registry import Registry
@@ -40,8 +40,7 @@ class Hedge(Policy):
         clock: Clock | None = None,
     ) -> None:
         super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
-        seconds = check_seconds("delay", delay, allow_zero=True)
-        assert seconds is not None
+        seconds = require_seconds("delay", delay, allow_zero=True)
         self.delay = seconds
         self.max_hedged = check_int("max_hedged", max_hedged)
         self._launched = 0
@@ -151,6 +150,10 @@ def hedge(
         clock: time source (default: the system clock).
     """
     return Hedge(
-        delay, max_hedged=max_hedged, name=name, listeners=listeners, registry=registry,
+        delay,
+        max_hedged=max_hedged,
+        name=name,
+        listeners=listeners,
+        registry=registry,
         clock=clock,
     )

@@ -71,7 +71,7 @@ class Pipeline(Policy):
         stack = ExitStack()
         with stack:
             for policy in self._context_policies("__enter__"):
-                stack.enter_context(policy)  # type: ignore[arg-type]
+                stack.enter_context(policy)
             cm_push(self, stack.pop_all())
         return self
 
@@ -88,7 +88,7 @@ class Pipeline(Policy):
         stack = AsyncExitStack()
         async with stack:
             for policy in self._context_policies("__aenter__"):
-                await stack.enter_async_context(policy)  # type: ignore[arg-type]
+                await stack.enter_async_context(policy)
             cm_push(self, stack.pop_all())
         return self
 

@@ -21,10 +21,10 @@ from types import TracebackType
 from typing import Any
 
 from . import events as _events
-from ._deadline import remaining
 from ._counter import Counter
+from ._deadline import remaining
 from ._policy import Policy
-from ._validate import check_int, check_number, check_seconds
+from ._validate import check_int, check_number, check_seconds, require_seconds
 from ._waiters import Waiter, WaiterQueue
 from .clock import Clock
 from .exceptions import ConfigTypeError, ConfigValueError, RateLimited
@@ -84,8 +84,7 @@ class RateLimiter(Policy):
     ) -> None:
         super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
         self.rate = check_number("rate", rate, min_value=0.0, min_inclusive=False)
-        seconds = check_seconds("per", per)
-        assert seconds is not None
+        seconds = require_seconds("per", per)
         self.per = seconds
         self.burst = 1 if burst is None else check_int("burst", burst)
         self.max_wait = check_seconds("max_wait", max_wait, allow_zero=True, allow_none=True)
@@ -154,8 +153,7 @@ class RateLimiter(Policy):
         lock.acquire()
         tat = bucket.tat
         if not bucket.waiters.items:
-            if tat < now:
-                tat = now
+            tat = max(tat, now)
             tat += self._interval
             if tat - now <= self._limit:
                 bucket.tat = tat
@@ -403,8 +401,7 @@ class RateLimiter(Policy):
             lock_acquire()
             tat = bucket.tat
             if not queue:
-                if tat < now:
-                    tat = now
+                tat = max(tat, now)
                 tat += interval
                 if tat - now <= limit:
                     bucket.tat = tat
@@ -436,8 +433,7 @@ class RateLimiter(Policy):
             lock_acquire()
             tat = bucket.tat
             if not queue:
-                if tat < now:
-                    tat = now
+                tat = max(tat, now)
                 tat += interval
                 if tat - now <= limit:
                     bucket.tat = tat

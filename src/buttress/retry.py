@@ -8,6 +8,7 @@ sleep differs.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -18,7 +19,14 @@ from . import events as _events
 from ._config import config
 from ._deadline import remaining
 from ._policy import Policy
-from ._validate import check_callable, check_exception_types, check_int, check_number, check_seconds
+from ._validate import (
+    check_callable,
+    check_exception_types,
+    check_int,
+    check_number,
+    check_seconds,
+    require_seconds,
+)
 from .backoff import exponential
 from .clock import Clock, resolve_clock
 from .exceptions import ConfigTypeError, RetryExhausted
@@ -66,8 +74,7 @@ class RetryBudget:
         clock: Clock | None = None,
     ) -> None:
         self.ratio = check_number("ratio", ratio, min_value=0.0, max_value=1000.0)
-        seconds = check_seconds("window", window)
-        assert seconds is not None
+        seconds = require_seconds("window", window)
         self.window = seconds
         self.min_per_second = check_number("min_per_second", min_per_second, min_value=0.0)
         self._clock = resolve_clock(clock)
@@ -165,14 +172,15 @@ class _RetryState:
         if config.testing and config.testing_attempts is not None:
             attempts = config.testing_attempts
         if self.attempt >= attempts:
-            return self._give_up("attempts", error, result)
+            self._give_up("attempts", error, result)
+            return None
         if self.delays is None:
             self.delays = iter(policy.backoff)
         delay = next(self.delays, None)
         if delay is None:  # a finite schedule ran out: its last delay repeats
             delay = self.last_delay
         self.last_delay = delay
-        if isinstance(retry_after, (int, float)) and retry_after == retry_after:
+        if isinstance(retry_after, (int, float)) and not math.isnan(retry_after):
             delay = max(delay, float(retry_after))
         if config.testing:
             delay = 0.0
@@ -181,10 +189,12 @@ class _RetryState:
             own = policy.deadline - (policy._clock.now() - self.started)
             left = own if left is None else min(left, own)
         if left is not None and delay >= left:
-            return self._give_up("deadline", error, result)
+            self._give_up("deadline", error, result)
+            return None
         budget = policy.budget
         if budget is not None and not budget.try_withdraw():
-            return self._give_up("budget", error, result)
+            self._give_up("budget", error, result)
+            return None
         policy._count_retry(self.attempt, delay, error, result)
         self.attempt += 1
         return delay
@@ -197,13 +207,11 @@ class _RetryState:
             what = {"attempts": "attempts", "deadline": "deadline", "budget": "retry budget"}
             _add_note(
                 error,
-                f"buttress: gave up after {self.attempt} attempt(s) "
-                f"({what[reason]} exhausted)",
+                f"buttress: gave up after {self.attempt} attempt(s) ({what[reason]} exhausted)",
             )
         policy._emit(
             _events.RetryGaveUp, attempts=self.attempt, reason=reason, error=error, result=result
         )
-        return None
 
     def succeeded(self) -> None:
         if self.attempt > 1:
@@ -259,8 +267,7 @@ class Retry(Policy):
             )
         elif isinstance(backoff, (list, tuple)):
             backoff = tuple(
-                check_seconds(f"backoff[{i}]", d, allow_zero=True)  # type: ignore[misc]
-                for i, d in enumerate(backoff)
+                require_seconds(f"backoff[{i}]", d, allow_zero=True) for i, d in enumerate(backoff)
             )
         self.backoff: Iterable[float] = backoff
         self.deadline = check_seconds("deadline", deadline, allow_none=True)

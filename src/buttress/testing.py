@@ -118,8 +118,7 @@ class FakeClock:
                 break
             timer.fire()
         with self._lock:
-            if target > self._now:
-                self._now = target
+            self._now = max(self._now, target)
 
     def _pop_due(self, target: float) -> _FakeTimer | None:
         with self._lock:
@@ -127,8 +126,7 @@ class FakeClock:
                 _, _, timer = heapq.heappop(self._timers)
                 if timer.cancelled:
                     continue
-                if timer.when > self._now:
-                    self._now = timer.when
+                self._now = max(self._now, timer.when)
                 return timer
             return None
 
@@ -180,7 +178,12 @@ class FakeClock:
             await asyncio.sleep(0)
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        timer = self.call_later(seconds, lambda: future.done() or future.set_result(None))
+
+        def wake() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        timer = self.call_later(seconds, wake)
         try:
             await self._await(future)
         finally:
@@ -267,7 +270,8 @@ def set_testing(testing: bool = True, *, attempts: int | None = None) -> _Restor
         with set_testing(True, attempts=1):
             ...
     """
-    if not isinstance(testing, bool):
+    value: object = testing
+    if not isinstance(value, bool):
         from .exceptions import ConfigTypeError
 
         raise ConfigTypeError(f"testing must be True or False, got {testing!r}")

@@ -23,6 +23,7 @@ import asyncio
 import sys
 import threading
 from collections.abc import Callable, Iterable
+from contextvars import Token
 from types import TracebackType
 from typing import Any
 
@@ -30,15 +31,22 @@ from . import events as _events
 from ._counter import Counter
 from ._deadline import reset_deadline, set_deadline
 from ._policy import Policy, cm_pop, cm_push
-from ._validate import check_seconds
-from .clock import Clock
+from ._validate import require_seconds
+from .clock import Clock, TimerHandle
 from .exceptions import TimeoutExceeded
 from .registry import Registry
 
 __all__ = ["Timeout", "timeout"]
 
-_HAS_UNCANCEL = sys.version_info >= (3, 11)
 _COUNTER_LOCK = threading.Lock()
+
+
+class _NoTimer:
+    def cancel(self) -> None:
+        return None
+
+
+_NO_TIMER = _NoTimer()
 
 
 class _Scope:
@@ -46,8 +54,13 @@ class _Scope:
 
     __slots__ = ("fired", "handle", "seconds", "task", "token")
 
-    def __init__(self, task: asyncio.Task[Any]) -> None:
+    def __init__(
+        self, task: asyncio.Task[Any], seconds: float, token: Token[Any], handle: TimerHandle
+    ) -> None:
         self.task = task
+        self.seconds = seconds
+        self.token = token
+        self.handle = handle
         self.fired = False
 
     def fire(self) -> None:
@@ -70,8 +83,7 @@ class Timeout(Policy):
         clock: Clock | None = None,
     ) -> None:
         super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
-        value = check_seconds("seconds", seconds)
-        assert value is not None
+        value = require_seconds("seconds", seconds)
         self.seconds = value
         # Most timeouts never expire (and `async with timeout(5)` builds one per use),
         # so the expiry counter is created on the first expiry.
@@ -95,9 +107,9 @@ class Timeout(Policy):
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("an async timeout must run inside an asyncio task")
-        scope = _Scope(task)
-        scope.seconds, scope.token = set_deadline(self.seconds, self._clock)
-        scope.handle = self._clock.call_later(scope.seconds, scope.fire)
+        seconds, token = set_deadline(self.seconds, self._clock)
+        scope = _Scope(task, seconds, token, _NO_TIMER)
+        scope.handle = self._clock.call_later(seconds, scope.fire)
         return scope
 
     def _exit_async(self, scope: _Scope, exc: BaseException | None) -> TimeoutExceeded | None:
@@ -107,7 +119,9 @@ class Timeout(Policy):
             return None
         # Our timer cancelled the task. Undo our cancel request; if another one is still
         # pending (the caller was cancelled too), the CancelledError is theirs to keep.
-        outer_cancel = _HAS_UNCANCEL and scope.task.uncancel() > 0
+        outer_cancel = False
+        if sys.version_info >= (3, 11):
+            outer_cancel = scope.task.uncancel() > 0
         if isinstance(exc, asyncio.CancelledError) and not outer_cancel:
             return self._expired(self.seconds, exc)
         return None
