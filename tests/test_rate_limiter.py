@@ -292,3 +292,27 @@ def test_window_helper_is_right():
     """The helper used by the property test counts closed windows correctly."""
     assert max_in_window([0.0, 0.5, 1.0, 1.5], [1, 1, 1, 1], 1.0) == 3
     assert bisect_left([1.0], 1.0) == 0
+
+
+def test_blocking_acquire_from_many_threads_is_exact():
+    """8 threads blocking in acquire(): every admission counted, spacing never beaten."""
+    limiter = RateLimiter(rate=2000, burst=1)
+    stamps: list[float] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        for _ in range(50):
+            limiter.acquire()
+            with lock:
+                stamps.append(limiter.clock.now())
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert limiter.snapshot()["admitted"] == 400
+    assert limiter.snapshot()["waiting"] == 0
+    stamps.sort()
+    # 400 admissions at 2000/s with burst 1 take at least 399 intervals.
+    assert stamps[-1] - stamps[0] >= 399 / 2000 - 0.01
