@@ -316,3 +316,17 @@ def test_blocking_acquire_from_many_threads_is_exact():
     stamps.sort()
     # 400 admissions at 2000/s with burst 1 take at least 399 intervals.
     assert stamps[-1] - stamps[0] >= 399 / 2000 - 0.01
+
+
+def test_keyed_view_snapshot_reports_the_parent_counters_and_its_key():
+    """A view's snapshot shows its own bucket and key, and the shared counters."""
+    clock = FakeClock()
+    limiter = RateLimiter("per-user", rate=1, clock=clock)
+    view = limiter.for_key("alice")
+    assert view.try_acquire()
+    snap = view.snapshot()
+    assert snap["key"] == "'alice'"
+    assert snap["tokens"] == 0.0
+    assert snap["admitted"] == 1
+    assert snap["name"] == "per-user"
+    assert limiter.snapshot()["keys"] == 1

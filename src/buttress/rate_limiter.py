@@ -482,22 +482,27 @@ class RateLimiter(Policy):
             return max(self._tolerance - debt, 0.0) / self._interval
 
     def snapshot(self) -> dict[str, Any]:
+        """Settings, tokens and counters (a keyed view reports its own key and bucket)."""
         tokens = self.tokens()
+        owner = self._parent if self._parent is not None else self
         with self._lock_of():
-            return {
+            out: dict[str, Any] = {
                 "kind": self.kind,
-                "name": self.name,
+                "name": owner.name,
                 "rate": self.rate,
                 "per": self.per,
                 "burst": self.burst,
                 "max_wait": self.max_wait,
                 "tokens": round(tokens, 6),
                 "waiting": len(self._live_bucket().waiters),
-                "admitted": self._admitted + self._fast_admitted.value,
-                "rejected": self._rejected,
-                "waited": self._waited,
-                "keys": len(self._buckets),
+                "admitted": owner._admitted + owner._fast_admitted.value,
+                "rejected": owner._rejected,
+                "waited": owner._waited,
+                "keys": len(owner._buckets),
             }
+            if self._parent is not None:
+                out["key"] = repr(self._bucket.key)
+            return out
 
     def health_check(self) -> tuple[str, Any, str]:
         tokens = self.tokens()
