@@ -261,16 +261,42 @@ def test_live_keys_are_bounded_by_max_keys():
 
 
 def test_snapshot_and_health():
-    """Tokens, waiting and counters are reported; an empty bucket warns."""
-    clock = FakeClock()
+    """Tokens, waiting and counters are reported; queued callers make health warn."""
+    clock = FakeClock(autojump=False)
     limiter = RateLimiter("api", rate=10, burst=2, clock=clock)
     assert buttress.health()["status"] == "pass"
     limiter.try_acquire(2)
-    assert buttress.health()["status"] == "warn"
+    # An empty bucket alone is normal between admissions: still passing.
+    assert buttress.health()["status"] == "pass"
     snap = buttress.state()["rate_limiter"]["api"]
-    assert snap["tokens"] == 0.0 and snap["admitted"] == 1
+    assert snap["tokens"] == 0.0
+    assert snap["admitted"] == 1
+
+    async def main() -> None:
+        waiter = asyncio.ensure_future(limiter.acquire_async())
+        await asyncio.sleep(0)
+        health = buttress.health()
+        assert health["status"] == "warn"
+        assert health["checks"]["api:rate_limiter"][0]["observedValue"]["waiting"] == 1
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+
+    asyncio.run(main())
     clock.advance(0.1)
     assert limiter.tokens() == pytest.approx(1.0)
+
+
+def test_evicting_live_keys_never_admits_more():
+    """Past max_keys, evicted keys come back drained: the bound still holds per key."""
+    clock = FakeClock()
+    limiter = RateLimiter(rate=1, per=60, max_keys=100, clock=clock)
+    admitted = 0
+    for _ in range(5):
+        for key in range(300):
+            admitted += limiter.for_key(key).try_acquire()
+    # 300 keys, each allowed one admission per 60 s of frozen time.
+    assert admitted <= 300
+    assert limiter.keys <= 100
 
 
 def test_context_manager_forms():

@@ -18,6 +18,8 @@ from .exceptions import BulkheadFull as BulkheadFull
 from .exceptions import ButtressError as ButtressError
 from .exceptions import CircuitOpenError as CircuitOpenError
 from .exceptions import ConfigError as ConfigError
+from .exceptions import ConfigTypeError as ConfigTypeError
+from .exceptions import ConfigValueError as ConfigValueError
 from .exceptions import DuplicateNameError as DuplicateNameError
 from .exceptions import RateLimited as RateLimited
 from .exceptions import RejectedError as RejectedError
@@ -48,6 +50,8 @@ __all__ = [
     "CircuitOpenError",
     "Clock",
     "ConfigError",
+    "ConfigTypeError",
+    "ConfigValueError",
     "Debounce",
     "DuplicateNameError",
     "Fallback",

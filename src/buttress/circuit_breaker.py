@@ -27,7 +27,7 @@ from ._validate import (
     require_seconds,
 )
 from .clock import Clock
-from .exceptions import CircuitOpenError, ConfigTypeError, ConfigValueError
+from .exceptions import CircuitOpenError, ConfigTypeError, ConfigValueError, RejectedError
 from .registry import Registry
 
 __all__ = ["CLOSED", "HALF_OPEN", "OPEN", "CircuitBreaker"]
@@ -53,6 +53,8 @@ class CircuitBreaker(Policy):
         slow_call_duration: if given, a success slower than this (seconds) counts as a failure.
         exclude: exceptions that pass through as neutral (neither success nor failure).
         include: exceptions that count as failures (default ``Exception``); others are neutral.
+            Rejections by other buttress primitives (:class:`RejectedError`) and
+            cancellation are always neutral: those calls never reached the dependency.
         store: shared state backend; ``None`` keeps the state in this process.
         listeners: event listeners for this breaker only.
         registry: registry to join instead of the default one.
@@ -211,9 +213,11 @@ class CircuitBreaker(Policy):
             not isinstance(exc, self.include)
             or isinstance(exc, self.exclude)
             or not isinstance(exc, Exception)
+            or isinstance(exc, RejectedError)
         ):
             # Neutral: cancellation, excluded and non-included errors are neither outcome,
-            # but a half-open probe gives its slot back.
+            # and so is a rejection by another primitive (an inner bulkhead or limiter):
+            # that call never reached the dependency. A half-open probe gives its slot back.
             with self._lock:
                 self._neutral += 1
                 if self._state == HALF_OPEN and token == self._gen and self._probes > 0:

@@ -127,6 +127,17 @@ class Fallback(Policy):
         outcome.value = self._replacement(exc)
         return True
 
+    async def __aenter__(self) -> FallbackOutcome:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return self.__exit__(exc_type, exc, tb)
+
     def snapshot(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "used": self._used}
 

@@ -65,6 +65,7 @@ class Hedge(Policy):
         loop = asyncio.get_running_loop()
         clock = self._clock
         pending: set[asyncio.Task[Any]] = set()
+        first: list[asyncio.Task[Any]] = []
         wake: asyncio.Future[None] = loop.create_future()
         last_error: BaseException | None = None
         launched = 0
@@ -82,6 +83,8 @@ class Hedge(Policy):
             task = loop.create_task(fn(*args, **kwargs))
             task.add_done_callback(on_done)
             pending.add(task)
+            if not first:
+                first.append(task)
 
         launch()
         try:
@@ -98,7 +101,7 @@ class Hedge(Policy):
                         continue
                     error = task.exception()
                     if error is None:
-                        if launched > 1:
+                        if task is not first[0]:
                             self._wins += 1
                         return task.result()
                     last_error = error

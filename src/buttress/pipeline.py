@@ -55,10 +55,17 @@ class Pipeline(Policy):
 
     def _context_policies(self, method: str) -> tuple[Any, ...]:
         for policy in self.policies:
+            if policy.kind == "fallback":
+                raise ConfigTypeError(
+                    "fallback cannot guard a block inside a pipeline: its value would be "
+                    "unreachable; write `with fallback(...) as outcome:` around the "
+                    "pipeline's block instead, or decorate a function"
+                )
             if not hasattr(policy, method):
                 raise ConfigTypeError(
                     f"{type(policy).__name__} in this pipeline cannot guard a block of code "
-                    f"(it has to call the function itself): decorate a function instead"
+                    f"(it needs to call the function itself, e.g. to call it again): "
+                    f"decorate a function instead"
                     + (
                         ", or loop with `for attempt in retry.attempts()` around the pipeline"
                         if policy.kind == "retry"

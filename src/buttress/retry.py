@@ -29,7 +29,13 @@ from ._validate import (
 )
 from .backoff import exponential
 from .clock import Clock, resolve_clock
-from .exceptions import ConfigTypeError, RetryExhausted
+from .exceptions import (
+    CircuitOpenError,
+    ConfigTypeError,
+    ConfigValueError,
+    RejectedError,
+    RetryExhausted,
+)
 from .registry import Registry
 
 __all__ = ["Attempt", "Retry", "RetryBudget", "retry"]
@@ -79,6 +85,8 @@ class RetryBudget:
         self.min_per_second = check_number("min_per_second", min_per_second, min_value=0.0)
         self._clock = resolve_clock(clock)
         self._width = self.window / self._BUCKETS
+        if not self._width > 0:
+            raise ConfigValueError(f"window is too small to measure, got {window!r}")
         self._calls = [0] * self._BUCKETS
         self._retries = [0] * self._BUCKETS
         self._epoch = int(self._clock.now() / self._width)
@@ -249,9 +257,14 @@ class Retry(Policy):
         if isinstance(on, (type, tuple, list)):
             self._on_types = check_exception_types("on", on)
             self._on_predicate = None
+            self._retries_open_circuit = any(
+                issubclass(CircuitOpenError, t) and issubclass(t, RejectedError)
+                for t in self._on_types
+            )
         elif callable(on):
             self._on_types = None
             self._on_predicate = on
+            self._retries_open_circuit = False
         else:
             raise ConfigTypeError(
                 f"on must be an exception class, a tuple of them or a predicate, "
@@ -264,6 +277,11 @@ class Retry(Policy):
             raise ConfigTypeError(
                 f"backoff must be an iterable of delays in seconds, "
                 f"got {backoff!r} ({type(backoff).__name__})"
+            )
+        elif iter(backoff) is backoff:
+            raise ConfigTypeError(
+                f"backoff must be re-iterable (a list, a tuple or a backoff.* schedule), "
+                f"not a one-shot iterator such as a generator, got {backoff!r}"
             )
         elif isinstance(backoff, (list, tuple)):
             backoff = tuple(
@@ -286,6 +304,10 @@ class Retry(Policy):
 
     def _retryable(self, exc: Exception) -> bool:
         if self._on_types is not None:
+            if isinstance(exc, CircuitOpenError):
+                # An open circuit is the opposite of a transient error: fail fast, unless
+                # the caller explicitly asked to wait for it to half-open.
+                return self._retries_open_circuit
             return isinstance(exc, self._on_types)
         assert self._on_predicate is not None
         return bool(self._on_predicate(exc))
@@ -491,6 +513,8 @@ def retry(
         attempts: total attempts including the first (default 3, >= 1).
         on: exception class(es) to retry, or a predicate ``exc -> bool`` (default ``Exception``).
             ``CancelledError``, ``KeyboardInterrupt`` and ``SystemExit`` are never retried.
+            A :class:`CircuitOpenError` ends the retries at once (fail fast) unless ``on``
+            names it (or :class:`RejectedError`); then the wait honours its ``retry_after``.
         retry_if_result: predicate on a returned value; true means "retry". On the last
             attempt a rejected result raises :class:`RetryExhausted` carrying it.
         backoff: iterable of delays in seconds (default

@@ -123,7 +123,7 @@ class Timeout(Policy):
         if sys.version_info >= (3, 11):
             outer_cancel = scope.task.uncancel() > 0
         if isinstance(exc, asyncio.CancelledError) and not outer_cancel:
-            return self._expired(self.seconds, exc)
+            return self._expired(scope.seconds, exc)
         return None
 
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,0 +1,121 @@
+"""Every ```python block in the documentation runs, as written.
+
+The blocks of one page run in order in one shared namespace (fresh per page),
+inside an isolated default registry, so a page reads like one script and the
+``assert`` statements in its examples double as tests. A failure names the
+page, the block number and the line where the block starts.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from buttress import events
+from buttress._config import config
+from buttress.testing import isolated_registry
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+
+# An opening fence ```python (or ```py), possibly indented (admonitions, tabs) and
+# possibly followed by attributes such as title="..."; it is closed by a line made
+# only of at least as many of the same fence characters.
+_OPEN = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[\w+-]*)(?P<rest>.*)$")
+
+
+def _pages() -> list[Path]:
+    pages = sorted(DOCS.glob("*.md"))
+    readme = ROOT / "README.md"
+    if readme.exists():
+        pages.append(readme)
+    return pages
+
+
+def python_blocks(text: str) -> Iterator[tuple[int, str]]:
+    """``(line number of the opening fence, dedented source)`` of each python block."""
+    lines = text.splitlines()
+    index = 0
+    while index < len(lines):
+        match = _OPEN.match(lines[index])
+        if match is None:
+            index += 1
+            continue
+        indent, fence, lang = match["indent"], match["fence"], match["lang"].lower()
+        start = index
+        body: list[str] = []
+        index += 1
+        while index < len(lines):
+            line = lines[index]
+            stripped = line.strip()
+            if stripped.startswith(fence[0] * len(fence)) and set(stripped) == {fence[0]}:
+                break
+            body.append(line[len(indent) :] if line.startswith(indent) else line.lstrip())
+            index += 1
+        index += 1  # past the closing fence
+        if lang in ("python", "py"):
+            yield start + 1, textwrap.dedent("\n".join(body)) + "\n"
+
+
+def _label(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
+
+
+PAGES = _pages()
+
+
+@pytest.fixture
+def _clean_globals() -> Iterator[None]:
+    """Examples subscribe listeners and flip test switches; never let that leak."""
+    saved_listeners = events.hub.listeners
+    saved_config = (config.testing, config.testing_attempts)
+    try:
+        yield
+    finally:
+        events.hub.listeners = saved_listeners
+        config.testing, config.testing_attempts = saved_config
+
+
+def test_docs_exist() -> None:
+    assert (DOCS / "index.md").exists(), "docs/index.md is missing"
+    total = sum(len(list(python_blocks(page.read_text(encoding="utf-8")))) for page in PAGES)
+    assert total > 0, "no ```python blocks found in the documentation"
+
+
+def test_block_parser() -> None:
+    text = (
+        "intro\n"
+        "```python\nx = 1\n```\n"
+        "```bash\necho not python\n```\n"
+        '!!! note\n    ```python title="t.py"\n    y = x + 1\n    ```\n'
+        "````markdown\n```python\nnot code\n```\n````\n"
+    )
+    blocks = list(python_blocks(text))
+    assert [line for line, _ in blocks] == [2, 9]
+    assert [source for _, source in blocks] == ["x = 1\n", "y = x + 1\n"]
+
+
+@pytest.mark.usefixtures("_clean_globals")
+@pytest.mark.parametrize("page", PAGES, ids=_label)
+def test_page_examples_run(page: Path) -> None:
+    label = _label(page)
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    with isolated_registry():
+        for number, (line, source) in enumerate(python_blocks(page.read_text("utf-8")), 1):
+            code = compile(source, f"{label} (python block {number}, line {line})", "exec")
+            failure = None
+            try:
+                exec(code, namespace)
+            except Exception:
+                failure = traceback.format_exc()
+            if failure is not None:
+                pytest.fail(
+                    f"{label}: python block {number} (starting at line {line}) failed:\n{failure}",
+                    pytrace=False,
+                )
