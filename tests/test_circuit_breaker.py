@@ -334,3 +334,16 @@ def test_same_transitions_as_pybreaker():
     # The walk went through every kind of transition.
     assert {"open", "closed"} <= {state for _, state in seen}
     assert "rejected" in {result for result, _ in seen}
+
+
+def test_rejections_by_inner_primitives_are_neutral(face, clock):
+    """A breaker outside a limiter never opens because of the limiter's rejections."""
+    breaker = CircuitBreaker(failure_threshold=2, clock=clock)
+    limiter = buttress.RateLimiter(rate=1, per=60, max_wait=0, clock=clock)
+    call = face.wrap(buttress.pipeline(breaker, limiter), behaviour)
+    assert call() == "ok"
+    for _ in range(5):
+        with pytest.raises(buttress.RateLimited):
+            call()
+    assert breaker.state == "closed"
+    assert breaker.snapshot()["neutral"] == 5

@@ -266,3 +266,29 @@ def test_decorating_methods_binds_self():
             return self.calls
 
     assert Client().get() == 2
+
+
+def test_open_circuit_ends_retries_at_once_unless_named(face, clock):
+    """CircuitOpenError is not transient: fail fast, unless on= names it."""
+    breaker = buttress.CircuitBreaker(failure_threshold=1, reset_timeout=30, clock=clock)
+    breaker.open()
+    calls = []
+
+    def never_runs() -> None:
+        calls.append(1)
+
+    fast = face.wrap(buttress.pipeline(retry(3, clock=clock), breaker), never_runs)
+    with pytest.raises(buttress.CircuitOpenError):
+        fast()
+    assert clock.sleeps == []
+    breaker.close()
+    breaker._on_failure(breaker._acquire(), Transient())  # trip it for real: retry_after=30
+    patient = retry(2, on=(Transient, buttress.CircuitOpenError), backoff=[0.1], clock=clock)
+    assert face.wrap(buttress.pipeline(patient, breaker), lambda: "ok")() == "ok"
+    assert clock.sleeps == [30.0]  # waited for the half-open probe
+
+
+def test_one_shot_iterators_are_refused_as_backoff():
+    """A generator would be consumed by the first call: refuse it."""
+    with pytest.raises(TypeError, match="re-iterable"):
+        retry(3, backoff=(d for d in [1.0, 2.0]))
