@@ -39,6 +39,12 @@ from .registry import state as state
 from .retry import Retry as Retry
 from .retry import RetryBudget as RetryBudget
 from .retry import retry as retry
+from .saga import IdempotencyConflict as IdempotencyConflict
+from .saga import Permanent as Permanent
+from .saga import Saga as Saga
+from .saga import SagaResult as SagaResult
+from .saga import Step as Step
+from .saga import StepResult as StepResult
 from .timeout import Timeout as Timeout
 from .timeout import timeout as timeout
 
@@ -56,6 +62,8 @@ __all__ = [
     "DuplicateNameError",
     "Fallback",
     "Hedge",
+    "IdempotencyConflict",
+    "Permanent",
     "Pipeline",
     "RateLimited",
     "RateLimiter",
@@ -64,6 +72,10 @@ __all__ = [
     "Retry",
     "RetryBudget",
     "RetryExhausted",
+    "Saga",
+    "SagaResult",
+    "Step",
+    "StepResult",
     "SystemClock",
     "Timeout",
     "TimeoutExceeded",

@@ -20,6 +20,9 @@ __all__ = [
     "AcquiredAfterWait",
     "CallRejected",
     "CircuitStateChanged",
+    "CompensationCompleted",
+    "CompensationFailed",
+    "CompensationStarted",
     "Event",
     "FallbackUsed",
     "HedgeLaunched",
@@ -27,7 +30,15 @@ __all__ = [
     "RetryGaveUp",
     "RetryRecovered",
     "RetryScheduled",
+    "RunCompleted",
+    "RunFailed",
+    "RunStarted",
+    "SagaEvent",
     "Severity",
+    "StepCompleted",
+    "StepFailed",
+    "StepRetrying",
+    "StepStarted",
     "TimeoutFired",
     "subscribe",
 ]
@@ -229,3 +240,103 @@ def dispatch(local: tuple[Listener, ...], event: Event) -> None:
             listener(event)
         except Exception:
             _log.exception("buttress event listener %r failed on %s", listener, event.kind)
+
+
+@dataclass(frozen=True, slots=True)
+class SagaEvent(Event):
+    """Base of saga events: ``name`` is the saga's name, ``run_id`` the run's."""
+
+    kind: ClassVar[str] = "saga_event"
+    run_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunStarted(SagaEvent):
+    """A saga run started (or resumed after a crash)."""
+
+    kind: ClassVar[str] = "run_started"
+    resumed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RunCompleted(SagaEvent):
+    """Every step of the run completed."""
+
+    kind: ClassVar[str] = "run_completed"
+    duration: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunFailed(SagaEvent):
+    """The run failed; ``compensated`` says whether every compensation succeeded."""
+
+    kind: ClassVar[str] = "run_failed"
+    severity: ClassVar[Severity] = Severity.WARNING
+    error: str | None = None
+    compensated: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class StepStarted(SagaEvent):
+    """A step started."""
+
+    kind: ClassVar[str] = "step_started"
+    severity: ClassVar[Severity] = Severity.DEBUG
+    step: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StepCompleted(SagaEvent):
+    """A step completed."""
+
+    kind: ClassVar[str] = "step_completed"
+    severity: ClassVar[Severity] = Severity.DEBUG
+    step: str = ""
+    attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class StepRetrying(SagaEvent):
+    """A step's attempt failed and another attempt starts."""
+
+    kind: ClassVar[str] = "step_retrying"
+    step: str = ""
+    attempt: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepFailed(SagaEvent):
+    """A step failed after its retries."""
+
+    kind: ClassVar[str] = "step_failed"
+    severity: ClassVar[Severity] = Severity.WARNING
+    step: str = ""
+    error: str | None = None
+    uncertain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CompensationStarted(SagaEvent):
+    """A completed step is being compensated."""
+
+    kind: ClassVar[str] = "compensation_started"
+    step: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CompensationCompleted(SagaEvent):
+    """A compensation succeeded."""
+
+    kind: ClassVar[str] = "compensation_completed"
+    step: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CompensationFailed(SagaEvent):
+    """A compensation still failed after its retries: an operator must look."""
+
+    kind: ClassVar[str] = "compensation_failed"
+    severity: ClassVar[Severity] = Severity.ERROR
+    step: str = ""
+    error: str | None = None

@@ -12,7 +12,10 @@ The hierarchy::
     │   ├── BulkheadFull            no slot and no room (or no time) to queue for one
     │   └── RateLimited             no permit within ``max_wait`` or the enclosing deadline
     ├── TimeoutExceeded             (also the built-in TimeoutError) the call ran too long
-    └── RetryExhausted              every result was rejected by ``retry_if_result``
+    ├── RetryExhausted              every result was rejected by ``retry_if_result``
+    ├── Permanent                   raised by a step (or wrapping its error): never retry
+    ├── IdempotencyConflict         a saga key is taken by another input or needs an operator
+    └── BackendError                a store (SQLite, Redis, PostgreSQL) failed
 
 A retry that runs out of attempts because of exceptions re-raises the *last exception itself*,
 unchanged, with a note saying how many attempts were made; it never wraps it.
@@ -21,6 +24,7 @@ unchanged, with a note saying how many attempts were made; it never wraps it.
 from __future__ import annotations
 
 __all__ = [
+    "BackendError",
     "BulkheadFull",
     "ButtressError",
     "CircuitOpenError",
@@ -28,6 +32,8 @@ __all__ = [
     "ConfigTypeError",
     "ConfigValueError",
     "DuplicateNameError",
+    "IdempotencyConflict",
+    "Permanent",
     "RateLimited",
     "RejectedError",
     "RetryExhausted",
@@ -107,3 +113,34 @@ class RetryExhausted(ButtressError):
         super().__init__(message)
         self.result = result
         self.attempts = attempts
+
+
+class Permanent(ButtressError):
+    """A failure that retrying cannot fix: no retry policy retries it.
+
+    Raise it from a step (``raise Permanent("card declined") from exc``) to fail the
+    step at once. ``error`` holds the wrapped exception, if any.
+    """
+
+    def __init__(self, message: str = "", *, error: BaseException | None = None) -> None:
+        super().__init__(message or (str(error) if error is not None else "permanent failure"))
+        self.error = error
+
+
+class IdempotencyConflict(ButtressError):
+    """An idempotency key is already bound to a different input, or its run is stuck in
+    ``compensation_failed`` and needs an operator before the key can run again.
+
+    Attributes:
+        key: the idempotency key.
+        run_id: the run that holds it.
+    """
+
+    def __init__(self, message: str, *, key: str, run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.run_id = run_id
+
+
+class BackendError(ButtressError):
+    """A backing store failed; the original error is chained as ``__cause__``."""

@@ -33,6 +33,7 @@ from .exceptions import (
     CircuitOpenError,
     ConfigTypeError,
     ConfigValueError,
+    Permanent,
     RejectedError,
     RetryExhausted,
 )
@@ -150,8 +151,13 @@ class _RetryState:
     def on_error(self, exc: BaseException) -> float | None:
         """The delay before the next attempt, or ``None`` to re-raise ``exc``."""
         policy = self.policy
-        # Cancellation, KeyboardInterrupt and SystemExit are never retried, whatever `on` says.
-        if not isinstance(exc, Exception) or not policy._retryable(exc):
+        # Cancellation, KeyboardInterrupt and SystemExit are never retried, whatever `on`
+        # says, and neither is an error its raiser declared Permanent.
+        if (
+            not isinstance(exc, Exception)
+            or isinstance(exc, Permanent)
+            or not policy._retryable(exc)
+        ):
             if self.attempt > 1:
                 _add_note(exc, f"buttress: not retryable, raised on attempt {self.attempt}")
             return None

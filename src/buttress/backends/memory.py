@@ -1,0 +1,174 @@
+"""The default saga store: in this process, bounded, nothing to set up.
+
+It keeps every incomplete run and at most ``max_runs`` finished ones (the oldest
+finished runs go first). It survives nothing: use :mod:`buttress.backends.sqlite`
+when runs must survive a crash.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from buttress._validate import check_int
+
+from . import (
+    COMPENSATION_FAILED,
+    COMPLETED,
+    INCOMPLETE,
+    KeyClaim,
+    LogEntry,
+    RunRecord,
+)
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    """An in-process :class:`~buttress.backends.SagaStore`.
+
+    Args:
+        max_runs: finished runs kept for inspection and idempotent replay (default 10,000).
+    """
+
+    def __init__(self, *, max_runs: int = 10_000) -> None:
+        self.max_runs = check_int("max_runs", max_runs)
+        self._lock = threading.Lock()
+        self._runs: OrderedDict[str, RunRecord] = OrderedDict()
+        self._logs: dict[str, list[LogEntry]] = {}
+        self._keys: dict[tuple[str, str], str] = {}
+
+    def _prune(self) -> None:
+        excess = len(self._runs) - self.max_runs
+        if excess <= 0:
+            return
+        for run_id in [r for r, rec in self._runs.items() if rec.status not in INCOMPLETE]:
+            record = self._runs.pop(run_id)
+            self._logs.pop(run_id, None)
+            if record.key is not None and self._keys.get((record.saga, record.key)) == run_id:
+                del self._keys[(record.saga, record.key)]
+            excess -= 1
+            if excess <= 0:
+                break
+
+    def create_run(self, record: RunRecord) -> None:
+        with self._lock:
+            self._runs[record.run_id] = copy.copy(record)
+            self._logs[record.run_id] = []
+            self._prune()
+
+    def claim_key(self, record: RunRecord, *, now: float) -> KeyClaim:
+        assert record.key is not None
+        with self._lock:
+            held = self._keys.get((record.saga, record.key))
+            existing = self._runs.get(held) if held is not None else None
+            if existing is not None:
+                claim = _judge(existing, record, now)
+                if claim is not None:
+                    if claim.outcome == "resume":
+                        existing.owner = record.owner
+                        existing.lease_until = record.lease_until
+                    claim.entries = list(self._logs.get(existing.run_id, []))
+                    claim.record = copy.copy(existing)
+                    return claim
+            self._runs[record.run_id] = copy.copy(record)
+            self._logs[record.run_id] = []
+            self._keys[(record.saga, record.key)] = record.run_id
+            self._prune()
+            return KeyClaim("new", record.run_id)
+
+    def write(
+        self,
+        run_id: str,
+        entries: list[LogEntry],
+        *,
+        lease_until: float | None = None,
+        status: str | None = None,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+        expires_at: float | None = None,
+    ) -> None:
+        with self._lock:
+            self._logs.setdefault(run_id, []).extend(entries)
+            record = self._runs.get(run_id)
+            if record is None:
+                return
+            if entries:
+                record.updated_at = entries[-1].at
+            if lease_until is not None:
+                record.lease_until = lease_until
+            if status is not None:
+                record.status = status
+                if status not in INCOMPLETE:
+                    record.error = error
+                    record.result = result
+                    record.expires_at = expires_at
+                    record.lease_until = 0.0
+                    self._runs.move_to_end(run_id)
+
+    def load(self, run_id: str) -> tuple[RunRecord, list[LogEntry]] | None:
+        with self._lock:
+            record = self._runs.get(run_id)
+            if record is None:
+                return None
+            return copy.copy(record), list(self._logs.get(run_id, []))
+
+    def claim_run(
+        self,
+        run_id: str,
+        owner: str,
+        *,
+        now: float,
+        lease_until: float,
+        expected_owner: str | None = None,
+    ) -> bool:
+        with self._lock:
+            record = self._runs.get(run_id)
+            if record is None or record.status not in INCOMPLETE:
+                return False
+            if record.lease_until > now and (
+                expected_owner is None or record.owner != expected_owner
+            ):
+                return False
+            record.owner = owner
+            record.lease_until = lease_until
+            return True
+
+    def incomplete(self, saga: str) -> list[str]:
+        with self._lock:
+            return [
+                r.run_id for r in self._runs.values() if r.saga == saga and r.status in INCOMPLETE
+            ]
+
+    def runs(
+        self, *, saga: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        with self._lock:
+            found = [
+                copy.copy(r)
+                for r in reversed(self._runs.values())
+                if (saga is None or r.saga == saga) and (status is None or r.status == status)
+            ]
+        return found[:limit]
+
+
+def _judge(existing: RunRecord, wanted: RunRecord, now: float) -> KeyClaim | None:
+    """What an existing run holding the key means for a new claim (``None``: run anew)."""
+    if existing.input_hash != wanted.input_hash:
+        return KeyClaim("conflict", existing.run_id)
+    if existing.status == COMPLETED:
+        if existing.expires_at is None or existing.expires_at > now:
+            return KeyClaim("done", existing.run_id)
+        return None
+    if existing.status == COMPENSATION_FAILED:
+        return KeyClaim("blocked", existing.run_id)
+    if existing.status in INCOMPLETE:
+        if existing.lease_until > now:
+            return KeyClaim("busy", existing.run_id)
+        return KeyClaim("resume", existing.run_id)
+    return None  # failed and fully compensated: the key may run again
+
+
+judge_claim = _judge

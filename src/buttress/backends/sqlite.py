@@ -1,0 +1,327 @@
+"""A durable saga store on SQLite (standard library only).
+
+Durability: the database runs in WAL mode with ``synchronous=NORMAL`` by default.
+Every write is committed before the runner moves on, so a run survives its
+process being killed at any point (the committed WAL lives in the OS page
+cache and reaches the file). What ``NORMAL`` gives up is the last commits before
+a *power failure or OS crash*; pass ``synchronous="FULL"`` to fsync every commit
+when that matters more than throughput.
+
+Several processes may share one database file: key claims and run take-overs run
+in ``BEGIN IMMEDIATE`` transactions, so exactly one process wins each.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from buttress._validate import check_choice
+from buttress.exceptions import BackendError, ConfigTypeError
+
+from . import INCOMPLETE, KeyClaim, LogEntry, RunRecord
+from .memory import judge_claim
+
+__all__ = ["SQLiteStore"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS buttress_runs (
+    run_id      TEXT PRIMARY KEY,
+    saga        TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    input       TEXT,
+    key         TEXT,
+    input_hash  TEXT,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    owner       TEXT,
+    lease_until REAL NOT NULL DEFAULT 0,
+    error       TEXT,
+    result      TEXT,
+    expires_at  REAL
+);
+CREATE INDEX IF NOT EXISTS buttress_runs_saga_status ON buttress_runs (saga, status);
+CREATE TABLE IF NOT EXISTS buttress_keys (
+    saga   TEXT NOT NULL,
+    key    TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    PRIMARY KEY (saga, key)
+);
+CREATE TABLE IF NOT EXISTS buttress_log (
+    run_id   TEXT NOT NULL,
+    seq      INTEGER NOT NULL,
+    step     TEXT NOT NULL,
+    event    TEXT NOT NULL,
+    attempt  INTEGER NOT NULL DEFAULT 0,
+    at       REAL NOT NULL,
+    duration REAL,
+    output   TEXT,
+    error    TEXT,
+    PRIMARY KEY (run_id, seq)
+);
+PRAGMA user_version = 1;
+"""
+
+
+class SQLiteStore:
+    """A :class:`~buttress.backends.SagaStore` in one SQLite file.
+
+    Args:
+        path: the database file (created with its schema on first use).
+        synchronous: ``"NORMAL"`` (default: safe against process crashes) or ``"FULL"``
+            (also against power loss, slower).
+        timeout: seconds to wait for another process's write lock (default 5).
+    """
+
+    def __init__(
+        self, path: str | Path, *, synchronous: str = "NORMAL", timeout: float = 5.0
+    ) -> None:
+        if not isinstance(path, (str, Path)):
+            raise ConfigTypeError(f"path must be a str or Path, got {path!r}")
+        self.path = str(path)
+        self.synchronous = check_choice("synchronous", synchronous, ("NORMAL", "FULL"))
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                self.path, timeout=timeout, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={self.synchronous}")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise BackendError(f"cannot open the SQLite store at {self.path!r}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    @contextmanager
+    def _tx(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise BackendError(f"SQLite store {self.path!r} failed: {exc}") from exc
+
+    # -- writes -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _insert_run(db: sqlite3.Connection, r: RunRecord) -> None:
+        db.execute(
+            "INSERT INTO buttress_runs (run_id, saga, status, input, key, input_hash, "
+            "created_at, updated_at, owner, lease_until) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                r.run_id,
+                r.saga,
+                r.status,
+                json.dumps(r.input),
+                r.key,
+                r.input_hash,
+                r.created_at,
+                r.updated_at,
+                r.owner,
+                r.lease_until,
+            ),
+        )
+
+    def create_run(self, record: RunRecord) -> None:
+        with self._tx() as db:
+            self._insert_run(db, record)
+
+    def claim_key(self, record: RunRecord, *, now: float) -> KeyClaim:
+        assert record.key is not None
+        with self._tx(immediate=True) as db:
+            row = db.execute(
+                "SELECT run_id FROM buttress_keys WHERE saga=? AND key=?",
+                (record.saga, record.key),
+            ).fetchone()
+            if row is not None:
+                existing = self._record(db, row[0])
+                if existing is not None:
+                    claim = judge_claim(existing, record, now)
+                    if claim is not None:
+                        if claim.outcome == "resume":
+                            db.execute(
+                                "UPDATE buttress_runs SET owner=?, lease_until=? WHERE run_id=?",
+                                (record.owner, record.lease_until, existing.run_id),
+                            )
+                        claim.record = existing
+                        claim.entries = self._entries(db, existing.run_id)
+                        return claim
+            self._insert_run(db, record)
+            db.execute(
+                "INSERT OR REPLACE INTO buttress_keys (saga, key, run_id) VALUES (?,?,?)",
+                (record.saga, record.key, record.run_id),
+            )
+            return KeyClaim("new", record.run_id)
+
+    def write(
+        self,
+        run_id: str,
+        entries: list[LogEntry],
+        *,
+        lease_until: float | None = None,
+        status: str | None = None,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+        expires_at: float | None = None,
+    ) -> None:
+        with self._tx() as db:
+            if entries:
+                db.executemany(
+                    "INSERT INTO buttress_log (run_id, seq, step, event, attempt, at, duration, "
+                    "output, error) VALUES (?,?,?,?,?,?,?,?,?)",
+                    [
+                        (
+                            run_id,
+                            e.seq,
+                            e.step,
+                            e.event,
+                            e.attempt,
+                            e.at,
+                            e.duration,
+                            None if e.output is None else json.dumps(e.output),
+                            e.error,
+                        )
+                        for e in entries
+                    ],
+                )
+            sets: list[str] = []
+            args: list[Any] = []
+            if entries:
+                sets.append("updated_at=?")
+                args.append(entries[-1].at)
+            if lease_until is not None:
+                sets.append("lease_until=?")
+                args.append(lease_until)
+            if status is not None:
+                sets.append("status=?")
+                args.append(status)
+                if status not in INCOMPLETE:
+                    sets += ["error=?", "result=?", "expires_at=?", "lease_until=0"]
+                    args += [error, None if result is None else json.dumps(result), expires_at]
+            if sets:
+                db.execute(
+                    f"UPDATE buttress_runs SET {', '.join(sets)} WHERE run_id=?",
+                    (*args, run_id),
+                )
+
+    def claim_run(
+        self,
+        run_id: str,
+        owner: str,
+        *,
+        now: float,
+        lease_until: float,
+        expected_owner: str | None = None,
+    ) -> bool:
+        with self._tx(immediate=True) as db:
+            cursor = db.execute(
+                "UPDATE buttress_runs SET owner=?, lease_until=? WHERE run_id=? "
+                "AND status IN ('running', 'compensating') "
+                "AND (lease_until <= ? OR owner IS ?)",
+                (owner, lease_until, run_id, now, expected_owner),
+            )
+            return cursor.rowcount == 1
+
+    # -- reads ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _from_row(row: tuple[Any, ...]) -> RunRecord:
+        return RunRecord(
+            run_id=row[0],
+            saga=row[1],
+            status=row[2],
+            input=None if row[3] is None else json.loads(row[3]),
+            key=row[4],
+            input_hash=row[5],
+            created_at=row[6],
+            updated_at=row[7],
+            owner=row[8],
+            lease_until=row[9],
+            error=row[10],
+            result=None if row[11] is None else json.loads(row[11]),
+            expires_at=row[12],
+        )
+
+    _COLUMNS = (
+        "run_id, saga, status, input, key, input_hash, created_at, updated_at, owner, "
+        "lease_until, error, result, expires_at"
+    )
+
+    def _record(self, db: sqlite3.Connection, run_id: str) -> RunRecord | None:
+        row = db.execute(
+            f"SELECT {self._COLUMNS} FROM buttress_runs WHERE run_id=?", (run_id,)
+        ).fetchone()
+        return None if row is None else self._from_row(row)
+
+    @staticmethod
+    def _entries(db: sqlite3.Connection, run_id: str) -> list[LogEntry]:
+        rows = db.execute(
+            "SELECT seq, step, event, attempt, at, duration, output, error FROM buttress_log "
+            "WHERE run_id=? ORDER BY seq",
+            (run_id,),
+        ).fetchall()
+        return [
+            LogEntry(
+                seq=r[0],
+                step=r[1],
+                event=r[2],
+                attempt=r[3],
+                at=r[4],
+                duration=r[5],
+                output=None if r[6] is None else json.loads(r[6]),
+                error=r[7],
+            )
+            for r in rows
+        ]
+
+    def load(self, run_id: str) -> tuple[RunRecord, list[LogEntry]] | None:
+        with self._tx() as db:
+            record = self._record(db, run_id)
+            if record is None:
+                return None
+            return record, self._entries(db, run_id)
+
+    def incomplete(self, saga: str) -> list[str]:
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT run_id FROM buttress_runs WHERE saga=? AND status IN "
+                "('running', 'compensating') ORDER BY created_at",
+                (saga,),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def runs(
+        self, *, saga: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        where: list[str] = []
+        args: list[Any] = []
+        if saga is not None:
+            where.append("saga=?")
+            args.append(saga)
+        if status is not None:
+            where.append("status=?")
+            args.append(status)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT {self._COLUMNS} FROM buttress_runs {clause} "
+                "ORDER BY created_at DESC LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+        return [self._from_row(row) for row in rows]

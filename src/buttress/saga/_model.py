@@ -1,0 +1,333 @@
+"""The saga's data: steps, the context they receive, and the execution report."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from buttress import backoff
+from buttress._policy import Policy, is_async_callable
+from buttress._validate import (
+    check_bool,
+    check_callable,
+    check_exception_types,
+    check_name,
+    check_seconds,
+)
+from buttress.clock import Clock
+from buttress.exceptions import ConfigTypeError, ConfigValueError
+from buttress.pipeline import Pipeline
+from buttress.retry import Retry, retry
+from buttress.timeout import Timeout, timeout
+
+__all__ = ["AttemptRecord", "Context", "SagaResult", "Step", "StepResult"]
+
+# A compensation that raises is retried with this policy unless the step names its own.
+DEFAULT_COMPENSATION_RETRY = retry(
+    3, backoff=backoff.exponential(0.05, 2.0, 1.0, "full"), name=None
+)
+
+
+class Context:
+    """What every step and compensation receives.
+
+    Attributes:
+        input: the run's input.
+        results: outputs of the completed steps, by step name.
+        run_id: the run's id (stable across crash recovery: use it for idempotent calls).
+        step: the name of the step (or compensation) being run.
+        attempt: 1 for the first attempt of this step, 2 for its first retry, ...
+    """
+
+    __slots__ = ("attempt", "input", "results", "run_id", "step")
+
+    def __init__(self, input: Any, run_id: str, results: dict[str, Any]) -> None:
+        self.input = input
+        self.run_id = run_id
+        self.results = results
+        self.step = ""
+        self.attempt = 0
+
+    def for_step(self, name: str) -> Context:
+        """A copy for one step (parallel steps each get their own ``step``/``attempt``)."""
+        ctx = Context(self.input, self.run_id, self.results)
+        ctx.step = name
+        return ctx
+
+    def __repr__(self) -> str:
+        return f"Context(run_id={self.run_id!r}, step={self.step!r}, attempt={self.attempt})"
+
+
+StepFn = Callable[[Context], Any]
+
+
+def _policies(
+    retry_policy: Retry | None,
+    step_timeout: float | None,
+    policy: Policy | None,
+    clock: Clock | None = None,
+) -> Pipeline | None:
+    """retry outermost, then a per-attempt timeout, then the user's policy."""
+    chain: list[Policy] = []
+    if retry_policy is not None:
+        if not isinstance(retry_policy, Retry):
+            raise ConfigTypeError(
+                f"retry must be a buttress retry policy (buttress.retry(...)), got {retry_policy!r}"
+            )
+        chain.append(retry_policy)
+    if step_timeout is not None:
+        chain.append(
+            step_timeout
+            if isinstance(step_timeout, Timeout)
+            else timeout(step_timeout, clock=clock)
+        )
+    if policy is not None:
+        if not isinstance(policy, Policy):
+            raise ConfigTypeError(
+                f"policy must be a buttress policy or pipeline, got {policy!r} "
+                f"({type(policy).__name__})"
+            )
+        chain.append(policy)
+    return Pipeline(*chain) if chain else None
+
+
+class Step:
+    """One named step: a function of the :class:`Context`, and how to undo it.
+
+    Args:
+        name: unique within its saga; the key of its output in ``ctx.results``.
+        fn: the step function (sync or async), taking the context.
+        compensate: undoes the step (sync or async), taking the context; its
+            ``ctx.results[name]`` holds the step's output.
+        retry: a :func:`buttress.retry` policy deciding which errors are transient.
+        timeout: seconds for each attempt.
+        policy: any other policy or pipeline (breaker, limiter, bulkhead...).
+        compensate_uncertain: also compensate this step when its outcome is unknown
+            (it timed out or was cancelled, so its side effect may have happened).
+        permanent: exception types that fail the step at once, without retrying.
+        compensate_retry: the policy for the compensation (default: 3 attempts with
+            exponential backoff).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fn: StepFn,
+        *,
+        compensate: StepFn | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+        policy: Policy | None = None,
+        compensate_uncertain: bool = False,
+        permanent: type[BaseException] | tuple[type[BaseException], ...] = (),
+        compensate_retry: Retry | None = None,
+    ) -> None:
+        checked = check_name(name)
+        if checked is None:
+            raise ConfigTypeError("step name must be a string, got None")
+        if "/" in checked:
+            raise ConfigValueError(f"step name must not contain '/', got {name!r}")
+        self.name = checked
+        self.fn: StepFn = check_callable("fn", fn)
+        self.compensate: StepFn | None = check_callable("compensate", compensate, allow_none=True)
+        self.compensate_uncertain = check_bool("compensate_uncertain", compensate_uncertain)
+        self.permanent = check_exception_types("permanent", permanent, allow_empty=True)
+        self.is_async = is_async_callable(fn)
+        self.compensate_is_async = compensate is not None and is_async_callable(compensate)
+        self.timeout = check_seconds("timeout", timeout, allow_none=True)
+        self._retry, self._policy = retry, policy
+        self._compensate_retry = compensate_retry
+        self.policy = _policies(retry, self.timeout, policy)  # validates the options now
+        self.compensate_policy = self.policy
+
+    # The step's policies wrapped around one attempt, built once when it joins a saga.
+    run_sync: Callable[..., Any]
+    run_async: Callable[..., Any]
+    undo_sync: Callable[..., Any]
+    undo_async: Callable[..., Any]
+
+    def build(self, clock: Clock) -> None:
+        """Compile the policies around one attempt, on the saga's clock (once, on joining)."""
+        self.policy = _policies(self._retry, self.timeout, self._policy, clock)
+        self.compensate_policy = _policies(
+            self._compensate_retry
+            if self._compensate_retry is not None
+            else DEFAULT_COMPENSATION_RETRY,
+            None,
+            None,
+        )
+
+    def __repr__(self) -> str:
+        return f"Step({self.name!r})"
+
+
+@dataclass
+class AttemptRecord:
+    """One attempt of a step: when it started (epoch seconds), how long, what failed."""
+
+    started_at: float
+    duration: float
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"started_at": self.started_at, "duration": self.duration, "error": self.error}
+
+
+def describe(error: BaseException | None) -> str | None:
+    return None if error is None else f"{type(error).__name__}: {error}"
+
+
+@dataclass
+class StepResult:
+    """What happened to one step.
+
+    ``status`` is ``"completed"``, ``"failed"``, ``"compensated"``,
+    ``"compensation_failed"`` or ``"not_run"``.
+    """
+
+    name: str
+    status: str = "not_run"
+    attempts: int = 0
+    error: BaseException | None = None
+    started_at: float | None = None
+    duration: float | None = None
+    output: Any = None
+    history: list[AttemptRecord] = field(default_factory=list)
+    compensation_error: BaseException | None = None
+    uncertain: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "attempts": self.attempts,
+            "error": describe(self.error),
+            "started_at": self.started_at,
+            "duration": self.duration,
+            "output": jsonable(self.output),
+            "history": [record.to_dict() for record in self.history],
+            "compensation_error": describe(self.compensation_error),
+            "uncertain": self.uncertain,
+        }
+
+
+@dataclass
+class SagaResult:
+    """The report of one run.
+
+    Attributes:
+        status: ``"completed"`` or ``"failed"``.
+        run_id: the run's id.
+        output: the last step's output.
+        outputs: every completed step's output, by name.
+        error: the exception that failed the run (``None`` when completed).
+        duration: seconds the run took (this process's part of it).
+        compensated: every compensation that had to run succeeded.
+        steps: one :class:`StepResult` per step, in definition order.
+        replayed: True when an idempotency key returned a stored result.
+    """
+
+    saga: str
+    status: str
+    run_id: str
+    output: Any = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+    error: BaseException | None = None
+    duration: float = 0.0
+    compensated: bool = True
+    steps: list[StepResult] = field(default_factory=list)
+    replayed: bool = False
+    key: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+    def step(self, name: str) -> StepResult:
+        """The result of the step called ``name``."""
+        for result in self.steps:
+            if result.name == name:
+                return result
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable report (errors become ``"Type: message"`` strings)."""
+        return {
+            "saga": self.saga,
+            "status": self.status,
+            "run_id": self.run_id,
+            "key": self.key,
+            "output": jsonable(self.output),
+            "outputs": {name: jsonable(value) for name, value in self.outputs.items()},
+            "error": describe(self.error),
+            "duration": self.duration,
+            "compensated": self.compensated,
+            "replayed": self.replayed,
+            "steps": [step.to_dict() for step in self.steps],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SagaResult:
+        """Rebuild a report stored by :meth:`to_dict` (errors come back as strings in a
+        :class:`StoredError`)."""
+        steps = [
+            StepResult(
+                name=s["name"],
+                status=s["status"],
+                attempts=s["attempts"],
+                error=StoredError(s["error"]) if s.get("error") else None,
+                started_at=s.get("started_at"),
+                duration=s.get("duration"),
+                output=s.get("output"),
+                history=[AttemptRecord(**h) for h in s.get("history", [])],
+                compensation_error=StoredError(s["compensation_error"])
+                if s.get("compensation_error")
+                else None,
+                uncertain=s.get("uncertain", False),
+            )
+            for s in data.get("steps", [])
+        ]
+        return cls(
+            saga=data["saga"],
+            status=data["status"],
+            run_id=data["run_id"],
+            key=data.get("key"),
+            output=data.get("output"),
+            outputs=dict(data.get("outputs", {})),
+            error=StoredError(data["error"]) if data.get("error") else None,
+            duration=data.get("duration", 0.0),
+            compensated=data.get("compensated", True),
+            steps=steps,
+            replayed=True,
+        )
+
+
+class StoredError(Exception):
+    """An error recorded by an earlier run, as its ``"Type: message"`` text."""
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` if JSON can hold it, else its ``repr``."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
+
+
+def wall_time() -> float:
+    return time.time()
+
+
+def check_steps(steps: Iterable[object]) -> list[Step]:
+    out = []
+    for index, item in enumerate(steps):
+        if not isinstance(item, Step):
+            raise ConfigTypeError(
+                f"steps[{index}] must be a buttress.Step, got {item!r} ({type(item).__name__})"
+            )
+        out.append(item)
+    return out

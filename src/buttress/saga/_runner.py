@@ -1,0 +1,639 @@
+"""The saga runner: one flow of decisions, two thin drivers.
+
+``_Run.flow()`` is a generator holding every decision of a run: which steps go
+next, what the log records and when it is flushed, when to compensate and in
+which order. It yields instructions (run these steps; compensate that step) and
+receives their outcomes. ``drive_sync`` and ``drive_async`` execute the
+instructions, each in its own way of waiting; they decide nothing.
+
+The log is written before every side effect: the entries gathered since the last
+flush (a step's completion, the next step's start) go to the store in one write
+right before the next step or compensation is invoked, and the final status with
+the report at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import socket
+import uuid
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from buttress import events as _events
+from buttress._deadline import reset_deadline, set_deadline
+from buttress.backends import (
+    COMPENSATING,
+    COMPENSATION_FAILED,
+    COMPLETED,
+    FAILED,
+    LogEntry,
+)
+from buttress.exceptions import Permanent, TimeoutExceeded
+from buttress.timeout import Timeout
+
+from ._model import (
+    AttemptRecord,
+    Context,
+    SagaResult,
+    Step,
+    StepResult,
+    StoredError,
+    describe,
+    jsonable,
+    wall_time,
+)
+
+if TYPE_CHECKING:
+    from ._saga import Saga
+
+__all__ = ["drive_async", "drive_sync", "new_owner", "owner_is_dead"]
+
+_HOST = socket.gethostname()
+
+
+def new_owner() -> str:
+    """An identity for lease holders: host, process id and a random suffix."""
+    return f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_dead(owner: str | None) -> bool:
+    """True if ``owner`` was a process on this host that no longer exists."""
+    if not owner:
+        return False
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != _HOST or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@dataclass
+class _Outcome:
+    step: Step
+    value: Any = None
+    error: BaseException | None = None
+    history: list[AttemptRecord] = field(default_factory=list)
+    started_at: float = 0.0
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def uncertain(self) -> bool:
+        return isinstance(self.error, (TimeoutExceeded, asyncio.CancelledError))
+
+
+@dataclass
+class _Forward:
+    """Instruction: run these steps (one, or a parallel group) forward."""
+
+    steps: list[Step]
+    ctx: Context
+    deadline: float | None
+
+
+@dataclass
+class _Undo:
+    """Instruction: compensate this step."""
+
+    step: Step
+    ctx: Context
+
+
+Instruction = _Forward | _Undo
+Flow = Generator[Instruction, Any, SagaResult]
+
+
+class _Run:
+    """The state of one run, and the flow that advances it."""
+
+    def __init__(
+        self,
+        saga: Saga,
+        run_id: str,
+        raw_input: Any,
+        value: Any,
+        *,
+        key: str | None,
+        ttl: float | None,
+        owner: str,
+    ) -> None:
+        self.saga = saga
+        self.run_id = run_id
+        self.raw_input = raw_input
+        self.key = key
+        self.ttl = ttl
+        self.owner = owner
+        self.outputs: dict[str, Any] = {}
+        self.ctx = Context(value, run_id, self.outputs)
+        self.results: dict[str, StepResult] = {s.name: StepResult(s.name) for s in saga.all_steps}
+        self.done: list[str] = []  # completion order: the compensation stack
+        self.compensated: set[str] = set()
+        self.compensation_ok = True
+        self.failure: BaseException | None = None
+        self.compensating = False
+        self.resumed = False
+        self.abort: BaseException | None = None  # set by a driver whose caller was cancelled
+        self.pending: list[LogEntry] = []
+        self.seq = 0
+        self.started = saga.clock.now()
+
+    # -- the log ----------------------------------------------------------------------------
+
+    def note(self, step: str, event: str, **fields: Any) -> None:
+        self.seq += 1
+        self.pending.append(LogEntry(self.seq, step, event, at=wall_time(), **fields))
+
+    def flush(self, **final: Any) -> None:
+        entries, self.pending = self.pending, []
+        self.saga.store.write(
+            self.run_id,
+            entries,
+            lease_until=None if final else wall_time() + self.saga.lease,
+            **final,
+        )
+
+    def replay(self, entries: list[LogEntry], status: str, error: str | None) -> None:
+        """Rebuild the state of a run from its log (crash recovery)."""
+        self.resumed = True
+        by_name = self.saga.step_by_name
+        for entry in entries:
+            self.seq = max(self.seq, entry.seq)
+            result = self.results.get(entry.step)
+            if entry.event == "compensating":
+                self.compensating = True
+            if result is None:
+                continue
+            if entry.event == "started":
+                result.started_at = entry.at
+            elif entry.event == "completed":
+                result.status = "completed"
+                result.output = entry.output
+                result.attempts = entry.attempt
+                result.duration = entry.duration
+                self.outputs[entry.step] = entry.output
+                self.done.append(entry.step)
+            elif entry.event in ("failed", "uncertain"):
+                result.status = "failed"
+                result.error = StoredError(entry.error or "failed")
+                result.attempts = entry.attempt
+                if entry.event == "uncertain":
+                    result.uncertain = True
+                    if by_name[entry.step].compensate_uncertain:
+                        self.done.append(entry.step)
+                if self.failure is None:
+                    self.failure = result.error
+            elif entry.event == "compensated":
+                result.status = "compensated"
+                self.compensated.add(entry.step)
+            elif entry.event == "compensation_failed":
+                result.status = "compensation_failed"
+                result.compensation_error = StoredError(entry.error or "failed")
+                self.compensated.add(entry.step)
+                self.compensation_ok = False
+        if status == COMPENSATING:
+            self.compensating = True
+        if self.compensating and self.failure is None:
+            self.failure = StoredError(error or "the run was compensating when it was interrupted")
+
+    # -- the flow -----------------------------------------------------------------------------
+
+    def flow(self) -> Flow:
+        saga = self.saga
+        saga._emit(_events.RunStarted, run_id=self.run_id, resumed=self.resumed)
+        deadline = None if saga.timeout is None else saga.clock.now() + saga.timeout
+        if not self.compensating:
+            for unit in saga.units:
+                todo = [step for step in unit if step.name not in self.outputs]
+                if not todo:
+                    continue
+                if self.abort is not None:
+                    self.failure = self.abort
+                    break
+                if deadline is not None and saga.clock.now() >= deadline:
+                    self.failure = TimeoutExceeded(
+                        f"saga {saga.name!r} ran out of its {saga.timeout:g}s timeout",
+                        timeout=saga.timeout,
+                    )
+                    for step in todo:
+                        self.results[step.name].status = "not_run"
+                    break
+                for step in todo:
+                    self.note(step.name, "started")
+                    saga._emit(_events.StepStarted, run_id=self.run_id, step=step.name)
+                self.flush()
+                outcomes: list[_Outcome] = yield _Forward(todo, self.ctx, deadline)
+                for outcome in outcomes:
+                    self._record(outcome)
+                failed = [outcome for outcome in outcomes if not outcome.ok]
+                if failed:
+                    self.failure = failed[0].error
+                    break
+                aborted = self._aborted()  # a driver may have set it while we yielded
+                if aborted is not None:
+                    self.failure = aborted
+                    break
+            if self.failure is None:
+                return self._finish(COMPLETED)
+            self.compensating = True
+            self.note("", "compensating", error=describe(self.failure))
+        for name in reversed(self.done):
+            step = saga.step_by_name[name]
+            if name in self.compensated or step.compensate is None:
+                continue
+            self.note(name, "compensation_started")
+            saga._emit(_events.CompensationStarted, run_id=self.run_id, step=name)
+            self.flush(status=COMPENSATING)
+            undone: _Outcome = yield _Undo(step, self.ctx)
+            result = self.results[name]
+            self.compensated.add(name)
+            if undone.ok:
+                result.status = "compensated"
+                self.note(name, "compensated", attempt=len(undone.history))
+                saga._emit(_events.CompensationCompleted, run_id=self.run_id, step=name)
+            else:
+                result.status = "compensation_failed"
+                result.compensation_error = undone.error
+                self.compensation_ok = False
+                self.note(name, "compensation_failed", error=describe(undone.error))
+                saga._emit(
+                    _events.CompensationFailed,
+                    run_id=self.run_id,
+                    step=name,
+                    error=describe(undone.error),
+                )
+        return self._finish(FAILED if self.compensation_ok else COMPENSATION_FAILED)
+
+    def _aborted(self) -> BaseException | None:
+        return self.abort
+
+    def _record(self, outcome: _Outcome) -> None:
+        step = outcome.step
+        result = self.results[step.name]
+        result.history = outcome.history
+        result.attempts = len(outcome.history)
+        result.started_at = outcome.started_at
+        result.duration = outcome.duration
+        if outcome.ok:
+            result.status = "completed"
+            result.output = outcome.value
+            self.outputs[step.name] = outcome.value
+            self.done.append(step.name)
+            self.note(
+                step.name,
+                "completed",
+                attempt=result.attempts,
+                duration=outcome.duration,
+                output=jsonable(outcome.value),
+            )
+            self.saga._emit(
+                _events.StepCompleted, run_id=self.run_id, step=step.name, attempts=result.attempts
+            )
+            return
+        error = outcome.error
+        if isinstance(error, Permanent) and error.error is not None:
+            error = outcome.error = error.error  # report what the step raised
+        result.status = "failed"
+        result.error = error
+        result.uncertain = outcome.uncertain
+        if outcome.uncertain and step.compensate_uncertain:
+            self.done.append(step.name)
+        self.note(
+            step.name,
+            "uncertain" if outcome.uncertain else "failed",
+            attempt=result.attempts,
+            duration=outcome.duration,
+            error=describe(error),
+        )
+        self.saga._emit(
+            _events.StepFailed,
+            run_id=self.run_id,
+            step=step.name,
+            error=describe(error),
+            uncertain=outcome.uncertain,
+        )
+
+    def _finish(self, status: str) -> SagaResult:
+        saga = self.saga
+        last = saga.all_steps[-1].name if saga.all_steps else None
+        report = SagaResult(
+            saga=saga.name,
+            status=COMPLETED if status == COMPLETED else FAILED,
+            run_id=self.run_id,
+            key=self.key,
+            output=self.outputs.get(last) if last is not None else None,
+            outputs=dict(self.outputs),
+            error=self.failure,
+            duration=saga.clock.now() - self.started,
+            compensated=self.compensation_ok,
+            steps=[self.results[s.name] for s in saga.all_steps],
+        )
+        expires = None if self.ttl is None else wall_time() + self.ttl
+        self.flush(
+            status=status,
+            error=describe(self.failure),
+            result=report.to_dict(),
+            expires_at=expires,
+        )
+        saga._finished(status)
+        if status == COMPLETED:
+            saga._emit(_events.RunCompleted, run_id=self.run_id, duration=report.duration)
+        else:
+            saga._emit(
+                _events.RunFailed,
+                run_id=self.run_id,
+                error=describe(self.failure),
+                compensated=self.compensation_ok,
+            )
+        return report
+
+
+# -- executing one step ----------------------------------------------------------------------
+
+
+def attempt_sync(run: _Run, step: Step, ctx: Context, history: list[AttemptRecord]) -> Any:
+    """One attempt of a sync step (the innermost layer under the step's policies)."""
+    _before_attempt(run, step, ctx, history)
+    started, t0 = wall_time(), run.saga.clock.now()
+    try:
+        value = step.fn(ctx)
+    except BaseException as exc:
+        history.append(AttemptRecord(started, run.saga.clock.now() - t0, describe(exc)))
+        if step.permanent and isinstance(exc, step.permanent):
+            raise Permanent(str(exc), error=exc) from exc
+        raise
+    history.append(AttemptRecord(started, run.saga.clock.now() - t0))
+    return value
+
+
+async def attempt_async(run: _Run, step: Step, ctx: Context, history: list[AttemptRecord]) -> Any:
+    """One attempt of an async step."""
+    _before_attempt(run, step, ctx, history)
+    started, t0 = wall_time(), run.saga.clock.now()
+    try:
+        value = await step.fn(ctx)
+    except BaseException as exc:
+        history.append(AttemptRecord(started, run.saga.clock.now() - t0, describe(exc)))
+        if step.permanent and isinstance(exc, step.permanent):
+            raise Permanent(str(exc), error=exc) from exc
+        raise
+    history.append(AttemptRecord(started, run.saga.clock.now() - t0))
+    return value
+
+
+def _before_attempt(run: _Run, step: Step, ctx: Context, history: list[AttemptRecord]) -> None:
+    ctx.attempt = len(history) + 1
+    if history:
+        run.saga._emit(
+            _events.StepRetrying,
+            run_id=run.run_id,
+            step=step.name,
+            attempt=ctx.attempt,
+            error=history[-1].error,
+        )
+
+
+def compensate_sync(run: _Run, step: Step, ctx: Context, history: list[AttemptRecord]) -> Any:
+    ctx.attempt = len(history) + 1
+    started, t0 = wall_time(), run.saga.clock.now()
+    assert step.compensate is not None
+    try:
+        value = step.compensate(ctx)
+    except BaseException as exc:
+        history.append(AttemptRecord(started, run.saga.clock.now() - t0, describe(exc)))
+        raise
+    history.append(AttemptRecord(started, run.saga.clock.now() - t0))
+    return value
+
+
+async def compensate_async(
+    run: _Run, step: Step, ctx: Context, history: list[AttemptRecord]
+) -> Any:
+    ctx.attempt = len(history) + 1
+    started, t0 = wall_time(), run.saga.clock.now()
+    assert step.compensate is not None
+    try:
+        value = await step.compensate(ctx)
+    except BaseException as exc:
+        history.append(AttemptRecord(started, run.saga.clock.now() - t0, describe(exc)))
+        raise
+    history.append(AttemptRecord(started, run.saga.clock.now() - t0))
+    return value
+
+
+def _outcome(
+    step: Step, history: list[AttemptRecord], started: float, t0: float, run: _Run
+) -> _Outcome:
+    return _Outcome(step, history=history, started_at=started, duration=run.saga.clock.now() - t0)
+
+
+# -- the sync driver ---------------------------------------------------------------------------
+
+
+def _forward_one_sync(
+    run: _Run,
+    step: Step,
+    ctx: Context,
+    deadline: float | None,
+    loop: asyncio.AbstractEventLoop | None,
+) -> _Outcome:
+    history: list[AttemptRecord] = []
+    outcome = _outcome(step, history, wall_time(), run.saga.clock.now(), run)
+    t0 = run.saga.clock.now()
+    token = None
+    if deadline is not None:
+        _, token = set_deadline(max(deadline - t0, 0.0), run.saga.clock)
+    try:
+        if step.is_async:
+            own_loop = loop or asyncio.new_event_loop()
+            try:
+                coro = step.run_async(run, step, ctx, history)
+                if deadline is not None:
+                    coro = Timeout(max(deadline - t0, 1e-9), clock=run.saga.clock)(step.run_async)(
+                        run, step, ctx, history
+                    )
+                outcome.value = own_loop.run_until_complete(coro)
+            finally:
+                if loop is None:
+                    own_loop.close()
+        else:
+            outcome.value = step.run_sync(run, step, ctx, history)
+    except Exception as exc:
+        outcome.error = exc
+    finally:
+        if token is not None:
+            reset_deadline(token)
+    outcome.duration = run.saga.clock.now() - t0
+    return outcome
+
+
+def _undo_sync(run: _Run, step: Step, ctx: Context) -> _Outcome:
+    history: list[AttemptRecord] = []
+    t0 = run.saga.clock.now()
+    outcome = _outcome(step, history, wall_time(), t0, run)
+    try:
+        if step.compensate_is_async:
+            outcome.value = asyncio.run(step.undo_async(run, step, ctx, history))
+        else:
+            outcome.value = step.undo_sync(run, step, ctx, history)
+    except Exception as exc:
+        outcome.error = exc
+    outcome.duration = run.saga.clock.now() - t0
+    return outcome
+
+
+def drive_sync(run: _Run) -> SagaResult:
+    """Execute a run's flow in this thread (parallel groups on a thread pool)."""
+    flow = run.flow()
+    loop: asyncio.AbstractEventLoop | None = None
+    try:
+        instruction = next(flow)
+        while True:
+            if isinstance(instruction, _Forward):
+                steps = instruction.steps
+                if len(steps) == 1:
+                    step = steps[0]
+                    if step.is_async and loop is None:
+                        loop = asyncio.new_event_loop()
+                    result: Any = [
+                        _forward_one_sync(
+                            run,
+                            step,
+                            instruction.ctx.for_step(step.name),
+                            instruction.deadline,
+                            loop,
+                        )
+                    ]
+                else:
+                    with concurrent.futures.ThreadPoolExecutor(len(steps)) as pool:
+                        futures = [
+                            pool.submit(
+                                _forward_one_sync,
+                                run,
+                                step,
+                                instruction.ctx.for_step(step.name),
+                                instruction.deadline,
+                                None,
+                            )
+                            for step in steps
+                        ]
+                        result = [f.result() for f in concurrent.futures.as_completed(futures)]
+            else:
+                result = _undo_sync(
+                    run, instruction.step, instruction.ctx.for_step(instruction.step.name)
+                )
+            instruction = flow.send(result)
+    except StopIteration as stop:
+        report: SagaResult = stop.value
+        return report
+    finally:
+        if loop is not None:
+            loop.close()
+
+
+# -- the async driver --------------------------------------------------------------------------
+
+
+async def _forward_one_async(
+    run: _Run, step: Step, ctx: Context, deadline: float | None
+) -> _Outcome:
+    history: list[AttemptRecord] = []
+    t0 = run.saga.clock.now()
+    outcome = _outcome(step, history, wall_time(), t0, run)
+    try:
+        if step.is_async:
+            call = step.run_async
+            if deadline is not None:
+                call = Timeout(max(deadline - t0, 1e-9), clock=run.saga.clock)(call)
+            outcome.value = await call(run, step, ctx, history)
+        else:
+            token = None
+            if deadline is not None:
+                _, token = set_deadline(max(deadline - t0, 0.0), run.saga.clock)
+            try:
+                outcome.value = step.run_sync(run, step, ctx, history)
+            finally:
+                if token is not None:
+                    reset_deadline(token)
+    except (Exception, asyncio.CancelledError) as exc:
+        outcome.error = exc
+    outcome.duration = run.saga.clock.now() - t0
+    return outcome
+
+
+async def _undo_async(run: _Run, step: Step, ctx: Context) -> _Outcome:
+    history: list[AttemptRecord] = []
+    t0 = run.saga.clock.now()
+    outcome = _outcome(step, history, wall_time(), t0, run)
+    try:
+        if step.compensate_is_async:
+            outcome.value = await step.undo_async(run, step, ctx, history)
+        else:
+            outcome.value = step.undo_sync(run, step, ctx, history)
+    except Exception as exc:
+        outcome.error = exc
+    outcome.duration = run.saga.clock.now() - t0
+    return outcome
+
+
+async def drive_async(run: _Run) -> SagaResult:
+    """Execute a run's flow on the running event loop.
+
+    If the caller is cancelled mid-step, the step's outcome is uncertain, the
+    completed steps are compensated, and ``CancelledError`` is raised afterwards.
+    """
+    flow = run.flow()
+    cancelled: asyncio.CancelledError | None = None
+    instruction = next(flow)
+    while True:
+        if isinstance(instruction, _Forward):
+            tasks = [
+                asyncio.ensure_future(
+                    _forward_one_async(
+                        run, step, instruction.ctx.for_step(step.name), instruction.deadline
+                    )
+                )
+                for step in instruction.steps
+            ]
+            try:
+                result: Any = await asyncio.gather(*tasks)
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+                for task in tasks:
+                    task.cancel()
+                done = await asyncio.gather(*tasks, return_exceptions=True)
+                # Each step reports its real outcome (a step cut short reports the
+                # cancellation, so it counts as uncertain); the run then stops and
+                # compensates, even if every step of this unit had finished.
+                result = [
+                    item if isinstance(item, _Outcome) else _Outcome(step, error=exc)
+                    for step, item in zip(instruction.steps, done, strict=True)
+                ]
+                run.abort = exc
+        else:
+            result = await _undo_async(
+                run, instruction.step, instruction.ctx.for_step(instruction.step.name)
+            )
+        try:
+            instruction = flow.send(result)
+        except StopIteration as stop:
+            report: SagaResult = stop.value
+            break
+    if cancelled is not None:
+        raise cancelled
+    return report

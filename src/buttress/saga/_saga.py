@@ -1,0 +1,446 @@
+"""The Saga: named steps with compensations, idempotency keys and a durable log."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from buttress import events as _events
+from buttress._policy import Policy
+from buttress._validate import check_callable, check_name, check_seconds
+from buttress.backends import (
+    COMPENSATION_FAILED,
+    FAILED,
+    INCOMPLETE,
+    RUNNING,
+    LogEntry,
+    RunRecord,
+    SagaStore,
+)
+from buttress.backends.memory import MemoryStore
+from buttress.clock import Clock
+from buttress.exceptions import ConfigTypeError, ConfigValueError, IdempotencyConflict
+from buttress.registry import Registry
+from buttress.retry import Retry
+
+from ._model import SagaResult, Step, StepFn, StepResult, describe, wall_time
+from ._runner import (
+    _Run,
+    attempt_async,
+    attempt_sync,
+    compensate_async,
+    compensate_sync,
+    drive_async,
+    drive_sync,
+    new_owner,
+    owner_is_dead,
+)
+
+__all__ = ["Saga"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Busy:
+    """Another live holder is running the key: wait for ``run_id`` to finish."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+
+def _input_hash(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=repr, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Saga(Policy):
+    """A sequence of named steps; when one fails, the completed ones are compensated.
+
+    Args:
+        name: the saga's name (registers it for ``state()`` and ``health()``).
+        store: the run log (default: :class:`~buttress.backends.memory.MemoryStore`);
+            use :class:`~buttress.backends.sqlite.SQLiteStore` to survive crashes.
+        idempotency: where idempotency keys live (default: the ``store``).
+        validate: applied to the input before any step runs: a callable (raising on bad
+            input, returning the value to use or ``None`` to keep the input) or a pydantic
+            model class.
+        timeout: seconds for the forward part of a run; past it, the run compensates.
+        listeners: event listeners for this saga only.
+        lease: seconds a process holds a run or key without writing to the log before
+            another process may take it over (default 30; longer than your slowest step).
+        registry: registry to join instead of the default one.
+        clock: time source for durations and timeouts (default: the system clock).
+    """
+
+    kind = "saga"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        store: SagaStore | None = None,
+        idempotency: SagaStore | None = None,
+        validate: Callable[[Any], Any] | None = None,
+        timeout: float | None = None,
+        listeners: Iterable[_events.Listener] = (),
+        lease: float = 30.0,
+        registry: Registry | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if check_name(name) is None:
+            raise ConfigTypeError("a saga needs a name, got None")
+        super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
+        self.name: str = name
+        for label, candidate in (("store", store), ("idempotency", idempotency)):
+            if candidate is not None and not isinstance(candidate, SagaStore):
+                raise ConfigTypeError(
+                    f"{label} must be a saga store (MemoryStore, SQLiteStore...), got {candidate!r}"
+                )
+        self.store: SagaStore = store if store is not None else MemoryStore()
+        self.keys: SagaStore = idempotency if idempotency is not None else self.store
+        self.validate = check_callable("validate", validate, allow_none=True)
+        self.timeout = check_seconds("timeout", timeout, allow_none=True)
+        lease_value = check_seconds("lease", lease)
+        assert lease_value is not None
+        self.lease = lease_value
+        self.units: list[list[Step]] = []
+        self.all_steps: list[Step] = []
+        self.step_by_name: dict[str, Step] = {}
+        self._counts = {"completed": 0, "failed": 0, "compensation_failed": 0}
+        self._running = 0
+        self._count_lock = threading.Lock()
+        self._register()
+
+    # -- building -----------------------------------------------------------------------------
+
+    def _add(self, steps: list[Step]) -> None:
+        for step in steps:
+            if step.name in self.step_by_name:
+                raise ConfigValueError(
+                    f"step names must be unique in a saga, got {step.name!r} twice"
+                )
+        for step in steps:
+            step.build(self.clock)
+            step.run_sync = step.policy._wrap_sync(attempt_sync) if step.policy else attempt_sync
+            step.run_async = (
+                step.policy._wrap_async(attempt_async) if step.policy else attempt_async
+            )
+            assert step.compensate_policy is not None
+            step.undo_sync = step.compensate_policy._wrap_sync(compensate_sync)
+            step.undo_async = step.compensate_policy._wrap_async(compensate_async)
+            self.step_by_name[step.name] = step
+            self.all_steps.append(step)
+        self.units.append(steps)
+
+    def step(
+        self,
+        name: str,
+        fn: StepFn | None = None,
+        *,
+        compensate: StepFn | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+        policy: Policy | None = None,
+        compensate_uncertain: bool = False,
+        permanent: type[BaseException] | tuple[type[BaseException], ...] = (),
+        compensate_retry: Retry | None = None,
+    ) -> Any:
+        """Add a step (see :class:`Step` for the options).
+
+        Called with ``fn``, it adds the step and returns the :class:`Step`; without,
+        it returns a decorator that adds the decorated function and returns it unchanged.
+        """
+        options: dict[str, Any] = {
+            "compensate": compensate,
+            "retry": retry,
+            "timeout": timeout,
+            "policy": policy,
+            "compensate_uncertain": compensate_uncertain,
+            "permanent": permanent,
+            "compensate_retry": compensate_retry,
+        }
+        if fn is None:
+
+            def decorator(function: F) -> F:
+                self._add([Step(name, function, **options)])
+                return function
+
+            return decorator
+        step = Step(name, fn, **options)
+        self._add([step])
+        return step
+
+    def parallel(self, name: str, *steps: Step) -> None:
+        """Add a group of steps that run concurrently; it completes when all of them do.
+
+        If a member fails, the members that completed are compensated with the rest.
+        """
+        if check_name(name) is None:
+            raise ConfigTypeError("a parallel group needs a name, got None")
+        if not steps:
+            raise ConfigValueError(f"parallel group {name!r} needs at least one step, got none")
+        for index, item in enumerate(steps):
+            if not isinstance(item, Step):
+                raise ConfigTypeError(
+                    f"steps[{index}] of parallel group {name!r} must be a buttress.Step, "
+                    f"got {item!r}"
+                )
+        self._add(list(steps))
+
+    # -- starting a run -------------------------------------------------------------------------
+
+    def _check_input(self, value: Any) -> tuple[Any, BaseException | None]:
+        if self.validate is None:
+            return value, None
+        checker: Any = self.validate
+        try:
+            if isinstance(checker, type) and hasattr(checker, "model_validate"):
+                return checker.model_validate(value), None  # a pydantic model
+            checked = checker(value)
+        except Exception as exc:
+            return value, exc
+        return (value if checked is None else checked), None
+
+    def _begin(self, raw: Any, key: str | None, ttl: float | None, owner: str) -> Any:
+        if key is not None and not isinstance(key, str):
+            raise ConfigTypeError(f"key must be a string, got {key!r}")
+        ttl = check_seconds("ttl", ttl, allow_none=True)
+        value, invalid = self._check_input(raw)
+        now = wall_time()
+        record = RunRecord(
+            run_id=uuid.uuid4().hex,
+            saga=self.name,
+            status=RUNNING,
+            input=raw,
+            key=key,
+            input_hash=None if key is None else _input_hash(raw),
+            created_at=now,
+            updated_at=now,
+            owner=owner,
+            lease_until=now + self.lease,
+        )
+        if key is None:
+            self.store.create_run(record)
+        else:
+            claim = self.keys.claim_key(record, now=now)
+            if claim.outcome == "busy" and claim.record is not None:
+                if owner_is_dead(claim.record.owner) and self.store.claim_run(
+                    claim.run_id,
+                    owner,
+                    now=now,
+                    lease_until=now + self.lease,
+                    expected_owner=claim.record.owner,
+                ):
+                    return self._resume(claim.run_id, owner)
+                return _Busy(claim.run_id)
+            if claim.outcome == "done":
+                assert claim.record is not None
+                assert claim.record.result is not None
+                return SagaResult.from_dict(claim.record.result)
+            if claim.outcome == "conflict":
+                raise IdempotencyConflict(
+                    f"idempotency key {key!r} of saga {self.name!r} was used with a different "
+                    f"input (run {claim.run_id})",
+                    key=key,
+                    run_id=claim.run_id,
+                )
+            if claim.outcome == "blocked":
+                raise IdempotencyConflict(
+                    f"idempotency key {key!r} of saga {self.name!r} belongs to run "
+                    f"{claim.run_id}, stuck in compensation_failed: an operator must resolve "
+                    f"it (Saga.resolve) before the key can run again",
+                    key=key,
+                    run_id=claim.run_id,
+                )
+            if claim.outcome == "resume":
+                return self._resume(claim.run_id, owner)
+            if self.keys is not self.store:
+                self.store.create_run(record)
+        run = _Run(self, record.run_id, raw, value, key=key, ttl=ttl, owner=owner)
+        if invalid is not None:
+            return self._reject_input(run, invalid)
+        with self._count_lock:
+            self._running += 1
+        return run
+
+    def _reject_input(self, run: _Run, error: BaseException) -> SagaResult:
+        run.failure = error
+        run.note("", "invalid_input", error=describe(error))
+        report = SagaResult(
+            saga=self.name,
+            status=FAILED,
+            run_id=run.run_id,
+            key=run.key,
+            error=error,
+            steps=[StepResult(step.name) for step in self.all_steps],
+        )
+        run.flush(status=FAILED, error=describe(error), result=report.to_dict(), expires_at=None)
+        self._emit(_events.RunFailed, run_id=run.run_id, error=describe(error), compensated=True)
+        return report
+
+    def _resume(self, run_id: str, owner: str) -> _Run:
+        loaded = self.store.load(run_id)
+        if loaded is None:
+            raise ConfigValueError(f"run {run_id!r} is not in the store of saga {self.name!r}")
+        record, entries = loaded
+        value, _ = self._check_input(record.input)
+        ttl = None
+        run = _Run(self, run_id, record.input, value, key=record.key, ttl=ttl, owner=owner)
+        run.replay(entries, record.status, record.error)
+        with self._count_lock:
+            self._running += 1
+        return run
+
+    def _finished(self, status: str) -> None:
+        with self._count_lock:
+            self._running -= 1
+            self._counts[status if status in self._counts else "failed"] += 1
+
+    def _final_result(self, run_id: str) -> SagaResult | None:
+        loaded = self.store.load(run_id)
+        if loaded is None:
+            return None
+        record, _ = loaded
+        if record.status in INCOMPLETE or record.result is None:
+            return None
+        return SagaResult.from_dict(record.result)
+
+    # -- running --------------------------------------------------------------------------------
+
+    def run(
+        self, input: Any = None, *, key: str | None = None, ttl: float | None = None
+    ) -> SagaResult:
+        """Run the saga from sync code (async steps run on a private event loop).
+
+        Args:
+            input: the run's input (``ctx.input``); JSON-serialisable for durable stores.
+            key: an idempotency key: a completed run with this key (within ``ttl``) is
+                returned without running any step; a concurrent run with it is joined.
+            ttl: seconds a completed keyed run is remembered (default: forever).
+        """
+        owner = new_owner()
+        delay = 0.005
+        while True:
+            begun = self._begin(input, key, ttl, owner)
+            if not isinstance(begun, _Busy):
+                break
+            result = self._final_result(begun.run_id)
+            if result is not None:
+                return result
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+        if isinstance(begun, SagaResult):
+            return begun
+        return drive_sync(begun)
+
+    async def run_async(
+        self, input: Any = None, *, key: str | None = None, ttl: float | None = None
+    ) -> SagaResult:
+        """Run the saga from async code (sync steps run on the event loop's thread)."""
+        owner = new_owner()
+        delay = 0.005
+        while True:
+            begun = self._begin(input, key, ttl, owner)
+            if not isinstance(begun, _Busy):
+                break
+            result = self._final_result(begun.run_id)
+            if result is not None:
+                return result
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+        if isinstance(begun, SagaResult):
+            return begun
+        return await drive_async(begun)
+
+    # -- recovery and operators -----------------------------------------------------------------
+
+    def _claim_incomplete(self, owner: str) -> list[_Run]:
+        runs = []
+        for run_id in self.store.incomplete(self.name):
+            loaded = self.store.load(run_id)
+            if loaded is None:
+                continue
+            record, _ = loaded
+            now = wall_time()
+            dead = owner_is_dead(record.owner)
+            if self.store.claim_run(
+                run_id,
+                owner,
+                now=now,
+                lease_until=now + self.lease,
+                expected_owner=record.owner if dead else None,
+            ):
+                runs.append(self._resume(run_id, owner))
+        return runs
+
+    def recover(self) -> list[SagaResult]:
+        """Finish every incomplete run whose holder is gone (crashed, or its lease expired).
+
+        A run that was going forward resumes at the first step not recorded as completed
+        (a step that started but did not record its completion runs again: steps are
+        at-least-once); a run that was compensating finishes its compensation.
+        """
+        return [drive_sync(run) for run in self._claim_incomplete(new_owner())]
+
+    async def recover_async(self) -> list[SagaResult]:
+        """Async twin of :meth:`recover`."""
+        return [await drive_async(run) for run in self._claim_incomplete(new_owner())]
+
+    def resolve(self, run_id: str, *, note: str = "resolved by an operator") -> None:
+        """Mark a run stuck in ``compensation_failed`` as dealt with (``failed``), so its
+        idempotency key may run again."""
+        loaded = self.store.load(run_id)
+        if loaded is None or loaded[0].status != COMPENSATION_FAILED:
+            raise ConfigValueError(f"run {run_id!r} is not in compensation_failed")
+        record, entries = loaded
+        seq = max((e.seq for e in entries), default=0) + 1
+        self.store.write(
+            run_id,
+            [LogEntry(seq, "", "resolved", at=wall_time(), error=note)],
+            status=FAILED,
+            error=record.error,
+            result=record.result,
+            expires_at=record.expires_at,
+        )
+        if self.keys is not self.store:
+            self.keys.write(run_id, [], status=FAILED, error=record.error, result=record.result)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _stuck(self) -> int:
+        try:
+            return len(self.store.runs(saga=self.name, status=COMPENSATION_FAILED, limit=1000))
+        except Exception:
+            return 0
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._count_lock:
+            counts = dict(self._counts)
+            running = self._running
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "steps": [step.name for step in self.all_steps],
+            "running": running,
+            **counts,
+            "stuck": self._stuck(),
+            "store": type(self.store).__name__,
+        }
+
+    def health_check(self) -> tuple[str, Any, str]:
+        stuck = self._stuck()
+        if stuck:
+            return "warn", stuck, f"{stuck} run(s) stuck in compensation_failed"
+        return "pass", 0, ""
+
+    def __call__(self, fn: Any) -> Any:
+        raise ConfigTypeError(
+            "a Saga is not a decorator; add steps with @saga.step(name) and run it with "
+            "saga.run(input)"
+        )
