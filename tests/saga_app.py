@@ -1,0 +1,68 @@
+"""A saga for the crash-recovery tests, run in a child process that SIGKILLs itself.
+
+``python saga_app.py DB EFFECTS INPUT_JSON [KEY]`` with ``KILL_AT=<label>`` in the
+environment: the process kills itself (SIGKILL, no cleanup) when it reaches that
+point. Every side effect appends a line to EFFECTS and fsyncs it first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+from buttress import Permanent, Saga, retry
+from buttress.backends.sqlite import SQLiteStore
+from buttress.testing import isolated_registry
+
+STEPS = ("reserve", "charge", "ship")
+
+
+def kill_point(label: str) -> None:
+    if os.environ.get("KILL_AT") == label:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def effect(path: str, line: str) -> None:
+    with open(path, "a") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def make_saga(db: str, effects: str) -> Saga:
+    saga = Saga("order", store=SQLiteStore(db), lease=60)
+
+    def forward(name: str):
+        def run(ctx):
+            kill_point(f"{name}:before")
+            if name == "charge" and ctx.input.get("fail"):
+                raise Permanent("card declined")
+            effect(effects, f"{name} {ctx.run_id}")
+            kill_point(f"{name}:after")
+            return {"done": name}
+
+        return run
+
+    def backward(name: str):
+        def undo(ctx):
+            kill_point(f"undo-{name}:before")
+            effect(effects, f"undo-{name} {ctx.run_id}")
+            kill_point(f"undo-{name}:after")
+
+        return undo
+
+    for name in STEPS:
+        saga.step(
+            name, forward(name), compensate=backward(name), compensate_retry=retry(2, backoff=[0.0])
+        )
+    return saga
+
+
+if __name__ == "__main__":
+    db_path, effects_path, raw = sys.argv[1:4]
+    key = sys.argv[4] if len(sys.argv) > 4 else None
+    with isolated_registry():
+        result = make_saga(db_path, effects_path).run(json.loads(raw), key=key)
+    print(result.status)
