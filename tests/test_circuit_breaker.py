@@ -347,3 +347,38 @@ def test_rejections_by_inner_primitives_are_neutral(face, clock):
             call()
     assert breaker.state == "closed"
     assert breaker.snapshot()["neutral"] == 5
+
+
+def test_a_call_cut_off_by_an_outer_timeout_counts_as_a_failure():
+    """timeout outermost: a hanging dependency still opens the circuit."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=2, clock=clock)
+
+    @buttress.pipeline(buttress.timeout(0.5, clock=clock), breaker)
+    async def hangs() -> None:
+        await clock.asleep(10)
+
+    for _ in range(2):
+        with pytest.raises(buttress.TimeoutExceeded):
+            asyncio.run(hangs())
+    assert breaker.state == "open"
+    assert breaker.snapshot()["slow_calls"] == 2
+
+
+def test_a_plain_cancellation_stays_neutral():
+    """Cancelling the caller (no expired deadline) is not the dependency's fault."""
+    breaker = CircuitBreaker(failure_threshold=1)
+
+    @breaker
+    async def slow() -> None:
+        await asyncio.sleep(10)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(slow())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert breaker.state == "closed"

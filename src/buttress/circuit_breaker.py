@@ -11,6 +11,7 @@ on while the call ran) updates the counters but never moves the state.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -18,6 +19,7 @@ from typing import Any
 
 from . import events as _events
 from ._counter import GIL_ENABLED, Counter
+from ._deadline import remaining
 from ._policy import Policy, cm_pop, cm_push
 from ._validate import (
     check_exception_types,
@@ -31,6 +33,12 @@ from .exceptions import CircuitOpenError, ConfigTypeError, ConfigValueError, Rej
 from .registry import Registry
 
 __all__ = ["CLOSED", "HALF_OPEN", "OPEN", "CircuitBreaker"]
+
+
+def _deadline_expired() -> bool:
+    left = remaining()
+    return left is not None and left <= 0.0
+
 
 CLOSED = "closed"
 OPEN = "open"
@@ -209,6 +217,12 @@ class CircuitBreaker(Policy):
             self._emit(_events.CircuitStateChanged, **changed)
 
     def _on_failure(self, token: int, exc: BaseException | None, duration: float = 0.0) -> None:
+        if isinstance(exc, asyncio.CancelledError) and _deadline_expired():
+            # Cancelled by an enclosing timeout whose deadline passed: the dependency was
+            # too slow, which is a failure (with `timeout` outermost in a pipeline, a
+            # hanging dependency must still open the circuit). Any other cancellation
+            # is the caller's business and stays neutral.
+            exc = None
         if exc is not None and (
             not isinstance(exc, self.include)
             or isinstance(exc, self.exclude)
@@ -225,7 +239,7 @@ class CircuitBreaker(Policy):
             return
         with self._lock:
             self._failures += 1
-            if exc is None:
+            if exc is None:  # a slow success, or a call cut off by an expired deadline
                 self._slow_calls += 1
             changed = self._settle(token, failed=True)
         if changed is not None:

@@ -45,7 +45,7 @@ class RunRecord:
     expires_at: float | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class LogEntry:
     """One line of a run's log: a step (or compensation) event."""
 

@@ -44,14 +44,20 @@ class MemoryStore:
         excess = len(self._runs) - self.max_runs
         if excess <= 0:
             return
-        for run_id in [r for r, rec in self._runs.items() if rec.status not in INCOMPLETE]:
+        # Drop a batch of the oldest finished runs, so that a full store is not scanned
+        # on every insert.
+        excess += self.max_runs // 10
+        victims = []
+        for run_id, rec in self._runs.items():
+            if rec.status not in INCOMPLETE:
+                victims.append(run_id)
+                if len(victims) >= excess:
+                    break
+        for run_id in victims:
             record = self._runs.pop(run_id)
             self._logs.pop(run_id, None)
             if record.key is not None and self._keys.get((record.saga, record.key)) == run_id:
                 del self._keys[(record.saga, record.key)]
-            excess -= 1
-            if excess <= 0:
-                break
 
     def create_run(self, record: RunRecord) -> None:
         with self._lock:

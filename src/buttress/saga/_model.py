@@ -164,7 +164,7 @@ class Step:
         return f"Step({self.name!r})"
 
 
-@dataclass
+@dataclass(slots=True)
 class AttemptRecord:
     """One attempt of a step: when it started (epoch seconds), how long, what failed."""
 
@@ -309,8 +309,13 @@ class StoredError(Exception):
     """An error recorded by an earlier run, as its ``"Type: message"`` text."""
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def jsonable(value: Any) -> Any:
     """``value`` if JSON can hold it, else its ``repr``."""
+    if type(value) in _SCALARS:
+        return value
     try:
         json.dumps(value)
     except (TypeError, ValueError):

@@ -55,9 +55,17 @@ __all__ = ["drive_async", "drive_sync", "new_owner", "owner_is_dead"]
 _HOST = socket.gethostname()
 
 
+_owner: tuple[int, str] = (0, "")
+
+
 def new_owner() -> str:
-    """An identity for lease holders: host, process id and a random suffix."""
-    return f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """This process's identity as a lease holder: host, process id and a random suffix
+    (made once per process, and anew after a fork)."""
+    global _owner
+    pid = os.getpid()
+    if _owner[0] != pid:
+        _owner = (pid, f"{_HOST}:{pid}:{uuid.uuid4().hex[:8]}")
+    return _owner[1]
 
 
 def owner_is_dead(owner: str | None) -> bool:
@@ -80,7 +88,7 @@ def owner_is_dead(owner: str | None) -> bool:
     return False
 
 
-@dataclass
+@dataclass(slots=True)
 class _Outcome:
     step: Step
     value: Any = None
@@ -344,10 +352,13 @@ class _Run:
             steps=[self.results[s.name] for s in saga.all_steps],
         )
         expires = None if self.ttl is None else wall_time() + self.ttl
+        # The stored report is read back by idempotent replays and by operators of a
+        # durable store; an unkeyed run in memory has no reader, so it skips the cost.
+        keep = self.key is not None or not saga.store_is_ephemeral
         self.flush(
             status=status,
             error=describe(self.failure),
-            result=report.to_dict(),
+            result=report.to_dict() if keep else None,
             expires_at=expires,
         )
         saga._finished(status)
@@ -601,7 +612,18 @@ async def drive_async(run: _Run) -> SagaResult:
     cancelled: asyncio.CancelledError | None = None
     instruction = next(flow)
     while True:
-        if isinstance(instruction, _Forward):
+        if isinstance(instruction, _Forward) and len(instruction.steps) == 1:
+            # One step: await it here (no task). A cancellation of the caller reaches the
+            # step, which reports it as its (uncertain) outcome; the run then compensates.
+            step = instruction.steps[0]
+            single = await _forward_one_async(
+                run, step, instruction.ctx.for_step(step.name), instruction.deadline
+            )
+            if isinstance(single.error, asyncio.CancelledError):
+                cancelled = single.error
+                run.abort = single.error
+            result: Any = [single]
+        elif isinstance(instruction, _Forward):
             tasks = [
                 asyncio.ensure_future(
                     _forward_one_async(
@@ -611,7 +633,7 @@ async def drive_async(run: _Run) -> SagaResult:
                 for step in instruction.steps
             ]
             try:
-                result: Any = await asyncio.gather(*tasks)
+                result = await asyncio.gather(*tasks)
             except asyncio.CancelledError as exc:
                 cancelled = exc
                 for task in tasks:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -104,6 +104,7 @@ class Saga(Policy):
                 )
         self.store: SagaStore = store if store is not None else MemoryStore()
         self.keys: SagaStore = idempotency if idempotency is not None else self.store
+        self.store_is_ephemeral = isinstance(self.store, MemoryStore)
         self.validate = check_callable("validate", validate, allow_none=True)
         self.timeout = check_seconds("timeout", timeout, allow_none=True)
         lease_value = check_seconds("lease", lease)
@@ -214,7 +215,7 @@ class Saga(Policy):
         value, invalid = self._check_input(raw)
         now = wall_time()
         record = RunRecord(
-            run_id=uuid.uuid4().hex,
+            run_id=os.urandom(16).hex(),
             saga=self.name,
             status=RUNNING,
             input=raw,

@@ -1,0 +1,995 @@
+"""``python -m buttress demo``: a flaky payment gateway behind a full pipeline, watched live.
+
+Concurrent callers check out against a fake, async payment gateway whose health changes
+during the run: healthy, degraded, an outage, recovery. Every charge goes through::
+
+    fallback -> timeout (whole checkout) -> retry (jittered backoff, shared budget)
+        -> circuit breaker -> bulkhead -> rate limiter -> timeout (one attempt) -> gateway
+
+A listener counts the events of every primitive. On a terminal the view redraws in place
+several times a second; anywhere else (pipes, CI, ``--no-color``, ``NO_COLOR``) the demo
+prints one plain progress line per second and no escape codes. Both end with a summary and
+the registry's ``health()`` and ``state()`` as JSON.
+
+The primitives live in a registry of their own, so the demo never touches the default one.
+Standard library only, like the rest of buttress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from . import events
+from .backoff import exponential
+from .bulkhead import Bulkhead
+from .circuit_breaker import CircuitBreaker
+from .exceptions import BulkheadFull, RateLimited, RejectedError, TimeoutExceeded
+from .fallback import Fallback, fallback
+from .pipeline import pipeline
+from .rate_limiter import RateLimiter
+from .registry import Registry
+from .retry import Retry, RetryBudget, retry
+from .timeout import Timeout, timeout
+
+__all__ = ["Settings", "run"]
+
+# -- the scenario ---------------------------------------------------------------------------
+
+# Pipeline settings. The breaker's reset timeout scales with the run (see Settings).
+TOTAL_TIMEOUT = 0.6  # seconds for a whole checkout, retries included
+ATTEMPT_TIMEOUT = 0.35  # seconds for one call to the gateway
+ATTEMPTS = 3
+MAX_CONCURRENT = 10
+MAX_QUEUE = 10
+QUEUE_WAIT = 0.1
+RATE = 150.0  # admissions per second
+BURST = 15
+RATE_WAIT = 0.02
+THINK_TIME = 0.3  # mean seconds a caller pauses between checkouts
+BASE_LATENCY = 0.035  # median gateway latency in seconds
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of the run during which the gateway behaves one way."""
+
+    name: str
+    note: str
+    until: float  # the fraction of the run at which the phase ends
+    error_rate: float  # share of calls answered 503
+    slow_rate: float  # share of calls that hang far past the attempt timeout
+    latency: float  # multiplier of the base latency
+
+    @property
+    def failing(self) -> float:
+        """The share of calls that fail one way or the other."""
+        return self.error_rate + self.slow_rate
+
+
+PHASES = (
+    Phase("healthy", "answering normally", 0.25, 0.02, 0.015, 1.0),
+    Phase("degraded", "slow, with more errors", 0.35, 0.15, 0.05, 4.0),
+    Phase("outage", "down: calls fail or hang", 0.65, 0.75, 0.22, 0.5),
+    Phase("recovering", "coming back", 0.75, 0.15, 0.03, 1.5),
+    Phase("healthy", "answering normally again", 1.0, 0.02, 0.015, 1.0),
+)
+
+
+def phase_at(fraction: float) -> Phase:
+    """The phase the gateway is in at ``fraction`` of the run."""
+    for phase in PHASES:
+        if fraction < phase.until:
+            return phase
+    return PHASES[-1]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``python -m buttress demo`` was asked to do."""
+
+    seconds: float = 8.0
+    callers: int = 50
+    seed: int = 0
+    colour: bool = False  # ANSI colours and an in-place live view (a terminal only)
+
+    @property
+    def reset_timeout(self) -> float:
+        """The breaker's reset timeout: a few open/half-open cycles fit in the outage."""
+        return min(max(self.seconds * 0.08, 0.25), 2.0)
+
+
+class GatewayError(Exception):
+    """The gateway answered 503: transient, worth retrying."""
+
+
+class CardDeclined(Exception):
+    """The card was declined: a real answer, neither retried nor a breaker failure."""
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a checkout returns: a charge id, or why the charge was deferred."""
+
+    charge_id: str | None
+    deferred_because: str | None = None
+
+
+class Timeline:
+    """Checkout outcomes per column of the timeline (each column a slice of the run)."""
+
+    def __init__(self, seconds: float, columns: int) -> None:
+        self.seconds = seconds
+        self.columns = columns
+        self.ok = [0] * columns
+        self.bad = [0] * columns  # fallbacks and failures
+
+    def column(self, elapsed: float) -> int:
+        return min(max(int(elapsed / self.seconds * self.columns), 0), self.columns - 1)
+
+
+class FakeGateway:
+    """An async payment API with a long latency tail and a failure rate that changes."""
+
+    def __init__(self, rng: random.Random, started: float, seconds: float) -> None:
+        self._rng = rng
+        self._started = started
+        self._seconds = seconds
+        self.calls = 0
+        self.errors = 0
+        self.slow = 0
+        self.in_flight = 0
+
+    def phase(self) -> Phase:
+        return phase_at((time.monotonic() - self._started) / self._seconds)
+
+    async def charge(self, amount_cents: int) -> Receipt:
+        """Charge ``amount_cents``; raises GatewayError (503) or CardDeclined."""
+        rng, phase = self._rng, self.phase()
+        self.calls += 1
+        draw = rng.random()
+        failing = draw < phase.error_rate
+        if phase.error_rate <= draw < phase.error_rate + phase.slow_rate:
+            self.slow += 1
+            latency = rng.uniform(0.5, 2.5)  # a hang: only a timeout ends this call
+        else:
+            latency = rng.lognormvariate(math.log(BASE_LATENCY), 0.6) * phase.latency
+            if failing:
+                latency *= 0.5  # an overloaded gateway answers 503 quickly
+        self.in_flight += 1
+        try:
+            await asyncio.sleep(latency)
+        finally:
+            self.in_flight -= 1
+        if failing:
+            self.errors += 1
+            raise GatewayError("503 Service Unavailable")
+        if rng.random() < 0.01:
+            raise CardDeclined(f"card declined for {amount_cents} cents")
+        return Receipt(f"ch_{rng.getrandbits(40):010x}")
+
+
+# -- counting what happened -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One move of the circuit breaker, ``at`` seconds into the run."""
+
+    at: float
+    old: str
+    new: str
+    reason: str
+
+
+class Tally:
+    """The listener: counts the events of every primitive in the pipeline."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.retries = 0
+        self.retry_causes: Counter[str] = Counter()
+        self.recovered = 0
+        self.gave_up: Counter[str] = Counter()
+        self.transitions: list[Transition] = []
+        self.rejected: Counter[str] = Counter()
+        self.waited: Counter[str] = Counter()
+        self.timeouts: Counter[str] = Counter()
+        self.fallbacks: Counter[str] = Counter()
+
+    def __call__(self, event: events.Event) -> None:
+        if isinstance(event, events.RetryScheduled):
+            self.retries += 1
+            self.retry_causes[_error_name(event.error)] += 1
+        elif isinstance(event, events.RetryGaveUp):
+            self.gave_up[event.reason] += 1
+        elif isinstance(event, events.RetryRecovered):
+            self.recovered += 1
+        elif isinstance(event, events.CircuitStateChanged):
+            at = event.time - self.started
+            self.transitions.append(Transition(at, event.old, event.new, event.reason))
+        elif isinstance(event, events.CallRejected):
+            self.rejected[event.reason] += 1
+        elif isinstance(event, events.AcquiredAfterWait):
+            self.waited[event.source] += 1
+        elif isinstance(event, events.TimeoutFired):
+            self.timeouts[event.name or "timeout"] += 1
+        elif isinstance(event, events.FallbackUsed):
+            self.fallbacks[_error_name(event.error)] += 1
+
+
+def _error_name(error: BaseException | None) -> str:
+    return "result" if error is None else type(error).__name__
+
+
+@dataclass
+class Outcomes:
+    """What the callers saw."""
+
+    started: int = 0
+    ok: int = 0
+    declined: int = 0
+    deferred: int = 0
+    failed: int = 0
+    in_progress: int = 0
+
+
+# -- the demo itself ------------------------------------------------------------------------
+
+
+class Demo:
+    """The gateway, the pipeline in front of it, the callers, and what they all did."""
+
+    def __init__(self, settings: Settings, columns: int) -> None:
+        self.settings = settings
+        self.started = time.monotonic()
+        self.rng = random.Random(settings.seed)
+        self.timeline = Timeline(settings.seconds, columns)
+        self.gateway = FakeGateway(self.rng, self.started, settings.seconds)
+        self.tally = Tally(self.started)
+        self.outcomes = Outcomes()
+        self.failures: Counter[str] = Counter()
+        # How long answered checkouts took: (finished at, seconds), recent and all.
+        self.latencies: deque[tuple[float, float]] = deque()
+        self.all_latencies: list[float] = []
+        self.admissions: deque[tuple[float, int]] = deque([(self.started, 0)])  # (at, count)
+        self.peak_rate = 0.0
+        self.stopping = False
+
+        self.registry = Registry()
+        common: dict[str, Any] = {"registry": self.registry, "listeners": [self.tally]}
+        self.fallback: Fallback = fallback(
+            handler=self._defer, on=RejectedError, name="payments", **common
+        )
+        self.total_timeout: Timeout = timeout(TOTAL_TIMEOUT, name="checkout", **common)
+        self.retry: Retry = retry(
+            ATTEMPTS,
+            on=(GatewayError, TimeoutExceeded, BulkheadFull, RateLimited),
+            backoff=exponential(0.05, 2.0, 0.4, jitter="full"),
+            budget=RetryBudget(0.2, window=2.0, min_per_second=5.0),
+            name="payments",
+            **common,
+        )
+        self.breaker = CircuitBreaker(
+            "payments",
+            failure_rate=0.5,
+            window=20,
+            minimum_calls=10,
+            reset_timeout=settings.reset_timeout,
+            half_open_max_calls=2,
+            # A declined card is an answer, and our own bulkhead or limiter turning a call
+            # away says nothing about the gateway: neither counts against it.
+            exclude=(CardDeclined, RejectedError),
+            **common,
+        )
+        self.bulkhead = Bulkhead(
+            "payments",
+            max_concurrent=MAX_CONCURRENT,
+            max_queue=MAX_QUEUE,
+            max_wait=QUEUE_WAIT,
+            **common,
+        )
+        self.limiter = RateLimiter("payments", rate=RATE, burst=BURST, max_wait=RATE_WAIT, **common)
+        # The per-attempt timeout sits inside the breaker so that a hung call counts as a
+        # failure there: the outer timeout cancels calls, and the breaker rightly treats a
+        # cancellation as neither success nor failure.
+        self.attempt_timeout: Timeout = timeout(ATTEMPT_TIMEOUT, name="attempt", **common)
+        self.checkout = pipeline(
+            self.fallback,
+            self.total_timeout,
+            self.retry,
+            self.breaker,
+            self.bulkhead,
+            self.limiter,
+            self.attempt_timeout,
+        )(self.gateway.charge)
+
+    @staticmethod
+    def _defer(error: BaseException) -> Receipt:
+        return Receipt(None, deferred_because=type(error).__name__)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    async def caller(self) -> None:
+        """One customer after another: check out, then pause."""
+        rng, out = self.rng, self.outcomes
+        await asyncio.sleep(rng.uniform(0.0, 2 * THINK_TIME))  # customers trickle in
+        while not self.stopping:
+            out.started += 1
+            out.in_progress += 1
+            began = time.monotonic()
+            good = False
+            try:
+                receipt = await self.checkout(rng.randrange(500, 50_000))
+            except CardDeclined:
+                out.declined += 1
+                good = True
+            except Exception as exc:
+                out.failed += 1
+                self.failures[type(exc).__name__] += 1
+            else:
+                if receipt.deferred_because is None:
+                    out.ok += 1
+                    good = True
+                else:
+                    out.deferred += 1
+            finally:
+                out.in_progress -= 1
+            now = time.monotonic()
+            if good:
+                self.latencies.append((now, now - began))
+                self.all_latencies.append(now - began)
+            if now - self.started < self.settings.seconds:  # not those that end the drain
+                column = self.timeline.column(now - self.started)
+                (self.timeline.ok if good else self.timeline.bad)[column] += 1
+            await asyncio.sleep(min(rng.expovariate(1 / THINK_TIME), 4 * THINK_TIME))
+
+    def sample(self) -> None:
+        """Refresh the windows behind the rates and percentiles (called every tick)."""
+        now = time.monotonic()
+        while self.latencies and self.latencies[0][0] < now - 2.0:
+            self.latencies.popleft()
+        self.admissions.append((now, int(self.limiter.snapshot()["admitted"])))
+        while len(self.admissions) > 2 and self.admissions[1][0] <= now - 1.0:
+            self.admissions.popleft()
+        self.peak_rate = max(self.peak_rate, self.admitted_rate())
+
+    def admitted_rate(self) -> float:
+        """Rate-limiter admissions per second over the last second (or a little more).
+
+        Never over a shorter span: the burst allowance would inflate the rate.
+        """
+        (t0, n0), (t1, n1) = self.admissions[0], self.admissions[-1]
+        return (n1 - n0) / max(t1 - t0, 1.0)
+
+
+# -- drawing --------------------------------------------------------------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+RESET = "\x1b[0m"
+BOLD, DIM = "1", "2"
+RED, GREEN, YELLOW, BLUE, CYAN, GREY = "31", "32", "33", "34", "36", "90"
+
+STATE_COLOURS = {"closed": GREEN, "half_open": YELLOW, "open": RED}
+STATUS_COLOURS = {"pass": GREEN, "warn": YELLOW, "fail": RED}
+PHASE_COLOURS = {"healthy": GREEN, "degraded": YELLOW, "outage": RED, "recovering": CYAN}
+
+
+@dataclass(frozen=True)
+class Glyphs:
+    """The characters the view draws with (Unicode, or ASCII for terminals that lack it)."""
+
+    full: str
+    empty: str
+    dot: str
+    arrow: str
+    sep: str
+    spark: str
+    closed: str
+    half_open: str
+    open: str
+    rule: str
+
+
+UNICODE = Glyphs("█", "░", "●", "→", "·", " ▁▂▃▄▅▆▇█", "▁", "▄", "█", "─")
+ASCII = Glyphs("#", ".", "*", "->", "|", " .:-=+*#%@", "_", "~", "#", "-")
+
+
+def pick_glyphs(stream: TextIO) -> Glyphs:
+    """Unicode when ``stream`` can encode it."""
+    encoding = getattr(stream, "encoding", None) or "ascii"
+    try:
+        "".join(str(v) for v in vars(UNICODE).values()).encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return ASCII
+    return UNICODE
+
+
+def visible_len(text: str) -> int:
+    return len(_ANSI.sub("", text))
+
+
+def fit(line: str, width: int) -> str:
+    """Cut ``line`` to ``width`` visible characters, keeping every escape code."""
+    if visible_len(line) <= width:
+        return line
+    out: list[str] = []
+    shown = pos = 0
+    for match in _ANSI.finditer(line):
+        text = line[pos : match.start()][: max(width - shown, 0)]
+        out.append(text)
+        shown += len(text)
+        out.append(match.group())
+        pos = match.end()
+    out.append(line[pos:][: max(width - shown, 0)])
+    return "".join(out)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+def ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:.2f}s"
+
+
+# A line of the view and how readily it goes when the terminal is too short for all of
+# them: 0 always stays, then lines go from the highest number down, bottom first on ties.
+Line = tuple[float, str]
+INDENT = " " * 11
+
+
+def fit_height(lines: Sequence[Line], rows: int) -> list[str]:
+    """The lines that fit in ``rows``, dropping the least important ones first."""
+    kept = list(lines)
+    while len(kept) > rows:
+        top = max(priority for priority, _ in kept)
+        if top <= 0:
+            break
+        del kept[max(i for i, (priority, _) in enumerate(kept) if priority == top)]
+    return [text for _, text in kept[:rows]]
+
+
+class View:
+    """Turns a :class:`Demo` into lines of text, with or without colour."""
+
+    def __init__(self, demo: Demo, colour: bool, glyphs: Glyphs) -> None:
+        self.demo = demo
+        self.colour = colour
+        self.g = glyphs
+
+    # -- small pieces ----------------------------------------------------------------------
+
+    def paint(self, text: str, *codes: str) -> str:
+        if not self.colour or not codes:
+            return text
+        return f"\x1b[{';'.join(codes)}m{text}{RESET}"
+
+    def label(self, text: str) -> str:
+        return self.paint(f"{text:<11}", BOLD, BLUE)
+
+    def num(self, value: int, colour: str | None = None) -> str:
+        """A count: dim when zero, bold (in ``colour``) otherwise."""
+        if value == 0:
+            return self.paint("0", GREY)
+        return self.paint(f"{value:,}", *((BOLD, colour) if colour else (BOLD,)))
+
+    def bar(self, value: float, maximum: float, width: int = 10) -> str:
+        share = 0.0 if maximum <= 0 else min(max(value / maximum, 0.0), 1.0)
+        filled = round(share * width)
+        colour = GREEN if share < 0.7 else YELLOW if share < 0.95 else RED
+        full = self.paint(self.g.full * filled, colour)
+        return full + self.paint(self.g.empty * (width - filled), GREY)
+
+    def join(self, parts: Iterable[str]) -> str:
+        return f" {self.paint(self.g.sep, GREY)} ".join(parts)
+
+    def counts(self, pairs: Iterable[tuple[str, int]], colour: str | None = None) -> str:
+        return self.join(f"{name} {self.num(n, colour)}" for name, n in pairs)
+
+    def rule(self) -> Line:
+        return 3, self.paint(self.g.rule * 96, GREY)
+
+    # -- sections --------------------------------------------------------------------------
+
+    def header(self, final: bool) -> list[Line]:
+        demo, s, g = self.demo, self.demo.settings, self.g
+        title = self.paint(" buttress demo ", BOLD, "7") if self.colour else "buttress demo"
+        info = self.paint(f"payment gateway {g.sep} {s.callers} callers {g.sep} seed {s.seed}", DIM)
+        if final:
+            clock = self.paint(f"finished in {demo.elapsed():.1f}s", BOLD)
+        else:
+            elapsed = min(demo.elapsed(), s.seconds)
+            clock = f"{self.paint(f'{elapsed:4.1f}s', BOLD)} / {s.seconds:g}s "
+            clock += self.bar(elapsed, s.seconds, 16)
+            if demo.stopping:
+                clock += self.paint("  draining", YELLOW)
+        pipeline = f" {g.arrow} ".join(
+            [
+                "fallback",
+                f"timeout {TOTAL_TIMEOUT:g}s",
+                f"retry x{ATTEMPTS}",
+                "breaker",
+                f"bulkhead {MAX_CONCURRENT}+{MAX_QUEUE}",
+                f"limiter {RATE:g}/s",
+                f"timeout {ATTEMPT_TIMEOUT:g}s",
+            ]
+        )
+        if final:
+            story = f" {g.arrow} ".join(p.name for p in PHASES)
+            phase_line = f"{self.label('GATEWAY')}{story}"
+        else:
+            phase = demo.gateway.phase()
+            name = self.paint(f"{phase.name.upper():<11}", BOLD, PHASE_COLOURS.get(phase.name, ""))
+            phase_line = f"{self.label('GATEWAY')}{name}{phase.note} " + self.paint(
+                f"({phase.error_rate:.0%} 503s, {phase.slow_rate:.0%} hang, "
+                f"latency x{phase.latency:g})",
+                GREY,
+            )
+        gw = demo.gateway
+        return [
+            (0, f"{title}  {info}   {clock}"),
+            (3, self.paint(pipeline, GREY)),
+            (3, ""),
+            (0, phase_line),
+            (
+                2,
+                INDENT
+                + self.counts(
+                    [
+                        ("calls", gw.calls),
+                        ("503s", gw.errors),
+                        ("hangs", gw.slow),
+                        ("in flight", gw.in_flight),
+                    ]
+                ),
+            ),
+        ]
+
+    def checkouts(self, final: bool) -> list[Line]:
+        demo, out = self.demo, self.demo.outcomes
+        if final:
+            window, span = demo.all_latencies, "whole run"
+        else:
+            window, span = [seconds for _, seconds in demo.latencies], "last 2s"
+        answered = (
+            f"latency p50 {self.paint(ms(percentile(window, 0.5)), BOLD)} "
+            f"p99 {self.paint(ms(percentile(window, 0.99)), BOLD)} "
+            + self.paint(f"(ok calls, {span})", GREY)
+        )
+        why = ""
+        if demo.failures:
+            why = "  " + self.paint(
+                "(" + ", ".join(f"{k} {v}" for k, v in demo.failures.most_common()) + ")", GREY
+            )
+        return [
+            (
+                0,
+                f"{self.label('CHECKOUTS')}"
+                + self.counts([("started", out.started), ("in progress", out.in_progress)])
+                + f"   {answered}",
+            ),
+            (
+                0,
+                INDENT
+                + self.join(
+                    [
+                        f"ok {self.num(out.ok, GREEN)}",
+                        f"declined {self.num(out.declined)}",
+                        f"fallback {self.num(out.deferred, YELLOW)}",
+                        f"failed {self.num(out.failed, RED)}",
+                    ]
+                )
+                + why,
+            ),
+        ]
+
+    def retry_lines(self) -> list[Line]:
+        t = self.demo.tally
+        budget = self.demo.retry.budget
+        causes = self.join(f"{name} {n}" for name, n in t.retry_causes.most_common())
+        refused = f" (budget refused {budget.rejected})" if budget is not None else ""
+        return [
+            (
+                0,
+                f"{self.label('RETRY')}"
+                + self.join(
+                    [
+                        f"attempts {self.num(self.demo.outcomes.started + t.retries)}",
+                        f"retries {self.num(t.retries, YELLOW)}",
+                        f"recovered {self.num(t.recovered, GREEN)}",
+                        f"gave up {self.num(sum(t.gave_up.values()), RED)}",
+                    ]
+                ),
+            ),
+            (
+                2,
+                INDENT
+                + "gave up on "
+                + self.counts((r, t.gave_up[r]) for r in ("attempts", "deadline", "budget"))
+                + self.paint(f"   retried on {causes or 'nothing yet'}{refused}", GREY),
+            ),
+        ]
+
+    def breaker_lines(self, final: bool) -> list[Line]:
+        breaker = self.demo.breaker
+        snap = breaker.snapshot()
+        state = str(snap["state"])
+        word = self.paint(
+            f"{self.g.dot} {state.upper().replace('_', '-')}", BOLD, STATE_COLOURS[state]
+        )
+        until = snap["seconds_until_half_open"]
+        if state == "open" and until is not None:
+            word += self.paint(f" half-open in {float(until):.2f}s", GREY)
+        elif state == "half_open":
+            word += self.paint(f" probing ({snap['half_open_probes']} in flight)", GREY)
+        transitions = self.demo.tally.transitions
+        opened = sum(1 for tr in transitions if tr.new == "open")
+        rate = snap["failure_rate"]
+        rate_text = "-" if rate is None else f"{float(rate):.0%}"
+        lines: list[Line] = [
+            (
+                0,
+                f"{self.label('BREAKER')}{word}   "
+                + self.counts([("opened", opened), ("rejected", int(snap["rejections"]))], RED),
+            ),
+            (
+                2,
+                INDENT + f"failed {self.paint(rate_text, BOLD)} of the last {snap['window_calls']} "
+                f"calls (opens at {breaker.failure_rate:.0%}) {self.g.sep} reset timeout "
+                f"{breaker.reset_timeout:g}s",
+            ),
+            (
+                3,
+                INDENT
+                + self.paint(
+                    f"calls {snap['calls']}: {snap['successes']} ok, {snap['failures']} "
+                    f"failed, {snap['neutral']} neutral (declines, our own refusals)",
+                    GREY,
+                ),
+            ),
+        ]
+        shown = transitions if final else transitions[-4:]
+        if len(shown) < len(transitions):
+            lines.append((2.9, INDENT + self.paint("...", GREY)))
+        for index, tr in enumerate(shown):
+            old = self.paint(f"{tr.old:<9}", STATE_COLOURS[tr.old])
+            new = self.paint(f"{tr.new:<9}", BOLD, STATE_COLOURS[tr.new])
+            at = self.paint(f"+{tr.at:5.2f}s", CYAN)
+            text = f"{INDENT}{at}  {old} {self.g.arrow} {new} {self.paint(tr.reason, GREY)}"
+            # On a short terminal the oldest go first; the newest two stay with the timeline.
+            age = len(shown) - 1 - index
+            lines.append((1.0 if age < 2 else 2.0 + age / 10, text))
+        if not transitions:
+            lines.append((1, INDENT + self.paint("no transitions yet", GREY)))
+        return lines
+
+    def bulkhead_lines(self) -> list[Line]:
+        bh = self.demo.bulkhead.snapshot()
+        in_flight, queued = int(bh["in_flight"]), int(bh["queued"])
+        return [
+            (
+                0,
+                f"{self.label('BULKHEAD')}in flight {self.bar(in_flight, MAX_CONCURRENT, 6)} "
+                f"{in_flight:>2}/{MAX_CONCURRENT}  queued {self.bar(queued, MAX_QUEUE, 6)} "
+                f"{queued:>2}/{MAX_QUEUE}  "
+                + self.counts([("rejected", int(bh["rejected"]))], RED)
+                + f" {self.g.sep} "
+                + self.counts([("waited", self.demo.tally.waited["bulkhead"])]),
+            )
+        ]
+
+    def limiter_lines(self, final: bool) -> list[Line]:
+        demo = self.demo
+        rl = demo.limiter.snapshot()
+        if final:
+            what, rate = "average", int(rl["admitted"]) / max(demo.elapsed(), 1e-9)
+        else:
+            what, rate = "admitting", demo.admitted_rate()
+        return [
+            (
+                0,
+                f"{self.label('LIMITER')}{what} {self.paint(f'{rate:3.0f}/s', BOLD)} "
+                f"{self.bar(rate, RATE, 8)} of {RATE:g}/s  "
+                + self.counts([("rejected", int(rl["rejected"]))], RED)
+                + f" {self.g.sep} "
+                + self.counts([("waited", int(rl["waited"]))])
+                + self.paint(f"   peak {demo.peak_rate:.0f}/s (burst {BURST})", GREY),
+            )
+        ]
+
+    def outcome_lines(self) -> list[Line]:
+        t = self.demo.tally
+        rejected = [
+            ("circuit open", t.rejected["circuit_open"]),
+            ("rate limited", t.rejected["rate_limited"]),
+            ("bulkhead full", t.rejected["bulkhead_full"]),
+            ("bulkhead wait", t.rejected["bulkhead_wait_timeout"]),
+        ]
+        timeouts = [
+            (f"attempt {ATTEMPT_TIMEOUT:g}s", t.timeouts["attempt"]),
+            (f"checkout {TOTAL_TIMEOUT:g}s", t.timeouts["checkout"]),
+        ]
+        fallbacks = self.join(f"{name} {n}" for name, n in t.fallbacks.most_common())
+        return [
+            (0, f"{self.label('REJECTIONS')}{self.counts(rejected, RED)}"),
+            (0, f"{self.label('TIMEOUTS')}{self.counts(timeouts, YELLOW)}"),
+            (
+                2,
+                f"{self.label('FALLBACK')}used {self.num(sum(t.fallbacks.values()), YELLOW)}"
+                + (self.paint(f"   on {fallbacks}", GREY) if fallbacks else ""),
+            ),
+        ]
+
+    def health_lines(self) -> list[Line]:
+        report = self.demo.registry.health()
+        status = str(report["status"])
+        word = self.paint(f"{self.g.dot} {status}", BOLD, STATUS_COLOURS[status])
+        notes = [
+            self.paint(f"{key} {check['status']}", STATUS_COLOURS[check["status"]])
+            for key, (check,) in report["checks"].items()
+            if check["status"] != "pass"
+        ]
+        return [(0, f"{self.label('HEALTH')}{word}   " + "  ".join(notes))]
+
+    def timeline_lines(self) -> list[Line]:
+        tl, g = self.demo.timeline, self.g
+        upto = tl.column(self.demo.elapsed()) + 1
+        pad = " " * (tl.columns - upto)
+        levels = len(g.spark) - 1
+
+        def spark(values: Sequence[float], top: float) -> str:
+            return "".join(
+                g.spark[0 if top <= 0 else math.ceil(min(values[i] / top, 1.0) * levels)]
+                for i in range(upto)
+            )
+
+        # The scenario's own failure rate: the truth the breaker reacts to.
+        phases = [phase_at((i + 0.5) / tl.columns) for i in range(upto)]
+        gateway = "".join(
+            self.paint(g.spark[math.ceil(p.failing * levels)], PHASE_COLOURS[p.name])
+            for p in phases
+        )
+        glyph = {"closed": g.closed, "half_open": g.half_open, "open": g.open}
+        breaker = "".join(
+            self.paint(glyph[state], STATE_COLOURS[state]) for state in self.breaker_columns(upto)
+        )
+        top = max(*tl.ok, *tl.bad, 1)
+        end = self.paint(f"{self.demo.settings.seconds:g}s", GREY)
+        return [
+            (1, f"{self.label('TIMELINE')}{self.paint('0s', GREY)}{' ' * (tl.columns - 2)}{end}"),
+            (1, f"  {'gateway':<9}{gateway}{pad}" + self.paint("  503s and hangs", GREY)),
+            (
+                1,
+                f"  {'breaker':<9}{breaker}{pad}"
+                + self.paint(f"  {g.closed} closed {g.half_open} half-open {g.open} open", GREY),
+            ),
+            (1, f"  {'ok':<9}{self.paint(spark(tl.ok, top), GREEN)}{pad}"),
+            (
+                1,
+                f"  {'not ok':<9}{self.paint(spark(tl.bad, top), YELLOW)}{pad}"
+                + self.paint("  fallback or failed", GREY),
+            ),
+        ]
+
+    def breaker_columns(self, upto: int) -> list[str]:
+        """The state shown in each timeline column: half-open (a probe) over open over closed."""
+        tl = self.demo.timeline
+        rank = {"closed": 0, "open": 1, "half_open": 2}
+        transitions = self.demo.tally.transitions
+        shown: list[str] = []
+        state, index = "closed", 0
+        for column in range(upto):
+            end = (column + 1) * tl.seconds / tl.columns
+            seen = state
+            while index < len(transitions) and transitions[index].at < end:
+                state = transitions[index].new
+                if rank[state] > rank[seen]:
+                    seen = state
+                index += 1
+            shown.append(seen)
+        return shown
+
+    # -- whole views -----------------------------------------------------------------------
+
+    def frame(self, final: bool = False) -> list[Line]:
+        return [
+            *self.header(final),
+            *self.checkouts(final),
+            self.rule(),
+            *self.retry_lines(),
+            *self.breaker_lines(final),
+            *self.bulkhead_lines(),
+            *self.limiter_lines(final),
+            *self.outcome_lines(),
+            *self.health_lines(),
+            self.rule(),
+            *self.timeline_lines(),
+        ]
+
+    def progress(self) -> str:
+        """The plain one-line report printed every second when not on a terminal."""
+        demo, out, t = self.demo, self.demo.outcomes, self.demo.tally
+        bh = demo.bulkhead.snapshot()
+        phase = "draining" if demo.stopping else demo.gateway.phase().name
+        bulkhead = t.rejected["bulkhead_full"] + t.rejected["bulkhead_wait_timeout"]
+        return (
+            f"[{demo.elapsed():5.1f}s] {phase:<10} | checkouts {out.started}: ok {out.ok}, "
+            f"declined {out.declined}, fallback {out.deferred}, failed {out.failed} | "
+            f"retries {t.retries}, gave up {sum(t.gave_up.values())} | "
+            f"breaker {demo.breaker.state} ({len(t.transitions)} transitions) | "
+            f"rejected: circuit open {t.rejected['circuit_open']}, bulkhead {bulkhead}, "
+            f"rate limited {t.rejected['rate_limited']}, timeouts {sum(t.timeouts.values())} | "
+            f"in flight {bh['in_flight']}/{MAX_CONCURRENT}, queued {bh['queued']} | "
+            f"admitted {demo.admitted_rate():.0f}/s of {RATE:g}/s"
+        )
+
+    def json_block(self, title: str, payload: dict[str, Any]) -> list[str]:
+        text = json.dumps(payload, indent=2, default=str)
+        lines = [self.paint(f"{self.g.rule * 3} {title} {self.g.rule * 3}", BOLD, BLUE)]
+        if not self.colour:
+            return [*lines, *text.splitlines()]
+        for line in text.splitlines():
+            keyed = re.sub(r'^(\s*)("[^"]*"):', lambda m: f"{m[1]}{self.paint(m[2], CYAN)}:", line)
+            lines.append(
+                re.sub(
+                    r'"(pass|warn|fail)"',
+                    lambda m: f'"{self.paint(m[1], BOLD, STATUS_COLOURS[m[1]])}"',
+                    keyed,
+                )
+            )
+        return lines
+
+
+# -- the terminal ---------------------------------------------------------------------------
+
+
+class Screen:
+    """Writes frames: redrawn in place on a terminal, appended otherwise."""
+
+    def __init__(self, stream: TextIO, live: bool) -> None:
+        self.stream = stream
+        self.live = live
+        self.height = 0
+
+    def draw(self, lines: Sequence[Line], *, clip: bool = True) -> None:
+        """Replace the previous frame by ``lines``, cut to the terminal's size if ``clip``."""
+        size = shutil.get_terminal_size((100, 40))
+        width = max(size.columns - 1, 20)
+        if clip:
+            texts = fit_height(lines, max(size.lines - 1, 5))
+        else:
+            texts = [text for _, text in lines]
+        parts = []
+        if self.height:
+            parts.append(f"\x1b[{self.height}A\r")  # back to the top of the last frame
+        parts.extend(f"{fit(text, width)}\x1b[K\n" for text in texts)
+        parts.append("\x1b[J")  # and clear whatever the last frame left below
+        self.stream.write("".join(parts))
+        self.stream.flush()
+        self.height = len(texts)
+
+    def print(self, lines: Iterable[str] = ("",)) -> None:
+        self.stream.write("".join(f"{line}\n" for line in lines))
+        self.stream.flush()
+
+    def __enter__(self) -> Screen:
+        if self.live:
+            self.stream.write("\x1b[?25l")  # hide the cursor while redrawing
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.live:
+            self.stream.write("\x1b[?25h")
+            self.stream.flush()
+
+
+async def _main(settings: Settings, stream: TextIO) -> int:
+    # Room for the labels and legends of the timeline on the terminal (not wider than 64).
+    columns = min(max(shutil.get_terminal_size((100, 40)).columns - 41, 20), 64)
+    demo = Demo(settings, columns)
+    view = View(demo, settings.colour, pick_glyphs(stream))
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    try:
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+        handles_sigint = True
+    except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
+        handles_sigint = False
+
+    every = 0.125 if settings.colour else 1.0  # seconds between frames or progress lines
+    # Checkouts still running when time is up may finish; none takes longer than this.
+    drain_limit = TOTAL_TIMEOUT + 0.5
+    with Screen(stream, live=settings.colour) as screen:
+        if not settings.colour:
+            screen.print(
+                [
+                    f"buttress demo: {settings.callers} callers, {settings.seconds:g}s, "
+                    f"seed {settings.seed} (a terminal shows a live view)",
+                ]
+            )
+        tasks = [asyncio.create_task(demo.caller()) for _ in range(settings.callers)]
+        next_frame = demo.started + every
+        try:
+            while True:
+                now = time.monotonic()
+                if now - demo.started >= settings.seconds or interrupted.is_set():
+                    demo.stopping = True
+                if demo.stopping and (
+                    demo.outcomes.in_progress == 0
+                    or now - demo.started >= settings.seconds + drain_limit
+                ):
+                    break  # callers between checkouts start no new one: they can go
+                demo.sample()
+                if now >= next_frame:
+                    if settings.colour:
+                        screen.draw(view.frame())
+                    else:
+                        screen.print([view.progress()])
+                    next_frame += every
+                with contextlib.suppress(asyncio.TimeoutError):  # woken early by Ctrl-C
+                    await asyncio.wait_for(interrupted.wait(), timeout=0.05)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if handles_sigint:
+                loop.remove_signal_handler(signal.SIGINT)
+
+        demo.sample()
+        if settings.colour:
+            screen.draw(view.frame(final=True), clip=False)
+        else:
+            screen.print(["", *(text for _, text in view.frame(final=True))])
+        screen.print(["", *view.json_block("registry.health()", demo.registry.health())])
+        screen.print(["", *view.json_block("registry.state()", demo.registry.state())])
+    return 130 if interrupted.is_set() else 0
+
+
+def colour_wanted(stream: TextIO, no_color: bool) -> bool:
+    """Colours and a live view only on a terminal, and never when asked not to."""
+    if no_color or os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("TERM") == "dumb":
+        return False
+    if sys.platform == "win32" and not (os.environ.get("WT_SESSION") or os.environ.get("TERM")):
+        return False  # the classic console prints escape codes as text
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def run(settings: Settings, stream: TextIO | None = None) -> int:
+    """Run the demo to ``stream`` (default stdout); returns the exit status."""
+    out = sys.stdout if stream is None else stream
+    # Backoff jitter draws from the module-level random generator.
+    random.seed(settings.seed)
+    try:
+        return asyncio.run(_main(settings, out))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, without a traceback on exit.
+        if stream is None:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 1

@@ -1,0 +1,182 @@
+"""``python -m buttress runs``: inspect and recover a SQLite run log."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+from buttress.backends import LogEntry, RunRecord
+from buttress.saga._saga import Saga
+
+__all__ = ["add_runs_parser", "run_runs"]
+
+_STATUSES = ("running", "compensating", "completed", "failed", "compensation_failed")
+
+
+def add_runs_parser(commands: Any) -> None:
+    """Add the ``runs`` command to an argparse subparsers object."""
+    runs = commands.add_parser(
+        "runs",
+        help="inspect or recover the saga runs in a SQLite run log",
+        description="Inspect or recover the saga runs recorded in a SQLite run log.",
+    )
+    runs.add_argument("--db", required=True, help="path of the SQLite run log")
+    actions = runs.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="a table of recent runs")
+    listing.add_argument("--status", choices=_STATUSES, help="only runs with this status")
+    listing.add_argument("--saga", help="only runs of this saga")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    show = actions.add_parser("show", help="the step-by-step timeline of one run")
+    show.add_argument("run_id", help="a run id (or a unique prefix of one)")
+    show.add_argument("--json", action="store_true", help="print JSON instead of a timeline")
+    recover = actions.add_parser("recover", help="finish the incomplete runs of a saga")
+    recover.add_argument(
+        "--app",
+        required=True,
+        help="where the saga is defined, as module:attribute (a Saga, or a function "
+        "returning one when called with the database path)",
+    )
+    runs.set_defaults(handler=run_runs)
+
+
+def _when(epoch: float | None) -> str:
+    if not epoch:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def _table(rows: list[list[str]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for index, row in enumerate(rows):
+        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        out.write("\n")
+        if index == 0:
+            out.write("  ".join("-" * width for width in widths) + "\n")
+
+
+def _record_json(record: RunRecord) -> dict[str, Any]:
+    return {
+        "run_id": record.run_id,
+        "saga": record.saga,
+        "status": record.status,
+        "key": record.key,
+        "input": record.input,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+        "error": record.error,
+    }
+
+
+def _list(store: Any, args: argparse.Namespace, out: TextIO) -> int:
+    records: list[RunRecord] = store.runs(saga=args.saga, status=args.status, limit=args.limit)
+    if args.json:
+        json.dump([_record_json(r) for r in records], out, indent=2)
+        out.write("\n")
+        return 0
+    if not records:
+        out.write("no runs\n")
+        return 0
+    rows = [["RUN", "SAGA", "STATUS", "KEY", "STARTED", "TOOK", "ERROR"]]
+    for r in records:
+        took = f"{r.updated_at - r.created_at:.3f}s" if r.updated_at else "-"
+        rows.append(
+            [
+                r.run_id[:12],
+                r.saga,
+                r.status,
+                r.key or "-",
+                _when(r.created_at),
+                took,
+                (r.error or "")[:60],
+            ]
+        )
+    _table(rows, out)
+    return 0
+
+
+def _find(store: Any, run_id: str) -> tuple[RunRecord, list[LogEntry]] | None:
+    loaded = store.load(run_id)
+    if loaded is not None:
+        return loaded  # type: ignore[no-any-return]
+    matches = [r for r in store.runs(limit=100_000) if r.run_id.startswith(run_id)]
+    if len(matches) == 1:
+        return store.load(matches[0].run_id)  # type: ignore[no-any-return]
+    return None
+
+
+def _show(store: Any, args: argparse.Namespace, out: TextIO) -> int:
+    found = _find(store, args.run_id)
+    if found is None:
+        sys.stderr.write(f"no single run matches {args.run_id!r}\n")
+        return 1
+    record, entries = found
+    if args.json:
+        data = _record_json(record)
+        data["log"] = [entry.__dict__ for entry in entries]
+        data["result"] = record.result
+        json.dump(data, out, indent=2, default=repr)
+        out.write("\n")
+        return 0
+    out.write(f"run      {record.run_id}\n")
+    out.write(f"saga     {record.saga}\n")
+    out.write(f"status   {record.status}\n")
+    out.write(f"key      {record.key or '-'}\n")
+    out.write(f"input    {json.dumps(record.input)}\n")
+    out.write(f"started  {_when(record.created_at)}\n")
+    if record.error:
+        out.write(f"error    {record.error}\n")
+    out.write("\n")
+    rows = [["+TIME", "STEP", "EVENT", "ATTEMPTS", "TOOK", "DETAIL"]]
+    for e in entries:
+        detail = e.error or ("" if e.output is None else json.dumps(e.output))
+        rows.append(
+            [
+                f"{e.at - record.created_at:8.3f}s",
+                e.step or "(run)",
+                e.event,
+                str(e.attempt or ""),
+                "" if e.duration is None else f"{e.duration:.3f}s",
+                detail[:70],
+            ]
+        )
+    _table(rows, out)
+    return 0
+
+
+def _recover(db: str, args: argparse.Namespace, out: TextIO) -> int:
+    module_name, _, attribute = args.app.partition(":")
+    if not module_name or not attribute:
+        sys.stderr.write(f"--app must look like module:attribute, got {args.app!r}\n")
+        return 2
+    sys.path.insert(0, ".")
+    target: Any = getattr(importlib.import_module(module_name), attribute)
+    saga = target if isinstance(target, Saga) else target(db)
+    if not isinstance(saga, Saga):
+        sys.stderr.write(f"{args.app} is not a Saga (nor returns one)\n")
+        return 2
+    results = saga.recover()
+    for result in results:
+        out.write(f"{result.run_id}  {result.status}  compensated={result.compensated}\n")
+    out.write(f"recovered {len(results)} run(s) of saga {saga.name!r}\n")
+    return 0
+
+
+def run_runs(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Execute ``python -m buttress runs ...``."""
+    from buttress.backends.sqlite import SQLiteStore
+
+    stream = out if out is not None else sys.stdout
+    if args.action == "recover":
+        return _recover(args.db, args, stream)
+    store = SQLiteStore(args.db)
+    try:
+        if args.action == "list":
+            return _list(store, args, stream)
+        return _show(store, args, stream)
+    finally:
+        store.close()

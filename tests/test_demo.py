@@ -1,0 +1,231 @@
+"""`python -m buttress demo`: runs end to end, plain off a terminal, live on one."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from buttress._demo import colour_wanted
+
+DEMO = [sys.executable, "-m", "buttress", "demo", "--seconds", "1.5", "--seed", "7"]
+
+
+def _env(**changes: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+@pytest.fixture(scope="module")
+def plain() -> subprocess.CompletedProcess[str]:
+    """One plain run of the demo, shared by the tests that read its output."""
+    return subprocess.run(
+        [*DEMO, "--no-color"],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=30,
+        env=_env(NO_COLOR=None, PYTHONIOENCODING="utf-8"),
+        check=False,
+    )
+
+
+def _json_after(output: str, title: str) -> dict[str, Any]:
+    start = output.index("{", output.index(title))
+    value, _ = json.JSONDecoder().raw_decode(output, start)
+    assert isinstance(value, dict)
+    return value
+
+
+def _summary(output: str) -> str:
+    """The final summary: from its header ("finished in") to the JSON."""
+    start = output.rindex("\n", 0, output.index("finished in"))
+    return output[start : output.index("registry.health()")]
+
+
+def _count(summary: str, pattern: str) -> int:
+    match = re.search(pattern, summary)
+    assert match is not None, f"{pattern!r} not in the summary"
+    return int(match[1].replace(",", ""))
+
+
+def test_plain_run_exits_cleanly_without_escape_codes(
+    plain: subprocess.CompletedProcess[str],
+) -> None:
+    """Off a terminal the demo exits 0 and prints no ANSI escape codes at all."""
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stderr == ""
+    assert "\x1b" not in plain.stdout
+
+
+def test_plain_run_prints_a_progress_line_per_second(
+    plain: subprocess.CompletedProcess[str],
+) -> None:
+    """Off a terminal the live view is one plain progress line per second."""
+    progress = re.findall(r"^\[\s*\d+\.\ds\] \w+\s+\| checkouts \d+", plain.stdout, re.M)
+    assert 1 <= len(progress) <= 3
+
+
+def test_summary_shows_every_section(plain: subprocess.CompletedProcess[str]) -> None:
+    """The summary has the checkout, retry, breaker, bulkhead, limiter and rejection sections."""
+    for section in (
+        "CHECKOUTS",
+        "RETRY",
+        "BREAKER",
+        "BULKHEAD",
+        "LIMITER",
+        "REJECTIONS",
+        "TIMEOUTS",
+        "HEALTH",
+        "TIMELINE",
+        "registry.health()",
+        "registry.state()",
+    ):
+        assert section in plain.stdout
+
+
+def test_summary_numbers_add_up(plain: subprocess.CompletedProcess[str]) -> None:
+    """Every checkout ends one way, and the outage opens the breaker at least once."""
+    out = _summary(plain.stdout)
+    started = _count(out, r"CHECKOUTS\s+started ([\d,]+)")
+    line = re.search(
+        r"^\s+ok ([\d,]+) \S declined ([\d,]+) \S fallback ([\d,]+) \S failed ([\d,]+)", out, re.M
+    )
+    assert line is not None
+    outcomes = [int(n.replace(",", "")) for n in line.groups()]
+    assert started > 0
+    assert sum(outcomes) == started
+    assert outcomes[0] > 0
+    assert _count(out, r"in progress ([\d,]+)") == 0
+    assert _count(out, r"opened ([\d,]+)") >= 1
+    assert re.search(r"closed\s+(→|->)\s+open\s+failure rate reached", out)
+    assert _count(out, r"retries ([\d,]+)") > 0
+
+
+def test_listener_counts_match_state(plain: subprocess.CompletedProcess[str]) -> None:
+    """The counts the listener gathered from events agree with registry.state()."""
+    out = _summary(plain.stdout)
+    state = _json_after(plain.stdout, "registry.state()")
+    breaker = state["circuit_breaker"]["payments"]
+    bulkhead = state["bulkhead"]["payments"]
+    limiter = state["rate_limiter"]["payments"]
+    assert breaker["calls"] > 0
+    assert breaker["rejections"] == _count(out, r"circuit open ([\d,]+)") > 0
+    assert limiter["rejected"] == _count(out, r"rate limited ([\d,]+)")
+    assert bulkhead["rejected"] == _count(out, r"bulkhead full ([\d,]+)") + _count(
+        out, r"bulkhead wait ([\d,]+)"
+    )
+    assert state["retry"]["payments"]["retries"] == _count(out, r"retries ([\d,]+)")
+    assert state["fallback"]["payments"]["used"] == _count(out, r"fallback ([\d,]+)")
+    assert state["timeout"]["attempt"]["timeouts"] == _count(out, r"attempt [\d.]+s ([\d,]+)")
+    assert bulkhead["in_flight"] == bulkhead["queued"] == 0
+
+
+def test_health_is_printed_as_json(plain: subprocess.CompletedProcess[str]) -> None:
+    """The run ends with the registry's health report, one check per named primitive."""
+    health = _json_after(plain.stdout, "registry.health()")
+    assert health["status"] in {"pass", "warn", "fail"}
+    assert {
+        "payments:circuit_breaker",
+        "payments:bulkhead",
+        "payments:rate_limiter",
+        "payments:retry",
+    } <= set(health["checks"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX only")
+def test_terminal_run_redraws_in_colour() -> None:
+    """On a terminal the view is coloured, redrawn in place, and the cursor comes back."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    env = _env(NO_COLOR=None, TERM="xterm-256color", COLUMNS="100", LINES="40")
+    with subprocess.Popen(DEMO, stdout=secondary, stderr=subprocess.PIPE, env=env) as proc:
+        os.close(secondary)
+        chunks = []
+        while True:
+            try:
+                data = os.read(primary, 65536)
+            except OSError:  # the demo closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert proc.stderr is not None
+        stderr = proc.stderr.read()
+    os.close(primary)
+    output = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 0, stderr
+    assert "\x1b[?25l" in output  # cursor hidden while redrawing...
+    assert "\x1b[?25h" in output  # ...and shown again
+    assert re.search(r"\x1b\[\d+A", output)  # back up over the previous frame
+    assert "\x1b[32m" in output
+    assert "registry.state()" in output
+    assert not re.search(r"^\[\s*\d+\.\ds\] ", output, re.M)  # no plain progress lines
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Colour needs a terminal, and NO_COLOR, --no-color or TERM=dumb turn it off."""
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setenv("WT_SESSION", "1")
+    assert colour_wanted(_Tty(), no_color=False)
+    assert not colour_wanted(io.StringIO(), no_color=False)
+    assert not colour_wanted(_Tty(), no_color=True)
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not colour_wanted(_Tty(), no_color=False)
+    monkeypatch.delenv("NO_COLOR")
+    monkeypatch.setenv("TERM", "dumb")
+    assert not colour_wanted(_Tty(), no_color=False)
+
+
+def test_no_command_prints_help_and_exits_2() -> None:
+    """`python -m buttress` with no command prints the help and exits 2."""
+    result = subprocess.run(
+        [sys.executable, "-m", "buttress"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 2
+    assert "demo" in result.stderr
+    assert "usage:" in result.stderr
+
+
+def test_demo_help_works() -> None:
+    """`python -m buttress demo --help` describes the options and exits 0."""
+    result = subprocess.run(
+        [sys.executable, "-m", "buttress", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0
+    for option in ("--seconds", "--callers", "--seed", "--no-color"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "soon"])
+def test_bad_seconds_are_refused(seconds: str) -> None:
+    """A --seconds that is not a sensible duration is a usage error (exit 2)."""
+    from buttress.__main__ import main
+
+    with pytest.raises(SystemExit) as exc_info:
+        main(["demo", "--seconds", seconds])
+    assert exc_info.value.code == 2
