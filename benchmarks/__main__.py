@@ -7,7 +7,7 @@ Options:
   overhead is more than twice its target (a group above that is re-measured once
   first, so one noisy repeat cannot fail the build).
 - ``--write-docs``: after the run, rewrite ``docs/benchmarks.md`` from its figures.
-- ``--only overhead,accuracy,fairness,memory``: run a subset (for development).
+- ``--only overhead,accuracy,fairness,memory,sagas``: run a subset (for development).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 import warnings
 from pathlib import Path
 
-from . import accuracy, fairness, memory, overhead, report
+from . import accuracy, fairness, memory, overhead, report, sagas
 from ._harness import Group, Settings, measure_async, measure_sync, verdict
 
 FULL = Settings(repeats=7, seconds_per_repeat=0.05)
@@ -27,7 +27,7 @@ QUICK = Settings(repeats=5, seconds_per_repeat=0.01)
 CONFIRM = Settings(repeats=7, seconds_per_repeat=0.02)
 
 QUICK_FACTOR = 2.0  # --quick fails only above twice the target
-SECTIONS = ("overhead", "accuracy", "fairness", "memory")
+SECTIONS = ("overhead", "accuracy", "fairness", "memory", "sagas")
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
@@ -109,7 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         mem = memory.measure(20_000 if args.quick else 100_000)
         report.print_memory(mem)
 
+    saga_report = None
+    if "sagas" in args.sections:
+        saga_report = sagas.measure(args.quick)
+        print("\nSaga runner (3 no-op steps per run)")
+        print(report._plain_table(sagas.HEAD, sagas.rows(saga_report)))
+
     data = report.RunData(mode, settings, groups, acc, fair, mem, confirmed=confirmed)
+    data.sagas = saga_report
     data.seconds = time.monotonic() - started
     report.print_summary(data)
     print(f"\nfinished in {data.seconds:.1f} s")
@@ -133,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                 failing.append(f"{group.title}: could not be measured (see the table above)")
             elif not v.within(QUICK_FACTOR):
                 failing.append(f"{group.title}: {v.detail}, target {group.target.describe()}")
+        if saga_report is not None:
+            failing += saga_report.failures(QUICK_FACTOR)
         if failing:
             print(f"\nREGRESSION: above {QUICK_FACTOR:g}x the target:")
             for line in failing:

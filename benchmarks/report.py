@@ -8,6 +8,7 @@ import platform
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
+from typing import Any
 
 from ._harness import (
     ALT,
@@ -63,6 +64,7 @@ class RunData:
     memory: MemoryReport | None
     seconds: float = 0.0
     confirmed: list[str] = field(default_factory=list)  # groups re-measured to confirm a miss
+    sagas: Any = None  # a sagas.SagaReport when that section ran
     started: datetime.datetime = field(default_factory=datetime.datetime.now)
 
 
@@ -563,6 +565,19 @@ def markdown(data: RunData) -> str:
             )
             + "\n"
         )
+    if data.sagas is not None:
+        from . import sagas
+
+        add("## Saga runner\n")
+        add(
+            "Runs of a 3-step saga whose steps do nothing (`def step(ctx): return 1`), one "
+            "after the other from one caller. The runner's overhead per step is the time "
+            "per run minus three direct calls of the step function, divided by three: it "
+            "includes the run log, the report, idempotency bookkeeping and events. "
+            + data.sagas.durability
+            + "\n"
+        )
+        add(_md_table(sagas.HEAD, sagas.rows(data.sagas)) + "\n")
     if data.confirmed:
         add(
             "Groups re-measured once to confirm a figure above its target: "

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from buttress import Permanent, Saga, retry
+from buttress import Permanent, Registry, Saga, retry
 from buttress.backends.sqlite import SQLiteStore
 from buttress.testing import isolated_registry
 
@@ -31,8 +31,8 @@ def effect(path: str, line: str) -> None:
         os.fsync(handle.fileno())
 
 
-def make_saga(db: str, effects: str) -> Saga:
-    saga = Saga("order", store=SQLiteStore(db), lease=60)
+def make_saga(db: str, effects: str, registry: Registry | None = None) -> Saga:
+    saga = Saga("order", store=SQLiteStore(db), lease=60, registry=registry)
 
     def forward(name: str):
         def run(ctx):

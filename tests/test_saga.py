@@ -406,3 +406,23 @@ def test_duplicate_step_names_are_refused():
     saga.step("a", lambda ctx: 1)
     with pytest.raises(ValueError, match="unique"):
         saga.step("a", lambda ctx: 2)
+
+
+def test_validate_accepts_a_pydantic_model():
+    """A pydantic model class validates (and converts) the input before any step."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class Order(pydantic.BaseModel):
+        order: int
+        amount: float
+
+    seen = []
+    saga = Saga("typed", validate=Order)
+    saga.step("use", lambda ctx: seen.append(ctx.input) or ctx.input.amount)
+    result = saga.run({"order": "7", "amount": 9.5})
+    assert result.output == 9.5
+    assert isinstance(seen[0], Order) and seen[0].order == 7
+    bad = saga.run({"order": "seven"})
+    assert bad.status == "failed"
+    assert isinstance(bad.error, pydantic.ValidationError)
+    assert len(seen) == 1

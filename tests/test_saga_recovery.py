@@ -125,3 +125,38 @@ def test_a_run_that_was_not_killed_needs_no_recovery(tmp_path):
     assert child.returncode == 0, child.stderr
     assert child.stdout.strip() == "completed"
     check_outcome(tmp_path, "never", failing=False)
+
+
+def test_two_recoverers_racing_never_recover_a_run_twice(tmp_path):
+    """Two workers recovering the same log at once: every run is finished exactly once."""
+    import threading
+
+    from buttress import Registry
+    from buttress.backends import RunRecord
+
+    db = tmp_path / "runs.db"
+    store = SQLiteStore(db)
+    for n in range(40):
+        store.create_run(
+            RunRecord(f"run-{n}", "order", "running", {"fail": False}, owner="elsewhere:1:x")
+        )
+    store.close()
+    recovered: list[list[str]] = []
+    barrier = threading.Barrier(2)
+
+    def worker() -> None:
+        # Each worker has its own registry (isolated_registry swaps a process-wide one).
+        saga = saga_app.make_saga(str(db), str(tmp_path / "effects.log"), Registry())
+        barrier.wait()
+        recovered.append([r.run_id for r in saga.recover()])
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ids = recovered[0] + recovered[1]
+    assert sorted(ids) == sorted(f"run-{n}" for n in range(40))
+    assert len(ids) == len(set(ids))
+    counts = effects(tmp_path)
+    assert counts["reserve"] == counts["charge"] == counts["ship"] == 40
