@@ -108,7 +108,9 @@ def test_page_examples_run(page: Path) -> None:
     namespace: dict[str, Any] = {"__name__": "__main__"}
     with isolated_registry():
         for number, (line, source) in enumerate(python_blocks(page.read_text("utf-8")), 1):
-            code = compile(source, f"{label} (python block {number}, line {line})", "exec")
+            code = compile(
+                source, f"{label} (python block {number}, line {line})", "exec", dont_inherit=True
+            )
             failure = None
             try:
                 exec(code, namespace)

@@ -73,5 +73,7 @@ def test_list_show_and_recover(tmp_path):
 def test_empty_log_and_bad_app(tmp_path):
     """An empty log says so; a malformed --app is a usage error."""
     db = tmp_path / "empty.db"
+    assert cli("--db", str(db), "list", cwd=tmp_path).returncode == 1  # no such file
+    SQLiteStore(db).close()
     assert cli("--db", str(db), "list", cwd=tmp_path).stdout.strip() == "no runs"
     assert cli("--db", str(db), "recover", "--app", "nocolon", cwd=tmp_path).returncode == 2

@@ -426,3 +426,117 @@ def test_validate_accepts_a_pydantic_model():
     assert bad.status == "failed"
     assert isinstance(bad.error, pydantic.ValidationError)
     assert len(seen) == 1
+
+
+def test_a_separate_idempotency_store_learns_how_runs_end():
+    """With idempotency= apart from store=, replays and ttl still work."""
+    keys = MemoryStore()
+    saga = Saga("separate", idempotency=keys, lease=0.01)
+    saga.step("a", lambda ctx: 1)
+    first = saga.run({"x": 1}, key="k")
+    assert keys.load(first.run_id)[0].status == "completed"
+    again = saga.run({"x": 1}, key="k")
+    assert again.replayed and again.run_id == first.run_id
+
+
+def test_history_records_timeouts_and_run_waits_for_async_steps_with_a_deadline():
+    """A timed-out attempt is recorded as such; run() with a saga timeout awaits properly."""
+    clock = FakeClock()
+    saga = Saga("histories", timeout=50, clock=clock)
+
+    async def slow(ctx):
+        await clock.asleep(10)
+
+    saga.step("slow", slow, timeout=1.0, retry=retry(2, backoff=[0.0], clock=clock))
+    result = saga.run({})  # no "never awaited" warning (warnings are errors here)
+    history = result.step("slow").history
+    assert len(history) == 2
+    assert all(h.error.startswith("TimeoutExceeded") for h in history)
+
+
+def test_group_compensation_follows_completion_order_in_both_faces(face):
+    """Members are undone newest first, by completion, under run() and run_async()."""
+    import time as _time
+
+    log: list[str] = []
+    saga = Saga("order-of-undo")
+
+    def slow(ctx):
+        _time.sleep(0.05)
+        return "slow"
+
+    saga.parallel(
+        "pair",
+        Step("slow", slow, compensate=lambda ctx: log.append("undo slow")),
+        Step("fast", lambda ctx: "fast", compensate=lambda ctx: log.append("undo fast")),
+    )
+    saga.step("fail", lambda ctx: (_ for _ in ()).throw(Declined()))
+    result = run(face, saga, {})
+    assert log == ["undo slow", "undo fast"]
+    assert result.step("fast").group == "pair"
+
+
+def test_sync_group_members_run_concurrently_under_run_async():
+    """Sync members of a group run on threads under run_async, not one after another."""
+    import time as _time
+
+    saga = Saga("threads")
+    saga.parallel(
+        "two",
+        Step("a", lambda ctx: _time.sleep(0.2)),
+        Step("b", lambda ctx: _time.sleep(0.2)),
+    )
+    started = _time.monotonic()
+    asyncio.run(saga.run_async({}))
+    assert _time.monotonic() - started < 0.35
+
+
+def test_run_inside_a_running_loop_says_what_to_do():
+    """run() with async steps inside an event loop points to run_async."""
+    saga = Saga("in-loop")
+
+    async def step(ctx):
+        return 1
+
+    saga.step("a", step)
+
+    async def main():
+        with pytest.raises(RuntimeError, match="run_async"):
+            saga.run({})
+
+    asyncio.run(main())
+
+
+def test_invalid_input_is_counted_and_announced():
+    """A rejected input counts as a failed run and emits RunStarted then RunFailed."""
+
+    def check(value):
+        raise ValueError("bad")
+
+    saga = Saga("counted", validate=check)
+    saga.step("a", lambda ctx: 1)
+    with capture_events() as captured:
+        saga.run({})
+    assert [e.kind for e in captured] == ["run_started", "run_failed"]
+    assert saga.snapshot()["failed"] == 1
+
+
+def test_replays_do_not_share_objects_with_the_stored_result():
+    """Changing a replayed result does not change later replays."""
+    saga = Saga("copies")
+    saga.step("a", lambda ctx: {"items": [1]})
+    saga.run({}, key="k")
+    first = saga.run({}, key="k")
+    first.output["items"].append(2)
+    assert saga.run({}, key="k").output == {"items": [1]}
+
+
+def test_default_compensation_retry_uses_the_saga_clock():
+    """A failing compensation backs off on the saga's clock (no real sleeping)."""
+    clock = FakeClock()
+    saga = Saga("undo-clock", clock=clock)
+    saga.step("a", lambda ctx: 1, compensate=lambda ctx: 1 / 0)
+    saga.step("b", lambda ctx: (_ for _ in ()).throw(Declined()))
+    result = saga.run({})
+    assert result.compensated is False
+    assert len(clock.sleeps) == 2  # three attempts, two backoff sleeps, all virtual

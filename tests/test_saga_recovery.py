@@ -160,3 +160,17 @@ def test_two_recoverers_racing_never_recover_a_run_twice(tmp_path):
     assert len(ids) == len(set(ids))
     counts = effects(tmp_path)
     assert counts["reserve"] == counts["charge"] == counts["ship"] == 40
+
+
+def test_schema_from_the_future_is_refused(tmp_path):
+    """A run log written by a newer schema is not silently relabelled."""
+    import sqlite3
+
+    from buttress.exceptions import BackendError
+
+    db = tmp_path / "future.db"
+    connection = sqlite3.connect(db)
+    connection.execute("PRAGMA user_version = 99")
+    connection.close()
+    with pytest.raises(BackendError, match="schema version 99"):
+        SQLiteStore(db)

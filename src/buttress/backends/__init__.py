@@ -43,6 +43,7 @@ class RunRecord:
     error: str | None = None
     result: dict[str, Any] | None = None
     expires_at: float | None = None
+    ttl: float | None = None  # seconds a completed keyed run is remembered
 
 
 @dataclass(slots=True)

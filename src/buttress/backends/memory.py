@@ -77,7 +77,9 @@ class MemoryStore:
                         existing.owner = record.owner
                         existing.lease_until = record.lease_until
                     claim.entries = list(self._logs.get(existing.run_id, []))
-                    claim.record = copy.copy(existing)
+                    # A deep copy: a caller changing a replayed result must not change
+                    # what later replays return.
+                    claim.record = copy.deepcopy(existing)
                     return claim
             self._runs[record.run_id] = copy.copy(record)
             self._logs[record.run_id] = []

@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS buttress_runs (
     lease_until REAL NOT NULL DEFAULT 0,
     error       TEXT,
     result      TEXT,
-    expires_at  REAL
+    expires_at  REAL,
+    ttl         REAL
 );
 CREATE INDEX IF NOT EXISTS buttress_runs_saga_status ON buttress_runs (saga, status);
 CREATE TABLE IF NOT EXISTS buttress_keys (
@@ -64,8 +65,8 @@ CREATE TABLE IF NOT EXISTS buttress_log (
     error    TEXT,
     PRIMARY KEY (run_id, seq)
 );
-PRAGMA user_version = 1;
 """
+SCHEMA_VERSION = 1
 
 
 class SQLiteStore:
@@ -92,7 +93,14 @@ class SQLiteStore:
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={self.synchronous}")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise BackendError(
+                    f"the SQLite store at {self.path!r} has schema version {version}, newer "
+                    f"than this buttress understands ({SCHEMA_VERSION}): upgrade buttress"
+                )
             self._db.executescript(SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise BackendError(f"cannot open the SQLite store at {self.path!r}: {exc}") from exc
 
@@ -123,7 +131,7 @@ class SQLiteStore:
     def _insert_run(db: sqlite3.Connection, r: RunRecord) -> None:
         db.execute(
             "INSERT INTO buttress_runs (run_id, saga, status, input, key, input_hash, "
-            "created_at, updated_at, owner, lease_until) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "created_at, updated_at, owner, lease_until, ttl) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 r.run_id,
                 r.saga,
@@ -135,6 +143,7 @@ class SQLiteStore:
                 r.updated_at,
                 r.owner,
                 r.lease_until,
+                r.ttl,
             ),
         )
 
@@ -256,11 +265,12 @@ class SQLiteStore:
             error=row[10],
             result=None if row[11] is None else json.loads(row[11]),
             expires_at=row[12],
+            ttl=row[13],
         )
 
     _COLUMNS = (
         "run_id, saga, status, input, key, input_hash, created_at, updated_at, owner, "
-        "lease_until, error, result, expires_at"
+        "lease_until, error, result, expires_at, ttl"
     )
 
     def _record(self, db: sqlite3.Connection, run_id: str) -> RunRecord | None:

@@ -7,6 +7,7 @@ import importlib
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 from buttress.backends import LogEntry, RunRecord
@@ -38,8 +39,9 @@ def add_runs_parser(commands: Any) -> None:
     recover.add_argument(
         "--app",
         required=True,
-        help="where the saga is defined, as module:attribute (a Saga, or a function "
-        "returning one when called with the database path)",
+        help="where the saga is defined, as module:attribute: a function returning the "
+        "Saga when called with the --db path, or a Saga object (which then uses its own "
+        "store, not --db)",
     )
     runs.set_defaults(handler=run_runs)
 
@@ -53,8 +55,8 @@ def _when(epoch: float | None) -> str:
 def _table(rows: list[list[str]], out: TextIO) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for index, row in enumerate(rows):
-        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-        out.write("\n")
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        out.write(line.rstrip() + "\n")
         if index == 0:
             out.write("  ".join("-" * width for width in widths) + "\n")
 
@@ -173,6 +175,9 @@ def run_runs(args: argparse.Namespace, out: TextIO | None = None) -> int:
     stream = out if out is not None else sys.stdout
     if args.action == "recover":
         return _recover(args.db, args, stream)
+    if not Path(args.db).exists():
+        sys.stderr.write(f"no run log at {args.db!r}\n")
+        return 1
     store = SQLiteStore(args.db)
     try:
         if args.action == "list":

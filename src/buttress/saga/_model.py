@@ -25,10 +25,10 @@ from buttress.timeout import Timeout, timeout
 
 __all__ = ["AttemptRecord", "Context", "SagaResult", "Step", "StepResult"]
 
-# A compensation that raises is retried with this policy unless the step names its own.
-DEFAULT_COMPENSATION_RETRY = retry(
-    3, backoff=backoff.exponential(0.05, 2.0, 1.0, "full"), name=None
-)
+
+def default_compensation_retry(clock: Clock | None) -> Retry:
+    """A compensation that raises is retried with this unless the step names its own."""
+    return retry(3, backoff=backoff.exponential(0.05, 2.0, 1.0, "full"), clock=clock)
 
 
 class Context:
@@ -140,22 +140,33 @@ class Step:
         self.timeout = check_seconds("timeout", timeout, allow_none=True)
         self._retry, self._policy = retry, policy
         self._compensate_retry = compensate_retry
-        self.policy = _policies(retry, self.timeout, policy)  # validates the options now
-        self.compensate_policy = self.policy
+        _policies(retry, self.timeout, policy)  # validates the options now
+        self.group: str | None = None  # the parallel group this step belongs to
 
-    # The step's policies wrapped around one attempt, built once when it joins a saga.
+    # Compiled once when the step joins a saga (see build() and Saga._add).
+    retry_policy: Pipeline | None
+    attempt_policy: Pipeline | None
+    compensate_policy: Pipeline | None
+    call_sync: Callable[..., Any]
+    call_async: Callable[..., Any]
     run_sync: Callable[..., Any]
     run_async: Callable[..., Any]
     undo_sync: Callable[..., Any]
     undo_async: Callable[..., Any]
 
     def build(self, clock: Clock) -> None:
-        """Compile the policies around one attempt, on the saga's clock (once, on joining)."""
-        self.policy = _policies(self._retry, self.timeout, self._policy, clock)
+        """Compile the policies on the saga's clock (once, when the step joins a saga).
+
+        The retry goes outside the attempt recorder and the per-attempt timeout and
+        other policies inside it, so the history sees each attempt's real outcome,
+        timeouts included.
+        """
+        self.retry_policy = _policies(self._retry, None, None, clock)
+        self.attempt_policy = _policies(None, self.timeout, self._policy, clock)
         self.compensate_policy = _policies(
             self._compensate_retry
             if self._compensate_retry is not None
-            else DEFAULT_COMPENSATION_RETRY,
+            else default_compensation_retry(clock),
             None,
             None,
         )
@@ -198,10 +209,12 @@ class StepResult:
     history: list[AttemptRecord] = field(default_factory=list)
     compensation_error: BaseException | None = None
     uncertain: bool = False
+    group: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "group": self.group,
             "status": self.status,
             "attempts": self.attempts,
             "error": describe(self.error),
@@ -287,6 +300,7 @@ class SagaResult:
                 if s.get("compensation_error")
                 else None,
                 uncertain=s.get("uncertain", False),
+                group=s.get("group"),
             )
             for s in data.get("steps", [])
         ]

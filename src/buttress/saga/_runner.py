@@ -149,7 +149,9 @@ class _Run:
         self.owner = owner
         self.outputs: dict[str, Any] = {}
         self.ctx = Context(value, run_id, self.outputs)
-        self.results: dict[str, StepResult] = {s.name: StepResult(s.name) for s in saga.all_steps}
+        self.results: dict[str, StepResult] = {
+            s.name: StepResult(s.name, group=s.group) for s in saga.all_steps
+        }
         self.done: list[str] = []  # completion order: the compensation stack
         self.compensated: set[str] = set()
         self.compensation_ok = True
@@ -169,12 +171,13 @@ class _Run:
 
     def flush(self, **final: Any) -> None:
         entries, self.pending = self.pending, []
-        self.saga.store.write(
-            self.run_id,
-            entries,
-            lease_until=None if final else wall_time() + self.saga.lease,
-            **final,
-        )
+        status = final.get("status")
+        lease = wall_time() + self.saga.lease if status in (None, COMPENSATING) else None
+        saga = self.saga
+        saga.store.write(self.run_id, entries, lease_until=lease, **final)
+        if saga.keys is not saga.store and self.key is not None:
+            # A separate idempotency store must learn the lease and how the run ended.
+            saga.keys.write(self.run_id, [], lease_until=lease, **final)
 
     def replay(self, entries: list[LogEntry], status: str, error: str | None) -> None:
         """Rebuild the state of a run from its log (crash recovery)."""
@@ -382,7 +385,7 @@ def attempt_sync(run: _Run, step: Step, ctx: Context, history: list[AttemptRecor
     _before_attempt(run, step, ctx, history)
     started, t0 = wall_time(), run.saga.clock.now()
     try:
-        value = step.fn(ctx)
+        value = step.call_sync(ctx)
     except BaseException as exc:
         history.append(AttemptRecord(started, run.saga.clock.now() - t0, describe(exc)))
         if step.permanent and isinstance(exc, step.permanent):
@@ -397,7 +400,7 @@ async def attempt_async(run: _Run, step: Step, ctx: Context, history: list[Attem
     _before_attempt(run, step, ctx, history)
     started, t0 = wall_time(), run.saga.clock.now()
     try:
-        value = await step.fn(ctx)
+        value = await step.call_async(ctx)
     except BaseException as exc:
         history.append(AttemptRecord(started, run.saga.clock.now() - t0, describe(exc)))
         if step.permanent and isinstance(exc, step.permanent):
@@ -473,12 +476,10 @@ def _forward_one_sync(
         if step.is_async:
             own_loop = loop or asyncio.new_event_loop()
             try:
-                coro = step.run_async(run, step, ctx, history)
+                call = step.run_async
                 if deadline is not None:
-                    coro = Timeout(max(deadline - t0, 1e-9), clock=run.saga.clock)(step.run_async)(
-                        run, step, ctx, history
-                    )
-                outcome.value = own_loop.run_until_complete(coro)
+                    call = Timeout(max(deadline - t0, 1e-9), clock=run.saga.clock)(call)
+                outcome.value = own_loop.run_until_complete(call(run, step, ctx, history))
             finally:
                 if loop is None:
                     own_loop.close()
@@ -624,16 +625,28 @@ async def drive_async(run: _Run) -> SagaResult:
                 run.abort = single.error
             result: Any = [single]
         elif isinstance(instruction, _Forward):
-            tasks = [
-                asyncio.ensure_future(
-                    _forward_one_async(
-                        run, step, instruction.ctx.for_step(step.name), instruction.deadline
+            # A group: async members as tasks, sync members on threads, so that they
+            # really run at the same time; outcomes are taken in completion order.
+            finished: list[asyncio.Future[_Outcome]] = []
+            tasks: list[asyncio.Future[_Outcome]] = []
+            for step in instruction.steps:
+                ctx = instruction.ctx.for_step(step.name)
+                task: asyncio.Future[_Outcome]
+                if step.is_async:
+                    task = asyncio.ensure_future(
+                        _forward_one_async(run, step, ctx, instruction.deadline)
                     )
-                )
-                for step in instruction.steps
-            ]
+                else:
+                    task = asyncio.ensure_future(
+                        asyncio.to_thread(
+                            _forward_one_sync, run, step, ctx, instruction.deadline, None
+                        )
+                    )
+                task.add_done_callback(finished.append)
+                tasks.append(task)
             try:
-                result = await asyncio.gather(*tasks)
+                await asyncio.gather(*tasks)
+                result = [done.result() for done in finished]
             except asyncio.CancelledError as exc:
                 cancelled = exc
                 for task in tasks:

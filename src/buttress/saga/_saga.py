@@ -128,10 +128,11 @@ class Saga(Policy):
                 )
         for step in steps:
             step.build(self.clock)
-            step.run_sync = step.policy._wrap_sync(attempt_sync) if step.policy else attempt_sync
-            step.run_async = (
-                step.policy._wrap_async(attempt_async) if step.policy else attempt_async
-            )
+            inner, outer = step.attempt_policy, step.retry_policy
+            step.call_sync = inner._wrap_sync(step.fn) if inner and not step.is_async else step.fn
+            step.call_async = inner._wrap_async(step.fn) if inner and step.is_async else step.fn
+            step.run_sync = outer._wrap_sync(attempt_sync) if outer else attempt_sync
+            step.run_async = outer._wrap_async(attempt_async) if outer else attempt_async
             assert step.compensate_policy is not None
             step.undo_sync = step.compensate_policy._wrap_sync(compensate_sync)
             step.undo_async = step.compensate_policy._wrap_async(compensate_async)
@@ -192,6 +193,7 @@ class Saga(Policy):
                     f"steps[{index}] of parallel group {name!r} must be a buttress.Step, "
                     f"got {item!r}"
                 )
+            item.group = name
         self._add(list(steps))
 
     # -- starting a run -------------------------------------------------------------------------
@@ -215,6 +217,7 @@ class Saga(Policy):
         value, invalid = self._check_input(raw)
         now = wall_time()
         record = RunRecord(
+            ttl=ttl,
             run_id=os.urandom(16).hex(),
             saga=self.name,
             status=RUNNING,
@@ -271,6 +274,9 @@ class Saga(Policy):
         return run
 
     def _reject_input(self, run: _Run, error: BaseException) -> SagaResult:
+        self._emit(_events.RunStarted, run_id=run.run_id, resumed=False)
+        with self._count_lock:
+            self._counts["failed"] += 1
         run.failure = error
         run.note("", "invalid_input", error=describe(error))
         report = SagaResult(
@@ -279,7 +285,7 @@ class Saga(Policy):
             run_id=run.run_id,
             key=run.key,
             error=error,
-            steps=[StepResult(step.name) for step in self.all_steps],
+            steps=[StepResult(step.name, group=step.group) for step in self.all_steps],
         )
         run.flush(status=FAILED, error=describe(error), result=report.to_dict(), expires_at=None)
         self._emit(_events.RunFailed, run_id=run.run_id, error=describe(error), compensated=True)
@@ -291,12 +297,15 @@ class Saga(Policy):
             raise ConfigValueError(f"run {run_id!r} is not in the store of saga {self.name!r}")
         record, entries = loaded
         value, _ = self._check_input(record.input)
-        ttl = None
-        run = _Run(self, run_id, record.input, value, key=record.key, ttl=ttl, owner=owner)
+        run = _Run(self, run_id, record.input, value, key=record.key, ttl=record.ttl, owner=owner)
         run.replay(entries, record.status, record.error)
         with self._count_lock:
             self._running += 1
         return run
+
+    @property
+    def _needs_loop(self) -> bool:
+        return any(step.is_async or step.compensate_is_async for step in self.all_steps)
 
     def _finished(self, status: str) -> None:
         with self._count_lock:
@@ -325,6 +334,16 @@ class Saga(Policy):
                 returned without running any step; a concurrent run with it is joined.
             ttl: seconds a completed keyed run is remembered (default: forever).
         """
+        if self._needs_loop:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+            else:
+                raise RuntimeError(
+                    f"saga {self.name!r} has async steps and an event loop is running in this "
+                    f"thread: use `await saga.run_async(...)`"
+                )
         owner = new_owner()
         delay = 0.005
         while True:
