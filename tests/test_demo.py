@@ -8,12 +8,16 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from buttress._demo import colour_wanted
+from buttress._demo import Checkout, Settings, colour_wanted
+from buttress.registry import Registry
 
+TOOK = r"[\d.]+m?s"  # a duration as the demo prints it: 41ms, 1.20s
 DEMO = [sys.executable, "-m", "buttress", "demo", "--seconds", "1.5", "--seed", "7"]
 
 
@@ -28,7 +32,17 @@ def _env(**changes: str | None) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def plain() -> subprocess.CompletedProcess[str]:
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the demo's saga keeps its run log (instead of the system's temp directory)."""
+    return tmp_path_factory.mktemp("demo")
+
+
+def _tmp_env(tmp: Path) -> dict[str, str]:
+    return {"TMPDIR": str(tmp), "TEMP": str(tmp), "TMP": str(tmp)}
+
+
+@pytest.fixture(scope="module")
+def plain(tmp: Path) -> subprocess.CompletedProcess[str]:
     """One plain run of the demo, shared by the tests that read its output."""
     return subprocess.run(
         [*DEMO, "--no-color"],
@@ -36,7 +50,7 @@ def plain() -> subprocess.CompletedProcess[str]:
         text=True,
         encoding="utf-8",
         timeout=30,
-        env=_env(NO_COLOR=None, PYTHONIOENCODING="utf-8"),
+        env=_env(NO_COLOR=None, PYTHONIOENCODING="utf-8", **_tmp_env(tmp)),
         check=False,
     )
 
@@ -49,9 +63,30 @@ def _json_after(output: str, title: str) -> dict[str, Any]:
 
 
 def _summary(output: str) -> str:
-    """The final summary: from its header ("finished in") to the JSON."""
+    """The final summary: from its header ("finished in") to the saga section."""
     start = output.rindex("\n", 0, output.index("finished in"))
-    return output[start : output.index("registry.health()")]
+    return output[start : _saga_start(output)]
+
+
+def _saga_start(output: str) -> int:
+    """Where the saga section starts (its title line)."""
+    match = re.search(r"^\S{3} payment saga \S{3}$", output, re.M)
+    assert match is not None, "no saga section"
+    return match.start()
+
+
+def _saga_runs(output: str) -> dict[int, str]:
+    """The saga section's runs: the lines of each, by number."""
+    section = output[_saga_start(output) : output.index("registry.health()")]
+    section = section[: section.index("\nSERVICES")]
+    parts = re.split(r"^RUN (\d) ", section, flags=re.M)
+    return {int(number): text for number, text in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def _run_id(run: str) -> str:
+    match = re.search(r"^\s+run_id=([0-9a-f]{32})\b", run, re.M)
+    assert match is not None, run
+    return match[1]
 
 
 def _count(summary: str, pattern: str) -> int:
@@ -89,6 +124,9 @@ def test_summary_shows_every_section(plain: subprocess.CompletedProcess[str]) ->
         "TIMEOUTS",
         "HEALTH",
         "TIMELINE",
+        "SAGA",
+        "SERVICES",
+        "RUN LOG",
         "registry.health()",
         "registry.state()",
     ):
@@ -144,13 +182,109 @@ def test_health_is_printed_as_json(plain: subprocess.CompletedProcess[str]) -> N
     } <= set(health["checks"])
 
 
+def test_saga_runs_complete_compensate_and_replay(
+    plain: subprocess.CompletedProcess[str],
+) -> None:
+    """The saga section shows three runs: completed; declined and compensated; replayed."""
+    runs = _saga_runs(plain.stdout)
+    assert sorted(runs) == [1, 2, 3]
+    step = rf"^\s+\+\s*{TOOK}\s+{{name}}\s+{TOOK}\s+{{status}}\s+{{attempts}} attempts?\b"
+
+    first = runs[1]
+    assert re.search(r"^\s+\S completed \S compensated=True \S replayed=False\b", first, re.M)
+    for name in ("reserve-stock", "charge-card", "send-email"):
+        assert re.search(step.format(name=name, status="completed", attempts=r"\d"), first, re.M)
+    # The gateway answered 503 first: charge-card took several attempts, each shown.
+    assert re.search(
+        step.format(name="charge-card", status="completed", attempts="[23]"), first, re.M
+    )
+    assert re.search(rf"^\s+\+\s*{TOOK}\s+attempt 1\s+{TOOK}\s+GatewayError: 503", first, re.M)
+    assert not re.search(r"^\s+error ", first, re.M)
+
+    second = runs[2]
+    assert re.search(r"^\s+\S failed \S compensated=True \S replayed=False\b", second, re.M)
+    assert re.search(
+        step.format(name="reserve-stock", status="compensated", attempts="1"), second, re.M
+    )
+    assert re.search(
+        step.format(name="charge-card", status="failed", attempts=r"\d") + r".*CardDeclined",
+        second,
+        re.M,
+    )
+    assert re.search(r"^\s+send-email\s+not run$", second, re.M)
+    assert re.search(rf"^\s+\+\s*{TOOK}\s+\S+ release-stock\s+{TOOK}\s+compensated\b", second, re.M)
+    assert "refund" not in second  # the charge never went through: nothing to refund
+    assert re.search(r"^\s+error CardDeclined: ", second, re.M)
+    assert _run_id(second) != _run_id(first)
+
+    third = runs[3]
+    assert re.search(r"^\s+\S completed \S compensated=True \S replayed=True$", third, re.M)
+    assert _run_id(third) == _run_id(first)
+    assert "(same as run 1)" in third
+    assert "no step ran" in third
+    assert "(0 calls to the services" in third
+    assert not re.search(rf"^\s+\+\s*{TOOK}", third, re.M)  # no step timeline: nothing ran
+
+
+def test_saga_state_and_health_include_the_saga(
+    plain: subprocess.CompletedProcess[str],
+) -> None:
+    """The saga joined the demo's registry: state() counts its runs, health() checks it."""
+    saga = _json_after(plain.stdout, "registry.state()")["saga"]["checkout"]
+    assert saga["steps"] == ["reserve-stock", "charge-card", "send-email"]
+    assert saga["store"] == "SQLiteStore"
+    assert (saga["completed"], saga["failed"], saga["running"], saga["stuck"]) == (1, 1, 0, 0)
+    health = _json_after(plain.stdout, "registry.health()")
+    assert health["checks"]["checkout:saga"][0]["status"] == "pass"
+
+
+def test_saga_run_log_is_kept_and_inspectable(
+    plain: subprocess.CompletedProcess[str], tmp: Path
+) -> None:
+    """The SQLite run log stays where the demo says, and `runs list` reads it."""
+    commands = re.findall(r"python -m buttress runs --db (\S+) list", plain.stdout)
+    assert commands, "no `runs ... list` command printed"
+    db = Path(commands[-1])
+    assert db.is_file()
+    assert db.parent.parent == tmp  # in a temporary directory of its own
+    listing = subprocess.run(
+        [sys.executable, "-m", "buttress", "runs", "--db", str(db), "list", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert listing.returncode == 0, listing.stderr
+    runs = json.loads(listing.stdout)
+    assert sorted(run["status"] for run in runs) == ["completed", "failed"]  # no third: a replay
+    runs_by_status = {run["status"]: run["run_id"] for run in runs}
+    printed = _saga_runs(plain.stdout)
+    assert runs_by_status["completed"] == _run_id(printed[1])
+    assert runs_by_status["failed"] == _run_id(printed[2])
+
+
+def test_saga_orders_follow_the_seed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The same --seed makes the same orders and the same gateway trouble; another differs."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def plan(seed: int) -> list[Any]:
+        checkout = Checkout(Settings(seed=seed), Registry())
+        try:
+            return [(run.order, run.key) for run in checkout.runs] + [checkout.shop.outages]
+        finally:
+            checkout.close()
+
+    assert plan(7) == plan(7)
+    assert plan(7) != plan(8)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX only")
-def test_terminal_run_redraws_in_colour() -> None:
+def test_terminal_run_redraws_in_colour(tmp: Path) -> None:
     """On a terminal the view is coloured, redrawn in place, and the cursor comes back."""
     import pty
 
     primary, secondary = pty.openpty()
-    env = _env(NO_COLOR=None, TERM="xterm-256color", COLUMNS="100", LINES="40")
+    env = _env(NO_COLOR=None, TERM="xterm-256color", COLUMNS="100", LINES="40", **_tmp_env(tmp))
     with subprocess.Popen(DEMO, stdout=secondary, stderr=subprocess.PIPE, env=env) as proc:
         os.close(secondary)
         chunks = []
@@ -172,6 +306,10 @@ def test_terminal_run_redraws_in_colour() -> None:
     assert re.search(r"\x1b\[\d+A", output)  # back up over the previous frame
     assert "\x1b[32m" in output
     assert "registry.state()" in output
+    plain_output = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output)
+    assert "payment saga" in plain_output
+    assert "replayed=True" in plain_output
+    assert "\x1b[1;31m\u25cf failed\x1b[0m" in output  # the declined run, in red
     assert not re.search(r"^\[\s*\d+\.\ds\] ", output, re.M)  # no plain progress lines
 
 

@@ -540,3 +540,14 @@ def test_default_compensation_retry_uses_the_saga_clock():
     result = saga.run({})
     assert result.compensated is False
     assert len(clock.sleeps) == 2  # three attempts, two backoff sleeps, all virtual
+
+
+def test_replays_are_announced_and_counted():
+    """A replayed key emits RunReplayed and counts in the snapshot."""
+    saga = Saga("visible")
+    saga.step("a", lambda ctx: 1)
+    saga.run({}, key="k")
+    with capture_events() as captured:
+        saga.run({}, key="k")
+    assert [e.kind for e in captured] == ["run_replayed"]
+    assert saga.snapshot()["replayed"] == 1

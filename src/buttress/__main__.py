@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run concurrent callers against a fake payment gateway that degrades, goes "
             "down and recovers, behind fallback, timeout, retry, circuit breaker, bulkhead "
-            "and rate limiter, and show live what each primitive does. Ends with the "
+            "and rate limiter, and show live what each primitive does; then run a payment "
+            "saga three times (completed, declined and compensated, replayed by its "
+            "idempotency key) on a SQLite run log you can inspect afterwards. Ends with the "
             "registry's health() and state() as JSON. On a terminal the view redraws in "
             "place; otherwise (or with --no-color or NO_COLOR set) it prints a plain line "
             "per second."

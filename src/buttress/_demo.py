@@ -8,8 +8,14 @@ during the run: healthy, degraded, an outage, recovery. Every charge goes throug
 
 A listener counts the events of every primitive. On a terminal the view redraws in place
 several times a second; anywhere else (pipes, CI, ``--no-color``, ``NO_COLOR``) the demo
-prints one plain progress line per second and no escape codes. Both end with a summary and
-the registry's ``health()`` and ``state()`` as JSON.
+prints one plain progress line per second and no escape codes. Both end with a summary.
+
+Then one checkout runs as a payment saga (reserve-stock -> charge-card -> send-email, with
+release-stock and refund as compensations) on a SQLite run log in a temporary directory,
+kept for ``python -m buttress runs --db PATH list``: a run that completes (after 503s), one
+whose card is declined and compensates, and the first run's idempotency key again, which
+replays its stored result. On a terminal each run is drawn live from the saga's events.
+Last come the registry's ``health()`` and ``state()`` as JSON, the saga included.
 
 The primitives live in a registry of their own, so the demo never touches the default one.
 Standard library only, like the rest of buttress.
@@ -24,9 +30,11 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
@@ -34,15 +42,24 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from . import events
+from .backends import LogEntry
+from .backends.sqlite import SQLiteStore
 from .backoff import exponential
 from .bulkhead import Bulkhead
 from .circuit_breaker import CircuitBreaker
-from .exceptions import BulkheadFull, RateLimited, RejectedError, TimeoutExceeded
+from .exceptions import (
+    BackendError,
+    BulkheadFull,
+    RateLimited,
+    RejectedError,
+    TimeoutExceeded,
+)
 from .fallback import Fallback, fallback
 from .pipeline import pipeline
 from .rate_limiter import RateLimiter
 from .registry import Registry
 from .retry import Retry, RetryBudget, retry
+from .saga import Context, Saga, SagaResult, StoredError
 from .timeout import Timeout, timeout
 
 __all__ = ["Settings", "run"]
@@ -377,6 +394,276 @@ class Demo:
         return (n1 - n0) / max(t1 - t0, 1.0)
 
 
+# -- the payment saga -----------------------------------------------------------------------
+
+# After the pipeline, one checkout as a saga: reserve stock, charge the card, send the
+# receipt; if a step fails, the completed ones are undone in reverse (refund, release).
+SAGA_STEPS = ("reserve-stock", "charge-card", "send-email")
+UNDO = {"reserve-stock": "release-stock", "charge-card": "refund"}  # step -> compensation
+CHARGE_ATTEMPTS = 3
+CHARGE_TIMEOUT = 0.5  # seconds for one attempt of charge-card
+SAGA_TIMEOUT = 5.0  # seconds for the forward part of a run
+SAGA_PAUSE = 0.4  # seconds between runs on a terminal, to follow along
+PRICES = {"tea": 850, "mug": 1200, "kettle": 3900, "filters": 450}  # cents
+STOCK = 20  # of each item, at the start
+GOOD_CARD, DECLINED_CARD = "tok_visa", "tok_chargeDeclined"  # card tokens, never numbers
+
+
+def order_for(rng: random.Random, card: str) -> dict[str, Any]:
+    """A random order (the saga's input: JSON, as a durable store needs)."""
+    chosen = rng.sample(sorted(PRICES), 2)
+    items = {item: rng.randint(1, 3) for item in chosen}
+    number = f"A-{rng.randrange(1000, 10_000)}"
+    return {
+        "order": number,
+        "email": f"{rng.choice(['ada', 'grace', 'alan', 'edsger'])}@example.com",
+        "items": items,
+        "amount_cents": sum(PRICES[item] * n for item, n in items.items()),
+        "card": card,
+    }
+
+
+def check_order(order: Any) -> None:
+    """The saga's ``validate=``: refuse an order no step could handle."""
+    if not isinstance(order, dict) or not order.get("items"):
+        raise ValueError("an order needs items")
+    if not isinstance(order.get("amount_cents"), int) or order["amount_cents"] <= 0:
+        raise ValueError("an order needs a positive amount_cents")
+
+
+class Shop:
+    """The saga's fake services: a stock ledger, a card processor and a mailer.
+
+    The processor answers 503 to the first ``outages[order]`` calls for an order, and
+    declines :data:`DECLINED_CARD`. Charges are idempotent by key (the saga's run id), as
+    a real processor's are, so a retried charge never bills twice.
+    """
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.stock = dict.fromkeys(PRICES, STOCK)
+        self.reservations: dict[str, dict[str, int]] = {}
+        self.charges: dict[str, str] = {}  # idempotency key -> charge id
+        self.outages: dict[str, int] = {}  # order -> 503s left to answer
+        self.calls: Counter[str] = Counter()  # every call, by service
+
+    async def _latency(self, median: float) -> None:
+        await asyncio.sleep(self.rng.lognormvariate(math.log(median), 0.25))
+
+    async def reserve(self, items: dict[str, int]) -> str:
+        self.calls["reserve"] += 1
+        await self._latency(0.03)
+        for item, n in items.items():
+            self.stock[item] -= n
+        reservation = f"rsv_{self.rng.getrandbits(24):06x}"
+        self.reservations[reservation] = dict(items)
+        return reservation
+
+    async def release(self, reservation: str) -> None:
+        self.calls["release"] += 1
+        await self._latency(0.02)
+        for item, n in self.reservations.pop(reservation, {}).items():
+            self.stock[item] += n
+
+    async def charge(self, order: str, amount_cents: int, card: str, key: str) -> str:
+        self.calls["charge"] += 1
+        if self.outages.get(order, 0) > 0:
+            self.outages[order] -= 1
+            await self._latency(0.015)  # an overloaded gateway answers 503 quickly
+            raise GatewayError("503 Service Unavailable")
+        await self._latency(0.06)
+        if card == DECLINED_CARD:
+            raise CardDeclined("insufficient funds")
+        if key not in self.charges:
+            self.charges[key] = f"ch_{self.rng.getrandbits(40):010x}"
+        return self.charges[key]
+
+    async def refund(self, charge_id: str) -> None:
+        self.calls["refund"] += 1
+        await self._latency(0.04)
+
+    async def email(self, to: str, order: str) -> None:
+        self.calls["email"] += 1
+        await self._latency(0.025)
+
+
+@dataclass
+class LiveStep:
+    """What the events said about one step of the run in progress (for the live view)."""
+
+    status: str = "pending"
+    attempt: int = 0
+    started: float | None = None  # time.monotonic() when it started
+    ended: float | None = None
+    error: str | None = None
+    undo_status: str | None = None  # its compensation: running, compensated, failed
+    undo_started: float | None = None
+    undo_ended: float | None = None
+
+
+class SagaWatch:
+    """The saga's listener: follows the run in progress, step by step, from its events."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.steps: dict[str, LiveStep] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the last run: every step pending."""
+        self.started = time.monotonic()
+        self.steps = {name: LiveStep() for name in SAGA_STEPS}
+
+    def __call__(self, event: events.Event) -> None:
+        step = self.steps.get(getattr(event, "step", ""))
+        if step is None:
+            return
+        now = time.monotonic()
+        if isinstance(event, events.StepStarted):
+            step.status, step.attempt, step.started = "running", 1, now
+        elif isinstance(event, events.StepRetrying):
+            step.status, step.attempt, step.error = "retrying", event.attempt, event.error
+        elif isinstance(event, events.StepCompleted):
+            step.status, step.attempt, step.ended, step.error = (
+                "completed",
+                event.attempts,
+                now,
+                None,
+            )
+        elif isinstance(event, events.StepFailed):
+            step.status, step.ended, step.error = "failed", now, event.error
+        elif isinstance(event, events.CompensationStarted):
+            step.undo_status, step.undo_started = "running", now
+        elif isinstance(event, events.CompensationCompleted):
+            step.undo_status, step.undo_ended = "compensated", now
+        elif isinstance(event, events.CompensationFailed):
+            step.undo_status, step.undo_ended = "compensation_failed", now
+
+
+@dataclass
+class SagaRun:
+    """One run of the demo's saga: what it was, and what came back."""
+
+    number: int
+    title: str
+    order: dict[str, Any]
+    key: str
+    result: SagaResult | None = None
+    log: list[LogEntry] | None = None  # the run's entries, read back from the SQLite log
+    calls_before: int = 0  # calls to the shop's services before the run
+    calls_after: int = 0
+
+
+class Checkout:
+    """The ``checkout`` saga on a SQLite run log in a temporary directory (kept)."""
+
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.rng = random.Random(f"{settings.seed}:saga")
+        self.shop = Shop(self.rng)
+        self.watch = SagaWatch()
+        self.directory = tempfile.mkdtemp(prefix="buttress-demo-")
+        self.path = os.path.join(self.directory, "checkout.db")
+        self.store = SQLiteStore(self.path)
+        self.saga = Saga(
+            "checkout",
+            store=self.store,
+            validate=check_order,
+            timeout=SAGA_TIMEOUT,
+            registry=registry,
+            listeners=[self.watch],
+        )
+        self.charge_retry: Retry = retry(
+            CHARGE_ATTEMPTS,
+            on=(GatewayError, TimeoutExceeded),  # charges are idempotent by run id
+            backoff=exponential(0.05, 2.0, 0.4, jitter="equal"),
+            name="charge-card",
+            registry=registry,
+        )
+        self.saga.step("reserve-stock", self.reserve_stock, compensate=self.release_stock)
+        self.saga.step(
+            "charge-card",
+            self.charge_card,
+            compensate=self.refund,
+            retry=self.charge_retry,
+            timeout=CHARGE_TIMEOUT,
+            permanent=CardDeclined,  # a decline is an answer: fail at once, never retry
+        )
+        self.saga.step("send-email", self.send_email)
+        first = order_for(self.rng, GOOD_CARD)
+        declined = order_for(self.rng, DECLINED_CARD)
+        self.shop.outages[first["order"]] = self.rng.randint(1, CHARGE_ATTEMPTS - 1)
+        self.shop.outages[declined["order"]] = self.rng.randint(0, 1)
+        self.runs = [
+            SagaRun(1, "a checkout that goes through", first, f"order-{first['order']}"),
+            SagaRun(2, "the card is declined", declined, f"order-{declined['order']}"),
+            SagaRun(
+                3,
+                "run 1 again, same idempotency key (a client retrying after a lost response)",
+                first,
+                f"order-{first['order']}",
+            ),
+        ]
+
+    # -- the steps and their compensations ----------------------------------------------------
+
+    async def reserve_stock(self, ctx: Context) -> dict[str, str]:
+        return {"reservation": await self.shop.reserve(ctx.input["items"])}
+
+    async def release_stock(self, ctx: Context) -> None:
+        await self.shop.release(ctx.results["reserve-stock"]["reservation"])
+
+    async def charge_card(self, ctx: Context) -> dict[str, str]:
+        order = ctx.input
+        charge_id = await self.shop.charge(
+            order["order"], order["amount_cents"], order["card"], key=ctx.run_id
+        )
+        return {"charge": charge_id}
+
+    async def refund(self, ctx: Context) -> None:
+        await self.shop.refund(ctx.results["charge-card"]["charge"])
+
+    async def send_email(self, ctx: Context) -> dict[str, str]:
+        await self.shop.email(ctx.input["email"], ctx.input["order"])
+        return {"email": f"receipt sent to {ctx.input['email']}"}
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def play(self, run: SagaRun) -> None:
+        """Run ``run`` (its result and its log entries land on it)."""
+        self.watch.reset()
+        run.calls_before = sum(self.shop.calls.values())
+        run.result = await self.saga.run_async(run.order, key=run.key)
+        run.calls_after = sum(self.shop.calls.values())
+        loaded = self.store.load(run.result.run_id)
+        run.log = None if loaded is None else loaded[1]
+
+    def log_size(self) -> tuple[int, int]:
+        """Runs and log entries in the SQLite file."""
+        records = self.store.runs(saga=self.saga.name, limit=1000)
+        entries = 0
+        for record in records:
+            loaded = self.store.load(record.run_id)
+            entries += 0 if loaded is None else len(loaded[1])
+        return len(records), entries
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def error_text(error: BaseException) -> str:
+    """``"Type: message"`` (an error stored by an earlier run already reads so)."""
+    if isinstance(error, StoredError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def shell_quote(path: str) -> str:
+    """``path`` as one word of a shell command line (POSIX shells, or Windows)."""
+    if sys.platform == "win32":
+        return f'"{path}"' if any(c in path for c in ' &()^"') else path
+    return shlex.quote(path)
+
+
 # -- drawing --------------------------------------------------------------------------------
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -388,6 +675,14 @@ RED, GREEN, YELLOW, BLUE, CYAN, GREY = "31", "32", "33", "34", "36", "90"
 STATE_COLOURS = {"closed": GREEN, "half_open": YELLOW, "open": RED}
 STATUS_COLOURS = {"pass": GREEN, "warn": YELLOW, "fail": RED}
 PHASE_COLOURS = {"healthy": GREEN, "degraded": YELLOW, "outage": RED, "recovering": CYAN}
+SAGA_COLOURS = {
+    "completed": GREEN,
+    "failed": RED,
+    "compensated": YELLOW,
+    "compensation_failed": RED,
+    "running": CYAN,
+    "retrying": YELLOW,
+}
 
 
 @dataclass(frozen=True)
@@ -404,10 +699,12 @@ class Glyphs:
     half_open: str
     open: str
     rule: str
+    undo: str
+    spinner: str
 
 
-UNICODE = Glyphs("█", "░", "●", "→", "·", " ▁▂▃▄▅▆▇█", "▁", "▄", "█", "─")
-ASCII = Glyphs("#", ".", "*", "->", "|", " .:-=+*#%@", "_", "~", "#", "-")
+UNICODE = Glyphs("█", "░", "●", "→", "·", " ▁▂▃▄▅▆▇█", "▁", "▄", "█", "─", "↩", "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏")
+ASCII = Glyphs("#", ".", "*", "->", "|", " .:-=+*#%@", "_", "~", "#", "-", "<", "|/-\\")
 
 
 def pick_glyphs(stream: TextIO) -> Glyphs:
@@ -844,6 +1141,246 @@ class View:
             f"admitted {demo.admitted_rate():.0f}/s of {RATE:g}/s"
         )
 
+    # -- the payment saga ------------------------------------------------------------------
+
+    def saga_status(self, status: str, spin: int | None = None) -> str:
+        """A step's (or run's) status, padded and coloured; a spinner while it runs."""
+        word = status.replace("_", " ") if status == "not_run" else status
+        if spin is not None and status in ("running", "retrying"):
+            word = f"{word} {self.g.spinner[spin % len(self.g.spinner)]}"
+        colour = SAGA_COLOURS.get(status)
+        return (self.paint(word, BOLD, colour) if colour else self.paint(word, GREY)) + " " * max(
+            12 - len(word), 1
+        )
+
+    def step_row(
+        self,
+        at: float | None,
+        name: str,
+        status: str,
+        *,
+        attempts: int | None = None,
+        took: float | None = None,
+        detail: str = "",
+        spin: int | None = None,
+    ) -> str:
+        """One line of a run's timeline: when, what, how long, how it ended, in how many
+        attempts (the columns of :meth:`attempt_row` too)."""
+        when = self.paint("      " if at is None else f"+{ms(max(at, 0.0)):>5}", CYAN)
+        tries = "" if not attempts else f"{attempts} attempt{'s' if attempts > 1 else ''}"
+        took_text = "" if took is None else ms(took)
+        return (
+            f"{INDENT}{when}  {name:<15} {took_text:>6}  {self.saga_status(status, spin)}"
+            f"{tries:<11}{detail}"
+        ).rstrip()
+
+    def attempt_row(self, at: float, number: int, took: float, outcome: str) -> str:
+        """One attempt of a step that took several, under the step's line."""
+        label = f"  attempt {number}"
+        return self.paint(
+            f"{INDENT}+{ms(max(at, 0.0)):>5}  {label:<15} {ms(took):>6}  {outcome}", GREY
+        )
+
+    def saga_intro(self, checkout: Checkout) -> list[str]:
+        g, saga = self.g, checkout.saga
+        undo = ", ".join(
+            f"{step.name} with {self.paint(UNDO[step.name], BOLD)}"
+            for step in saga.all_steps
+            if step.name in UNDO
+        )
+        return [
+            self.paint(f"{g.rule * 3} payment saga {g.rule * 3}", BOLD, BLUE),
+            f"{self.label('SAGA')}{self.paint(saga.name, BOLD)}: "
+            + f" {g.arrow} ".join(step.name for step in saga.all_steps)
+            + self.paint(f"   timeout {SAGA_TIMEOUT:g}s, input validated", GREY),
+            f"{INDENT}compensate {undo}" + self.paint(" (newest first)", GREY),
+            INDENT
+            + self.paint(
+                f"charge-card: {CHARGE_TIMEOUT:g}s per attempt, retry x{CHARGE_ATTEMPTS} on 503s "
+                "and timeouts, a decline is permanent",
+                GREY,
+            ),
+            f"{self.label('RUN LOG')}SQLiteStore {checkout.path}",
+        ]
+
+    def run_title(self, run: SagaRun) -> list[Line]:
+        order, g = run.order, self.g
+        items = ", ".join(f"{item} x{n}" for item, n in order["items"].items())
+        facts = f" {g.sep} ".join(
+            [
+                f"order {order['order']}",
+                items,
+                f"${order['amount_cents'] / 100:,.2f}",
+                order["card"],
+                f"key {run.key}",
+            ]
+        )
+        return [
+            (0, f"{self.label(f'RUN {run.number}')}{self.paint(run.title, BOLD)}"),
+            (2, INDENT + self.paint(facts, GREY)),
+        ]
+
+    def saga_live(self, run: SagaRun, watch: SagaWatch, spin: int) -> list[Line]:
+        """A run in progress, as its events tell it."""
+        now = time.monotonic()
+        lines = self.run_title(run)
+        undos: list[Line] = []
+        for name, step in watch.steps.items():
+            at = None if step.started is None else step.started - watch.started
+            took = None if step.started is None else (step.ended or now) - step.started
+            detail = ""
+            if step.error:
+                # While it retries, only the message: the line is full enough.
+                failed = step.status == "failed"
+                text = step.error if failed else step.error.partition(": ")[2] or step.error
+                detail = self.paint(text, RED if failed else YELLOW)
+            lines.append(
+                (
+                    1,
+                    self.step_row(
+                        at,
+                        name,
+                        step.status,
+                        attempts=step.attempt,
+                        took=took,
+                        detail=detail,
+                        spin=spin,
+                    ),
+                )
+            )
+            if step.undo_status is not None and step.undo_started is not None:
+                undo_took = (step.undo_ended or now) - step.undo_started
+                undos.append(
+                    (
+                        1,
+                        self.step_row(
+                            step.undo_started - watch.started,
+                            f"{self.g.undo} {UNDO.get(name, name)}",
+                            step.undo_status,
+                            took=undo_took,
+                            detail=self.paint(f"undoes {name}", GREY),
+                            spin=spin,
+                        ),
+                    )
+                )
+        lines.extend(reversed(undos))  # compensations run newest first
+        return lines
+
+    def saga_run(self, run: SagaRun, first: SagaRun | None = None) -> list[Line]:
+        """A finished run: its step timeline, its compensations, and its result."""
+        result, g = run.result, self.g
+        assert result is not None
+        lines = self.run_title(run)
+        if result.replayed:
+            calls = run.calls_after - run.calls_before
+            lines.append(
+                (
+                    1,
+                    f"{INDENT}no step ran: the key's stored result came back "
+                    + self.paint(f"({calls} calls to the services during this run)", GREY),
+                )
+            )
+            stored = ", ".join(f"{step.name} {step.status}" for step in result.steps)
+            lines.append((2, INDENT + self.paint(f"stored: {stored}", GREY)))
+        else:
+            lines.extend(self.timeline_rows(result, run.log or []))
+        same = ""
+        if first is not None and first.result is not None and result.replayed:
+            same = " (same as run 1)" if first.result.run_id == result.run_id else " (NOT run 1's)"
+        word = self.paint(f"{g.dot} {result.status}", BOLD, SAGA_COLOURS[result.status])
+        facts = [word, f"compensated={result.compensated}", f"replayed={result.replayed}"]
+        if not result.replayed:
+            facts.append(f"took {ms(result.duration)}")
+        lines.append((0, INDENT + self.join(facts)))
+        lines.append((0, f"{INDENT}run_id={result.run_id}" + self.paint(same, BOLD)))
+        if result.error is not None:
+            lines.append((0, INDENT + "error " + self.paint(error_text(result.error), RED)))
+        return lines
+
+    def timeline_rows(self, result: SagaResult, log: Sequence[LogEntry]) -> list[Line]:
+        """The steps (from the result) and the compensations (from the run log)."""
+        starts = [step.started_at for step in result.steps if step.started_at is not None]
+        starts += [entry.at for entry in log[:1]]
+        zero = min(starts, default=0.0)
+        rows: list[Line] = []
+        for step in result.steps:
+            at = None if step.started_at is None else step.started_at - zero
+            if step.status == "failed" and step.error is not None:
+                detail = self.paint(error_text(step.error), RED)
+            elif step.status in ("compensated", "compensation_failed"):
+                detail = self.paint(f"then undone by {UNDO.get(step.name, '?')}", GREY)
+            else:
+                detail = ""
+            rows.append(
+                (
+                    1,
+                    self.step_row(
+                        at,
+                        step.name,
+                        step.status,
+                        attempts=step.attempts,
+                        took=step.duration,
+                        detail=detail,
+                    ),
+                )
+            )
+            if len(step.history) > 1:  # each attempt, when there were several
+                for number, attempt in enumerate(step.history, 1):
+                    what = attempt.error or "ok"
+                    rows.append(
+                        (
+                            2,
+                            self.attempt_row(
+                                attempt.started_at - zero, number, attempt.duration, what
+                            ),
+                        )
+                    )
+        started: dict[str, LogEntry] = {}
+        for entry in log:  # compensations, in the order they ran
+            if entry.event == "compensation_started":
+                started[entry.step] = entry
+            elif entry.event in ("compensated", "compensation_failed") and entry.step in started:
+                begun = started[entry.step]
+                detail = self.paint(f"undoes {entry.step}", GREY)
+                if entry.error:
+                    detail = self.paint(entry.error, RED) + "  " + detail
+                rows.append(
+                    (
+                        1,
+                        self.step_row(
+                            begun.at - zero,
+                            f"{self.g.undo} {UNDO.get(entry.step, entry.step)}",
+                            entry.event,
+                            attempts=entry.attempt or None,
+                            took=entry.at - begun.at,
+                            detail=detail,
+                        ),
+                    )
+                )
+        return rows
+
+    def saga_outro(self, checkout: Checkout) -> list[str]:
+        calls = checkout.shop.calls
+        runs, entries = checkout.log_size()
+        services = self.counts(
+            (name, calls[name]) for name in ("reserve", "charge", "email", "release", "refund")
+        )
+        stock = ", ".join(f"{item} {n}" for item, n in checkout.shop.stock.items())
+        failed = [run for run in checkout.runs if run.result and run.result.status == "failed"]
+        command = f"python -m buttress runs --db {shell_quote(checkout.path)}"
+        lines = [
+            f"{self.label('SERVICES')}calls: {services}",
+            INDENT
+            + self.paint(f"stock left: {stock} (of {STOCK}: the declined items are back)", GREY),
+            f"{self.label('RUN LOG')}{runs} runs, {entries} log entries "
+            + self.paint("(the replay added none), kept after the demo:", GREY),
+            f"{INDENT}{self.paint(f'{command} list', BOLD)}",
+        ]
+        if failed and failed[0].result is not None:
+            show = f"{command} show {failed[0].result.run_id[:8]}"
+            lines.append(f"{INDENT}{self.paint(show, BOLD)}")
+        return lines
+
     def json_block(self, title: str, payload: dict[str, Any]) -> list[str]:
         text = json.dumps(payload, indent=2, default=str)
         lines = [self.paint(f"{self.g.rule * 3} {title} {self.g.rule * 3}", BOLD, BLUE)]
@@ -889,6 +1426,10 @@ class Screen:
         self.stream.flush()
         self.height = len(texts)
 
+    def detach(self) -> None:
+        """Leave the last frame where it is: the next :meth:`draw` starts below it."""
+        self.height = 0
+
     def print(self, lines: Iterable[str] = ("",)) -> None:
         self.stream.write("".join(f"{line}\n" for line in lines))
         self.stream.flush()
@@ -925,7 +1466,7 @@ async def _main(settings: Settings, stream: TextIO) -> int:
             screen.print(
                 [
                     f"buttress demo: {settings.callers} callers, {settings.seconds:g}s, "
-                    f"seed {settings.seed} (a terminal shows a live view)",
+                    f"seed {settings.seed}, then a payment saga (a terminal shows a live view)",
                 ]
             )
         tasks = [asyncio.create_task(demo.caller()) for _ in range(settings.callers)]
@@ -953,17 +1494,63 @@ async def _main(settings: Settings, stream: TextIO) -> int:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if handles_sigint:
-                loop.remove_signal_handler(signal.SIGINT)
 
         demo.sample()
         if settings.colour:
             screen.draw(view.frame(final=True), clip=False)
         else:
             screen.print(["", *(text for _, text in view.frame(final=True))])
-        screen.print(["", *view.json_block("registry.health()", demo.registry.health())])
-        screen.print(["", *view.json_block("registry.state()", demo.registry.state())])
+        checkout = None
+        if not interrupted.is_set():
+            try:
+                checkout = Checkout(settings, demo.registry)
+            except (OSError, BackendError) as exc:  # no writable temporary directory
+                screen.print(["", f"(no payment saga: cannot create its run log: {exc})"])
+        try:
+            if checkout is not None:
+                await _play_saga(checkout, view, screen, interrupted)
+            screen.print(["", *view.json_block("registry.health()", demo.registry.health())])
+            screen.print(["", *view.json_block("registry.state()", demo.registry.state())])
+            if checkout is not None:
+                command = f"python -m buttress runs --db {shell_quote(checkout.path)} list"
+                screen.print(["", f"the saga's run log is kept: {view.paint(command, BOLD)}"])
+        finally:
+            if checkout is not None:
+                checkout.close()
+            if handles_sigint:  # kept until now: Ctrl-C in the saga ends it between runs
+                loop.remove_signal_handler(signal.SIGINT)
     return 130 if interrupted.is_set() else 0
+
+
+async def _play_saga(
+    checkout: Checkout, view: View, screen: Screen, interrupted: asyncio.Event
+) -> None:
+    """The saga section: three runs, each drawn live (terminal) or printed when done."""
+    screen.print(["", *view.saga_intro(checkout)])
+    first = checkout.runs[0]
+    for index, run in enumerate(checkout.runs):
+        if interrupted.is_set():
+            break
+        screen.print([""])
+        if not view.colour:
+            await checkout.play(run)
+            screen.print(text for _, text in view.saga_run(run, first))
+            continue
+        if index:
+            with contextlib.suppress(asyncio.TimeoutError):  # a pause to follow along
+                await asyncio.wait_for(interrupted.wait(), timeout=SAGA_PAUSE)
+        screen.detach()
+        checkout.watch.reset()  # before the first frame, which comes before the run starts
+        task = asyncio.create_task(checkout.play(run))
+        spin = 0
+        while not task.done():
+            screen.draw(view.saga_live(run, checkout.watch, spin))
+            spin += 1
+            await asyncio.wait({task}, timeout=0.06)
+        await task
+        screen.draw(view.saga_run(run, first), clip=False)
+        screen.detach()
+    screen.print(["", *view.saga_outro(checkout)])
 
 
 def colour_wanted(stream: TextIO, no_color: bool) -> bool:

@@ -32,6 +32,7 @@ __all__ = [
     "RetryScheduled",
     "RunCompleted",
     "RunFailed",
+    "RunReplayed",
     "RunStarted",
     "SagaEvent",
     "Severity",
@@ -256,6 +257,15 @@ class RunStarted(SagaEvent):
 
     kind: ClassVar[str] = "run_started"
     resumed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RunReplayed(SagaEvent):
+    """An idempotency key returned a stored result: no step ran."""
+
+    kind: ClassVar[str] = "run_replayed"
+    key: str = ""
+    status: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -113,7 +113,7 @@ class Saga(Policy):
         self.units: list[list[Step]] = []
         self.all_steps: list[Step] = []
         self.step_by_name: dict[str, Step] = {}
-        self._counts = {"completed": 0, "failed": 0, "compensation_failed": 0}
+        self._counts = {"completed": 0, "failed": 0, "compensation_failed": 0, "replayed": 0}
         self._running = 0
         self._count_lock = threading.Lock()
         self._register()
@@ -246,7 +246,7 @@ class Saga(Policy):
             if claim.outcome == "done":
                 assert claim.record is not None
                 assert claim.record.result is not None
-                return SagaResult.from_dict(claim.record.result)
+                return self._replayed(SagaResult.from_dict(claim.record.result))
             if claim.outcome == "conflict":
                 raise IdempotencyConflict(
                     f"idempotency key {key!r} of saga {self.name!r} was used with a different "
@@ -312,6 +312,14 @@ class Saga(Policy):
             self._running -= 1
             self._counts[status if status in self._counts else "failed"] += 1
 
+    def _replayed(self, result: SagaResult) -> SagaResult:
+        with self._count_lock:
+            self._counts["replayed"] += 1
+        self._emit(
+            _events.RunReplayed, run_id=result.run_id, key=result.key or "", status=result.status
+        )
+        return result
+
     def _final_result(self, run_id: str) -> SagaResult | None:
         loaded = self.store.load(run_id)
         if loaded is None:
@@ -319,7 +327,7 @@ class Saga(Policy):
         record, _ = loaded
         if record.status in INCOMPLETE or record.result is None:
             return None
-        return SagaResult.from_dict(record.result)
+        return self._replayed(SagaResult.from_dict(record.result))
 
     # -- running --------------------------------------------------------------------------------
 
