@@ -10,7 +10,7 @@ from contextvars import ContextVar, Token
 
 from .clock import Clock
 
-__all__ = ["current_deadline", "remaining", "set_deadline"]
+__all__ = ["remaining", "reset_deadline", "set_deadline"]
 
 _deadline: ContextVar[tuple[float, Clock] | None] = ContextVar("buttress_deadline", default=None)
 
@@ -26,10 +26,6 @@ def remaining() -> float | None:
     deadline, clock = current
     left = deadline - clock.now()
     return left if left > 0.0 else 0.0
-
-
-def current_deadline() -> tuple[float, Clock] | None:
-    return _deadline.get()
 
 
 def set_deadline(seconds: float, clock: Clock) -> tuple[float, Token[tuple[float, Clock] | None]]:

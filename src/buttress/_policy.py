@@ -8,7 +8,6 @@ the same wrappers, so composing policies costs the sum of their parts.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 from collections.abc import Callable, Iterable
@@ -89,9 +88,6 @@ class Policy:
 
     # -- events -----------------------------------------------------------------------------
 
-    def _listening(self) -> bool:
-        return bool(self._listeners or _events.hub.listeners)
-
     def _emit(self, event_type: type[_events.Event], **fields: Any) -> None:
         if self._listeners or _events.hub.listeners:
             event = event_type(source=self.kind, name=self.name, time=self._clock.now(), **fields)
@@ -136,7 +132,3 @@ def cm_pop(owner: object) -> Any:
             _cm_entries.set(entries[:index] + entries[index + 1 :])
             return entries[index][1]
     raise RuntimeError("context manager exited without being entered")
-
-
-def running_loop() -> asyncio.AbstractEventLoop:
-    return asyncio.get_running_loop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -339,14 +339,3 @@ def jsonable(value: Any) -> Any:
 
 def wall_time() -> float:
     return time.time()
-
-
-def check_steps(steps: Iterable[object]) -> list[Step]:
-    out = []
-    for index, item in enumerate(steps):
-        if not isinstance(item, Step):
-            raise ConfigTypeError(
-                f"steps[{index}] must be a buttress.Step, got {item!r} ({type(item).__name__})"
-            )
-        out.append(item)
-    return out
