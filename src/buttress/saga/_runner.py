@@ -19,7 +19,7 @@ import concurrent.futures
 import os
 import socket
 import uuid
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -380,38 +380,49 @@ class _Run:
 # -- executing one step ----------------------------------------------------------------------
 
 
-def attempt_sync(run: _Run, step: Step, ctx: Context, history: list[AttemptRecord]) -> Any:
-    """One attempt of a sync step (the innermost layer under the step's policies)."""
-    _before_attempt(run, step, ctx, history)
+def attempt_sync(
+    run: _Run, step: Step, ctx: Context, history: list[AttemptRecord], undo: bool = False
+) -> Any:
+    """One attempt of a sync step (or, with ``undo``, of its compensation): the innermost
+    layer under the step's policies, recording the attempt in ``history``."""
+    call = _begin_attempt(run, step, ctx, history, undo) or step.call_sync
     started, t0 = wall_time(), run.saga.clock.now()
     try:
-        value = step.call_sync(ctx)
+        value = call(ctx)
     except BaseException as exc:
-        history.append(AttemptRecord(started, run.saga.clock.now() - t0, describe(exc)))
-        if step.permanent and isinstance(exc, step.permanent):
-            raise Permanent(str(exc), error=exc) from exc
+        permanent = _failed_attempt(run, step, history, exc, started=started, t0=t0, undo=undo)
+        if permanent is not None:
+            raise permanent from exc
         raise
     history.append(AttemptRecord(started, run.saga.clock.now() - t0))
     return value
 
 
-async def attempt_async(run: _Run, step: Step, ctx: Context, history: list[AttemptRecord]) -> Any:
-    """One attempt of an async step."""
-    _before_attempt(run, step, ctx, history)
+async def attempt_async(
+    run: _Run, step: Step, ctx: Context, history: list[AttemptRecord], undo: bool = False
+) -> Any:
+    """Async twin of :func:`attempt_sync`."""
+    call = _begin_attempt(run, step, ctx, history, undo) or step.call_async
     started, t0 = wall_time(), run.saga.clock.now()
     try:
-        value = await step.call_async(ctx)
+        value = await call(ctx)
     except BaseException as exc:
-        history.append(AttemptRecord(started, run.saga.clock.now() - t0, describe(exc)))
-        if step.permanent and isinstance(exc, step.permanent):
-            raise Permanent(str(exc), error=exc) from exc
+        permanent = _failed_attempt(run, step, history, exc, started=started, t0=t0, undo=undo)
+        if permanent is not None:
+            raise permanent from exc
         raise
     history.append(AttemptRecord(started, run.saga.clock.now() - t0))
     return value
 
 
-def _before_attempt(run: _Run, step: Step, ctx: Context, history: list[AttemptRecord]) -> None:
+def _begin_attempt(
+    run: _Run, step: Step, ctx: Context, history: list[AttemptRecord], undo: bool
+) -> Callable[[Context], Any] | None:
+    """Number the attempt; the compensation to call when undoing, else ``None``."""
     ctx.attempt = len(history) + 1
+    if undo:
+        assert step.compensate is not None
+        return step.compensate
     if history:
         run.saga._emit(
             _events.StepRetrying,
@@ -420,40 +431,24 @@ def _before_attempt(run: _Run, step: Step, ctx: Context, history: list[AttemptRe
             attempt=ctx.attempt,
             error=history[-1].error,
         )
+    return None
 
 
-def compensate_sync(run: _Run, step: Step, ctx: Context, history: list[AttemptRecord]) -> Any:
-    ctx.attempt = len(history) + 1
-    started, t0 = wall_time(), run.saga.clock.now()
-    assert step.compensate is not None
-    try:
-        value = step.compensate(ctx)
-    except BaseException as exc:
-        history.append(AttemptRecord(started, run.saga.clock.now() - t0, describe(exc)))
-        raise
-    history.append(AttemptRecord(started, run.saga.clock.now() - t0))
-    return value
-
-
-async def compensate_async(
-    run: _Run, step: Step, ctx: Context, history: list[AttemptRecord]
-) -> Any:
-    ctx.attempt = len(history) + 1
-    started, t0 = wall_time(), run.saga.clock.now()
-    assert step.compensate is not None
-    try:
-        value = await step.compensate(ctx)
-    except BaseException as exc:
-        history.append(AttemptRecord(started, run.saga.clock.now() - t0, describe(exc)))
-        raise
-    history.append(AttemptRecord(started, run.saga.clock.now() - t0))
-    return value
-
-
-def _outcome(
-    step: Step, history: list[AttemptRecord], started: float, t0: float, run: _Run
-) -> _Outcome:
-    return _Outcome(step, history=history, started_at=started, duration=run.saga.clock.now() - t0)
+def _failed_attempt(
+    run: _Run,
+    step: Step,
+    history: list[AttemptRecord],
+    exc: BaseException,
+    *,
+    started: float,
+    t0: float,
+    undo: bool,
+) -> Permanent | None:
+    """Record a failed attempt; a step error listed as permanent comes back wrapped."""
+    history.append(AttemptRecord(started, run.saga.clock.now() - t0, describe(exc)))
+    if not undo and step.permanent and isinstance(exc, step.permanent):
+        return Permanent(str(exc), error=exc)
+    return None
 
 
 # -- the sync driver ---------------------------------------------------------------------------
@@ -467,7 +462,7 @@ def _forward_one_sync(
     loop: asyncio.AbstractEventLoop | None,
 ) -> _Outcome:
     history: list[AttemptRecord] = []
-    outcome = _outcome(step, history, wall_time(), run.saga.clock.now(), run)
+    outcome = _Outcome(step, history=history, started_at=wall_time())
     t0 = run.saga.clock.now()
     token = None
     if deadline is not None:
@@ -497,12 +492,12 @@ def _forward_one_sync(
 def _undo_sync(run: _Run, step: Step, ctx: Context) -> _Outcome:
     history: list[AttemptRecord] = []
     t0 = run.saga.clock.now()
-    outcome = _outcome(step, history, wall_time(), t0, run)
+    outcome = _Outcome(step, history=history, started_at=wall_time())
     try:
         if step.compensate_is_async:
-            outcome.value = asyncio.run(step.undo_async(run, step, ctx, history))
+            outcome.value = asyncio.run(step.undo_async(run, step, ctx, history, undo=True))
         else:
-            outcome.value = step.undo_sync(run, step, ctx, history)
+            outcome.value = step.undo_sync(run, step, ctx, history, undo=True)
     except Exception as exc:
         outcome.error = exc
     outcome.duration = run.saga.clock.now() - t0
@@ -566,7 +561,7 @@ async def _forward_one_async(
 ) -> _Outcome:
     history: list[AttemptRecord] = []
     t0 = run.saga.clock.now()
-    outcome = _outcome(step, history, wall_time(), t0, run)
+    outcome = _Outcome(step, history=history, started_at=wall_time())
     try:
         if step.is_async:
             call = step.run_async
@@ -591,12 +586,12 @@ async def _forward_one_async(
 async def _undo_async(run: _Run, step: Step, ctx: Context) -> _Outcome:
     history: list[AttemptRecord] = []
     t0 = run.saga.clock.now()
-    outcome = _outcome(step, history, wall_time(), t0, run)
+    outcome = _Outcome(step, history=history, started_at=wall_time())
     try:
         if step.compensate_is_async:
-            outcome.value = await step.undo_async(run, step, ctx, history)
+            outcome.value = await step.undo_async(run, step, ctx, history, undo=True)
         else:
-            outcome.value = step.undo_sync(run, step, ctx, history)
+            outcome.value = step.undo_sync(run, step, ctx, history, undo=True)
     except Exception as exc:
         outcome.error = exc
     outcome.duration = run.saga.clock.now() - t0

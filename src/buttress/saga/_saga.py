@@ -34,8 +34,6 @@ from ._runner import (
     _Run,
     attempt_async,
     attempt_sync,
-    compensate_async,
-    compensate_sync,
     drive_async,
     drive_sync,
     new_owner,
@@ -134,8 +132,9 @@ class Saga(Policy):
             step.run_sync = outer._wrap_sync(attempt_sync) if outer else attempt_sync
             step.run_async = outer._wrap_async(attempt_async) if outer else attempt_async
             assert step.compensate_policy is not None
-            step.undo_sync = step.compensate_policy._wrap_sync(compensate_sync)
-            step.undo_async = step.compensate_policy._wrap_async(compensate_async)
+            # Compensations go through the same attempt recorder (called with undo=True).
+            step.undo_sync = step.compensate_policy._wrap_sync(attempt_sync)
+            step.undo_async = step.compensate_policy._wrap_async(attempt_async)
             self.step_by_name[step.name] = step
             self.all_steps.append(step)
         self.units.append(steps)
