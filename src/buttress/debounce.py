@@ -200,19 +200,27 @@ class _Gate:
 
     def _fire(self) -> None:
         with self.lock:
-            run = self._on_timer(self.clock.now())
-            args, kwargs = self.args
-            serving = self.serving
-            if run:
-                self.serving = None
-                if self.is_async:
-                    loop = asyncio.get_running_loop()
-                    self._start_async(loop, args, kwargs, serving)
-        if run and not self.is_async:
-            try:
-                self._execute_sync(args, kwargs)
-            except Exception:
-                _log.exception("debounced call %r failed", self.fn)
+            sync_call = self._start_trailing() if self._on_timer(self.clock.now()) else None
+        self._run_sync(sync_call)
+
+    def _start_trailing(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Lock held: start the trailing execution with the latest arguments. Async: as a
+        task serving the waiting callers; sync: returns the arguments to run it with."""
+        args, kwargs = self.args
+        serving, self.serving = self.serving, None
+        if self.is_async:
+            self._start_async(asyncio.get_running_loop(), args, kwargs, serving)
+            return None
+        return args, kwargs
+
+    def _run_sync(self, call: tuple[tuple[Any, ...], dict[str, Any]] | None) -> None:
+        """Run a sync trailing execution outside the lock (on the timer's thread)."""
+        if call is None:
+            return
+        try:
+            self._execute_sync(*call)
+        except Exception:
+            _log.exception("debounced call %r failed", self.fn)
 
     def flush(self) -> None:
         """Run the owed trailing execution now, if any."""
@@ -227,16 +235,9 @@ class _Gate:
 
     def _flush_run(self) -> None:
         with self.lock:
-            args, kwargs = self.args
-            serving, self.serving = self.serving, None
             self.last_exec = self.clock.now()
-            if self.is_async:
-                self._start_async(asyncio.get_running_loop(), args, kwargs, serving)
-        if not self.is_async:
-            try:
-                self._execute_sync(args, kwargs)
-            except Exception:
-                _log.exception("debounced call %r failed", self.fn)
+            sync_call = self._start_trailing()
+        self._run_sync(sync_call)
 
     def cancel(self) -> None:
         """Drop the owed trailing execution; async callers waiting for it are cancelled."""
