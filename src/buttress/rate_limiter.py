@@ -184,7 +184,7 @@ class RateLimiter(Policy):
         """Admit ``weight`` units now if possible; never waits, never jumps the queue."""
         if weight != 1:
             self._check_weight(weight)
-        lock = self._parent._lock if self._parent is not None else self._lock
+        lock = self._lock_of()
         with lock:
             bucket = self._live_bucket()
             if not bucket.waiters and self._conform(bucket, self._clock.now(), weight) == 0.0:
@@ -267,7 +267,7 @@ class RateLimiter(Policy):
 
     def acquire(self, weight: int = 1) -> None:
         """Admit ``weight`` units, waiting up to ``max_wait``; raises :class:`RateLimited`."""
-        if weight == 1 and self._parent is None and self._fast():
+        if weight == 1 and self._fast():
             return
         self._acquire_sync(weight)
 
@@ -304,7 +304,7 @@ class RateLimiter(Policy):
 
     async def acquire_async(self, weight: int = 1) -> None:
         """Async twin of :meth:`acquire`; a cancelled waiter takes nothing."""
-        if weight == 1 and self._parent is None and self._fast():
+        if weight == 1 and self._fast():
             return
         await self._acquire_async(weight)
 
