@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from buttress._config import config
+from buttress.chaos import _switch as chaos_switch
 from buttress.testing import FakeClock, isolated_registry
 
 
@@ -16,9 +17,11 @@ from buttress.testing import FakeClock, isolated_registry
 def _isolation() -> Iterator[None]:
     """Every test gets its own default registry and the global switches reset."""
     saved = (config.testing, config.testing_attempts)
+    chaos_saved = (chaos_switch.state, chaos_switch.env)
     with isolated_registry():
         yield
     config.testing, config.testing_attempts = saved
+    chaos_switch.state, chaos_switch.env = chaos_saved
 
 
 @pytest.fixture
@@ -94,3 +97,50 @@ class Flaky:
 def flaky() -> type[Flaky]:
     """The Flaky behaviour class."""
     return Flaky
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The URL of a reachable Redis server (skips, or fails on CI, when there is none)."""
+    from services import require_redis
+
+    return require_redis()
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    import redis
+
+    from services import unique
+
+    prefix = unique("buttress-test:")
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"*{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The URL of a reachable PostgreSQL server (skips, or fails on CI, when there is none)."""
+    from services import require_postgres
+
+    return require_postgres()
+
+
+@pytest.fixture
+def postgres_schema(postgres_url: str) -> Iterator[str]:
+    """A schema name of this test's own; the schema is dropped afterwards."""
+    import psycopg
+
+    from services import unique
+
+    schema = unique("buttress_test_")
+    yield schema
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

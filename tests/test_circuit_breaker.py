@@ -382,3 +382,23 @@ def test_a_plain_cancellation_stays_neutral():
 
     asyncio.run(main())
     assert breaker.state == "closed"
+
+
+def test_successes_after_reset_are_counted_by_existing_wrappers(clock):
+    breaker = CircuitBreaker("svc", clock=clock)
+    protected = breaker(lambda: 1)
+    protected()
+    breaker.reset()
+    protected()
+    protected()
+    assert breaker.snapshot()["successes"] == 2
+
+
+def test_half_open_exactly_at_the_reset_deadline(clock):
+    clock.advance(43.27670679050534)  # a reading where (now + 30) - now rounds below 30
+    breaker = CircuitBreaker("svc", failure_threshold=1, reset_timeout=30, clock=clock)
+    with pytest.raises(ZeroDivisionError):
+        breaker(lambda: 1 / 0)()
+    clock.advance(30)
+    assert breaker.state == "half_open"
+    assert breaker(lambda: "probe")() == "probe"

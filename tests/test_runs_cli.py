@@ -1,4 +1,4 @@
-"""``python -m buttress runs``: list, show and recover a SQLite run log."""
+"""``python -m buttress runs``: list, show and recover a SQLite or PostgreSQL run log."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from buttress import Saga
+from buttress.backends import RunRecord
 from buttress.backends.sqlite import SQLiteStore
 from buttress.testing import isolated_registry
 
@@ -59,8 +62,6 @@ def test_list_show_and_recover(tmp_path):
     assert cli("--db", str(db), "show", "nope", cwd=tmp_path).returncode == 1
     # An incomplete run (a process that died after creating it) is recovered.
     store = SQLiteStore(db)
-    from buttress.backends import RunRecord
-
     store.create_run(RunRecord("dead-run", "orders", "running", {"n": 2}, owner="gone:1:x"))
     store.close()
     recovered = cli("--db", str(db), "recover", "--app", "ordersapp:make", cwd=tmp_path)
@@ -77,3 +78,140 @@ def test_empty_log_and_bad_app(tmp_path):
     SQLiteStore(db).close()
     assert cli("--db", str(db), "list", cwd=tmp_path).stdout.strip() == "no runs"
     assert cli("--db", str(db), "recover", "--app", "nocolon", cwd=tmp_path).returncode == 2
+
+
+def test_show_json(tmp_path):
+    """show --json prints the record, the whole log and the stored report."""
+    db = tmp_path / "runs.db"
+    with isolated_registry():
+        saga = Saga("orders", store=SQLiteStore(db))
+        saga.step("reserve", lambda ctx: {"reserved": ctx.input["n"]})
+        done = saga.run({"n": 3})
+        saga.store.close()
+    shown = cli("--db", str(db), "show", done.run_id, "--json", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert data["run_id"] == done.run_id and data["status"] == "completed"
+    assert [(e["step"], e["event"]) for e in data["log"]] == [
+        ("reserve", "started"),
+        ("reserve", "completed"),
+    ]
+    assert data["log"][1]["output"] == {"reserved": 3}
+    assert data["result"]["status"] == "completed"
+
+
+def test_schema_needs_a_postgres_url(tmp_path):
+    """--schema with a SQLite path is a usage error, before anything is opened."""
+    db = tmp_path / "runs.db"
+    result = cli("--db", str(db), "--schema", "shop", "list", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--schema only applies" in result.stderr
+    assert not db.exists()
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------
+
+PG_APP = """
+from buttress import Saga
+from buttress.backends.postgres import PostgresStore
+
+
+def make(url, schema):
+    saga = Saga("orders", store=PostgresStore(url, schema=schema))
+    saga.step("reserve", lambda ctx: {"reserved": ctx.input["n"]},
+              compensate=lambda ctx: None)
+    saga.step("charge", lambda ctx: "paid")
+    return saga
+
+
+def make_fixed(url):
+    return Saga("orders", store=PostgresStore(url, schema="somewhere_else"))
+"""
+
+
+def _declined(ctx):
+    raise RuntimeError("declined")
+
+
+@pytest.fixture
+def pg_log(postgres_url, postgres_schema):
+    """A PostgreSQL run log holding one completed and one failed run of "orders"."""
+    from buttress.backends.postgres import PostgresStore
+
+    store = PostgresStore(postgres_url, schema=postgres_schema)
+    with isolated_registry():
+        good = Saga("orders", store=store)
+        good.step("reserve", lambda ctx: {"reserved": ctx.input["n"]})
+        completed = good.run({"n": 1}, key="order-1")
+    with isolated_registry():
+        bad = Saga("orders", store=store)
+        bad.step("reserve", lambda ctx: {"reserved": ctx.input["n"]})
+        bad.step("charge", _declined)
+        failed = bad.run({"n": 2}, key="order-2")
+    yield store, completed, failed
+    store.close()
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_postgres_list_and_show(tmp_path, postgres_url, postgres_schema, pg_log, scheme):
+    """A postgresql:// (or postgres://) --db with --schema lists and shows its runs."""
+    _, completed, failed = pg_log
+    url = scheme + "://" + postgres_url.split("://", 1)[1]
+    db = ("--db", url, "--schema", postgres_schema)
+    listing = cli(*db, "list", cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    assert "order-1" in listing.stdout and "order-2" in listing.stdout
+    assert "completed" in listing.stdout and "failed" in listing.stdout
+    as_json = json.loads(cli(*db, "list", "--json", "--status", "failed", cwd=tmp_path).stdout)
+    assert [r["run_id"] for r in as_json] == [failed.run_id]
+    assert as_json[0]["input"] == {"n": 2} and as_json[0]["key"] == "order-2"
+    shown = cli(*db, "show", failed.run_id[:8], cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    for event in ("started", "completed", "failed", "compensating"):
+        assert event in shown.stdout
+    assert "RuntimeError: declined" in shown.stdout
+    data = json.loads(cli(*db, "show", completed.run_id, "--json", cwd=tmp_path).stdout)
+    assert data["status"] == "completed" and data["log"][-1]["output"] == {"reserved": 1}
+    assert cli(*db, "show", "nope", cwd=tmp_path).returncode == 1
+
+
+def test_postgres_missing_schema_is_not_created(tmp_path, postgres_url, postgres_schema):
+    """Listing a schema without buttress tables says so and creates nothing."""
+    from buttress.backends.postgres import PostgresStore
+
+    result = cli("--db", postgres_url, "--schema", postgres_schema, "list", cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"no run log in schema {postgres_schema!r}" in result.stderr
+    probe = PostgresStore(postgres_url, schema=postgres_schema, create_schema=False)
+    try:
+        assert probe.schema_version() is None
+    finally:
+        probe.close()
+    bad = cli("--db", postgres_url, "--schema", "no-such; schema", "list", cwd=tmp_path)
+    assert bad.returncode == 2 and "schema must be a plain identifier" in bad.stderr
+
+
+def test_postgres_unreachable(tmp_path):
+    """A server that does not answer is an error message, not a traceback."""
+    result = cli("--db", "postgresql://postgres@127.0.0.1:1/test", "list", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: PostgreSQL store")
+    assert "Traceback" not in result.stderr
+
+
+def test_postgres_recover(tmp_path, postgres_url, postgres_schema, pg_log):
+    """recover hands the factory the URL and schema=, and finishes the abandoned runs."""
+    store, _, _ = pg_log
+    (tmp_path / "pgapp.py").write_text(PG_APP)
+    store.create_run(RunRecord("dead-run", "orders", "running", {"n": 3}, owner="gone:1:x"))
+    db = ("--db", postgres_url, "--schema", postgres_schema)
+    recovered = cli(*db, "recover", "--app", "pgapp:make", cwd=tmp_path)
+    assert recovered.returncode == 0, recovered.stderr
+    assert "dead-run  completed" in recovered.stdout
+    assert "recovered 1 run(s) of saga 'orders'" in recovered.stdout
+    loaded = store.load("dead-run")
+    assert loaded is not None and loaded[0].status == "completed"
+    # A factory that ignores --schema is refused rather than recovering another schema.
+    wrong = cli(*db, "recover", "--app", "pgapp:make_fixed", cwd=tmp_path)
+    assert wrong.returncode == 2
+    assert "'somewhere_else'" in wrong.stderr

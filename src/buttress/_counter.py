@@ -18,10 +18,13 @@ GIL_ENABLED: bool = bool(getattr(sys, "_is_gil_enabled", lambda: True)())
 
 
 class Counter:
-    __slots__ = ("_count", "_lock", "_value", "incr")
+    """Counts calls of ``incr``; ``reset`` keeps the same ``incr`` (wrappers bind it once)."""
+
+    __slots__ = ("_base", "_count", "_lock", "_value", "incr")
 
     def __init__(self) -> None:
         self._value = 0
+        self._base = 0
         self._lock = None if GIL_ENABLED else threading.Lock()
         self._count = itertools.count()
         self.incr: Callable[[], object]
@@ -38,12 +41,19 @@ class Counter:
     @property
     def value(self) -> int:
         if GIL_ENABLED:
-            # repr is "count(N)": the next value, i.e. the number of increments so far.
-            return int(repr(self._count)[6:-1])
+            return self._raw() - self._base
         return self._value  # pragma: no cover
 
+    def _raw(self) -> int:
+        # repr is "count(N)": the next value, i.e. the number of increments so far.
+        return int(repr(self._count)[6:-1])
+
     def reset(self) -> None:
-        self._count = itertools.count()
-        self._value = 0
+        """Start again from zero. The ``incr`` that wrappers already hold keeps counting:
+        replacing the underlying counter would silently drop their increments."""
         if GIL_ENABLED:
-            self.incr = self._count.__next__
+            self._base = self._raw()
+        else:  # pragma: no cover - free-threaded interpreters only
+            assert self._lock is not None
+            with self._lock:
+                self._value = 0

@@ -20,7 +20,7 @@ from ._policy import Policy
 from ._validate import check_int, check_seconds
 from ._waiters import Waiter, WaiterQueue
 from .clock import Clock
-from .exceptions import BulkheadFull
+from .exceptions import BulkheadFull, ConfigTypeError
 from .registry import Registry
 
 __all__ = ["Bulkhead"]
@@ -36,6 +36,9 @@ class Bulkhead(Policy):
             (default 0: reject at once when every slot is taken).
         max_wait: seconds a queued caller waits at most (default ``None``: as long as it
             takes, but never past an enclosing ``timeout``'s deadline).
+        store: shared slots, e.g. a :class:`~buttress.backends.redis.RedisBulkheadStore`
+            (the bulkhead then needs a name and ``max_concurrent`` holds across every
+            process); ``None`` (default) keeps the slots in this process.
         listeners: event listeners for this bulkhead only.
         registry: registry to join instead of the default one.
         clock: time source (default: the system clock).
@@ -50,6 +53,7 @@ class Bulkhead(Policy):
         max_concurrent: int,
         max_queue: int = 0,
         max_wait: float | None = None,
+        store: object = None,
         listeners: Iterable[_events.Listener] | None = None,
         registry: Registry | None = None,
         clock: Clock | None = None,
@@ -64,12 +68,34 @@ class Bulkhead(Policy):
         self._accepted = 0
         self._rejected = 0
         self._timed_out = 0
+        self._shared: Any = None
+        self._held: list[str | None] = []  # shared-slot tokens taken by acquire()
+        if store is not None:
+            bind = getattr(store, "bind", None)
+            if not callable(bind) or not hasattr(store, "backend"):
+                raise ConfigTypeError(
+                    f"store must be a bulkhead store such as "
+                    f"buttress.backends.redis.RedisBulkheadStore, got {store!r}"
+                )
+            self._shared = bind(self)
         self._register()
 
     # -- the shared core ---------------------------------------------------------------------
 
     def try_acquire(self) -> bool:
         """Take a slot if one is free right now (and nobody is queued); never waits."""
+        if self._shared is not None:
+            try:
+                token = self._shared.acquire(wait=False)
+            except BulkheadFull:
+                return False
+            if token is None and not self._try_acquire_local():  # the local fallback
+                return False
+            self._held.append(token)
+            return True
+        return self._try_acquire_local()
+
+    def _try_acquire_local(self) -> bool:
         with self._lock:
             if self._in_flight < self.max_concurrent and not self._waiters:
                 self._in_flight += 1
@@ -91,9 +117,12 @@ class Bulkhead(Policy):
         self._waiters.append(waiter)
         return waiter, timeout
 
+    def _label(self) -> str:
+        return "bulkhead" if self.name is None else f"bulkhead {self.name!r}"
+
     def _reject(self, reason: str) -> BulkheadFull:
         self._emit(_events.CallRejected, reason=reason, retry_after=None)
-        label = "bulkhead" if self.name is None else f"bulkhead {self.name!r}"
+        label = self._label()
         detail = {
             "bulkhead_full": f"all {self.max_concurrent} slots busy and "
             f"{len(self._waiters)}/{self.max_queue} queued",
@@ -131,6 +160,16 @@ class Bulkhead(Policy):
 
     def release(self) -> None:
         """Give a slot back (to the oldest waiter if there is one)."""
+        if self._shared is not None:
+            try:
+                token = self._held.pop()
+            except IndexError:
+                raise RuntimeError("Bulkhead.release() called more times than acquire()") from None
+            self._shared_give(token)
+            return
+        self._release_local()
+
+    def _release_local(self) -> None:
         with self._lock:
             if self._in_flight <= 0:
                 raise RuntimeError("Bulkhead.release() called more times than acquire()")
@@ -138,6 +177,12 @@ class Bulkhead(Policy):
 
     def acquire(self) -> None:
         """Take a slot, waiting in the queue if allowed; raises :class:`BulkheadFull`."""
+        if self._shared is not None:
+            self._held.append(self._shared_take())
+            return
+        self._acquire_local()
+
+    def _acquire_local(self) -> None:
         with self._lock:
             if self._in_flight < self.max_concurrent and not self._waiters:
                 self._in_flight += 1
@@ -161,6 +206,12 @@ class Bulkhead(Policy):
 
     async def acquire_async(self) -> None:
         """Async twin of :meth:`acquire`; a cancelled waiter takes nothing."""
+        if self._shared is not None:
+            self._held.append(await self._shared_take_async())
+            return
+        await self._acquire_local_async()
+
+    async def _acquire_local_async(self) -> None:
         with self._lock:
             if self._in_flight < self.max_concurrent and not self._waiters:
                 self._in_flight += 1
@@ -182,12 +233,78 @@ class Bulkhead(Policy):
             raise self._reject("bulkhead_wait_timeout")
         self._emit(_events.AcquiredAfterWait, waited=self._clock.now() - started)
 
+    # -- shared slots (a store) -------------------------------------------------------------
+
+    def _count_shared(self, *, accepted: bool) -> None:
+        with self._lock:
+            if accepted:
+                self._accepted += 1
+                self._in_flight += 1
+            else:
+                self._rejected += 1
+
+    def _shared_take(self) -> str | None:
+        """A shared slot's token; ``None`` when the local fallback gave the slot."""
+        token = self._shared.acquire()
+        if token is None:
+            self._acquire_local()
+        return token  # type: ignore[no-any-return]
+
+    async def _shared_take_async(self) -> str | None:
+        token = await self._shared.acquire_async()
+        if token is None:
+            await self._acquire_local_async()
+        return token  # type: ignore[no-any-return]
+
+    def _shared_give(self, token: str | None) -> None:
+        if token is None:
+            self._release_local()
+            return
+        with self._lock:
+            if token:  # "" marks a call let through by fail_open: it took no slot
+                self._in_flight -= 1
+        self._shared.release(token)
+
+    async def _shared_give_async(self, token: str | None) -> None:
+        if token is None:
+            self._release_local()
+            return
+        with self._lock:
+            if token:
+                self._in_flight -= 1
+        await self._shared.release_async(token)
+
+    def _wrap_shared(self, fn: Callable[..., Any], is_async: bool) -> Callable[..., Any]:
+        take, take_async, give = self._shared_take, self._shared_take_async, self._shared_give
+        give_async = self._shared_give_async
+        if is_async:
+
+            async def guarded_async(*args: Any, **kwargs: Any) -> Any:
+                token = await take_async()
+                try:
+                    return await fn(*args, **kwargs)
+                finally:
+                    await give_async(token)
+
+            return guarded_async
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            token = take()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                give(token)
+
+        return guarded
+
     # -- drivers ----------------------------------------------------------------------------
 
     # The wrappers inline the uncontended paths of acquire() and release(): bound
     # lock methods instead of `with`, and no Python call inside the critical section.
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if self._shared is not None:
+            return self._wrap_shared(fn, is_async=False)
         acquire, release = self.acquire, self.release
         lock_acquire, lock_release = self._lock.acquire, self._lock.release
         queue, limit = self._waiters.items, self.max_concurrent
@@ -215,6 +332,8 @@ class Bulkhead(Policy):
         return guarded
 
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if self._shared is not None:
+            return self._wrap_shared(fn, is_async=True)
         acquire, release = self.acquire_async, self.release
         lock_acquire, lock_release = self._lock.acquire, self._lock.release
         queue, limit = self._waiters.items, self.max_concurrent
@@ -263,6 +382,13 @@ class Bulkhead(Policy):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._shared is not None:
+            try:
+                token = self._held.pop()
+            except IndexError:
+                raise RuntimeError("Bulkhead exited more times than it was entered") from None
+            await self._shared_give_async(token)
+            return
         self.release()
 
     # -- state views ------------------------------------------------------------------------
@@ -277,7 +403,7 @@ class Bulkhead(Policy):
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {
+            out: dict[str, Any] = {
                 "kind": self.kind,
                 "name": self.name,
                 "max_concurrent": self.max_concurrent,
@@ -290,6 +416,10 @@ class Bulkhead(Policy):
                 "rejected": self._rejected,
                 "timed_out": self._timed_out,
             }
+            if self._shared is not None:
+                out["store"] = self._shared.snapshot()
+                out["shared_in_flight"] = self._shared.in_flight()
+            return out
 
     def health_check(self) -> tuple[str, Any, str]:
         with self._lock:

@@ -63,7 +63,9 @@ class CircuitBreaker(Policy):
         include: exceptions that count as failures (default ``Exception``); others are neutral.
             Rejections by other buttress primitives (:class:`RejectedError`) and
             cancellation are always neutral: those calls never reached the dependency.
-        store: shared state backend; ``None`` keeps the state in this process.
+        store: shared state backend, e.g. a
+            :class:`~buttress.backends.redis.RedisBreakerStore` (the breaker then needs a
+            name); ``None`` (default) keeps the state in this process.
         listeners: event listeners for this breaker only.
         registry: registry to join instead of the default one.
         clock: time source (default: the system clock).
@@ -112,18 +114,13 @@ class CircuitBreaker(Policy):
         )
         self.exclude = check_exception_types("exclude", exclude, allow_empty=True)
         self.include = check_exception_types("include", include)
-        if store is not None:
-            raise ConfigTypeError(
-                f"store must be None (in-process state) in this version; shared stores come "
-                f"from buttress.backends, got {store!r}"
-            )
         self._lock = threading.Lock()
         self._state = CLOSED
         self._gen = 0
         # The generation while closed, else None: the one attribute the hot path reads.
         self._closed_token: int | None = 0
         self._forced = False
-        self._opened_at = 0.0
+        self._half_open_at = 0.0
         self._probes = 0
         self._consecutive = 0
         self._ring = bytearray(self.window) if self.failure_rate is not None else bytearray()
@@ -140,19 +137,33 @@ class CircuitBreaker(Policy):
         # A closed, consecutive-mode breaker with no failure streak records a success with
         # one atomic increment and no lock (see _counter); anything else takes the lock.
         self._lock_free_success = GIL_ENABLED and not self._ring and not self._timed
+        self._shared: Any = None
+        if store is not None:
+            bind = getattr(store, "bind", None)
+            if not callable(bind) or not hasattr(store, "backend"):
+                raise ConfigTypeError(
+                    f"store must be a breaker store such as "
+                    f"buttress.backends.redis.RedisBreakerStore, got {store!r}"
+                )
+            self._shared = bind(self)
         self._register()
 
     # -- the permission protocol -----------------------------------------------------------
 
     @property
     def state(self) -> str:
-        """``"closed"``, ``"open"`` or ``"half_open"`` (an expired open reads as half-open)."""
+        """``"closed"``, ``"open"`` or ``"half_open"`` (an expired open reads as half-open).
+
+        With a shared store this reads the shared state (one round trip)."""
+        shared = self._shared
+        if shared is not None and not shared.gate.degraded:
+            shared.refresh()
+            expired = shared.open_until <= self._clock.now()
+            if shared.state == OPEN and not shared.forced and expired:
+                return HALF_OPEN
+            return str(shared.state)
         with self._lock:
-            if (
-                self._state == OPEN
-                and not self._forced
-                and self._clock.now() - self._opened_at >= self.reset_timeout
-            ):
+            if self._state == OPEN and not self._forced and self._clock.now() >= self._half_open_at:
                 return HALF_OPEN
             return self._state
 
@@ -163,10 +174,10 @@ class CircuitBreaker(Policy):
         changed = None
         with self._lock:
             if self._state == OPEN:
-                elapsed = self._clock.now() - self._opened_at
-                if self._forced or elapsed < self.reset_timeout:
+                left = self._half_open_at - self._clock.now()
+                if self._forced or left > 0:
                     self._rejections += 1
-                    retry_after = None if self._forced else self.reset_timeout - elapsed
+                    retry_after = None if self._forced else left
                     reject = CircuitOpenError(
                         f"{self._label()} is open",
                         retry_after=retry_after,
@@ -223,12 +234,7 @@ class CircuitBreaker(Policy):
             # hanging dependency must still open the circuit). Any other cancellation
             # is the caller's business and stays neutral.
             exc = None
-        if exc is not None and (
-            not isinstance(exc, self.include)
-            or isinstance(exc, self.exclude)
-            or not isinstance(exc, Exception)
-            or isinstance(exc, RejectedError)
-        ):
+        if exc is not None and self._is_neutral(exc):
             # Neutral: cancellation, excluded and non-included errors are neither outcome,
             # and so is a rejection by another primitive (an inner bulkhead or limiter):
             # that call never reached the dependency. A half-open probe gives its slot back.
@@ -244,6 +250,95 @@ class CircuitBreaker(Policy):
             changed = self._settle(token, failed=True)
         if changed is not None:
             self._emit(_events.CircuitStateChanged, **changed)
+
+    def _is_neutral(self, exc: BaseException) -> bool:
+        return (
+            not isinstance(exc, self.include)
+            or isinstance(exc, self.exclude)
+            or not isinstance(exc, Exception)
+            or isinstance(exc, RejectedError)
+        )
+
+    def _outcome(self, exc: BaseException | None, duration: float) -> str:
+        """Classify a finished call: ``"s"`` success, ``"f"`` failure, ``"n"`` neutral.
+
+        Books this process's counters; the shared store decides what the outcome does."""
+        if exc is None:
+            if self._timed and duration >= self.slow_call_duration:  # type: ignore[operator]
+                with self._lock:
+                    self._failures += 1
+                    self._slow_calls += 1
+                return "f"
+            return "s"
+        if isinstance(exc, asyncio.CancelledError) and _deadline_expired():
+            with self._lock:
+                self._failures += 1
+                self._slow_calls += 1
+            return "f"
+        neutral = self._is_neutral(exc)
+        with self._lock:
+            if neutral:
+                self._neutral += 1
+            else:
+                self._failures += 1
+        return "n" if neutral else "f"
+
+    # -- shared state (a store) -------------------------------------------------------------
+
+    def _shared_done(self, token: int, exc: BaseException | None, duration: float) -> Any:
+        """Report an outcome to the shared store; returns script arguments still to send."""
+        shared = self._shared
+        local = shared._local(token)
+        if local is not None:  # admitted by the in-process fallback ("local" mode)
+            if exc is None:
+                self._on_success(local, duration)
+            else:
+                self._on_failure(local, exc, duration)
+            return None
+        outcome = self._outcome(exc, duration)
+        if outcome == "s":
+            return shared.success(token)
+        return shared.failure(token, outcome)
+
+    def _wrap_shared_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        shared, done, now = self._shared, self._shared_done, self._clock.now
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            token = shared.acquire()
+            started = now()
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                pending = done(token, exc, now() - started)
+                if pending is not None:
+                    shared.send(pending)
+                raise
+            pending = done(token, None, now() - started)
+            if pending is not None:
+                shared.send(pending)
+            return result
+
+        return guarded
+
+    def _wrap_shared_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        shared, done, now = self._shared, self._shared_done, self._clock.now
+
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            token = await shared.acquire_async()
+            started = now()
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                pending = done(token, exc, now() - started)
+                if pending is not None:
+                    await shared.asend(pending)
+                raise
+            pending = done(token, None, now() - started)
+            if pending is not None:
+                await shared.asend(pending)
+            return result
+
+        return guarded
 
     # -- state machine internals (called with the lock held) ------------------------------
 
@@ -292,7 +387,9 @@ class CircuitBreaker(Policy):
         self._gen += 1
         self._probes = 0
         if new == OPEN:
-            self._opened_at = self._clock.now()
+            # The deadline itself, not "now - opened_at >= reset_timeout": that difference
+            # can round to just below reset_timeout when the clock reads exactly the deadline.
+            self._half_open_at = self._clock.now() + self.reset_timeout
         if new == CLOSED:
             self._consecutive = 0
             self._ring_pos = self._ring_len = self._ring_failures = 0
@@ -303,7 +400,11 @@ class CircuitBreaker(Policy):
     # -- operator controls ------------------------------------------------------------------
 
     def open(self) -> None:
-        """Force the circuit open until :meth:`close` or :meth:`reset` (no half-open probes)."""
+        """Force the circuit open until :meth:`close` or :meth:`reset` (no half-open probes).
+
+        With a shared store, every process sees it."""
+        if self._shared is not None:
+            self._shared.control("open")
         with self._lock:
             changed = self._transition(OPEN, "forced open")
             self._forced = True
@@ -311,10 +412,15 @@ class CircuitBreaker(Policy):
             self._emit(_events.CircuitStateChanged, **changed)
 
     def close(self) -> None:
-        """Close the circuit and forget the recent outcomes."""
+        """Close the circuit and forget the recent outcomes (in every process, with a store)."""
+        if self._shared is not None:
+            self._shared.control("close")
         with self._lock:
             self._forced = False
             changed = self._transition(CLOSED, "forced closed")
+            # already closed: no transition, but the streak and window are still forgotten
+            self._consecutive = 0
+            self._ring_pos = self._ring_len = self._ring_failures = 0
         if changed is not None:
             self._emit(_events.CircuitStateChanged, **changed)
 
@@ -329,6 +435,8 @@ class CircuitBreaker(Policy):
     # -- drivers ----------------------------------------------------------------------------
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if self._shared is not None:
+            return self._wrap_shared_sync(fn)
         acquire, on_success, on_failure = self._acquire, self._on_success, self._on_failure
         if self._lock_free_success:
             count = self._fast_successes.incr
@@ -380,6 +488,8 @@ class CircuitBreaker(Policy):
         return guarded
 
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if self._shared is not None:
+            return self._wrap_shared_async(fn)
         acquire, on_success, on_failure = self._acquire, self._on_success, self._on_failure
         if self._lock_free_success:
             count = self._fast_successes.incr
@@ -417,7 +527,7 @@ class CircuitBreaker(Policy):
         return guarded
 
     def __enter__(self) -> CircuitBreaker:
-        token = self._acquire()
+        token = self._shared.acquire() if self._shared is not None else self._acquire()
         cm_push(self, (token, self._clock.now()))
         return self
 
@@ -429,13 +539,22 @@ class CircuitBreaker(Policy):
     ) -> None:
         token, started = cm_pop(self)
         duration = self._clock.now() - started
+        if self._shared is not None:
+            pending = self._shared_done(token, exc, duration)
+            if pending is not None:
+                self._shared.send(pending)
+            return
         if exc is None:
             self._on_success(token, duration)
         else:
             self._on_failure(token, exc, duration)
 
     async def __aenter__(self) -> CircuitBreaker:
-        return self.__enter__()
+        if self._shared is None:
+            return self.__enter__()
+        token = await self._shared.acquire_async()
+        cm_push(self, (token, self._clock.now()))
+        return self
 
     async def __aexit__(
         self,
@@ -443,17 +562,45 @@ class CircuitBreaker(Policy):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.__exit__(exc_type, exc, tb)
+        if self._shared is None:
+            self.__exit__(exc_type, exc, tb)
+            return
+        token, started = cm_pop(self)
+        pending = self._shared_done(token, exc, self._clock.now() - started)
+        if pending is not None:
+            await self._shared.asend(pending)
 
     # -- state views ------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
+        if self._shared is not None:
+            return self._shared_snapshot()
+        return self._local_snapshot()
+
+    def _shared_snapshot(self) -> dict[str, Any]:
+        shared = self._shared
+        out = self._local_snapshot()
+        if not shared.gate.degraded:
+            shared.refresh()
+            out.update(
+                {k: v for k, v in shared.last.items() if k not in ("generation",)},
+            )
+            out["state"] = self.state
+            out["seconds_until_half_open"] = (
+                max(shared.open_until - self._clock.now(), 0.0)
+                if shared.state == OPEN and not shared.forced
+                else None
+            )
+        out["store"] = shared.snapshot()
+        return out
+
+    def _local_snapshot(self) -> dict[str, Any]:
         with self._lock:
             now = self._clock.now()
             state = self._state
             until: float | None = None
             if state == OPEN and not self._forced:
-                until = max(self.reset_timeout - (now - self._opened_at), 0.0)
+                until = max(self._half_open_at - now, 0.0)
                 if until == 0.0:
                     state = HALF_OPEN
             successes = self._successes + self._fast_successes.value

@@ -165,7 +165,8 @@ class _Gate:
             else:
                 future = self.current
         if future is None:  # nothing has run yet in this window and no trailing run is owed
-            return self.last_result
+            with self.lock:
+                return self.last_result
         return await asyncio.shield(future)
 
     def _start_async(
@@ -193,7 +194,8 @@ class _Gate:
         elif task.exception() is not None:
             future.set_exception(task.exception())  # type: ignore[arg-type]
         else:
-            self.last_result = task.result()
+            with self.lock:
+                self.last_result = task.result()
             future.set_result(task.result())
 
     # -- the timer ----------------------------------------------------------------------------
@@ -291,6 +293,7 @@ class Debounce:
         self.throttle = throttle
         self.clock: Clock = resolve_clock(clock)
         self._gates: weakref.WeakSet[_Gate] = weakref.WeakSet()
+        self._gates_lock = threading.Lock()  # a WeakSet is not safe to change while iterated
 
     @overload
     def __call__(
@@ -304,7 +307,8 @@ class Debounce:
         check_decoratable(fn)
         is_async = is_async_callable(fn)
         gate = _Gate(self, fn, is_async)
-        self._gates.add(gate)
+        with self._gates_lock:
+            self._gates.add(gate)
         if is_async:
 
             async def debounced_async(*args: P.args, **kwargs: P.kwargs) -> Any:
@@ -322,16 +326,20 @@ class Debounce:
 
     def flush(self) -> None:
         """Run every owed trailing execution now (async ones on their loop)."""
-        for gate in list(self._gates):
+        for gate in self._all_gates():
             gate.flush()
 
     def cancel(self) -> None:
         """Drop every owed trailing execution."""
-        for gate in list(self._gates):
+        for gate in self._all_gates():
             gate.cancel()
 
+    def _all_gates(self) -> list[_Gate]:
+        with self._gates_lock:
+            return list(self._gates)
+
     def snapshot(self) -> dict[str, Any]:
-        gates = list(self._gates)
+        gates = self._all_gates()
         return {
             "kind": "throttle" if self.throttle else "debounce",
             "wait": self.wait,

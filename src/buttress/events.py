@@ -18,6 +18,8 @@ from typing import ClassVar
 
 __all__ = [
     "AcquiredAfterWait",
+    "BackendDegraded",
+    "BackendRecovered",
     "CallRejected",
     "CircuitStateChanged",
     "CompensationCompleted",
@@ -171,6 +173,28 @@ class HedgeLaunched(Event):
     kind: ClassVar[str] = "hedge_launched"
     severity: ClassVar[Severity] = Severity.DEBUG
     attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class BackendDegraded(Event):
+    """A shared backend (Redis, PostgreSQL) failed: the primitive now runs in its
+    ``on_backend_error`` mode (``"fail_closed"``, ``"fail_open"`` or ``"local"``)."""
+
+    kind: ClassVar[str] = "backend_degraded"
+    severity: ClassVar[Severity] = Severity.ERROR
+    backend: str
+    mode: str
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class BackendRecovered(Event):
+    """The backend answers again after ``downtime`` seconds; shared state is back in use."""
+
+    kind: ClassVar[str] = "backend_recovered"
+    severity: ClassVar[Severity] = Severity.WARNING
+    backend: str
+    downtime: float
 
 
 Listener = Callable[[Event], object]

@@ -16,6 +16,8 @@ The hierarchy::
     ├── Permanent                   raised by a step (or wrapping its error): never retry
     ├── IdempotencyConflict         a saga key is taken by another input or needs an operator
     └── BackendError                a store (SQLite, Redis, PostgreSQL) failed
+        └── BackendUnavailable      (also a RejectedError) the shared backend is down and the
+                                    primitive fails closed: the call was not run
 
 A retry that runs out of attempts because of exceptions re-raises the *last exception itself*,
 unchanged, with a note saying how many attempts were made; it never wraps it.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendError",
+    "BackendUnavailable",
     "BulkheadFull",
     "ButtressError",
     "CircuitOpenError",
@@ -144,3 +147,9 @@ class IdempotencyConflict(ButtressError):
 
 class BackendError(ButtressError):
     """A backing store failed; the original error is chained as ``__cause__``."""
+
+
+class BackendUnavailable(BackendError, RejectedError):
+    """The shared backend of a primitive with ``on_backend_error="fail_closed"`` is down, so
+    the call was refused without running (a :class:`RejectedError`: breakers stay neutral,
+    and ``retry_after`` says when the backend will be tried again)."""

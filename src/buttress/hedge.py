@@ -11,6 +11,7 @@ cannot cancel a call.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -43,6 +44,7 @@ class Hedge(Policy):
         seconds = require_seconds("delay", delay, allow_zero=True)
         self.delay = seconds
         self.max_hedged = check_int("max_hedged", max_hedged)
+        self._lock = threading.Lock()  # one Hedge may serve event loops in several threads
         self._launched = 0
         self._wins = 0
         self._register()
@@ -78,7 +80,8 @@ class Hedge(Policy):
             nonlocal launched
             launched += 1
             if launched > 1:
-                self._launched += 1
+                with self._lock:
+                    self._launched += 1
                 self._emit(_events.HedgeLaunched, attempt=launched)
             task = loop.create_task(fn(*args, **kwargs))
             task.add_done_callback(on_done)
@@ -102,7 +105,8 @@ class Hedge(Policy):
                     error = task.exception()
                     if error is None:
                         if task is not first[0]:
-                            self._wins += 1
+                            with self._lock:
+                                self._wins += 1
                         return task.result()
                     last_error = error
                 if finished:

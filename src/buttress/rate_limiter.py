@@ -63,7 +63,9 @@ class RateLimiter(Policy):
             at most ``burst + rate * t / per``.
         max_wait: seconds a caller may wait for a permit (default ``None``: as long as
             needed, but never past an enclosing ``timeout``'s deadline; 0: never wait).
-        store: shared state backend; ``None`` keeps the state in this process.
+        store: shared state backend, e.g. a
+            :class:`~buttress.backends.redis.RedisRateLimiterStore` (the limiter then needs
+            a name); ``None`` (default) keeps the state in this process.
         max_keys: live per-key buckets kept by :meth:`for_key` (default 100,000).
         listeners: event listeners for this limiter only.
         registry: registry to join instead of the default one.
@@ -92,11 +94,6 @@ class RateLimiter(Policy):
         self.per = seconds
         self.burst = 1 if burst is None else check_int("burst", burst)
         self.max_wait = check_seconds("max_wait", max_wait, allow_zero=True, allow_none=True)
-        if store is not None:
-            raise ConfigTypeError(
-                f"store must be None (in-process state) in this version; shared stores come "
-                f"from buttress.backends, got {store!r}"
-            )
         self.max_keys = check_int("max_keys", max_keys)
         self._interval = self.per / self.rate
         if not 0 < self._interval * self.burst < float("inf"):
@@ -116,7 +113,16 @@ class RateLimiter(Policy):
         self._rejected = 0
         self._waited = 0
         self._evicted_horizon = float("-inf")
-        self._fast: Callable[[], bool] = self._make_fast()
+        self._shared: Any = None
+        if store is not None:
+            bind = getattr(store, "bind", None)
+            if not callable(bind) or not hasattr(store, "backend"):
+                raise ConfigTypeError(
+                    f"store must be a rate limiter store such as "
+                    f"buttress.backends.redis.RedisRateLimiterStore, got {store!r}"
+                )
+            self._shared = bind(self)
+        self._fast: Callable[[], bool] = _never if self._shared else self._make_fast()
         self._register()
 
     # -- GCRA (lock held) -------------------------------------------------------------------
@@ -184,6 +190,12 @@ class RateLimiter(Policy):
         """Admit ``weight`` units now if possible; never waits, never jumps the queue."""
         if weight != 1:
             self._check_weight(weight)
+        if self._shared is not None:
+            try:
+                if not self._shared.acquire(self._bucket.key, weight, 0.0):
+                    return True
+            except RateLimited:
+                return False
         lock = self._lock_of()
         with lock:
             bucket = self._live_bucket()
@@ -253,11 +265,22 @@ class RateLimiter(Policy):
             if following is not None:
                 following.wake()
 
+    def _label(self) -> str:
+        owner = self._parent if self._parent is not None else self
+        return "rate limiter" if owner.name is None else f"rate limiter {owner.name!r}"
+
+    def _wait_budget(self) -> float | None:
+        """Seconds a caller may wait: ``max_wait`` or the enclosing deadline, the smaller."""
+        limit = self.max_wait
+        left = remaining()
+        if left is not None and (limit is None or left < limit):
+            limit = max(left, 0.0)
+        return limit
+
     def _rate_limited(self, retry_after: float) -> RateLimited:
         self._emit(_events.CallRejected, reason="rate_limited", retry_after=retry_after)
-        label = "rate limiter" if self.name is None else f"rate limiter {self.name!r}"
         return RateLimited(
-            f"{label}: no permit within the allowed wait (next in {retry_after:.3f}s)",
+            f"{self._label()}: no permit within the allowed wait (next in {retry_after:.3f}s)",
             retry_after=retry_after,
             name=self.name,
         )
@@ -274,6 +297,9 @@ class RateLimiter(Policy):
     def _acquire_sync(self, weight: int) -> None:
         if weight != 1:
             self._check_weight(weight)
+        shared = self._shared
+        if shared is not None and not shared.acquire(self._bucket.key, weight, self._wait_budget()):
+            return
         lock = self._lock_of()
         with lock:
             outcome = self._admit_or_queue(weight, False)
@@ -311,6 +337,11 @@ class RateLimiter(Policy):
     async def _acquire_async(self, weight: int) -> None:
         if weight != 1:
             self._check_weight(weight)
+        shared = self._shared
+        if shared is not None and not await shared.acquire_async(
+            self._bucket.key, weight, self._wait_budget()
+        ):
+            return
         lock = self._lock_of()
         with lock:
             outcome = self._admit_or_queue(weight, True)
@@ -353,6 +384,12 @@ class RateLimiter(Policy):
         """
         if self._parent is not None:
             return self._parent.for_key(key)
+        try:
+            hash(key)
+        except TypeError:
+            raise ConfigTypeError(
+                f"key must be hashable, got {key!r} ({type(key).__name__})"
+            ) from None
         with self._lock:
             bucket = self._key_bucket(key)
             view = bucket.view
@@ -461,7 +498,12 @@ class RateLimiter(Policy):
     # -- state views ------------------------------------------------------------------------
 
     def tokens(self) -> float:
-        """Units that could be admitted right now (fractional while refilling)."""
+        """Units that could be admitted right now (fractional while refilling); read from
+        the shared store when there is one and it answers."""
+        if self._shared is not None:
+            shared_tokens = self._shared.tokens(self._bucket.key)
+            if shared_tokens is not None:
+                return float(shared_tokens)
         with self._lock_of():
             bucket = self._live_bucket()
             debt = bucket.tat - self._clock.now()
@@ -490,7 +532,9 @@ class RateLimiter(Policy):
             }
             if self._parent is not None:
                 out["key"] = repr(self._bucket.key)
-            return out
+        if self._shared is not None:
+            out["store"] = self._shared.snapshot()
+        return out
 
     def health_check(self) -> tuple[str, Any, str]:
         tokens = self.tokens()

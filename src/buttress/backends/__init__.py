@@ -1,20 +1,23 @@
 """Where sagas keep their run log and idempotency keys.
 
-A store is any object implementing :class:`SagaStore`. buttress ships
-:class:`~buttress.backends.memory.MemoryStore` (the default: in-process, bounded)
-and :class:`~buttress.backends.sqlite.SQLiteStore` (durable, one machine).
+A store is any object implementing :class:`SagaStore` (and, optionally, the async
+twins of :class:`AsyncSagaStore`). buttress ships
+:class:`~buttress.backends.memory.MemoryStore` (the default: in-process, bounded),
+:class:`~buttress.backends.sqlite.SQLiteStore` (durable, one machine) and
+:class:`~buttress.backends.postgres.PostgresStore` (durable, shared by machines).
 Every write returns only once the record is stored: the runner never moves on
 before its log says where it is.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from buttress.exceptions import BackendError
 
-__all__ = ["BackendError", "KeyClaim", "LogEntry", "RunRecord", "SagaStore"]
+__all__ = ["AsyncSagaStore", "BackendError", "KeyClaim", "LogEntry", "RunRecord", "SagaStore"]
 
 # Run statuses. "running" and "compensating" are incomplete (recoverable);
 # the other three are final.
@@ -76,6 +79,48 @@ class KeyClaim:
     entries: list[LogEntry] = field(default_factory=list)
 
 
+def run_row(r: RunRecord) -> tuple[Any, ...]:
+    """A new run's columns, in the order the SQL stores insert them: run_id, saga, status,
+    input (JSON), key, input_hash, created_at, updated_at, owner, lease_until, ttl."""
+    return (
+        r.run_id,
+        r.saga,
+        r.status,
+        json.dumps(r.input),
+        r.key,
+        r.input_hash,
+        r.created_at,
+        r.updated_at,
+        r.owner,
+        r.lease_until,
+        r.ttl,
+    )
+
+
+def run_changes(
+    entries: list[LogEntry],
+    *,
+    lease_until: float | None,
+    status: str | None,
+    error: str | None,
+    result: dict[str, Any] | None,
+    expires_at: float | None,
+) -> dict[str, Any]:
+    """The columns of a run that one ``write()`` changes, by name (for the SQL stores).
+
+    A final status also records the outcome and releases the lease."""
+    changes: dict[str, Any] = {}
+    if entries:
+        changes["updated_at"] = entries[-1].at
+    if lease_until is not None:
+        changes["lease_until"] = lease_until
+    if status is not None:
+        changes["status"] = status
+        if status not in INCOMPLETE:
+            changes.update(error=error, result=result, expires_at=expires_at, lease_until=0.0)
+    return changes
+
+
 @runtime_checkable
 class SagaStore(Protocol):
     """The run log and idempotency store the saga runner needs."""
@@ -122,3 +167,51 @@ class SagaStore(Protocol):
         self, *, saga: str | None = None, status: str | None = None, limit: int = 100
     ) -> list[RunRecord]:
         """The most recent runs, newest first."""
+
+
+@runtime_checkable
+class AsyncSagaStore(Protocol):
+    """The async twins a :class:`SagaStore` may also offer (``a`` + the method name,
+    same arguments). ``Saga.run_async()`` and ``recover_async()`` await them instead of
+    calling the sync methods on the event loop."""
+
+    async def acreate_run(self, record: RunRecord) -> None:
+        """Async :meth:`SagaStore.create_run`."""
+
+    async def aclaim_key(self, record: RunRecord, *, now: float) -> KeyClaim:
+        """Async :meth:`SagaStore.claim_key`."""
+
+    async def awrite(
+        self,
+        run_id: str,
+        entries: list[LogEntry],
+        *,
+        lease_until: float | None = None,
+        status: str | None = None,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+        expires_at: float | None = None,
+    ) -> None:
+        """Async :meth:`SagaStore.write`."""
+
+    async def aload(self, run_id: str) -> tuple[RunRecord, list[LogEntry]] | None:
+        """Async :meth:`SagaStore.load`."""
+
+    async def aclaim_run(
+        self,
+        run_id: str,
+        owner: str,
+        *,
+        now: float,
+        lease_until: float,
+        expected_owner: str | None = None,
+    ) -> bool:
+        """Async :meth:`SagaStore.claim_run`."""
+
+    async def aincomplete(self, saga: str) -> list[str]:
+        """Async :meth:`SagaStore.incomplete`."""
+
+    async def aruns(
+        self, *, saga: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        """Async :meth:`SagaStore.runs`."""

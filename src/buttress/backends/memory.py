@@ -103,6 +103,8 @@ class MemoryStore:
             record = self._runs.get(run_id)
             if record is None:
                 return
+            # The same rules as backends.run_changes(), set directly: this is the default
+            # store's hot path, and building that dict costs ~0.6 us per saga step.
             if entries:
                 record.updated_at = entries[-1].at
             if lease_until is not None:

@@ -21,10 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from buttress._validate import check_choice
+from buttress._validate import check_choice, require_seconds
 from buttress.exceptions import BackendError, ConfigTypeError
 
-from . import INCOMPLETE, KeyClaim, LogEntry, RunRecord
+from . import KeyClaim, LogEntry, RunRecord, run_changes, run_row
 from .memory import judge_claim
 
 __all__ = ["SQLiteStore"]
@@ -86,10 +86,11 @@ class SQLiteStore:
             raise ConfigTypeError(f"path must be a str or Path, got {path!r}")
         self.path = str(path)
         self.synchronous = check_choice("synchronous", synchronous, ("NORMAL", "FULL"))
+        self.timeout = require_seconds("timeout", timeout)
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(
-                self.path, timeout=timeout, isolation_level=None, check_same_thread=False
+                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={self.synchronous}")
@@ -132,19 +133,7 @@ class SQLiteStore:
         db.execute(
             "INSERT INTO buttress_runs (run_id, saga, status, input, key, input_hash, "
             "created_at, updated_at, owner, lease_until, ttl) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                r.run_id,
-                r.saga,
-                r.status,
-                json.dumps(r.input),
-                r.key,
-                r.input_hash,
-                r.created_at,
-                r.updated_at,
-                r.owner,
-                r.lease_until,
-                r.ttl,
-            ),
+            run_row(r),
         )
 
     def create_run(self, record: RunRecord) -> None:
@@ -209,24 +198,21 @@ class SQLiteStore:
                         for e in entries
                     ],
                 )
-            sets: list[str] = []
-            args: list[Any] = []
-            if entries:
-                sets.append("updated_at=?")
-                args.append(entries[-1].at)
-            if lease_until is not None:
-                sets.append("lease_until=?")
-                args.append(lease_until)
-            if status is not None:
-                sets.append("status=?")
-                args.append(status)
-                if status not in INCOMPLETE:
-                    sets += ["error=?", "result=?", "expires_at=?", "lease_until=0"]
-                    args += [error, None if result is None else json.dumps(result), expires_at]
-            if sets:
+            changes = run_changes(
+                entries,
+                lease_until=lease_until,
+                status=status,
+                error=error,
+                result=result,
+                expires_at=expires_at,
+            )
+            if "result" in changes and changes["result"] is not None:
+                changes["result"] = json.dumps(changes["result"])
+            if changes:
                 db.execute(
-                    f"UPDATE buttress_runs SET {', '.join(sets)} WHERE run_id=?",
-                    (*args, run_id),
+                    f"UPDATE buttress_runs SET {', '.join(f'{c}=?' for c in changes)} "
+                    "WHERE run_id=?",
+                    (*changes.values(), run_id),
                 )
 
     def claim_run(

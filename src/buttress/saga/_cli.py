@@ -1,9 +1,17 @@
-"""``python -m buttress runs``: inspect and recover a SQLite run log."""
+"""``python -m buttress runs``: inspect and recover a saga run log.
+
+``--db`` names the log: a SQLite file path, or a ``postgresql://`` (``postgres://``)
+URL whose ``--schema`` holds the tables of a
+:class:`~buttress.backends.postgres.PostgresStore`. The store is chosen from that
+argument; listing, showing and recovering are the same for both.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import inspect
 import json
 import sys
 import time
@@ -11,21 +19,43 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from buttress.backends import LogEntry, RunRecord
+from buttress.exceptions import BackendError, ConfigError
 from buttress.saga._saga import Saga
 
 __all__ = ["add_runs_parser", "run_runs"]
 
 _STATUSES = ("running", "compensating", "completed", "failed", "compensation_failed")
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+_DEFAULT_SCHEMA = "buttress"
+
+
+def _is_postgres(db: str) -> bool:
+    return db.lower().startswith(_POSTGRES_SCHEMES)
 
 
 def add_runs_parser(commands: Any) -> None:
     """Add the ``runs`` command to an argparse subparsers object."""
     runs = commands.add_parser(
         "runs",
-        help="inspect or recover the saga runs in a SQLite run log",
-        description="Inspect or recover the saga runs recorded in a SQLite run log.",
+        help="inspect or recover the saga runs in a SQLite or PostgreSQL run log",
+        description=(
+            "Inspect or recover the saga runs recorded in a run log: a SQLite file "
+            "(SQLiteStore) or a PostgreSQL schema (PostgresStore)."
+        ),
     )
-    runs.add_argument("--db", required=True, help="path of the SQLite run log")
+    runs.add_argument(
+        "--db",
+        required=True,
+        metavar="PATH_OR_URL",
+        help="the run log: a SQLite file path, or a postgresql:// (postgres://) URL",
+    )
+    runs.add_argument(
+        "--schema",
+        default=None,
+        metavar="NAME",
+        help=f"the PostgreSQL schema holding the tables (default {_DEFAULT_SCHEMA!r}); "
+        "only with a postgresql:// --db",
+    )
     actions = runs.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="a table of recent runs")
     listing.add_argument("--status", choices=_STATUSES, help="only runs with this status")
@@ -40,7 +70,8 @@ def add_runs_parser(commands: Any) -> None:
         "--app",
         required=True,
         help="where the saga is defined, as module:attribute: a function returning the "
-        "Saga when called with the --db path, or a Saga object (which then uses its own "
+        "Saga when called with the --db path or URL (and schema=NAME, for PostgreSQL, "
+        "when it takes a schema parameter), or a Saga object (which then uses its own "
         "store, not --db)",
     )
     runs.set_defaults(handler=run_runs)
@@ -119,7 +150,7 @@ def _show(store: Any, args: argparse.Namespace, out: TextIO) -> int:
     record, entries = found
     if args.json:
         data = _record_json(record)
-        data["log"] = [entry.__dict__ for entry in entries]
+        data["log"] = [dataclasses.asdict(entry) for entry in entries]
         data["result"] = record.result
         json.dump(data, out, indent=2, default=repr)
         out.write("\n")
@@ -150,16 +181,38 @@ def _show(store: Any, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _recover(db: str, args: argparse.Namespace, out: TextIO) -> int:
+def _build(target: Any, db: str, schema: str | None) -> Any:
+    """Call an ``--app`` factory: with the ``--db`` value, plus ``schema=`` for a
+    PostgreSQL log when the factory takes it."""
+    if schema is not None:
+        try:
+            inspect.signature(target).bind(db, schema=schema)
+        except (TypeError, ValueError):  # no such parameter, or no signature to read
+            pass
+        else:
+            return target(db, schema=schema)
+    return target(db)
+
+
+def _recover(db: str, schema: str | None, args: argparse.Namespace, out: TextIO) -> int:
     module_name, _, attribute = args.app.partition(":")
     if not module_name or not attribute:
         sys.stderr.write(f"--app must look like module:attribute, got {args.app!r}\n")
         return 2
     sys.path.insert(0, ".")
     target: Any = getattr(importlib.import_module(module_name), attribute)
-    saga = target if isinstance(target, Saga) else target(db)
+    saga = target if isinstance(target, Saga) else _build(target, db, schema)
     if not isinstance(saga, Saga):
         sys.stderr.write(f"{args.app} is not a Saga (nor returns one)\n")
+        return 2
+    used = getattr(saga.store, "schema", None)
+    if target is not saga and schema is not None and used not in (None, schema):
+        # The factory ignored the schema asked for: recovering another one would
+        # silently leave the runs the operator meant untouched.
+        sys.stderr.write(
+            f"{args.app} built a saga on schema {used!r}, not {schema!r}: "
+            "give --schema the schema it uses, or let it take a schema parameter\n"
+        )
         return 2
     results = saga.recover()
     for result in results:
@@ -168,20 +221,60 @@ def _recover(db: str, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def run_runs(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """Execute ``python -m buttress runs ...``."""
+def _open(db: str, schema: str | None) -> Any:
+    """The store ``--db`` names, or ``None`` (after saying so) when there is no log.
+
+    The command only reads: a PostgreSQL store is opened with ``create_schema=False``,
+    so a missing or older schema is reported instead of created or migrated.
+    """
+    if schema is not None:
+        from buttress.backends.postgres import PostgresStore
+
+        store = PostgresStore(db, schema=schema, create_schema=False)
+        if store.schema_version() is None:
+            store.close()
+            sys.stderr.write(f"no run log in schema {schema!r} of that PostgreSQL database\n")
+            return None
+        return store
     from buttress.backends.sqlite import SQLiteStore
 
-    stream = out if out is not None else sys.stdout
+    if not Path(db).exists():
+        sys.stderr.write(f"no run log at {db!r}\n")
+        return None
+    return SQLiteStore(db)
+
+
+def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
+    schema: str | None = args.schema
+    if _is_postgres(args.db):
+        schema = _DEFAULT_SCHEMA if schema is None else schema
+    elif schema is not None:
+        sys.stderr.write("--schema only applies to a PostgreSQL --db (postgresql://...)\n")
+        return 2
     if args.action == "recover":
-        return _recover(args.db, args, stream)
-    if not Path(args.db).exists():
-        sys.stderr.write(f"no run log at {args.db!r}\n")
+        return _recover(args.db, schema, args, out)
+    store = _open(args.db, schema)
+    if store is None:
         return 1
-    store = SQLiteStore(args.db)
     try:
         if args.action == "list":
-            return _list(store, args, stream)
-        return _show(store, args, stream)
+            return _list(store, args, out)
+        return _show(store, args, out)
     finally:
         store.close()
+
+
+def run_runs(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Execute ``python -m buttress runs ...``."""
+    stream = out if out is not None else sys.stdout
+    try:
+        return _dispatch(args, stream)
+    except ConfigError as exc:  # a bad --schema, say
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except ImportError as exc:  # the optional driver is not installed
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except BackendError as exc:  # unreachable server, schema to migrate, unreadable file
+        sys.stderr.write(f"error: {exc}\n")
+        return 1

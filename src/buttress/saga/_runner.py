@@ -1,13 +1,17 @@
 """The saga runner: one flow of decisions, two thin drivers.
 
 ``_Run.flow()`` is a generator holding every decision of a run: which steps go
-next, what the log records and when it is flushed, when to compensate and in
-which order. It yields instructions (run these steps; compensate that step) and
+next, what the log records and when it is saved, when to compensate and in
+which order. It yields instructions (save the log and run these steps; save the
+log and compensate that step; save the final report; call the store) and
 receives their outcomes. ``drive_sync`` and ``drive_async`` execute the
-instructions, each in its own way of waiting; they decide nothing.
+instructions, each in its own way of waiting; they decide nothing. Store I/O is
+one of those instructions, so an async store (one with the ``a``-prefixed twins
+of :class:`~buttress.backends.AsyncSagaStore`) is awaited by ``drive_async``
+while ``drive_sync`` calls the plain methods.
 
 The log is written before every side effect: the entries gathered since the last
-flush (a step's completion, the next step's start) go to the store in one write
+save (a step's completion, the next step's start) go to the store in one write
 right before the next step or compensation is invoked, and the final status with
 the report at the end.
 """
@@ -18,10 +22,11 @@ import asyncio
 import concurrent.futures
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from buttress import events as _events
 from buttress._deadline import reset_deadline, set_deadline
@@ -50,7 +55,7 @@ from ._model import (
 if TYPE_CHECKING:
     from ._saga import Saga
 
-__all__ = ["drive_async", "drive_sync", "new_owner", "owner_is_dead"]
+__all__ = ["Call", "Sleep", "drive_async", "drive_sync", "new_owner", "owner_is_dead"]
 
 _HOST = socket.gethostname()
 
@@ -106,25 +111,62 @@ class _Outcome:
         return isinstance(self.error, (TimeoutExceeded, asyncio.CancelledError))
 
 
-@dataclass
-class _Forward:
-    """Instruction: run these steps (one, or a parallel group) forward."""
+@dataclass(slots=True)
+class _Save:
+    """Instruction: write the log entries gathered since the last save, the lease and,
+    at the end, the final status (``final``: the status, error, result and expiry)."""
+
+    run: _Run
+    entries: list[LogEntry]
+    lease_until: float | None
+    final: dict[str, Any]
+
+
+@dataclass(slots=True)
+class _Forward(_Save):
+    """Instruction: save, then run these steps (one, or a parallel group) forward."""
 
     steps: list[Step]
     ctx: Context
     deadline: float | None
 
 
-@dataclass
-class _Undo:
-    """Instruction: compensate this step."""
+@dataclass(slots=True)
+class _Undo(_Save):
+    """Instruction: save, then compensate this step."""
 
     step: Step
     ctx: Context
 
 
-Instruction = _Forward | _Undo
-Flow = Generator[Instruction, Any, SagaResult]
+# The ``final`` of the saves before the last (never mutated).
+_NOT_FINAL: dict[str, Any] = {}
+_COMPENSATING: dict[str, Any] = {"status": COMPENSATING}
+
+
+@dataclass(slots=True)
+class Call:
+    """Instruction: call ``store.<method>(*args, **kwargs)`` (awaiting
+    ``store.a<method>`` under ``drive_async`` when the store is async) and send back
+    its result."""
+
+    store: Any
+    is_async: bool
+    method: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Sleep:
+    """Instruction: wait this many seconds (another holder is running the key)."""
+
+    seconds: float
+
+
+Instruction = _Forward | _Undo | _Save | Call | Sleep
+T = TypeVar("T")
+Flow = Generator[Instruction, Any, T]
 
 
 class _Run:
@@ -169,15 +211,11 @@ class _Run:
         self.seq += 1
         self.pending.append(LogEntry(self.seq, step, event, at=wall_time(), **fields))
 
-    def flush(self, **final: Any) -> None:
+    def save(self, **final: Any) -> _Save:
+        """The final write: everything noted since the last save, with how the run ended
+        (performed by the driver)."""
         entries, self.pending = self.pending, []
-        status = final.get("status")
-        lease = wall_time() + self.saga.lease if status in (None, COMPENSATING) else None
-        saga = self.saga
-        saga.store.write(self.run_id, entries, lease_until=lease, **final)
-        if saga.keys is not saga.store and self.key is not None:
-            # A separate idempotency store must learn the lease and how the run ended.
-            saga.keys.write(self.run_id, [], lease_until=lease, **final)
+        return _Save(self, entries, None, final)
 
     def replay(self, entries: list[LogEntry], status: str, error: str | None) -> None:
         """Rebuild the state of a run from its log (crash recovery)."""
@@ -224,10 +262,15 @@ class _Run:
 
     # -- the flow -----------------------------------------------------------------------------
 
-    def flow(self) -> Flow:
+    def flow(self) -> Flow[SagaResult]:
         saga = self.saga
-        saga._emit(_events.RunStarted, run_id=self.run_id, resumed=self.resumed)
+        # The hot events are built only when someone listens (the check _emit makes,
+        # done here to skip the call and its arguments on the common path).
+        hub = _events.hub
+        if saga._listeners or hub.listeners:
+            saga._emit(_events.RunStarted, run_id=self.run_id, resumed=self.resumed)
         deadline = None if saga.timeout is None else saga.clock.now() + saga.timeout
+        status = None
         if not self.compensating:
             for unit in saga.units:
                 todo = [step for step in unit if step.name not in self.outputs]
@@ -246,9 +289,12 @@ class _Run:
                     break
                 for step in todo:
                     self.note(step.name, "started")
-                    saga._emit(_events.StepStarted, run_id=self.run_id, step=step.name)
-                self.flush()
-                outcomes: list[_Outcome] = yield _Forward(todo, self.ctx, deadline)
+                    if saga._listeners or hub.listeners:
+                        saga._emit(_events.StepStarted, run_id=self.run_id, step=step.name)
+                entries, self.pending = self.pending, []
+                outcomes: list[_Outcome] = yield _Forward(
+                    self, entries, wall_time() + saga.lease, _NOT_FINAL, todo, self.ctx, deadline
+                )
                 for outcome in outcomes:
                     self._record(outcome)
                 failed = [outcome for outcome in outcomes if not outcome.ok]
@@ -260,17 +306,20 @@ class _Run:
                     self.failure = aborted
                     break
             if self.failure is None:
-                return self._finish(COMPLETED)
-            self.compensating = True
-            self.note("", "compensating", error=describe(self.failure))
-        for name in reversed(self.done):
+                status = COMPLETED
+            else:
+                self.compensating = True
+                self.note("", "compensating", error=describe(self.failure))
+        for name in reversed(self.done) if status is None else ():
             step = saga.step_by_name[name]
             if name in self.compensated or step.compensate is None:
                 continue
             self.note(name, "compensation_started")
             saga._emit(_events.CompensationStarted, run_id=self.run_id, step=name)
-            self.flush(status=COMPENSATING)
-            undone: _Outcome = yield _Undo(step, self.ctx)
+            entries, self.pending = self.pending, []
+            undone: _Outcome = yield _Undo(
+                self, entries, wall_time() + saga.lease, _COMPENSATING, step, self.ctx
+            )
             result = self.results[name]
             self.compensated.add(name)
             if undone.ok:
@@ -288,7 +337,12 @@ class _Run:
                     step=name,
                     error=describe(undone.error),
                 )
-        return self._finish(FAILED if self.compensation_ok else COMPENSATION_FAILED)
+        if status is None:
+            status = FAILED if self.compensation_ok else COMPENSATION_FAILED
+        report, final = self._conclude(status)
+        yield final
+        self._announce(status, report)
+        return report
 
     def _aborted(self) -> BaseException | None:
         return self.abort
@@ -312,9 +366,14 @@ class _Run:
                 duration=outcome.duration,
                 output=jsonable(outcome.value),
             )
-            self.saga._emit(
-                _events.StepCompleted, run_id=self.run_id, step=step.name, attempts=result.attempts
-            )
+            saga = self.saga
+            if saga._listeners or _events.hub.listeners:
+                saga._emit(
+                    _events.StepCompleted,
+                    run_id=self.run_id,
+                    step=step.name,
+                    attempts=result.attempts,
+                )
             return
         error = outcome.error
         if isinstance(error, Permanent) and error.error is not None:
@@ -339,7 +398,8 @@ class _Run:
             uncertain=outcome.uncertain,
         )
 
-    def _finish(self, status: str) -> SagaResult:
+    def _conclude(self, status: str) -> tuple[SagaResult, _Save]:
+        """The run's report, and the final save that stores it."""
         saga = self.saga
         last = saga.all_steps[-1].name if saga.all_steps else None
         report = SagaResult(
@@ -358,15 +418,19 @@ class _Run:
         # The stored report is read back by idempotent replays and by operators of a
         # durable store; an unkeyed run in memory has no reader, so it skips the cost.
         keep = self.key is not None or not saga.store_is_ephemeral
-        self.flush(
+        return report, self.save(
             status=status,
             error=describe(self.failure),
             result=report.to_dict() if keep else None,
             expires_at=expires,
         )
+
+    def _announce(self, status: str, report: SagaResult) -> None:
+        saga = self.saga
         saga._finished(status)
         if status == COMPLETED:
-            saga._emit(_events.RunCompleted, run_id=self.run_id, duration=report.duration)
+            if saga._listeners or _events.hub.listeners:
+                saga._emit(_events.RunCompleted, run_id=self.run_id, duration=report.duration)
         else:
             saga._emit(
                 _events.RunFailed,
@@ -374,7 +438,6 @@ class _Run:
                 error=describe(self.failure),
                 compensated=self.compensation_ok,
             )
-        return report
 
 
 # -- executing one step ----------------------------------------------------------------------
@@ -504,20 +567,31 @@ def _undo_sync(run: _Run, step: Step, ctx: Context) -> _Outcome:
     return outcome
 
 
-def drive_sync(run: _Run) -> SagaResult:
-    """Execute a run's flow in this thread (parallel groups on a thread pool)."""
-    flow = run.flow()
+def _save_sync(save: _Save) -> None:
+    run = save.run
+    saga = run.saga
+    saga.store.write(run.run_id, save.entries, lease_until=save.lease_until, **save.final)
+    if saga.keys is not saga.store and run.key is not None:
+        # A separate idempotency store must learn the lease and how the run ended.
+        saga.keys.write(run.run_id, [], lease_until=save.lease_until, **save.final)
+
+
+def drive_sync(flow: Flow[T]) -> T:
+    """Execute a flow in this thread (parallel groups on a thread pool)."""
     loop: asyncio.AbstractEventLoop | None = None
     try:
         instruction = next(flow)
         while True:
-            if isinstance(instruction, _Forward):
+            result: Any
+            if type(instruction) is _Forward:
+                _save_sync(instruction)
+                run = instruction.run
                 steps = instruction.steps
                 if len(steps) == 1:
                     step = steps[0]
                     if step.is_async and loop is None:
                         loop = asyncio.new_event_loop()
-                    result: Any = [
+                    result = [
                         _forward_one_sync(
                             run,
                             step,
@@ -540,14 +614,27 @@ def drive_sync(run: _Run) -> SagaResult:
                             for step in steps
                         ]
                         result = [f.result() for f in concurrent.futures.as_completed(futures)]
-            else:
-                result = _undo_sync(
-                    run, instruction.step, instruction.ctx.for_step(instruction.step.name)
+            elif type(instruction) is Call:
+                result = getattr(instruction.store, instruction.method)(
+                    *instruction.args, **instruction.kwargs
                 )
+            elif type(instruction) is _Save:
+                _save_sync(instruction)
+                result = None
+            elif type(instruction) is _Undo:
+                _save_sync(instruction)
+                result = _undo_sync(
+                    instruction.run,
+                    instruction.step,
+                    instruction.ctx.for_step(instruction.step.name),
+                )
+            else:
+                time.sleep(cast("Sleep", instruction).seconds)
+                result = None
             instruction = flow.send(result)
     except StopIteration as stop:
-        report: SagaResult = stop.value
-        return report
+        done: T = stop.value
+        return done
     finally:
         if loop is not None:
             loop.close()
@@ -598,72 +685,116 @@ async def _undo_async(run: _Run, step: Step, ctx: Context) -> _Outcome:
     return outcome
 
 
-async def drive_async(run: _Run) -> SagaResult:
-    """Execute a run's flow on the running event loop.
+async def _save_async(save: _Save) -> None:
+    run = save.run
+    saga = run.saga
+    if saga.store_is_async:
+        await saga.store.awrite(  # type: ignore[attr-defined]
+            run.run_id, save.entries, lease_until=save.lease_until, **save.final
+        )
+    else:
+        saga.store.write(run.run_id, save.entries, lease_until=save.lease_until, **save.final)
+    if saga.keys is not saga.store and run.key is not None:
+        if saga.keys_is_async:
+            await saga.keys.awrite(  # type: ignore[attr-defined]
+                run.run_id, [], lease_until=save.lease_until, **save.final
+            )
+        else:
+            saga.keys.write(run.run_id, [], lease_until=save.lease_until, **save.final)
+
+
+async def _call_async(call: Call) -> Any:
+    if call.is_async:
+        return await getattr(call.store, "a" + call.method)(*call.args, **call.kwargs)
+    return getattr(call.store, call.method)(*call.args, **call.kwargs)
+
+
+async def drive_async(flow: Flow[T]) -> T:
+    """Execute a flow on the running event loop.
 
     If the caller is cancelled mid-step, the step's outcome is uncertain, the
     completed steps are compensated, and ``CancelledError`` is raised afterwards.
+    A cancellation that arrives while the store is being written stops the run
+    where its log says it is, as a crash would: ``recover()`` finishes it.
     """
-    flow = run.flow()
     cancelled: asyncio.CancelledError | None = None
     instruction = next(flow)
     while True:
-        if isinstance(instruction, _Forward) and len(instruction.steps) == 1:
-            # One step: await it here (no task). A cancellation of the caller reaches the
-            # step, which reports it as its (uncertain) outcome; the run then compensates.
-            step = instruction.steps[0]
-            single = await _forward_one_async(
-                run, step, instruction.ctx.for_step(step.name), instruction.deadline
-            )
-            if isinstance(single.error, asyncio.CancelledError):
-                cancelled = single.error
-                run.abort = single.error
-            result: Any = [single]
-        elif isinstance(instruction, _Forward):
-            # A group: async members as tasks, sync members on threads, so that they
-            # really run at the same time; outcomes are taken in completion order.
-            finished: list[asyncio.Future[_Outcome]] = []
-            tasks: list[asyncio.Future[_Outcome]] = []
-            for step in instruction.steps:
-                ctx = instruction.ctx.for_step(step.name)
-                task: asyncio.Future[_Outcome]
-                if step.is_async:
-                    task = asyncio.ensure_future(
-                        _forward_one_async(run, step, ctx, instruction.deadline)
-                    )
-                else:
-                    task = asyncio.ensure_future(
-                        asyncio.to_thread(
-                            _forward_one_sync, run, step, ctx, instruction.deadline, None
-                        )
-                    )
-                task.add_done_callback(finished.append)
-                tasks.append(task)
-            try:
-                await asyncio.gather(*tasks)
-                result = [done.result() for done in finished]
-            except asyncio.CancelledError as exc:
-                cancelled = exc
-                for task in tasks:
-                    task.cancel()
-                done = await asyncio.gather(*tasks, return_exceptions=True)
-                # Each step reports its real outcome (a step cut short reports the
-                # cancellation, so it counts as uncertain); the run then stops and
-                # compensates, even if every step of this unit had finished.
-                result = [
-                    item if isinstance(item, _Outcome) else _Outcome(step, error=exc)
-                    for step, item in zip(instruction.steps, done, strict=True)
-                ]
-                run.abort = exc
-        else:
+        result: Any
+        if type(instruction) is _Forward:
+            await _save_async(instruction)
+            run = instruction.run
+            if len(instruction.steps) == 1:
+                # One step: await it here (no task). A cancellation of the caller reaches
+                # the step, which reports it as its (uncertain) outcome; the run then
+                # compensates.
+                step = instruction.steps[0]
+                single = await _forward_one_async(
+                    run, step, instruction.ctx.for_step(step.name), instruction.deadline
+                )
+                if isinstance(single.error, asyncio.CancelledError):
+                    cancelled = single.error
+                    run.abort = single.error
+                result = [single]
+            else:
+                result, group_cancelled = await _forward_group_async(run, instruction)
+                if group_cancelled is not None:
+                    cancelled = group_cancelled
+        elif type(instruction) is Call:
+            result = await _call_async(instruction)
+        elif type(instruction) is _Save:
+            await _save_async(instruction)
+            result = None
+        elif type(instruction) is _Undo:
+            await _save_async(instruction)
             result = await _undo_async(
-                run, instruction.step, instruction.ctx.for_step(instruction.step.name)
+                instruction.run,
+                instruction.step,
+                instruction.ctx.for_step(instruction.step.name),
             )
+        else:
+            await asyncio.sleep(cast("Sleep", instruction).seconds)
+            result = None
         try:
             instruction = flow.send(result)
         except StopIteration as stop:
-            report: SagaResult = stop.value
+            done: T = stop.value
             break
     if cancelled is not None:
         raise cancelled
-    return report
+    return done
+
+
+async def _forward_group_async(
+    run: _Run, instruction: _Forward
+) -> tuple[list[_Outcome], asyncio.CancelledError | None]:
+    """A group: async members as tasks, sync members on threads, so that they really
+    run at the same time; outcomes are taken in completion order."""
+    finished: list[asyncio.Future[_Outcome]] = []
+    tasks: list[asyncio.Future[_Outcome]] = []
+    for step in instruction.steps:
+        ctx = instruction.ctx.for_step(step.name)
+        task: asyncio.Future[_Outcome]
+        if step.is_async:
+            task = asyncio.ensure_future(_forward_one_async(run, step, ctx, instruction.deadline))
+        else:
+            task = asyncio.ensure_future(
+                asyncio.to_thread(_forward_one_sync, run, step, ctx, instruction.deadline, None)
+            )
+        task.add_done_callback(finished.append)
+        tasks.append(task)
+    try:
+        await asyncio.gather(*tasks)
+    except asyncio.CancelledError as exc:
+        for task in tasks:
+            task.cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        # Each step reports its real outcome (a step cut short reports the cancellation,
+        # so it counts as uncertain); the run then stops and compensates, even if every
+        # step of this unit had finished.
+        run.abort = exc
+        return [
+            item if isinstance(item, _Outcome) else _Outcome(step, error=exc)
+            for step, item in zip(instruction.steps, done, strict=True)
+        ], exc
+    return [done.result() for done in finished], None

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -19,6 +18,7 @@ from buttress.backends import (
     FAILED,
     INCOMPLETE,
     RUNNING,
+    AsyncSagaStore,
     LogEntry,
     RunRecord,
     SagaStore,
@@ -31,6 +31,9 @@ from buttress.retry import Retry
 
 from ._model import SagaResult, Step, StepFn, StepResult, describe, wall_time
 from ._runner import (
+    Call,
+    Flow,
+    Sleep,
     _Run,
     attempt_async,
     attempt_sync,
@@ -52,6 +55,11 @@ class _Busy:
         self.run_id = run_id
 
 
+def _check_run_id(run_id: object) -> None:
+    if not isinstance(run_id, str):
+        raise ConfigTypeError(f"run_id must be a str, got {run_id!r} ({type(run_id).__name__})")
+
+
 def _input_hash(value: Any) -> str:
     text = json.dumps(value, sort_keys=True, default=repr, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
@@ -63,7 +71,9 @@ class Saga(Policy):
     Args:
         name: the saga's name (registers it for ``state()`` and ``health()``).
         store: the run log (default: :class:`~buttress.backends.memory.MemoryStore`);
-            use :class:`~buttress.backends.sqlite.SQLiteStore` to survive crashes.
+            use :class:`~buttress.backends.sqlite.SQLiteStore` to survive crashes, or
+            :class:`~buttress.backends.postgres.PostgresStore` to share runs between
+            machines (a store with async twins is awaited by ``run_async``).
         idempotency: where idempotency keys live (default: the ``store``).
         validate: applied to the input before any step runs: a callable (raising on bad
             input, returning the value to use or ``None`` to keep the input) or a pydantic
@@ -103,6 +113,9 @@ class Saga(Policy):
         self.store: SagaStore = store if store is not None else MemoryStore()
         self.keys: SagaStore = idempotency if idempotency is not None else self.store
         self.store_is_ephemeral = isinstance(self.store, MemoryStore)
+        # Stores with async twins (a<method>) are awaited by the async face.
+        self.store_is_async = isinstance(self.store, AsyncSagaStore)
+        self.keys_is_async = isinstance(self.keys, AsyncSagaStore)
         self.validate = check_callable("validate", validate, allow_none=True)
         self.timeout = check_seconds("timeout", timeout, allow_none=True)
         lease_value = check_seconds("lease", lease)
@@ -209,7 +222,15 @@ class Saga(Policy):
             return value, exc
         return (value if checked is None else checked), None
 
-    def _begin(self, raw: Any, key: str | None, ttl: float | None, owner: str) -> Any:
+    def _store(self, method: str, *args: Any, **kwargs: Any) -> Call:
+        return Call(self.store, self.store_is_async, method, args, kwargs)
+
+    def _keys(self, method: str, *args: Any, **kwargs: Any) -> Call:
+        return Call(self.keys, self.keys_is_async, method, args, kwargs)
+
+    def _begin(
+        self, raw: Any, key: str | None, ttl: float | None, owner: str
+    ) -> Flow[_Run | SagaResult | _Busy]:
         if key is not None and not isinstance(key, str):
             raise ConfigTypeError(f"key must be a string, got {key!r}")
         ttl = check_seconds("ttl", ttl, allow_none=True)
@@ -229,18 +250,21 @@ class Saga(Policy):
             lease_until=now + self.lease,
         )
         if key is None:
-            self.store.create_run(record)
+            yield Call(self.store, self.store_is_async, "create_run", (record,), {})
         else:
-            claim = self.keys.claim_key(record, now=now)
+            claim = yield self._keys("claim_key", record, now=now)
             if claim.outcome == "busy" and claim.record is not None:
-                if owner_is_dead(claim.record.owner) and self.store.claim_run(
-                    claim.run_id,
-                    owner,
-                    now=now,
-                    lease_until=now + self.lease,
-                    expected_owner=claim.record.owner,
+                if owner_is_dead(claim.record.owner) and (
+                    yield self._store(
+                        "claim_run",
+                        claim.run_id,
+                        owner,
+                        now=now,
+                        lease_until=now + self.lease,
+                        expected_owner=claim.record.owner,
+                    )
                 ):
-                    return self._resume(claim.run_id, owner)
+                    return (yield from self._resume(claim.run_id, owner))
                 return _Busy(claim.run_id)
             if claim.outcome == "done":
                 assert claim.record is not None
@@ -262,17 +286,17 @@ class Saga(Policy):
                     run_id=claim.run_id,
                 )
             if claim.outcome == "resume":
-                return self._resume(claim.run_id, owner)
+                return (yield from self._resume(claim.run_id, owner))
             if self.keys is not self.store:
-                self.store.create_run(record)
+                yield self._store("create_run", record)
         run = _Run(self, record.run_id, raw, value, key=key, ttl=ttl, owner=owner)
         if invalid is not None:
-            return self._reject_input(run, invalid)
+            return (yield from self._reject_input(run, invalid))
         with self._count_lock:
             self._running += 1
         return run
 
-    def _reject_input(self, run: _Run, error: BaseException) -> SagaResult:
+    def _reject_input(self, run: _Run, error: BaseException) -> Flow[SagaResult]:
         self._emit(_events.RunStarted, run_id=run.run_id, resumed=False)
         with self._count_lock:
             self._counts["failed"] += 1
@@ -286,12 +310,14 @@ class Saga(Policy):
             error=error,
             steps=[StepResult(step.name, group=step.group) for step in self.all_steps],
         )
-        run.flush(status=FAILED, error=describe(error), result=report.to_dict(), expires_at=None)
+        yield run.save(
+            status=FAILED, error=describe(error), result=report.to_dict(), expires_at=None
+        )
         self._emit(_events.RunFailed, run_id=run.run_id, error=describe(error), compensated=True)
         return report
 
-    def _resume(self, run_id: str, owner: str) -> _Run:
-        loaded = self.store.load(run_id)
+    def _resume(self, run_id: str, owner: str) -> Flow[_Run]:
+        loaded = yield self._store("load", run_id)
         if loaded is None:
             raise ConfigValueError(f"run {run_id!r} is not in the store of saga {self.name!r}")
         record, entries = loaded
@@ -319,8 +345,8 @@ class Saga(Policy):
         )
         return result
 
-    def _final_result(self, run_id: str) -> SagaResult | None:
-        loaded = self.store.load(run_id)
+    def _final_result(self, run_id: str) -> Flow[SagaResult | None]:
+        loaded = yield self._store("load", run_id)
         if loaded is None:
             return None
         record, _ = loaded
@@ -329,6 +355,21 @@ class Saga(Policy):
         return self._replayed(SagaResult.from_dict(record.result))
 
     # -- running --------------------------------------------------------------------------------
+
+    def _open(self, raw: Any, key: str | None, ttl: float | None) -> Flow[_Run | SagaResult]:
+        """The start of one ``run()``: the run to drive, once its key is claimed (waiting
+        while another holder runs it), or the result that makes running unnecessary."""
+        owner = new_owner()
+        delay = 0.005
+        while True:
+            begun = yield from self._begin(raw, key, ttl, owner)
+            if not isinstance(begun, _Busy):
+                return begun
+            result = yield from self._final_result(begun.run_id)
+            if result is not None:
+                return result
+            yield Sleep(delay)
+            delay = min(delay * 2, 0.2)
 
     def run(
         self, input: Any = None, *, key: str | None = None, ttl: float | None = None
@@ -351,59 +392,43 @@ class Saga(Policy):
                     f"saga {self.name!r} has async steps and an event loop is running in this "
                     f"thread: use `await saga.run_async(...)`"
                 )
-        owner = new_owner()
-        delay = 0.005
-        while True:
-            begun = self._begin(input, key, ttl, owner)
-            if not isinstance(begun, _Busy):
-                break
-            result = self._final_result(begun.run_id)
-            if result is not None:
-                return result
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
+        begun = drive_sync(self._open(input, key, ttl))
         if isinstance(begun, SagaResult):
             return begun
-        return drive_sync(begun)
+        return drive_sync(begun.flow())
 
     async def run_async(
         self, input: Any = None, *, key: str | None = None, ttl: float | None = None
     ) -> SagaResult:
-        """Run the saga from async code (sync steps run on the event loop's thread)."""
-        owner = new_owner()
-        delay = 0.005
-        while True:
-            begun = self._begin(input, key, ttl, owner)
-            if not isinstance(begun, _Busy):
-                break
-            result = self._final_result(begun.run_id)
-            if result is not None:
-                return result
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.2)
+        """Run the saga from async code (sync steps run on the event loop's thread; an
+        async store is awaited)."""
+        begun = await drive_async(self._open(input, key, ttl))
         if isinstance(begun, SagaResult):
             return begun
-        return await drive_async(begun)
+        return await drive_async(begun.flow())
 
     # -- recovery and operators -----------------------------------------------------------------
 
-    def _claim_incomplete(self, owner: str) -> list[_Run]:
+    def _claim_incomplete(self, owner: str) -> Flow[list[_Run]]:
         runs = []
-        for run_id in self.store.incomplete(self.name):
-            loaded = self.store.load(run_id)
+        for run_id in (yield self._store("incomplete", self.name)):
+            loaded = yield self._store("load", run_id)
             if loaded is None:
                 continue
             record, _ = loaded
             now = wall_time()
             dead = owner_is_dead(record.owner)
-            if self.store.claim_run(
-                run_id,
-                owner,
-                now=now,
-                lease_until=now + self.lease,
-                expected_owner=record.owner if dead else None,
+            if (
+                yield self._store(
+                    "claim_run",
+                    run_id,
+                    owner,
+                    now=now,
+                    lease_until=now + self.lease,
+                    expected_owner=record.owner if dead else None,
+                )
             ):
-                runs.append(self._resume(run_id, owner))
+                runs.append((yield from self._resume(run_id, owner)))
         return runs
 
     def recover(self) -> list[SagaResult]:
@@ -413,21 +438,22 @@ class Saga(Policy):
         (a step that started but did not record its completion runs again: steps are
         at-least-once); a run that was compensating finishes its compensation.
         """
-        return [drive_sync(run) for run in self._claim_incomplete(new_owner())]
+        claimed = drive_sync(self._claim_incomplete(new_owner()))
+        return [drive_sync(run.flow()) for run in claimed]
 
     async def recover_async(self) -> list[SagaResult]:
-        """Async twin of :meth:`recover`."""
-        return [await drive_async(run) for run in self._claim_incomplete(new_owner())]
+        """Async twin of :meth:`recover` (an async store is awaited)."""
+        claimed = await drive_async(self._claim_incomplete(new_owner()))
+        return [await drive_async(run.flow()) for run in claimed]
 
-    def resolve(self, run_id: str, *, note: str = "resolved by an operator") -> None:
-        """Mark a run stuck in ``compensation_failed`` as dealt with (``failed``), so its
-        idempotency key may run again."""
-        loaded = self.store.load(run_id)
+    def _resolve(self, run_id: str, note: str) -> Flow[None]:
+        loaded = yield self._store("load", run_id)
         if loaded is None or loaded[0].status != COMPENSATION_FAILED:
             raise ConfigValueError(f"run {run_id!r} is not in compensation_failed")
         record, entries = loaded
         seq = max((e.seq for e in entries), default=0) + 1
-        self.store.write(
+        yield self._store(
+            "write",
             run_id,
             [LogEntry(seq, "", "resolved", at=wall_time(), error=note)],
             status=FAILED,
@@ -436,7 +462,20 @@ class Saga(Policy):
             expires_at=record.expires_at,
         )
         if self.keys is not self.store:
-            self.keys.write(run_id, [], status=FAILED, error=record.error, result=record.result)
+            yield self._keys(
+                "write", run_id, [], status=FAILED, error=record.error, result=record.result
+            )
+
+    def resolve(self, run_id: str, *, note: str = "resolved by an operator") -> None:
+        """Mark a run stuck in ``compensation_failed`` as dealt with (``failed``), so its
+        idempotency key may run again."""
+        _check_run_id(run_id)
+        drive_sync(self._resolve(run_id, note))
+
+    async def resolve_async(self, run_id: str, *, note: str = "resolved by an operator") -> None:
+        """Async twin of :meth:`resolve`."""
+        _check_run_id(run_id)
+        await drive_async(self._resolve(run_id, note))
 
     # -- state ----------------------------------------------------------------------------------
 

@@ -1,0 +1,850 @@
+"""A saga store on PostgreSQL (extra ``postgres``: psycopg 3), shared by any number of
+processes and machines.
+
+Durability: every write is one committed transaction before the call returns, so a
+run survives its process, its machine and (with the server's default
+``synchronous_commit=on``) a crash of the database server itself.
+
+Several workers may share one schema: a key is bound in a transaction that locks its
+row (``INSERT ... ON CONFLICT DO NOTHING``, then ``SELECT ... FOR UPDATE``), and a run
+is taken over by one conditional ``UPDATE`` on a row locked with ``FOR UPDATE SKIP
+LOCKED``, so exactly one worker wins each key and each abandoned run.
+
+The tables live in their own schema (``schema=``, default ``"buttress"``), created with
+its tables on first use. The schema's version is recorded in its ``buttress_schema``
+table: a store refuses a schema newer than it understands and upgrades an older one
+in one locked transaction (or, with ``create_schema=False``, asks the operator to run
+:meth:`PostgresStore.migrate`).
+
+The store has sync methods (the :class:`~buttress.backends.SagaStore` protocol) and
+``a``-prefixed async twins (:class:`~buttress.backends.AsyncSagaStore`), which
+``Saga.run_async()`` awaits. Each face holds one connection of its own, guarded by a
+lock and re-opened after a failure, unless it is given a pool or a connection factory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import re
+import threading
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+try:
+    import psycopg
+    from psycopg import pq
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "buttress.backends.postgres needs psycopg 3: pip install 'buttress[postgres]'"
+    ) from exc
+
+from buttress._validate import check_bool, require_seconds
+from buttress.exceptions import BackendError, ConfigTypeError, ConfigValueError
+
+from . import INCOMPLETE, KeyClaim, LogEntry, RunRecord, run_changes, run_row
+from .memory import judge_claim
+
+__all__ = ["SCHEMA_VERSION", "PostgresStore"]
+
+SCHEMA_VERSION = 1
+"""The version of the tables this buttress reads and writes."""
+
+T = TypeVar("T")
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+# The version table, created (with the schema) before any migration runs.
+_VERSION_TABLE = """
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.buttress_schema (
+    version    integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    note       text NOT NULL
+)
+"""
+
+# MIGRATIONS[n] takes the tables from version n - 1 to version n. Each runs once, in
+# order, in the transaction that records it; a release that changes the tables adds
+# the next entry and bumps SCHEMA_VERSION.
+MIGRATIONS: dict[int, tuple[str, str]] = {
+    1: (
+        "runs, log and idempotency keys",
+        """
+CREATE TABLE {s}.buttress_runs (
+    run_id      text PRIMARY KEY,
+    saga        text NOT NULL,
+    status      text NOT NULL,
+    input       json,
+    key         text,
+    input_hash  text,
+    created_at  double precision NOT NULL,
+    updated_at  double precision NOT NULL,
+    owner       text,
+    lease_until double precision NOT NULL DEFAULT 0,
+    error       text,
+    result      json,
+    expires_at  double precision,
+    ttl         double precision
+);
+CREATE INDEX buttress_runs_listing ON {s}.buttress_runs (saga, status, created_at);
+CREATE INDEX buttress_runs_created ON {s}.buttress_runs (created_at);
+CREATE TABLE {s}.buttress_keys (
+    saga   text NOT NULL,
+    key    text NOT NULL,
+    run_id text NOT NULL,
+    PRIMARY KEY (saga, key)
+);
+CREATE TABLE {s}.buttress_log (
+    run_id   text NOT NULL,
+    seq      integer NOT NULL,
+    step     text NOT NULL,
+    event    text NOT NULL,
+    attempt  integer NOT NULL DEFAULT 0,
+    at       double precision NOT NULL,
+    duration double precision,
+    output   json,
+    error    text,
+    PRIMARY KEY (run_id, seq)
+)
+""",
+    ),
+}
+
+_COLUMNS = (
+    "run_id, saga, status, input, key, input_hash, created_at, updated_at, owner, "
+    "lease_until, error, result, expires_at, ttl"
+)
+_INCOMPLETE_SQL = "(" + ", ".join(f"'{status}'" for status in INCOMPLETE) + ")"
+
+_SQL = {
+    "version": "SELECT max(version) FROM {s}.buttress_schema",
+    "exists": "SELECT to_regclass(%s) IS NOT NULL",
+    "lock": "SELECT pg_advisory_xact_lock(hashtext(%s))",
+    "insert_run": (
+        "INSERT INTO {s}.buttress_runs (run_id, saga, status, input, key, input_hash, "
+        "created_at, updated_at, owner, lease_until, ttl) "
+        "VALUES (%s, %s, %s, %s::json, %s, %s, %s, %s, %s, %s, %s)"
+    ),
+    "bind_key": (
+        "INSERT INTO {s}.buttress_keys (saga, key, run_id) VALUES (%s, %s, %s) "
+        "ON CONFLICT DO NOTHING"
+    ),
+    "holder": "SELECT run_id FROM {s}.buttress_keys WHERE saga = %s AND key = %s FOR UPDATE",
+    "rebind_key": "UPDATE {s}.buttress_keys SET run_id = %s WHERE saga = %s AND key = %s",
+    "record_for_update": f"SELECT {_COLUMNS} FROM {{s}}.buttress_runs WHERE run_id = %s FOR UPDATE",
+    "hand_over": "UPDATE {s}.buttress_runs SET owner = %s, lease_until = %s WHERE run_id = %s",
+    "entries": (
+        "SELECT seq, step, event, attempt, at, duration, output, error "
+        "FROM {s}.buttress_log WHERE run_id = %s ORDER BY seq"
+    ),
+    "insert_log": (
+        "INSERT INTO {s}.buttress_log (run_id, seq, step, event, attempt, at, duration, "
+        "output, error) SELECT %s, * FROM unnest(%s::integer[], %s::text[], %s::text[], "
+        "%s::integer[], %s::double precision[], %s::double precision[], %s::json[], %s::text[])"
+    ),
+    "claim_run": (
+        "UPDATE {s}.buttress_runs SET owner = %s, lease_until = %s WHERE run_id = ("
+        "SELECT run_id FROM {s}.buttress_runs WHERE run_id = %s "
+        f"AND status IN {_INCOMPLETE_SQL} "
+        "AND (lease_until <= %s OR (%s::text IS NOT NULL AND owner = %s)) "
+        "FOR UPDATE SKIP LOCKED)"
+    ),
+    # One statement, one snapshot: the record and its whole log.
+    "load": (
+        f"SELECT {_COLUMNS}, (SELECT coalesce(json_agg(json_build_array(seq, step, event, "
+        "attempt, at, duration, output, error) ORDER BY seq), '[]') "
+        "FROM {s}.buttress_log l WHERE l.run_id = r.run_id) "
+        "FROM {s}.buttress_runs r WHERE run_id = %s"
+    ),
+    "incomplete": (
+        "SELECT run_id FROM {s}.buttress_runs "
+        f"WHERE saga = %s AND status IN {_INCOMPLETE_SQL} ORDER BY created_at"
+    ),
+}
+
+
+@dataclass(slots=True)
+class _Query:
+    """One statement of an operation, and what to send back: ``"rows"``, ``"one"``
+    (the first row or ``None``) or ``"count"`` (rows affected)."""
+
+    sql: str
+    params: tuple[Any, ...] = ()
+    want: str = "count"
+
+
+# An operation: a generator of statements that receives each one's answer and returns
+# its result. The same operation runs on the sync and on the async connection.
+_Op = Generator[_Query, Any, T]
+
+
+class _Pool(Protocol):
+    """What the store uses of a ``psycopg_pool.ConnectionPool``."""
+
+    def connection(self) -> contextlib.AbstractContextManager[psycopg.Connection[Any]]: ...
+
+
+class _AsyncPool(Protocol):
+    """What the store uses of a ``psycopg_pool.AsyncConnectionPool``."""
+
+    def connection(
+        self,
+    ) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]: ...
+
+
+def _dump(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _record(row: tuple[Any, ...] | Any) -> RunRecord:
+    return RunRecord(
+        run_id=row[0],
+        saga=row[1],
+        status=row[2],
+        input=row[3],
+        key=row[4],
+        input_hash=row[5],
+        created_at=row[6],
+        updated_at=row[7],
+        owner=row[8],
+        lease_until=row[9],
+        error=row[10],
+        result=row[11],
+        expires_at=row[12],
+        ttl=row[13],
+    )
+
+
+def _entry(row: Any) -> LogEntry:
+    return LogEntry(
+        seq=row[0],
+        step=row[1],
+        event=row[2],
+        attempt=row[3],
+        at=row[4],
+        duration=row[5],
+        output=row[6],
+        error=row[7],
+    )
+
+
+class PostgresStore:
+    """A :class:`~buttress.backends.SagaStore` (and
+    :class:`~buttress.backends.AsyncSagaStore`) in a PostgreSQL schema.
+
+    Give it where to connect: ``conninfo`` (a ``postgresql://`` URL or a libpq
+    ``key=value`` string), a ``connect`` factory returning a new
+    ``psycopg.Connection``, or a ``pool`` (a ``psycopg_pool.ConnectionPool`` or any
+    object whose ``connection()`` lends one). The async methods use ``async_connect``
+    or ``async_pool`` when given, else an ``AsyncConnection`` to ``conninfo``, else the
+    sync connection on a worker thread.
+
+    Args:
+        conninfo: where to connect.
+        schema: the schema holding the tables (default ``"buttress"``), created on
+            first use.
+        create_schema: create or upgrade the schema on first use (default); with
+            ``False`` a missing or older schema raises ``BackendError`` until an
+            operator runs :meth:`migrate`.
+        statement_timeout: seconds any statement may run (or wait for a lock) before
+            the server cancels it (default 5).
+        connect_timeout: seconds to wait for a new connection (default 5).
+        connect: a factory for the sync connection (instead of ``conninfo``).
+        pool: a pool lending sync connections (instead of ``conninfo``).
+        async_connect: an async factory for the async connection.
+        async_pool: a pool lending async connections.
+    """
+
+    def __init__(
+        self,
+        conninfo: str | None = None,
+        *,
+        schema: str = "buttress",
+        create_schema: bool = True,
+        statement_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        connect: Callable[[], psycopg.Connection[Any]] | None = None,
+        pool: _Pool | None = None,
+        async_connect: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]] | None = None,
+        async_pool: _AsyncPool | None = None,
+    ) -> None:
+        if conninfo is not None and not isinstance(conninfo, str):
+            raise ConfigTypeError(
+                f"conninfo must be a postgresql:// URL or a libpq conninfo string, got {conninfo!r}"
+            )
+        if not isinstance(schema, str):
+            raise ConfigTypeError(f"schema must be a string, got {schema!r}")
+        if not _IDENTIFIER.fullmatch(schema):
+            raise ConfigValueError(
+                f"schema must be a plain identifier (letters, digits, _; at most 63), "
+                f"got {schema!r}"
+            )
+        sources = [s for s in (conninfo, connect, pool) if s is not None]
+        if len(sources) > 1:
+            raise ConfigValueError("give only one of conninfo, connect and pool")
+        if not sources and async_connect is None and async_pool is None:
+            raise ConfigValueError(
+                "PostgresStore needs somewhere to connect: conninfo, connect, pool, "
+                "async_connect or async_pool"
+            )
+        if async_connect is not None and async_pool is not None:
+            raise ConfigValueError("give only one of async_connect and async_pool")
+        for label, factory in (("connect", connect), ("async_connect", async_connect)):
+            if factory is not None and not callable(factory):
+                raise ConfigTypeError(f"{label} must be callable, got {factory!r}")
+        for label, lender in (("pool", pool), ("async_pool", async_pool)):
+            if lender is not None and not callable(getattr(lender, "connection", None)):
+                raise ConfigTypeError(
+                    f"{label} must be a connection pool (with a connection() method), "
+                    f"got {lender!r}"
+                )
+        self.conninfo = conninfo
+        self.schema = schema
+        self.create_schema = check_bool("create_schema", create_schema)
+        self.statement_timeout = require_seconds("statement_timeout", statement_timeout)
+        self.connect_timeout = require_seconds("connect_timeout", connect_timeout)
+        self._connect = connect
+        self._pool = pool
+        self._async_connect = async_connect
+        self._async_pool = async_pool
+        quoted = f'"{schema}"'
+        self._sql = {name: text.format(s=quoted) for name, text in _SQL.items()}
+        self._version_table = _VERSION_TABLE.format(s=quoted)
+        self._ready = False  # the schema was checked (and made) once
+        self._lock = threading.Lock()  # the sync connection
+        self._conn: psycopg.Connection[Any] | None = None
+        self._state = threading.Lock()  # swapping the async connection between loops
+        self._aconn: psycopg.AsyncConnection[Any] | None = None
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        self._alock: asyncio.Lock | None = None
+        self._configured: weakref.WeakSet[Any] = weakref.WeakSet()  # pooled connections
+
+    def __repr__(self) -> str:
+        return f"PostgresStore(schema={self.schema!r})"
+
+    # -- connections ------------------------------------------------------------------------
+
+    @property
+    def _where(self) -> str:
+        return f"schema {self.schema!r}"
+
+    def _wrap(self, exc: BaseException) -> BackendError:
+        return BackendError(f"PostgreSQL store ({self._where}) failed: {exc}".rstrip())
+
+    def _setup_sql(self) -> tuple[str, tuple[Any, ...]]:
+        milliseconds = str(max(1, math.ceil(self.statement_timeout * 1000)))
+        return "SELECT set_config('statement_timeout', %s, false)", (milliseconds,)
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        # libpq takes whole seconds (and treats 1 as 2).
+        return {"autocommit": True, "connect_timeout": max(1, math.ceil(self.connect_timeout))}
+
+    def _open_sync(self) -> psycopg.Connection[Any]:
+        if self._connect is not None:
+            conn = self._connect()
+            if not isinstance(conn, psycopg.Connection):
+                raise ConfigTypeError(f"connect must return a psycopg.Connection, got {conn!r}")
+            if conn.info.transaction_status == pq.TransactionStatus.IDLE:
+                conn.autocommit = True
+        elif self.conninfo is not None:
+            conn = psycopg.Connection.connect(self.conninfo, **self._connect_kwargs())
+        else:
+            raise BackendError(
+                f"PostgreSQL store ({self._where}) has only async connections: "
+                "use the saga's async face (run_async, recover_async)"
+            )
+        try:
+            conn.execute(*self._setup_sql())
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @contextlib.contextmanager
+    def _sync_connection(self) -> Iterator[psycopg.Connection[Any]]:
+        if self._pool is not None:
+            with self._pool.connection() as conn:
+                fresh = conn not in self._configured
+                if fresh:
+                    conn.execute(*self._setup_sql())
+                yield conn
+            if fresh:  # the setting is kept once the pool committed it
+                self._configured.add(conn)
+            return
+        with self._lock:
+            current = self._conn
+            if current is None or current.closed or current.broken:
+                current = self._conn = self._open_sync()
+            conn = current
+            try:
+                yield conn
+            except BaseException:
+                if conn.broken or conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                    self._conn = None
+                    conn.close()
+                raise
+
+    async def _open_async(self) -> psycopg.AsyncConnection[Any]:
+        if self._async_connect is not None:
+            conn = await self._async_connect()
+            if not isinstance(conn, psycopg.AsyncConnection):
+                raise ConfigTypeError(
+                    f"async_connect must return a psycopg.AsyncConnection, got {conn!r}"
+                )
+            if conn.info.transaction_status == pq.TransactionStatus.IDLE:
+                await conn.set_autocommit(True)
+        else:
+            assert self.conninfo is not None
+            conn = await psycopg.AsyncConnection.connect(self.conninfo, **self._connect_kwargs())
+        try:
+            await conn.execute(*self._setup_sql())
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    def _loop_state(self) -> asyncio.Lock:
+        """The async lock of the running loop; a connection opened on another loop
+        (one that ``asyncio.run`` closed, say) is dropped."""
+        loop = asyncio.get_running_loop()
+        with self._state:
+            if self._aloop is not loop or self._alock is None:
+                old, self._aconn = self._aconn, None
+                self._aloop, self._alock = loop, asyncio.Lock()
+                if old is not None and not old.closed:
+                    old.pgconn.finish()  # its loop may be gone: close without awaiting
+            return self._alock
+
+    @contextlib.asynccontextmanager
+    async def _async_connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        if self._async_pool is not None:
+            async with self._async_pool.connection() as conn:
+                fresh = conn not in self._configured
+                if fresh:
+                    await conn.execute(*self._setup_sql())
+                yield conn
+            if fresh:  # the setting is kept once the pool committed it
+                self._configured.add(conn)
+            return
+        async with self._loop_state():
+            current = self._aconn
+            if current is None or current.closed or current.broken:
+                current = self._aconn = await self._open_async()
+            conn = current
+            try:
+                yield conn
+            except BaseException:
+                if conn.broken or conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                    self._aconn = None
+                    await conn.close()
+                raise
+
+    @property
+    def _async_native(self) -> bool:
+        return (
+            self._async_pool is not None
+            or self._async_connect is not None
+            or (self.conninfo is not None)
+        )
+
+    def close(self) -> None:
+        """Close the store's own connections (a pool given to it stays open)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        with self._state:
+            if self._aconn is not None and not self._aconn.closed:
+                self._aconn.pgconn.finish()
+            self._aconn = None
+
+    async def aclose(self) -> None:
+        """Async twin of :meth:`close`."""
+        self.close()
+
+    # -- running operations -----------------------------------------------------------------
+
+    def _run_sync(self, op: _Op[T], *, tx: bool) -> T:
+        try:
+            with self._sync_connection() as conn:
+                if not self._ready:
+                    self._ensure_sync(conn)
+                return self._pump_sync(conn, op, tx)
+        except psycopg.Error as exc:
+            raise self._wrap(exc) from exc
+
+    @staticmethod
+    def _pump_sync(conn: psycopg.Connection[Any], op: _Op[T], tx: bool) -> T:
+        with conn.transaction() if tx else contextlib.nullcontext(), conn.cursor() as cursor:
+            query = next(op)
+            while True:
+                cursor.execute(query.sql, query.params or None)
+                if query.want == "count":
+                    answer: Any = cursor.rowcount
+                elif query.want == "rows":
+                    answer = cursor.fetchall()
+                else:
+                    answer = cursor.fetchone()
+                try:
+                    query = op.send(answer)
+                except StopIteration as stop:
+                    done: T = stop.value
+                    return done
+
+    async def _run_async(self, op: _Op[T], *, tx: bool) -> T:
+        if not self._async_native:
+            return await asyncio.to_thread(self._run_sync, op, tx=tx)
+        try:
+            async with self._async_connection() as conn:
+                if not self._ready:
+                    await self._ensure_async(conn)
+                return await self._pump_async(conn, op, tx)
+        except psycopg.Error as exc:
+            raise self._wrap(exc) from exc
+
+    @staticmethod
+    async def _pump_async(conn: psycopg.AsyncConnection[Any], op: _Op[T], tx: bool) -> T:
+        async with (
+            conn.transaction() if tx else contextlib.nullcontext(),
+            conn.cursor() as cursor,
+        ):
+            query = next(op)
+            while True:
+                await cursor.execute(query.sql, query.params or None)
+                if query.want == "count":
+                    answer: Any = cursor.rowcount
+                elif query.want == "rows":
+                    answer = await cursor.fetchall()
+                else:
+                    answer = await cursor.fetchone()
+                try:
+                    query = op.send(answer)
+                except StopIteration as stop:
+                    done: T = stop.value
+                    return done
+
+    # -- the schema -------------------------------------------------------------------------
+
+    def _installed(self) -> _Op[int | None]:
+        """The schema's version, or ``None`` when there are no tables yet."""
+        found = yield _Query(self._sql["exists"], (f'"{self.schema}".buttress_schema',), "one")
+        if not found[0]:
+            return None
+        row = yield _Query(self._sql["version"], (), "one")
+        return None if row[0] is None else int(row[0])
+
+    def _judge_version(self, version: int | None) -> bool:
+        """True when the schema must be created or upgraded; raises when it cannot be."""
+        if version is not None and version > SCHEMA_VERSION:
+            raise BackendError(
+                f"the PostgreSQL store in schema {self.schema!r} has schema version "
+                f"{version}, newer than this buttress understands ({SCHEMA_VERSION}): "
+                "upgrade buttress"
+            )
+        if version == SCHEMA_VERSION:
+            return False
+        if not self.create_schema:
+            found = "no buttress tables" if version is None else f"schema version {version}"
+            raise BackendError(
+                f"the PostgreSQL store in schema {self.schema!r} has {found}; this "
+                f"buttress needs version {SCHEMA_VERSION}: run PostgresStore(...).migrate() "
+                "(create_schema=False stops the store doing it on first use)"
+            )
+        return True
+
+    def _migrate(self) -> _Op[int]:
+        # The advisory lock makes concurrent first uses take turns; the version is read
+        # again under it, so each migration runs exactly once.
+        yield _Query(self._sql["lock"], (f"buttress-schema:{self.schema}",), "one")
+        for statement in self._version_table.split(";"):
+            if statement.strip():
+                yield _Query(statement)
+        row = yield _Query(self._sql["version"], (), "one")
+        version = 0 if row[0] is None else int(row[0])
+        if version > SCHEMA_VERSION:
+            self._judge_version(version)
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            note, ddl = MIGRATIONS[target]
+            for statement in ddl.format(s=f'"{self.schema}"').split(";"):
+                if statement.strip():
+                    yield _Query(statement)
+            yield _Query(
+                f'INSERT INTO "{self.schema}".buttress_schema (version, note) VALUES (%s, %s)',
+                (target, note),
+            )
+        return max(version, SCHEMA_VERSION)
+
+    def _ensure_sync(self, conn: psycopg.Connection[Any]) -> None:
+        version = self._pump_sync(conn, self._installed(), False)
+        if self._judge_version(version):
+            self._pump_sync(conn, self._migrate(), True)
+        self._ready = True
+
+    async def _ensure_async(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        version = await self._pump_async(conn, self._installed(), False)
+        if self._judge_version(version):
+            await self._pump_async(conn, self._migrate(), True)
+        self._ready = True
+
+    def migrate(self) -> int:
+        """Create the schema and its tables, or bring them to this buttress's version;
+        return the version. Safe to run at any time, from any number of processes."""
+        try:
+            with self._sync_connection() as conn:
+                version = self._pump_sync(conn, self._installed(), False)
+                if version is not None and version > SCHEMA_VERSION:
+                    self._judge_version(version)
+                if version != SCHEMA_VERSION:
+                    version = self._pump_sync(conn, self._migrate(), True)
+        except psycopg.Error as exc:
+            raise self._wrap(exc) from exc
+        self._ready = True
+        return SCHEMA_VERSION if version is None else version
+
+    def schema_version(self) -> int | None:
+        """The version recorded in the schema (``None``: no tables yet); creates nothing."""
+        try:
+            with self._sync_connection() as conn:
+                return self._pump_sync(conn, self._installed(), False)
+        except psycopg.Error as exc:
+            raise self._wrap(exc) from exc
+
+    # -- operations (shared by both faces) --------------------------------------------------
+
+    def _insert_run(self, r: RunRecord) -> _Query:
+        return _Query(self._sql["insert_run"], run_row(r))
+
+    def _create_run(self, record: RunRecord) -> _Op[None]:
+        yield self._insert_run(record)
+
+    def _claim_key(self, record: RunRecord, now: float) -> _Op[KeyClaim]:
+        assert record.key is not None
+        bound = yield _Query(self._sql["bind_key"], (record.saga, record.key, record.run_id))
+        if bound == 1:
+            yield self._insert_run(record)
+            return KeyClaim("new", record.run_id)
+        # The key is held: lock its row, then the holder's, and judge the holder.
+        held = yield _Query(self._sql["holder"], (record.saga, record.key), "one")
+        row = None
+        if held is not None:
+            row = yield _Query(self._sql["record_for_update"], (held[0],), "one")
+        if row is not None:
+            existing = _record(row)
+            claim = judge_claim(existing, record, now)
+            if claim is not None:
+                if claim.outcome == "resume":
+                    yield _Query(
+                        self._sql["hand_over"],
+                        (record.owner, record.lease_until, existing.run_id),
+                    )
+                rows = yield _Query(self._sql["entries"], (existing.run_id,), "rows")
+                claim.record = existing
+                claim.entries = [_entry(r) for r in rows]
+                return claim
+        # No holder, or one that may be replaced (failed and compensated, or expired).
+        yield self._insert_run(record)
+        if held is None:
+            yield _Query(self._sql["bind_key"], (record.saga, record.key, record.run_id))
+        else:
+            yield _Query(self._sql["rebind_key"], (record.run_id, record.saga, record.key))
+        return KeyClaim("new", record.run_id)
+
+    def _write(
+        self,
+        run_id: str,
+        entries: list[LogEntry],
+        *,
+        lease_until: float | None,
+        status: str | None,
+        error: str | None,
+        result: dict[str, Any] | None,
+        expires_at: float | None,
+    ) -> _Op[None]:
+        changes = run_changes(
+            entries,
+            lease_until=lease_until,
+            status=status,
+            error=error,
+            result=result,
+            expires_at=expires_at,
+        )
+        sets = [f"{c} = %s::json" if c == "result" else f"{c} = %s" for c in changes]
+        args = [_dump(v) if c == "result" else v for c, v in changes.items()]
+        update = (
+            f'UPDATE "{self.schema}".buttress_runs SET {", ".join(sets)} WHERE run_id = %s'
+            if sets
+            else ""
+        )
+        if not entries:
+            if update:
+                yield _Query(update, (*args, run_id))
+            return
+        log = (
+            run_id,
+            [e.seq for e in entries],
+            [e.step for e in entries],
+            [e.event for e in entries],
+            [e.attempt for e in entries],
+            [e.at for e in entries],
+            [e.duration for e in entries],
+            [_dump(e.output) for e in entries],
+            [e.error for e in entries],
+        )
+        if not update:
+            yield _Query(self._sql["insert_log"], log)
+            return
+        # One statement, so one round trip and atomic without a transaction block.
+        yield _Query(f"WITH log AS ({self._sql['insert_log']}) {update}", (*log, *args, run_id))
+
+    def _load(self, run_id: str) -> _Op[tuple[RunRecord, list[LogEntry]] | None]:
+        row = yield _Query(self._sql["load"], (run_id,), "one")
+        if row is None:
+            return None
+        return _record(row), [_entry(item) for item in row[14]]
+
+    def _claim_run(
+        self,
+        run_id: str,
+        owner: str,
+        now: float,
+        lease_until: float,
+        expected_owner: str | None,
+    ) -> _Op[bool]:
+        count = yield _Query(
+            self._sql["claim_run"],
+            (owner, lease_until, run_id, now, expected_owner, expected_owner),
+        )
+        return bool(count == 1)
+
+    def _incomplete(self, saga: str) -> _Op[list[str]]:
+        rows = yield _Query(self._sql["incomplete"], (saga,), "rows")
+        return [row[0] for row in rows]
+
+    def _runs(self, saga: str | None, status: str | None, limit: int) -> _Op[list[RunRecord]]:
+        where: list[str] = []
+        args: list[Any] = []
+        if saga is not None:
+            where.append("saga = %s")
+            args.append(saga)
+        if status is not None:
+            where.append("status = %s")
+            args.append(status)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = yield _Query(
+            f'SELECT {_COLUMNS} FROM "{self.schema}".buttress_runs {clause} '
+            "ORDER BY created_at DESC LIMIT %s",
+            (*args, limit),
+            "rows",
+        )
+        return [_record(row) for row in rows]
+
+    # -- the sync face ----------------------------------------------------------------------
+
+    def create_run(self, record: RunRecord) -> None:
+        self._run_sync(self._create_run(record), tx=False)
+
+    def claim_key(self, record: RunRecord, *, now: float) -> KeyClaim:
+        return self._run_sync(self._claim_key(record, now), tx=True)
+
+    def write(
+        self,
+        run_id: str,
+        entries: list[LogEntry],
+        *,
+        lease_until: float | None = None,
+        status: str | None = None,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+        expires_at: float | None = None,
+    ) -> None:
+        op = self._write(
+            run_id,
+            entries,
+            lease_until=lease_until,
+            status=status,
+            error=error,
+            result=result,
+            expires_at=expires_at,
+        )
+        self._run_sync(op, tx=False)
+
+    def load(self, run_id: str) -> tuple[RunRecord, list[LogEntry]] | None:
+        return self._run_sync(self._load(run_id), tx=False)
+
+    def claim_run(
+        self,
+        run_id: str,
+        owner: str,
+        *,
+        now: float,
+        lease_until: float,
+        expected_owner: str | None = None,
+    ) -> bool:
+        op = self._claim_run(run_id, owner, now, lease_until, expected_owner)
+        return self._run_sync(op, tx=False)
+
+    def incomplete(self, saga: str) -> list[str]:
+        return self._run_sync(self._incomplete(saga), tx=False)
+
+    def runs(
+        self, *, saga: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        return self._run_sync(self._runs(saga, status, limit), tx=False)
+
+    # -- the async face ---------------------------------------------------------------------
+
+    async def acreate_run(self, record: RunRecord) -> None:
+        await self._run_async(self._create_run(record), tx=False)
+
+    async def aclaim_key(self, record: RunRecord, *, now: float) -> KeyClaim:
+        return await self._run_async(self._claim_key(record, now), tx=True)
+
+    async def awrite(
+        self,
+        run_id: str,
+        entries: list[LogEntry],
+        *,
+        lease_until: float | None = None,
+        status: str | None = None,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+        expires_at: float | None = None,
+    ) -> None:
+        op = self._write(
+            run_id,
+            entries,
+            lease_until=lease_until,
+            status=status,
+            error=error,
+            result=result,
+            expires_at=expires_at,
+        )
+        await self._run_async(op, tx=False)
+
+    async def aload(self, run_id: str) -> tuple[RunRecord, list[LogEntry]] | None:
+        return await self._run_async(self._load(run_id), tx=False)
+
+    async def aclaim_run(
+        self,
+        run_id: str,
+        owner: str,
+        *,
+        now: float,
+        lease_until: float,
+        expected_owner: str | None = None,
+    ) -> bool:
+        op = self._claim_run(run_id, owner, now, lease_until, expected_owner)
+        return await self._run_async(op, tx=False)
+
+    async def aincomplete(self, saga: str) -> list[str]:
+        return await self._run_async(self._incomplete(saga), tx=False)
+
+    async def aruns(
+        self, *, saga: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        return await self._run_async(self._runs(saga, status, limit), tx=False)

@@ -1,0 +1,1194 @@
+"""Redis backends: rate limits, breaker state, bulkhead slots and saga idempotency keys
+shared by every process that points at the same Redis.
+
+Install with ``pip install buttress[redis]`` (redis-py, plus hiredis where it installs).
+Each store is handed to a primitive's ``store=`` (or a saga's ``idempotency=``)::
+
+    limiter = RateLimiter("api", rate=100, store=RedisRateLimiterStore(url))
+
+and every decision is made by one Lua script on the server, in one round trip, on the
+server's clock. Keys are ``<prefix>{<kind>:<name>}``: the hash tag keeps each primitive's
+state in one Cluster slot. Stores connect lazily: from ``url`` they build a sync client
+and, per event loop, an async client (close them with :meth:`close` / :meth:`aclose`), or
+they use the ``client=`` / ``async_client=`` you pass (``redis.Redis`` /
+``redis.asyncio.Redis``; set their ``socket_timeout``).
+
+When Redis fails, ``on_backend_error`` decides (see :mod:`buttress.backends._degrade`):
+``"fail_closed"`` refuses calls, ``"fail_open"`` lets them through, ``"local"`` falls back
+to the primitive's in-process state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import threading
+import weakref
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any
+
+from buttress import events as _events
+from buttress._validate import check_seconds, require_seconds
+from buttress.exceptions import (
+    BackendError,
+    CircuitOpenError,
+    ConfigTypeError,
+    ConfigValueError,
+)
+
+from . import COMPLETED, INCOMPLETE, KeyClaim, LogEntry, RunRecord
+from . import _redis_scripts as scripts
+from ._degrade import Gate, check_mode
+
+if TYPE_CHECKING:
+    import redis as _redis
+    import redis.asyncio as _aredis
+
+    from buttress.bulkhead import Bulkhead
+    from buttress.circuit_breaker import CircuitBreaker
+    from buttress.rate_limiter import RateLimiter
+
+__all__ = [
+    "RedisBreakerStore",
+    "RedisBulkheadStore",
+    "RedisIdempotencyStore",
+    "RedisRateLimiterStore",
+]
+
+_DEFAULT_PREFIX = "buttress:"
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "the Redis backends need redis-py: pip install 'buttress[redis]'"
+        ) from exc
+    return redis
+
+
+def _backend_errors() -> tuple[type[BaseException], ...]:
+    redis = _import_redis()
+    return (redis.RedisError, OSError, asyncio.TimeoutError)
+
+
+class _Connection:
+    """Lazily built clients for one Redis deployment: one sync client, one async client
+    per event loop (async connections belong to the loop that opened them)."""
+
+    def __init__(self, url: str | None, client: Any, async_client: Any, timeout: float) -> None:
+        redis = _import_redis()
+        if url is None and client is None and async_client is None:
+            raise ConfigValueError("a Redis store needs url=, client= or async_client=")
+        if url is not None and not isinstance(url, str):
+            raise ConfigTypeError(f"url must be a redis:// URL string, got {url!r}")
+        if client is not None and not isinstance(client, redis.Redis):
+            raise ConfigTypeError(f"client must be a redis.Redis, got {client!r}")
+        if async_client is not None and not isinstance(async_client, redis.asyncio.Redis):
+            raise ConfigTypeError(
+                f"async_client must be a redis.asyncio.Redis, got {async_client!r}"
+            )
+        self.url = url
+        self.timeout = timeout
+        self._client = client
+        self._async_client = async_client
+        self._owned_sync = False
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+        self._shas: dict[str, str] = {}
+
+    def _options(self) -> dict[str, Any]:
+        redis = _import_redis()
+        from redis.backoff import NoBackoff
+
+        # No client-side retries: a failed call is the store's to handle (on_backend_error),
+        # and retrying inside the client would multiply the timeout.
+        return {
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
+            "retry": redis.retry.Retry(NoBackoff(), 0),
+        }
+
+    def sync(self) -> _redis.Redis:
+        client = self._client
+        if client is None:
+            if self.url is None:
+                raise ConfigTypeError(
+                    "this Redis store was given only async_client=: pass url= or client= "
+                    "to use it from sync code"
+                )
+            with self._lock:
+                if self._client is None:
+                    self._client = _import_redis().Redis.from_url(self.url, **self._options())
+                    self._owned_sync = True
+                client = self._client
+        return client  # type: ignore[no-any-return]
+
+    def aio(self) -> _aredis.Redis:
+        if self._async_client is not None:
+            return self._async_client  # type: ignore[no-any-return]
+        if self.url is None:
+            raise ConfigTypeError(
+                "this Redis store was given only client=: pass url= or async_client= "
+                "to use it from async code"
+            )
+        loop = asyncio.get_running_loop()
+        client = self._per_loop.get(loop)
+        if client is None:
+            client = _import_redis().asyncio.Redis.from_url(self.url, **self._options())
+            self._per_loop[loop] = client
+        return client  # type: ignore[no-any-return]
+
+    def sha(self, script: str) -> str:
+        sha = self._shas.get(script)
+        if sha is None:
+            import hashlib
+
+            sha = self._shas[script] = hashlib.sha1(script.encode()).hexdigest()
+        return sha
+
+    def run(self, script: str, key: str, *args: Any) -> Any:
+        """EVALSHA in one round trip (loading the script once if the server lacks it)."""
+        client: Any = self.sync()
+        try:
+            return client.execute_command("EVALSHA", self.sha(script), 1, key, *args)
+        except _import_redis().exceptions.NoScriptError:
+            client.script_load(script)
+            return client.execute_command("EVALSHA", self.sha(script), 1, key, *args)
+
+    async def arun(self, script: str, key: str, *args: Any) -> Any:
+        client: Any = self.aio()
+        try:
+            return await client.execute_command("EVALSHA", self.sha(script), 1, key, *args)
+        except _import_redis().exceptions.NoScriptError:
+            await client.script_load(script)
+            return await client.execute_command("EVALSHA", self.sha(script), 1, key, *args)
+
+    def close(self) -> None:
+        with self._lock:
+            client = self._client if self._owned_sync else None
+            if self._owned_sync:
+                self._client = None
+                self._owned_sync = False
+        if client is not None:
+            client.close()
+
+    async def aclose(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover
+            return
+        client = self._per_loop.pop(loop, None)
+        if client is not None:
+            await client.aclose()
+
+
+class _RedisStore:
+    """Connection, key prefix and failure settings shared by every Redis store."""
+
+    backend = "redis"
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: Any = None,
+        async_client: Any = None,
+        prefix: str = _DEFAULT_PREFIX,
+        timeout: float = 0.5,
+        on_backend_error: str = "fail_closed",
+        retry_interval: float = 1.0,
+    ) -> None:
+        if not isinstance(prefix, str):
+            raise ConfigTypeError(f"prefix must be a string, got {prefix!r}")
+        if "{" in prefix or "}" in prefix:
+            raise ConfigValueError(
+                f"prefix must not contain braces (buttress adds the hash tags), got {prefix!r}"
+            )
+        self.prefix = prefix
+        self.timeout = require_seconds("timeout", timeout)
+        self.on_backend_error = check_mode(on_backend_error)
+        self.retry_interval = check_seconds("retry_interval", retry_interval, allow_zero=True)
+        self._conn = _Connection(url, client, async_client, self.timeout)
+        self._errors = _backend_errors()
+        # what a background read may meet: the backend failing, or no sync client
+        self._soft_errors: tuple[type[BaseException], ...] = (*self._errors, ConfigTypeError)
+
+    def key(self, kind: str, name: str, suffix: str | None = None) -> str:
+        tag = name if suffix is None else f"{name}:{suffix}"
+        return f"{self.prefix}{{{kind}:{tag}}}"
+
+    def _gate(self, policy: Any) -> Gate:
+        return Gate(
+            self.backend,
+            self.on_backend_error,
+            self.retry_interval or 0.0,
+            policy._clock.now,
+            policy._emit,
+        )
+
+    def close(self) -> None:
+        """Close the sync client this store created (not one you passed in)."""
+        self._conn.close()
+
+    async def aclose(self) -> None:
+        """Close the async client this store created for the running event loop."""
+        await self._conn.aclose()
+
+    def __repr__(self) -> str:
+        where = self._conn.url or "client"
+        return f"<{type(self).__name__} {where} prefix={self.prefix!r}>"
+
+
+def _needs_name(policy: Any, what: str) -> str:
+    if policy.name is None:
+        raise ConfigValueError(
+            f"a {what} with a shared store needs a name: processes find its state by name"
+        )
+    return str(policy.name)
+
+
+# -- rate limiter ---------------------------------------------------------------------------
+
+
+class RedisRateLimiterStore(_RedisStore):
+    """Shared GCRA buckets for :class:`~buttress.RateLimiter` (and its ``for_key`` views).
+
+    One Lua script per acquire, one round trip, on the server's clock: processes never
+    admit more than ``burst + rate * t / per`` in any ``t`` seconds between them. A caller
+    that must wait reserves its slot in the same round trip and sleeps locally until it
+    comes; a waiter interrupted before its slot gives it back when nothing was reserved
+    after it (otherwise the slot is left unused: never an over-admission).
+
+    Args:
+        url: ``redis://`` URL (clients are built lazily; sync and per event loop).
+        client: a ``redis.Redis`` to use for sync calls instead.
+        async_client: a ``redis.asyncio.Redis`` to use for async calls instead.
+        prefix: prepended to every key (default ``"buttress:"``).
+        timeout: seconds allowed for each Redis call of the clients built from ``url``.
+        on_backend_error: ``"fail_closed"`` (default), ``"fail_open"`` or ``"local"``.
+        retry_interval: seconds between attempts to reach a failed backend (default 1).
+    """
+
+    def bind(self, limiter: RateLimiter) -> _SharedLimiter:
+        return _SharedLimiter(self, limiter)
+
+
+class _SharedLimiter:
+    __slots__ = (
+        "args",
+        "base",
+        "conn",
+        "errors",
+        "gate",
+        "limiter",
+        "soft_errors",
+        "store",
+        "unkeyed",
+    )
+
+    def __init__(self, store: RedisRateLimiterStore, limiter: RateLimiter) -> None:
+        self.store = store
+        self.conn = store._conn
+        self.errors = store._errors
+        self.soft_errors = store._soft_errors
+        self.limiter = limiter
+        self.base = _needs_name(limiter, "RateLimiter")
+        self.unkeyed = store.key("rl", self.base)
+        self.gate = store._gate(limiter)
+        # interval and tolerance in microseconds, formatted once
+        self.args = (repr(limiter._interval * 1e6), repr(limiter._tolerance * 1e6))
+
+    def key_of(self, bucket_key: Hashable) -> str:
+        if bucket_key is None:
+            return self.unkeyed
+        return self.store.key("rl", self.base, str(bucket_key))
+
+    @staticmethod
+    def _max_wait_us(max_wait: float | None) -> str:
+        return "-1" if max_wait is None else str(int(max_wait * 1e6))
+
+    def _failed(self, exc: BaseException) -> bool:
+        """Record a backend failure; True when the limiter should use its local state."""
+        self.gate.failed(exc)
+        return self._fallback(exc)
+
+    def _fallback(self, exc: BaseException | None = None) -> bool:
+        mode = self.gate.mode
+        if mode == "local":
+            return True
+        if mode == "fail_open":
+            self._count("admitted")
+            return False
+        raise self.gate.unavailable(self.limiter._label(), exc, name=self.limiter.name)
+
+    # The drivers return True when the caller must use the limiter's in-process path
+    # ("local" mode while the backend is down), False when the call may go ahead. They
+    # differ only in how they wait.
+
+    def _count(self, what: str) -> None:
+        with self.limiter._lock_of():  # counters are shared by threads and keyed views
+            self.limiter._count(what)
+
+    def _verdict(self, reply: list[Any]) -> float:
+        """Seconds to wait for the reserved slot (0.0: go now); raises when rejected."""
+        self.gate.succeeded()
+        limiter = self.limiter
+        wait = int(reply[1]) / 1e6
+        if reply[0] == 0:
+            self._count("rejected")
+            raise limiter._rate_limited(wait)
+        self._count("admitted")
+        return wait
+
+    def _waited(self, wait: float) -> None:
+        self._count("waited")
+        self.limiter._emit(_events.AcquiredAfterWait, waited=wait)
+
+    def acquire(self, bucket_key: Hashable, weight: int, max_wait: float | None) -> bool:
+        if not self.gate.should_try():
+            return self._fallback()
+        key = self.key_of(bucket_key)
+        try:
+            reply = self.conn.run(
+                scripts.LIMITER, key, *self.args, weight, self._max_wait_us(max_wait), ""
+            )
+        except self.errors as exc:
+            return self._failed(exc)
+        wait = self._verdict(reply)
+        if wait > 0:
+            try:
+                self.limiter._clock.sleep(wait)
+            except BaseException:
+                self._refund(key, weight, reply[2])
+                raise
+            self._waited(wait)
+        return False
+
+    async def acquire_async(
+        self, bucket_key: Hashable, weight: int, max_wait: float | None
+    ) -> bool:
+        if not self.gate.should_try():
+            return self._fallback()
+        key = self.key_of(bucket_key)
+        try:
+            reply = await self.conn.arun(
+                scripts.LIMITER, key, *self.args, weight, self._max_wait_us(max_wait), ""
+            )
+        except self.errors as exc:
+            return self._failed(exc)
+        wait = self._verdict(reply)
+        if wait > 0:
+            try:
+                await self.limiter._clock.asleep(wait)
+            except BaseException:
+                await self._arefund(key, weight, reply[2])
+                raise
+            self._waited(wait)
+        return False
+
+    def _refund(self, key: str, weight: int, reserved: bytes) -> None:
+        # best effort: an unused slot never over-admits
+        with contextlib.suppress(*self.errors):
+            self.conn.run(scripts.LIMITER, key, *self.args, weight, "-1", reserved)
+
+    async def _arefund(self, key: str, weight: int, reserved: bytes) -> None:
+        with contextlib.suppress(*self.errors):
+            await self.conn.arun(scripts.LIMITER, key, *self.args, weight, "-1", reserved)
+
+    def tokens(self, bucket_key: Hashable) -> float | None:
+        """Units admissible now, read from Redis (None when it cannot be reached)."""
+        limiter = self.limiter
+        try:
+            raw = self.conn.sync().get(self.key_of(bucket_key))
+            now_s, now_us = self.conn.sync().time()
+        except self.soft_errors:
+            return None
+        if raw is None:
+            return float(limiter.burst)
+        debt = (int(raw) - (now_s * 1_000_000 + now_us)) / 1e6
+        debt = max(debt, 0.0)
+        return max(limiter._tolerance - debt, 0.0) / limiter._interval
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**self.gate.snapshot(), "key": self.key_of(None)}
+
+
+# -- circuit breaker ------------------------------------------------------------------------
+
+
+class RedisBreakerStore(_RedisStore):
+    """Shared state for :class:`~buttress.CircuitBreaker`: state, counts and probe slots.
+
+    Every process asks Redis before a call (one round trip that also carries the
+    successes this process saw since its last round trip), so a transition made by one
+    process is seen by all the others on their next call, and half-open probe slots are
+    global. A failure is reported at once (a second round trip, on failures only).
+
+    With ``max_staleness`` (seconds) a process reuses what it last read for that long: a
+    closed breaker then costs no round trip per call, and other processes' transitions
+    are seen within ``max_staleness``. Half-open probes always go to Redis.
+
+    Args:
+        url, client, async_client, prefix, timeout, on_backend_error, retry_interval:
+            as for :class:`RedisRateLimiterStore`.
+        max_staleness: seconds a process may act on state it read earlier (default
+            ``None``: read on every call).
+        probe_lease: seconds after which half-open probe slots whose callers never
+            reported back (their process died) are granted again (default 60).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        max_staleness: float | None = None,
+        probe_lease: float = 60.0,
+        **options: Any,
+    ) -> None:
+        super().__init__(url, **options)
+        self.max_staleness = check_seconds("max_staleness", max_staleness, allow_none=True)
+        self.probe_lease = require_seconds("probe_lease", probe_lease)
+
+    def bind(self, breaker: CircuitBreaker) -> _SharedBreaker:
+        return _SharedBreaker(self, breaker)
+
+
+_STATES = {b"c": "closed", b"o": "open", b"h": "half_open"}
+
+
+class _SharedBreaker:
+    """The breaker's permission protocol (acquire, success, failure) answered by Redis."""
+
+    def __init__(self, store: RedisBreakerStore, breaker: CircuitBreaker) -> None:
+        self.store = store
+        self.conn = store._conn
+        self.errors = store._errors
+        self.soft_errors = store._soft_errors
+        self.breaker = breaker
+        self.key = store.key("cb", _needs_name(breaker, "CircuitBreaker"))
+        self.gate = store._gate(breaker)
+        self.staleness = store.max_staleness
+        rate = -1.0 if breaker.failure_rate is None else breaker.failure_rate
+        self.reset_us = int(breaker.reset_timeout * 1e6)
+        self.settings = (
+            str(self.reset_us),
+            str(breaker.half_open_max_calls),
+            str(int(store.probe_lease * 1e6)),
+            str(breaker.failure_threshold),
+            repr(rate),
+            str(breaker.window),
+            str(breaker.minimum_calls),
+        )
+        self.lock = threading.Lock()
+        # successes not yet reported, all admitted under generation `pending_gen`
+        self.pending = 0
+        self.pending_gen = -1
+        # what this process last read
+        self.state = "closed"
+        self.gen = 0
+        self.consecutive = 0
+        self.read_at = float("-inf")
+        self.open_until = 0.0  # local clock: when an open circuit may be probed
+        self.forced = False
+        self.last: dict[str, Any] = {}
+        self.local_tokens: set[int] = set()  # tokens issued by the local fallback
+
+    # -- talking to Redis -------------------------------------------------------------------
+
+    def _args(self, op: str, gen: int = -1, outcome: str = "") -> tuple[Any, ...]:
+        with self.lock:
+            pending, pending_gen = self.pending, self.pending_gen
+            self.pending = 0
+        return (op, *self.settings, pending, pending_gen, gen, outcome)
+
+    def _restore(self, args: tuple[Any, ...]) -> None:
+        """The call carrying our pending successes failed: keep them for the next one."""
+        pending, gen = args[8], args[9]
+        if pending:
+            with self.lock:
+                if self.pending_gen in (gen, -1):
+                    self.pending += pending
+                    self.pending_gen = gen
+
+    def _read(self, reply: list[Any]) -> int:
+        """Take in a script reply; emit the transitions it made; return its verdict."""
+        breaker = self.breaker
+        now = breaker._clock.now()
+        state = _STATES[reply[1]]
+        gen = int(reply[2])
+        self.state, self.gen, self.consecutive = state, gen, int(reply[3])
+        self.forced = reply[8] == b"1"
+        self.read_at = now
+        if state == "open":
+            # when the open period ends, from the server's clock (opened at, now)
+            left_us = self.reset_us - (int(reply[10]) - int(reply[7]))
+            self.open_until = now + max(left_us, 0) / 1e6
+        else:
+            self.open_until = now
+        window_len, window_failures = int(reply[5]), int(reply[6])
+        self.last = {
+            "state": state,
+            "generation": gen,
+            "consecutive_failures": self.consecutive,
+            "window_calls": window_len,
+            "failure_rate": window_failures / window_len if window_len else None,
+            "half_open_probes": int(reply[9]),
+            "forced": self.forced,
+        }
+        changes = reply[11:]
+        for i in range(0, len(changes), 3):
+            breaker._emit(
+                _events.CircuitStateChanged,
+                old=changes[i].decode(),
+                new=changes[i + 1].decode(),
+                reason=changes[i + 2].decode(),
+            )
+        self.gate.succeeded()
+        return int(reply[0])
+
+    def _reject(self, reply: list[Any] | None) -> CircuitOpenError:
+        breaker = self.breaker
+        with breaker._lock:
+            breaker._rejections += 1
+        retry_after: float | None = None
+        if reply is not None and int(reply[4]) >= 0:
+            retry_after = int(reply[4]) / 1e6
+        elif self.state == "open" and not self.forced:
+            retry_after = max(self.open_until - breaker._clock.now(), 0.0)
+        state = self.state
+        breaker._emit(_events.CallRejected, reason="circuit_open", retry_after=retry_after)
+        detail = "is open" if state == "open" else "is half-open and its probe slots are taken"
+        return CircuitOpenError(
+            f"{breaker._label()} {detail}", retry_after=retry_after, name=breaker.name
+        )
+
+    def _fresh(self) -> bool:
+        staleness = self.staleness
+        return staleness is not None and self.breaker._clock.now() - self.read_at < staleness
+
+    # -- the protocol -----------------------------------------------------------------------
+
+    def _cached(self) -> int | None:
+        """A token from the cached state (bounded-staleness mode), or None: ask Redis."""
+        if not self._fresh():
+            return None
+        if self.state == "closed":
+            return self.gen
+        if self.state == "open" and (self.forced or self.breaker._clock.now() < self.open_until):
+            raise self._reject(None)
+        return None
+
+    def _on_backend_failure(self, exc: BaseException) -> int:
+        self.gate.failed(exc)
+        return self._degraded(exc)
+
+    def _degraded(self, exc: BaseException | None = None) -> int:
+        mode = self.gate.mode
+        if mode == "fail_closed":
+            raise self.gate.unavailable(self.breaker._label(), exc, name=self.breaker.name)
+        if mode == "local":
+            token = type(self.breaker)._acquire(self.breaker)
+            return -2 - token  # <= -2: the outcome goes to the local state machine
+        return _OPEN_TOKEN  # fail_open: let it through, report nothing
+
+    def acquire(self) -> int:
+        token = self._cached()
+        if token is not None:
+            return token
+        if not self.gate.should_try():
+            return self._degraded()
+        args = self._args("acquire")
+        try:
+            reply = self.conn.run(scripts.BREAKER, self.key, *args)
+        except self.errors as exc:
+            self._restore(args)
+            return self._on_backend_failure(exc)
+        if not self._read(reply):
+            raise self._reject(reply)
+        return self.gen
+
+    async def acquire_async(self) -> int:
+        token = self._cached()
+        if token is not None:
+            return token
+        if not self.gate.should_try():
+            return self._degraded()
+        args = self._args("acquire")
+        try:
+            reply = await self.conn.arun(scripts.BREAKER, self.key, *args)
+        except self.errors as exc:
+            self._restore(args)
+            return self._on_backend_failure(exc)
+        if not self._read(reply):
+            raise self._reject(reply)
+        return self.gen
+
+    def _local(self, token: int) -> int | None:
+        """The local token of a call admitted by the fallback, else None."""
+        return -2 - token if token <= -2 else None
+
+    def _defer(self, token: int) -> bool:
+        """A success that can wait for the next round trip (True), or must be sent now."""
+        with self.lock:
+            if self.state != "closed" or token != self.gen:
+                return token != self.gen  # a stale token changes nothing: drop it
+            if self.consecutive and self.breaker.failure_rate is None:
+                return False  # end the failure streak now, not on our next call
+            if self.pending_gen != token:
+                self.pending = 0
+                self.pending_gen = token
+            self.pending += 1
+            return True
+
+    def success(self, token: int) -> tuple[Any, ...] | None:
+        """Book a success; the script arguments when it must be reported now."""
+        breaker = self.breaker
+        with breaker._lock:
+            breaker._successes += 1
+        if token == _OPEN_TOKEN or self._defer(token):
+            return None
+        return self._args("record", token, "s")
+
+    def failure(self, token: int, outcome: str) -> tuple[Any, ...] | None:
+        if token == _OPEN_TOKEN:
+            return None
+        return self._args("record", token, outcome)
+
+    def send(self, args: tuple[Any, ...]) -> None:
+        try:
+            reply = self.conn.run(scripts.BREAKER, self.key, *args)
+        except self.errors as exc:
+            self._restore(args)
+            self.gate.failed(exc)
+            return
+        self._read(reply)
+
+    async def asend(self, args: tuple[Any, ...]) -> None:
+        try:
+            reply = await self.conn.arun(scripts.BREAKER, self.key, *args)
+        except self.errors as exc:
+            self._restore(args)
+            self.gate.failed(exc)
+            return
+        self._read(reply)
+
+    def control(self, op: str) -> None:
+        """``open`` / ``close`` for every process."""
+        args = self._args(op)
+        try:
+            reply = self.conn.run(scripts.BREAKER, self.key, *args)
+        except self.errors as exc:
+            raise BackendError(f"{self.breaker._label()}: could not {op} the shared state") from exc
+        self._read(reply)
+
+    def refresh(self) -> None:
+        """Read the shared state now (and report pending successes)."""
+        args = self._args("peek")
+        try:
+            reply = self.conn.run(scripts.BREAKER, self.key, *args)
+        except self.soft_errors:
+            self._restore(args)
+            return
+        self._read(reply)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            **self.last,
+            **self.gate.snapshot(),
+            "key": self.key,
+            "max_staleness": self.staleness,
+        }
+
+
+_OPEN_TOKEN = -1  # a call let through by fail_open: nothing to report
+
+
+# -- bulkhead ------------------------------------------------------------------------------
+
+
+class RedisBulkheadStore(_RedisStore):
+    """A distributed semaphore for :class:`~buttress.Bulkhead`: at most ``max_concurrent``
+    calls in flight across every process.
+
+    Each slot is a lease: a process that dies while holding slots gives them back when
+    their lease runs out. A live holder renews its leases from a background thread every
+    ``lease / 3`` seconds, so a call may run longer than the lease. Waiting callers poll
+    Redis (every ``poll_interval``, doubling up to 8x): across processes a freed slot goes
+    to whoever asks first, not strictly first come first served.
+
+    Args:
+        url, client, async_client, prefix, timeout, on_backend_error, retry_interval:
+            as for :class:`RedisRateLimiterStore`.
+        lease: seconds a slot survives its holder's death (default 30).
+        poll_interval: seconds between attempts of a waiting caller (default 0.01).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        lease: float = 30.0,
+        poll_interval: float = 0.01,
+        **options: Any,
+    ) -> None:
+        super().__init__(url, **options)
+        self.lease = require_seconds("lease", lease)
+        self.poll_interval = require_seconds("poll_interval", poll_interval)
+        self._renewer: _Renewer | None = None
+        self._renewer_lock = threading.Lock()
+
+    def bind(self, bulkhead: Bulkhead) -> _SharedBulkhead:
+        return _SharedBulkhead(self, bulkhead)
+
+    def _renew_loop(self) -> _Renewer:
+        with self._renewer_lock:
+            if self._renewer is None:
+                self._renewer = _Renewer(self)
+            return self._renewer
+
+    def close(self) -> None:
+        with self._renewer_lock:
+            renewer, self._renewer = self._renewer, None
+        if renewer is not None:
+            renewer.stop()
+        super().close()
+
+
+class _Renewer:
+    """One daemon thread per store that extends the leases of every slot held here."""
+
+    def __init__(self, store: RedisBulkheadStore) -> None:
+        self.store = store
+        self.held: dict[str, dict[str, None]] = {}  # key -> tokens (insertion-ordered)
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(
+            target=self._run, name="buttress-bulkhead-lease", daemon=True
+        )
+        self.thread.start()
+
+    def add(self, key: str, token: str) -> None:
+        with self.lock:
+            self.held.setdefault(key, {})[token] = None
+
+    def discard(self, key: str, token: str) -> None:
+        with self.lock:
+            tokens = self.held.get(key)
+            if tokens is not None:
+                tokens.pop(token, None)
+                if not tokens:
+                    del self.held[key]
+
+    def _run(self) -> None:
+        store = self.store
+        lease_us = str(int(store.lease * 1e6))
+        while not self.stopping.wait(store.lease / 3):
+            with self.lock:
+                batches = [(key, list(tokens)) for key, tokens in self.held.items()]
+            for key, tokens in batches:
+                try:
+                    store._conn.run(scripts.BULKHEAD, key, "renew", 0, lease_us, *tokens)
+                except store._soft_errors:
+                    continue  # the next round tries again; an expired lease is the risk
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+_tokens = itertools.count()
+_PROCESS = os.urandom(6).hex()
+
+
+class _SharedBulkhead:
+    def __init__(self, store: RedisBulkheadStore, bulkhead: Bulkhead) -> None:
+        self.store = store
+        self.conn = store._conn
+        self.errors = store._errors
+        self.soft_errors = store._soft_errors
+        self.bulkhead = bulkhead
+        self.key = store.key("bh", _needs_name(bulkhead, "Bulkhead"))
+        if store._conn.url is None and store._conn._client is None:
+            raise ConfigTypeError(
+                "RedisBulkheadStore needs url= or client=: leases are renewed from a thread, "
+                "which cannot use an asyncio client"
+            )
+        self.gate = store._gate(bulkhead)
+        self.limit = str(bulkhead.max_concurrent)
+        self.lease_us = str(int(store.lease * 1e6))
+        self.in_use: int | None = None
+
+    def _token(self) -> str:
+        return f"{_PROCESS}:{os.getpid()}:{next(_tokens)}"
+
+    def _budget(self, wait: bool) -> float | None:
+        from buttress._deadline import remaining
+
+        if not wait:
+            return 0.0
+        limit = self.bulkhead.max_wait
+        left = remaining()
+        if left is not None and (limit is None or left < limit):
+            limit = left
+        if self.bulkhead.max_queue == 0:
+            return 0.0
+        return limit
+
+    def _degraded(self, exc: BaseException | None = None) -> str | None:
+        """fail_closed raises; fail_open admits (token ""); local: None (use the local path)."""
+        mode = self.gate.mode
+        if mode == "fail_closed":
+            raise self.gate.unavailable(self.bulkhead._label(), exc, name=self.bulkhead.name)
+        if mode == "fail_open":
+            return ""
+        return None
+
+    def _granted(self, reply: list[Any], token: str) -> bool:
+        self.gate.succeeded()
+        self.in_use = int(reply[1])
+        if reply[0] == 1:
+            self.store._renew_loop().add(self.key, token)
+            return True
+        return False
+
+    def acquire(self, *, wait: bool = True) -> str | None:
+        """A lease token ("" when fail_open let the call through), or None: use the local
+        bulkhead. Raises BulkheadFull when no slot frees up in time."""
+        if not self.gate.should_try():
+            return self._degraded()
+        poll = _Poll(self, wait)
+        while True:
+            try:
+                reply = self.conn.run(
+                    scripts.BULKHEAD, self.key, "acquire", self.limit, self.lease_us, poll.token
+                )
+            except self.errors as exc:
+                self.gate.failed(exc)
+                return self._degraded(exc)
+            if poll.granted(reply):
+                return poll.token
+            self.bulkhead._clock.sleep(poll.pause())
+
+    async def acquire_async(self, *, wait: bool = True) -> str | None:
+        if not self.gate.should_try():
+            return self._degraded()
+        poll = _Poll(self, wait)
+        while True:
+            try:
+                reply = await self.conn.arun(
+                    scripts.BULKHEAD, self.key, "acquire", self.limit, self.lease_us, poll.token
+                )
+            except self.errors as exc:
+                self.gate.failed(exc)
+                return self._degraded(exc)
+            except BaseException:
+                # cancelled while the script may have granted the slot: give it back
+                self.release(poll.token)
+                raise
+            if poll.granted(reply):
+                return poll.token
+            await self.bulkhead._clock.asleep(poll.pause())
+
+    def release(self, token: str) -> None:
+        if not token:
+            return
+        self.store._renew_loop().discard(self.key, token)
+        try:
+            self.conn.run(scripts.BULKHEAD, self.key, "release", 0, 0, token)
+        except self.soft_errors as exc:
+            self.gate.failed(exc)  # the lease returns the slot when it runs out
+
+    async def release_async(self, token: str) -> None:
+        if not token:
+            return
+        self.store._renew_loop().discard(self.key, token)
+        try:
+            await self.conn.arun(scripts.BULKHEAD, self.key, "release", 0, 0, token)
+        except self.soft_errors as exc:
+            self.gate.failed(exc)
+
+    def in_flight(self) -> int | None:
+        """Slots held across every process (None when Redis cannot be reached)."""
+        try:
+            reply = self.conn.run(scripts.BULKHEAD, self.key, "count", 0, self.lease_us)
+        except self.soft_errors:
+            return None
+        return int(reply[1])
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**self.gate.snapshot(), "key": self.key, "lease": self.store.lease}
+
+
+class _Poll:
+    """One caller's attempts at a shared slot: everything both drivers do between round
+    trips (they differ only in how they make the call and how they sleep)."""
+
+    __slots__ = ("budget", "shared", "started", "step", "token", "waited")
+
+    def __init__(self, shared: _SharedBulkhead, wait: bool) -> None:
+        self.shared = shared
+        self.token = shared._token()
+        self.budget = shared._budget(wait)
+        self.started = shared.bulkhead._clock.now()
+        self.step = shared.store.poll_interval
+        self.waited = False
+
+    def granted(self, reply: list[Any]) -> bool:
+        shared = self.shared
+        if not shared._granted(reply, self.token):
+            return False
+        bulkhead = shared.bulkhead
+        bulkhead._count_shared(accepted=True)
+        if self.waited:
+            waited = bulkhead._clock.now() - self.started
+            bulkhead._emit(_events.AcquiredAfterWait, waited=waited)
+        return True
+
+    def pause(self) -> float:
+        """Seconds to sleep before the next attempt; raises BulkheadFull when out of time."""
+        bulkhead = self.shared.bulkhead
+        sleep = self.step
+        if self.budget is not None:
+            left = self.budget - (bulkhead._clock.now() - self.started)
+            if left <= 0:
+                bulkhead._count_shared(accepted=False)
+                raise bulkhead._reject("bulkhead_wait_timeout" if self.waited else "bulkhead_full")
+            sleep = min(sleep, left)
+        self.waited = True
+        self.step = min(self.step * 2, self.shared.store.poll_interval * 8)
+        return sleep
+
+
+# -- saga idempotency -----------------------------------------------------------------------
+
+
+class RedisIdempotencyStore(_RedisStore):
+    """Idempotency keys of :class:`~buttress.Saga` runs, shared through Redis.
+
+    Pass it as ``Saga(..., idempotency=RedisIdempotencyStore(url))`` next to a durable run
+    log (``store=``). Claiming a key is one atomic script: of two processes running the
+    same key at once, one runs the steps and the other is told the key is busy (or, once
+    the first finished, gets its stored result). A completed run's key lives for the run's
+    ``ttl`` (or ``default_ttl``); a failed, compensated run frees its key.
+
+    Args:
+        url, client, prefix, timeout: as for :class:`RedisRateLimiterStore` (the saga
+            runner calls stores from sync code, so a sync client is used).
+        on_backend_error: ``"fail_closed"`` (default: a run whose key cannot be claimed
+            does not start), ``"fail_open"`` (run without the guarantee) or ``"local"``
+            (keys claimed in this process only, with an in-memory store).
+        default_ttl: seconds a completed key is remembered when the run sets no ``ttl``
+            (default ``None``: until it is deleted).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        default_ttl: float | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(url, **options)
+        self.default_ttl = check_seconds("default_ttl", default_ttl, allow_none=True)
+        from .memory import MemoryStore
+
+        self._local = MemoryStore()
+        self._claimed: dict[str, str] = {}  # run id -> its key, for runs claimed here
+        self._gate_impl = Gate(
+            self.backend, self.on_backend_error, self.retry_interval or 0.0, _wall, self._emit
+        )
+
+    def _emit(self, event_type: type[_events.Event], **fields: Any) -> None:
+        if _events.hub.listeners:
+            event = event_type(source="saga_idempotency", name=self.prefix, time=_wall(), **fields)
+            _events.dispatch((), event)
+
+    def _key(self, saga: str, key: str) -> str:
+        return self.key("idem", saga, key)
+
+    def _run_key(self, run_id: str) -> str:
+        return self.key("idem-run", run_id)
+
+    # -- the SagaStore protocol (only the idempotency part is meaningful) -------------------
+
+    def create_run(self, record: RunRecord) -> None:
+        raise ConfigTypeError(
+            "RedisIdempotencyStore keeps idempotency keys only: pass it as idempotency= and a "
+            "run log (MemoryStore, SQLiteStore, PostgresStore) as store="
+        )
+
+    def claim_key(self, record: RunRecord, *, now: float) -> KeyClaim:
+        assert record.key is not None
+        gate = self._gate_impl
+        if gate.should_try():
+            key = self._key(record.saga, record.key)
+            try:
+                reply = self._conn.run(
+                    scripts.IDEMPOTENCY_CLAIM,
+                    key,
+                    record.run_id,
+                    record.input_hash or "",
+                    record.owner or "",
+                    repr(record.lease_until),
+                    repr(now),
+                    record.saga,
+                    repr(record.created_at),
+                )
+                run_id = reply[1].decode()
+                # where the key of a run lives, for a process that recovers the run
+                self._conn.sync().set(self._run_key(run_id), key, ex=7 * 86400)
+            except self._errors as exc:
+                gate.failed(exc)
+            else:
+                gate.succeeded()
+                claim = _claim_from(reply, record)
+                if claim.outcome in ("new", "resume"):
+                    if len(self._claimed) >= 10_000:  # runs this process never finished
+                        self._claimed.pop(next(iter(self._claimed)))
+                    self._claimed[run_id] = key
+                return claim
+        if gate.mode == "fail_closed":
+            raise gate.unavailable(f"idempotency key {record.key!r}")
+        if gate.mode == "fail_open":
+            return KeyClaim("new", record.run_id)
+        return self._local.claim_key(record, now=now)
+
+    def write(
+        self,
+        run_id: str,
+        entries: list[LogEntry],
+        *,
+        lease_until: float | None = None,
+        status: str | None = None,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+        expires_at: float | None = None,
+    ) -> None:
+        self._local.write(
+            run_id,
+            entries,
+            lease_until=lease_until,
+            status=status,
+            error=error,
+            result=result,
+            expires_at=expires_at,
+        )
+        gate = self._gate_impl
+        final = status is not None and status not in INCOMPLETE
+        if gate.should_try():
+            try:
+                self._write(
+                    run_id,
+                    lease_until=lease_until,
+                    status=status,
+                    error=error,
+                    result=result,
+                    expires_at=expires_at,
+                    final=final,
+                )
+            except self._errors as exc:
+                gate.failed(exc)
+            else:
+                gate.succeeded()
+                return
+        if gate.mode == "fail_closed":
+            raise BackendError(f"could not record run {run_id} in Redis (fail_closed)")
+        # fail_open / local: the run goes on; its key is released when its lease runs out
+
+    def _write(
+        self,
+        run_id: str,
+        *,
+        lease_until: float | None,
+        status: str | None,
+        error: str | None,
+        result: dict[str, Any] | None,
+        expires_at: float | None,
+        final: bool,
+    ) -> None:
+        key: Any = self._claimed.pop(run_id, None) if final else self._claimed.get(run_id)
+        if key is None:  # a run claimed by another process (recovered here)
+            key = self._conn.sync().get(self._run_key(run_id))
+            if key is None:
+                return
+            key = key.decode()
+        ttl_ms = 0
+        if status == COMPLETED:
+            ttl = None if expires_at is None else expires_at - _wall()
+            if ttl is None and self.default_ttl is not None:
+                ttl = self.default_ttl
+                expires_at = _wall() + ttl
+            if ttl is not None:
+                ttl_ms = max(int(ttl * 1000), 1)
+        self._conn.run(
+            scripts.IDEMPOTENCY_WRITE,
+            key,
+            run_id,
+            status or "",
+            "" if lease_until is None else repr(lease_until),
+            error or "",
+            "" if result is None else json.dumps(result, default=str),
+            "" if expires_at is None else repr(expires_at),
+            ttl_ms,
+        )
+        if final:
+            self._conn.sync().delete(self._run_key(run_id))
+
+    def load(self, run_id: str) -> tuple[RunRecord, list[LogEntry]] | None:
+        return None
+
+    def claim_run(
+        self,
+        run_id: str,
+        owner: str,
+        *,
+        now: float,
+        lease_until: float,
+        expected_owner: str | None = None,
+    ) -> bool:
+        return False
+
+    def incomplete(self, saga: str) -> list[str]:
+        return []
+
+    def runs(
+        self, *, saga: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        return []
+
+
+def _wall() -> float:
+    import time
+
+    return time.time()
+
+
+def _claim_from(reply: list[Any], wanted: RunRecord) -> KeyClaim:
+    outcome = reply[0].decode()
+    run_id = reply[1].decode()
+    if outcome == "new":
+        return KeyClaim("new", run_id)
+    raw = reply[2:]
+    fields = {raw[i].decode(): raw[i + 1].decode() for i in range(0, len(raw), 2)}
+    result = json.loads(fields["result"]) if fields.get("result") else None
+    record = RunRecord(
+        run_id=run_id,
+        saga=fields.get("saga", wanted.saga),
+        status=fields.get("status", "running"),
+        input=None,
+        key=wanted.key,
+        input_hash=fields.get("hash"),
+        created_at=float(fields.get("created") or 0.0),
+        owner=fields.get("owner") or None,
+        lease_until=float(fields.get("lease") or 0.0),
+        error=fields.get("error") or None,
+        result=result,
+        expires_at=float(fields["expires"]) if fields.get("expires") else None,
+    )
+    return KeyClaim(outcome, run_id, record=record)

@@ -1,0 +1,58 @@
+"""Reaching the real Redis and PostgreSQL servers the backend tests run against.
+
+The URLs come from ``BUTTRESS_REDIS_URL`` / ``BUTTRESS_POSTGRES_URL`` and default to the
+loopback servers. When a server cannot be reached the test is skipped with the reason,
+except when ``CI`` is set: there a missing service is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from urllib.parse import urlsplit
+
+import pytest
+
+REDIS_URL = os.environ.get("BUTTRESS_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("BUTTRESS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def _reachable(url: str, default_port: int) -> str | None:
+    """None when a TCP connection to the URL's host and port succeeds, else the reason."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    if host not in _LOOPBACK:
+        return f"{url}: only loopback servers are used by the tests"
+    port = parts.port or default_port
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return None
+    except OSError as exc:
+        return f"{url} is unreachable ({exc})"
+
+
+def require(url: str, default_port: int, what: str) -> str:
+    """Return ``url`` when its server answers; skip (or fail on CI) otherwise."""
+    reason = _reachable(url, default_port)
+    if reason is None:
+        return url
+    message = f"{what} tests need a server: {reason}"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI is set, so a missing service is a failure)")
+    pytest.skip(message)
+
+
+def require_redis() -> str:
+    return require(REDIS_URL, 6379, "Redis")
+
+
+def require_postgres() -> str:
+    return require(POSTGRES_URL, 5432, "PostgreSQL")
+
+
+def unique(prefix: str) -> str:
+    """A name no other test (or test run) uses: key prefixes, schema names."""
+    return f"{prefix}{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,922 @@
+"""The Redis stores, against the real Redis server (never a mock): shared limits, breaker
+state, bulkhead leases and saga idempotency across instances and across OS processes, the
+round trips they cost, and what happens when Redis goes away and comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+import buttress
+from buttress import (
+    BackendUnavailable,
+    Bulkhead,
+    BulkheadFull,
+    CircuitBreaker,
+    CircuitOpenError,
+    RateLimited,
+    RateLimiter,
+    Registry,
+    Saga,
+    pipeline,
+    retry,
+)
+from buttress.backends.redis import (
+    RedisBreakerStore,
+    RedisBulkheadStore,
+    RedisIdempotencyStore,
+    RedisRateLimiterStore,
+)
+from buttress.testing import capture_events
+
+HERE = Path(__file__).resolve().parent
+
+
+class Stores:
+    """Builds stores with this test's key prefix and closes them afterwards."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.made: list[Any] = []
+
+    def __call__(self, kind: type[Any], **options: Any) -> Any:
+        options.setdefault("prefix", self.prefix)
+        store = kind(options.pop("url", self.url), **options)
+        self.made.append(store)
+        return store
+
+    def close(self) -> None:
+        for store in self.made:
+            store.close()
+
+
+@pytest.fixture
+def stores(redis_url: str, redis_prefix: str) -> Iterator[Stores]:
+    made = Stores(redis_url, redis_prefix)
+    yield made
+    made.close()
+
+
+class Counting:
+    """A redis.Redis stand-in that counts commands (each one is a round trip)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.commands: list[str] = []
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.commands.append(str(args[0]))
+        return self.client.execute_command(*args, **options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def count_round_trips(store: Any) -> Counting:
+    counting = Counting(store._conn.sync())
+    store._conn._client = counting
+    return counting
+
+
+def other_process(*, registry: bool = True) -> dict[str, Any]:
+    """Options that make a second primitive of the same name, as another process would."""
+    return {"registry": Registry()} if registry else {}
+
+
+# -- rate limiter -----------------------------------------------------------------------------
+
+
+def test_limiter_shares_one_budget_between_instances(stores: Stores) -> None:
+    a = RateLimiter("api", rate=10, burst=5, max_wait=0, store=stores(RedisRateLimiterStore))
+    b = RateLimiter(
+        "api", rate=10, burst=5, max_wait=0, store=stores(RedisRateLimiterStore), **other_process()
+    )
+    admitted = 0
+    for limiter in (a, b) * 5:
+        if limiter.try_acquire():
+            admitted += 1
+    assert admitted == 5  # the burst, shared: not 5 each
+    with pytest.raises(RateLimited) as caught:
+        b.acquire()
+    assert 0 < caught.value.retry_after <= 0.1 + 1e-3
+    assert a.snapshot()["store"]["key"] == f"{stores.prefix}{{rl:api}}"
+
+
+def test_limiter_acquire_is_exactly_one_round_trip(stores: Stores) -> None:
+    store = stores(RedisRateLimiterStore)
+    limiter = RateLimiter("api", rate=1000, burst=1000, store=store)
+    limiter.acquire()  # loads the script once
+    counting = count_round_trips(store)
+    for _ in range(50):
+        limiter.acquire()
+    assert counting.commands == ["EVALSHA"] * 50
+
+
+def test_limiter_reserves_and_waits_for_its_slot(stores: Stores) -> None:
+    limiter = RateLimiter("api", rate=20, burst=1, store=stores(RedisRateLimiterStore))
+    started = time.monotonic()
+    for _ in range(5):
+        limiter.acquire()
+    elapsed = time.monotonic() - started
+    assert 0.19 <= elapsed < 1.0  # 4 intervals of 50 ms after the first admission
+    assert limiter.snapshot()["waited"] >= 3
+
+
+def test_limiter_rejects_at_once_when_the_wait_exceeds_max_wait(stores: Stores) -> None:
+    limiter = RateLimiter("api", rate=1, burst=1, max_wait=0.5, store=stores(RedisRateLimiterStore))
+    limiter.acquire()
+    started = time.monotonic()
+    with pytest.raises(RateLimited) as caught:
+        limiter.acquire()
+    assert time.monotonic() - started < 0.2  # no pointless wait
+    assert 0.9 < caught.value.retry_after <= 1.0
+
+
+def test_limiter_weights_and_keys(stores: Stores) -> None:
+    limiter = RateLimiter("api", rate=10, burst=10, max_wait=0, store=stores(RedisRateLimiterStore))
+    alice, bob = limiter.for_key("alice"), limiter.for_key("bob")
+    alice.acquire(7)
+    assert not alice.try_acquire(4)
+    assert alice.try_acquire(3)
+    assert bob.try_acquire(10)  # bob's budget is his own
+    other = RateLimiter(
+        "api", rate=10, burst=10, max_wait=0, store=stores(RedisRateLimiterStore), **other_process()
+    )
+    assert not other.for_key("alice").try_acquire(1)
+    assert alice.snapshot()["store"]["key"] == f"{stores.prefix}{{rl:api}}"
+    assert 0 <= alice.tokens() < 1
+
+
+def test_limiter_async_face_and_cancelled_waiter_gives_its_slot_back(stores: Stores) -> None:
+    store = stores(RedisRateLimiterStore)
+    limiter = RateLimiter("api", rate=2, burst=1, store=store)
+
+    async def main() -> None:
+        await limiter.acquire_async()
+        waiter = asyncio.create_task(limiter.acquire_async())  # reserves the slot at +0.5 s
+        await asyncio.sleep(0.05)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        # the reservation was the last one, so it was given back: the next caller gets
+        # the +0.5 s slot, not the +1.0 s one
+        started = time.monotonic()
+        await limiter.acquire_async()
+        assert time.monotonic() - started < 0.6
+        await store.aclose()
+
+    asyncio.run(main())
+
+
+def test_limiter_decorates_sync_and_async_functions(stores: Stores) -> None:
+    store = stores(RedisRateLimiterStore)
+    limiter = RateLimiter("api", rate=1000, burst=3, max_wait=0, store=store)
+
+    @limiter
+    def ping() -> str:
+        return "pong"
+
+    @limiter
+    async def aping() -> str:
+        return "pong"
+
+    async def amain() -> str:
+        try:
+            return await aping()
+        finally:
+            await store.aclose()
+
+    assert ping() == "pong"
+    assert asyncio.run(amain()) == "pong"
+    assert buttress.state()["rate_limiter"]["api"]["admitted"] == 2
+
+
+def test_limiter_needs_a_name_with_a_store(stores: Stores) -> None:
+    with pytest.raises(ValueError, match="needs a name"):
+        RateLimiter(rate=1, store=stores(RedisRateLimiterStore))
+
+
+def _windows_over(
+    admissions: list[tuple[float, float]], rate: float, burst: int, width: float
+) -> int:
+    """Worst excess over the GCRA bound in any window of ``width`` seconds, counting only
+    admissions that certainly fell inside it (their whole (before, after) interval)."""
+    admissions = sorted(admissions)
+    bound = burst + rate * width
+    worst = float("-inf")
+    j = 0
+    for i, (start, _) in enumerate(admissions):
+        # admissions whose interval lies within [start, start + width]
+        while j < len(admissions) and admissions[j][0] < start:
+            j += 1
+        inside = sum(
+            1 for before, after in admissions[i:] if before >= start and after <= start + width
+        )
+        worst = max(worst, inside - bound)
+    return int(worst) if worst != float("-inf") else 0
+
+
+@pytest.mark.slow
+def test_four_processes_never_exceed_the_shared_rate(redis_url: str, redis_prefix: str) -> None:
+    rate, burst, seconds = 200.0, 10, 3.0
+    ctx = multiprocessing.get_context("spawn")
+    start = time.time() + 1.5  # let the processes start
+    import redis_workers
+
+    with ctx.Pool(4) as pool:
+        parts = pool.starmap(
+            redis_workers.limiter_worker,
+            [(redis_url, redis_prefix, rate, burst, seconds, start)] * 4,
+        )
+    admissions = sorted(a for part in parts for a in part)
+    assert all(part for part in parts), "every process got admissions"
+    for width in (0.05, 0.25, 1.0):
+        assert _windows_over(admissions, rate, burst, width) <= 0, f"over the bound in {width}s"
+    # a loaded machine may start the processes late: count from the first admission
+    span = start + seconds - max(start, admissions[0][0])
+    allowed = burst + rate * span
+    assert len(admissions) >= 0.95 * allowed, (len(admissions), allowed)
+    assert len(admissions) <= burst + rate * seconds
+
+
+# -- circuit breaker -------------------------------------------------------------------------
+
+
+def _fail() -> None:
+    raise ConnectionError("down")
+
+
+def _call(breaker: CircuitBreaker, fn: Callable[[], Any]) -> Any:
+    return breaker(fn)()
+
+
+def test_a_transition_in_one_process_is_seen_by_the_others(stores: Stores) -> None:
+    a = CircuitBreaker(
+        "dep", failure_threshold=3, reset_timeout=60, store=stores(RedisBreakerStore)
+    )
+    b = CircuitBreaker(
+        "dep",
+        failure_threshold=3,
+        reset_timeout=60,
+        store=stores(RedisBreakerStore),
+        **other_process(),
+    )
+    for _ in range(3):
+        with pytest.raises(ConnectionError):
+            _call(a, _fail)
+    with pytest.raises(CircuitOpenError) as caught:
+        _call(b, lambda: "never runs")
+    assert 59 < caught.value.retry_after <= 60
+    assert b.state == "open"
+    assert a.snapshot()["state"] == "open"
+    b.close()  # operator control reaches every process
+    assert _call(a, lambda: "ok") == "ok"
+
+
+def test_failures_from_several_processes_add_up(stores: Stores) -> None:
+    breakers = [
+        CircuitBreaker(
+            "dep",
+            failure_threshold=4,
+            reset_timeout=60,
+            store=stores(RedisBreakerStore),
+            **other_process(),
+        )
+        for _ in range(4)
+    ]
+    for breaker in breakers:
+        with pytest.raises(ConnectionError):
+            _call(breaker, _fail)
+    assert all(breaker.state == "open" for breaker in breakers)
+
+
+def test_half_open_probe_slots_are_global(stores: Stores) -> None:
+    options = {"failure_threshold": 1, "reset_timeout": 0.2, "half_open_max_calls": 1}
+    a = CircuitBreaker("dep", store=stores(RedisBreakerStore), **options)
+    b = CircuitBreaker("dep", store=stores(RedisBreakerStore), **options, **other_process())
+    with pytest.raises(ConnectionError):
+        _call(a, _fail)
+    time.sleep(0.25)
+    # a takes the only probe slot, so b may not probe as well
+    with a, pytest.raises(CircuitOpenError, match="probe slots are taken"), b:
+        pass
+    assert b.state == "closed"  # a's probe succeeded and closed it for everyone
+
+
+def test_probe_slots_of_a_dead_process_are_granted_again_after_the_lease(stores: Stores) -> None:
+    options = {"failure_threshold": 1, "reset_timeout": 0.1}
+    a = CircuitBreaker("dep", store=stores(RedisBreakerStore, probe_lease=0.3), **options)
+    b = CircuitBreaker(
+        "dep", store=stores(RedisBreakerStore, probe_lease=0.3), **options, **other_process()
+    )
+    with pytest.raises(ConnectionError):
+        _call(a, _fail)
+    time.sleep(0.15)
+    a.__enter__()  # takes the probe and never reports back (its process "dies")
+    with pytest.raises(CircuitOpenError):
+        _call(b, lambda: "ok")
+    time.sleep(0.35)
+    assert _call(b, lambda: "ok") == "ok"
+    assert b.state == "closed"
+
+
+def test_failure_rate_mode_is_shared(stores: Stores) -> None:
+    options = {"failure_rate": 0.5, "window": 10, "minimum_calls": 4, "reset_timeout": 60}
+    a = CircuitBreaker("dep", store=stores(RedisBreakerStore), **options)
+    b = CircuitBreaker("dep", store=stores(RedisBreakerStore), **options, **other_process())
+    assert _call(a, lambda: 1) == 1
+    assert _call(b, lambda: 1) == 1
+    with pytest.raises(ConnectionError):
+        _call(a, _fail)
+    assert a.state == "closed"  # 1 failure in 3 calls (below minimum_calls anyway)
+    with pytest.raises(ConnectionError):
+        _call(b, _fail)
+    assert a.state == "open"  # 2 of 4 calls across both processes
+    assert a.snapshot()["failure_rate"] == 0.5
+
+
+def test_closed_breaker_call_is_one_round_trip(stores: Stores) -> None:
+    store = stores(RedisBreakerStore)
+    breaker = CircuitBreaker("dep", failure_rate=0.5, store=store)
+    _call(breaker, lambda: 1)  # loads the script
+    counting = count_round_trips(store)
+    protected = breaker(lambda: 1)
+    for _ in range(20):
+        protected()
+    assert counting.commands == ["EVALSHA"] * 20
+    breaker.snapshot()  # reports the buffered successes
+    assert breaker.snapshot()["window_calls"] == 21
+
+
+def test_bounded_staleness_makes_closed_calls_free(stores: Stores) -> None:
+    store = stores(RedisBreakerStore, max_staleness=0.2)
+    breaker = CircuitBreaker("dep", failure_threshold=2, reset_timeout=60, store=store)
+    other = CircuitBreaker(
+        "dep",
+        failure_threshold=2,
+        reset_timeout=60,
+        store=stores(RedisBreakerStore),
+        **other_process(),
+    )
+    protected = breaker(lambda: 1)
+    protected()
+    counting = count_round_trips(store)
+    for _ in range(100):
+        protected()
+    assert counting.commands == []  # zero round trips within the staleness bound
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            _call(other, _fail)
+    time.sleep(0.25)  # past the bound, this process sees the other's transition
+    with pytest.raises(CircuitOpenError):
+        protected()
+
+
+def test_async_face_of_the_shared_breaker(stores: Stores) -> None:
+    store = stores(RedisBreakerStore)
+    breaker = CircuitBreaker("dep", failure_threshold=2, reset_timeout=60, store=store)
+
+    @breaker
+    async def call(fail: bool) -> str:
+        if fail:
+            raise ConnectionError("down")
+        return "ok"
+
+    async def main() -> None:
+        assert await call(False) == "ok"
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                await call(True)
+        with pytest.raises(CircuitOpenError):
+            await call(False)
+        with pytest.raises(CircuitOpenError):
+            async with breaker:
+                pass
+        await store.aclose()
+
+    asyncio.run(main())
+
+
+def test_rejections_of_inner_primitives_stay_neutral(stores: Stores) -> None:
+    breaker = CircuitBreaker("dep", failure_threshold=1, store=stores(RedisBreakerStore))
+    limiter = RateLimiter("inner", rate=1, max_wait=0)
+    protected = pipeline(breaker, limiter)(lambda: 1)
+    protected()
+    with pytest.raises(RateLimited):
+        protected()
+    assert breaker.state == "closed"
+
+
+@pytest.mark.slow
+def test_four_processes_send_no_more_than_the_probe_budget(
+    redis_url: str, redis_prefix: str
+) -> None:
+    seconds = 2.0
+    ctx = multiprocessing.get_context("spawn")
+    start = time.time() + 1.5
+    import redis_workers
+
+    with ctx.Pool(4) as pool:
+        parts = pool.starmap(
+            redis_workers.breaker_worker, [(redis_url, redis_prefix, seconds, start)] * 4
+        )
+    client = redis.Redis.from_url(redis_url)
+    try:
+        stamps = sorted(float(x) for x in client.lrange(f"{redis_prefix}calls", 0, -1))
+    finally:
+        client.close()
+    calls = sum(made for made, _ in parts)
+    assert calls == len(stamps)
+    assert sum(rejected for _, rejected in parts) > 100
+    # 3 failures open it; then at most one probe per 0.5 s reset period (4 in 2 s, plus
+    # one for timing slack) and the calls already in flight when it opened (3 others)
+    assert calls <= 3 + 3 + (seconds / 0.5 + 1), stamps
+    opened = stamps[2]
+    after_open = [s for s in stamps if s > opened + 0.01]
+    periods = [int((s - opened) / 0.5) for s in after_open]
+    assert len(periods) == len(set(periods)), "at most one probe per half-open period"
+
+
+# -- bulkhead --------------------------------------------------------------------------------
+
+
+def test_bulkhead_slots_are_shared(stores: Stores) -> None:
+    a = Bulkhead("db", max_concurrent=2, store=stores(RedisBulkheadStore))
+    b = Bulkhead("db", max_concurrent=2, store=stores(RedisBulkheadStore), **other_process())
+    with a, b:
+        with pytest.raises(BulkheadFull):
+            a.acquire()
+        assert a.snapshot()["shared_in_flight"] == 2
+        assert a.in_flight == 1
+    assert a.snapshot()["shared_in_flight"] == 0
+    assert a.in_flight == b.in_flight == 0
+
+
+def test_bulkhead_try_acquire_takes_a_shared_slot_or_nothing(stores: Stores) -> None:
+    a = Bulkhead("db", max_concurrent=1, max_queue=5, store=stores(RedisBulkheadStore))
+    b = Bulkhead("db", max_concurrent=1, store=stores(RedisBulkheadStore), **other_process())
+    assert a.try_acquire()
+    assert not b.try_acquire()
+    assert not a.try_acquire()  # never waits, even with room to queue
+    a.release()
+    assert b.try_acquire()
+    b.release()
+    assert a.snapshot()["shared_in_flight"] == 0
+
+
+def test_bulkhead_waits_for_a_slot_freed_by_another_process(stores: Stores) -> None:
+    a = Bulkhead("db", max_concurrent=1, store=stores(RedisBulkheadStore))
+    b = Bulkhead(
+        "db",
+        max_concurrent=1,
+        max_queue=10,
+        max_wait=2.0,
+        store=stores(RedisBulkheadStore),
+        **other_process(),
+    )
+    a.acquire()
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.1, a.release)
+        started = time.monotonic()
+        try:
+            async with b:
+                return time.monotonic() - started
+        finally:
+            await b_store.aclose()
+
+    b_store = b._shared.store
+    assert 0.09 < asyncio.run(main()) < 1.0
+
+
+def test_bulkhead_wait_gives_up_at_max_wait(stores: Stores) -> None:
+    a = Bulkhead("db", max_concurrent=1, store=stores(RedisBulkheadStore))
+    b = Bulkhead(
+        "db",
+        max_concurrent=1,
+        max_queue=1,
+        max_wait=0.1,
+        store=stores(RedisBulkheadStore),
+        **other_process(),
+    )
+    with a:
+        started = time.monotonic()
+        with pytest.raises(BulkheadFull, match="no slot freed up in time"):
+            b.acquire()
+        assert time.monotonic() - started < 0.5
+    assert b.snapshot()["shared_in_flight"] == 0
+
+
+def test_long_calls_keep_their_slot_by_renewing_the_lease(stores: Stores) -> None:
+    store = stores(RedisBulkheadStore, lease=0.3)
+    a = Bulkhead("db", max_concurrent=1, store=store)
+    b = Bulkhead(
+        "db", max_concurrent=1, store=stores(RedisBulkheadStore, lease=0.3), **other_process()
+    )
+    with a:
+        time.sleep(0.7)  # more than twice the lease
+        with pytest.raises(BulkheadFull):
+            b.acquire()
+
+
+@pytest.mark.slow
+def test_slots_of_a_killed_process_come_back_after_the_lease(stores: Stores) -> None:
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "redis_workers.py"),
+            "bulkhead",
+            stores.url,
+            stores.prefix,
+            "1.0",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "held"
+        bulkhead = Bulkhead("shared", max_concurrent=2, store=stores(RedisBulkheadStore))
+        with pytest.raises(BulkheadFull):
+            bulkhead.acquire()
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        killed = time.monotonic()
+        while True:
+            try:
+                bulkhead.acquire()
+                break
+            except BulkheadFull:
+                assert time.monotonic() - killed < 2.0, "the slots never came back"
+                time.sleep(0.05)
+        bulkhead.acquire()  # both of them
+        assert bulkhead.snapshot()["shared_in_flight"] == 2
+        bulkhead.release()
+        bulkhead.release()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        assert child.stdout is not None
+        child.stdout.close()
+
+
+def test_cancelled_async_waiter_leaves_no_slot_behind(stores: Stores) -> None:
+    a = Bulkhead("db", max_concurrent=1, store=stores(RedisBulkheadStore))
+    store = stores(RedisBulkheadStore)
+    b = Bulkhead("db", max_concurrent=1, max_queue=5, store=store, **other_process())
+    a.acquire()
+
+    async def main() -> None:
+        waiters = [asyncio.create_task(b.acquire_async()) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        await store.aclose()
+
+    asyncio.run(main())
+    a.release()
+    assert a.snapshot()["shared_in_flight"] == 0
+
+
+# -- saga idempotency ------------------------------------------------------------------------
+
+
+def test_idempotency_key_replays_the_stored_result(stores: Stores) -> None:
+    runs = []
+    saga = Saga("orders", idempotency=stores(RedisIdempotencyStore))
+
+    @saga.step("charge")
+    def charge(ctx: Any) -> int:
+        runs.append(ctx.input)
+        return 42
+
+    first = saga.run({"order": 1}, key="order-1", ttl=60)
+    again = saga.run({"order": 1}, key="order-1", ttl=60)
+    assert first.status == again.status == "completed"
+    assert again.outputs == {"charge": 42}
+    assert runs == [{"order": 1}]
+    with pytest.raises(buttress.IdempotencyConflict):
+        saga.run({"order": 2}, key="order-1")
+
+
+def test_failed_run_frees_its_key(stores: Stores) -> None:
+    attempts = []
+    saga = Saga("orders", idempotency=stores(RedisIdempotencyStore))
+
+    @saga.step("charge")
+    def charge(ctx: Any) -> int:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise buttress.Permanent("declined")
+        return 1
+
+    assert saga.run(None, key="k").status == "failed"
+    assert saga.run(None, key="k").status == "completed"
+    assert len(attempts) == 2
+
+
+def test_idempotency_store_is_not_a_run_log(stores: Stores) -> None:
+    saga = Saga("orders", store=stores(RedisIdempotencyStore))
+    saga.step("noop")(lambda ctx: None)
+    with pytest.raises(TypeError, match="idempotency keys only"):
+        saga.run(None)
+
+
+@pytest.mark.slow
+def test_two_processes_with_one_key_execute_the_steps_once(
+    redis_url: str, redis_prefix: str
+) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    start = time.time() + 1.5
+    import redis_workers
+
+    with ctx.Pool(3) as pool:
+        results = pool.starmap(
+            redis_workers.saga_worker, [(redis_url, redis_prefix, "order-7", start)] * 3
+        )
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert int(client.get(f"{redis_prefix}executions") or 0) == 1
+    finally:
+        client.close()
+    assert results == ["completed:42"] * 3
+
+
+# -- Redis going away ------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """A redis-server of the test's own, on a spare loopback port, that it can stop."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.binary = shutil.which("redis-server")
+        self.port = _free_port()
+        self.tmp = tmp
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.binary is not None
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.tmp),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.02)
+            finally:
+                client.close()
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture
+def server(tmp_path: Path, redis_url: str) -> Iterator[Server]:
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not on PATH (needed to stop a server mid-run)")
+        pytest.skip("redis-server is not on PATH (needed to stop a server mid-run)")
+    own = Server(tmp_path)
+    own.start()
+    yield own
+    own.stop()
+
+
+def test_limiter_modes_when_redis_stops_and_recovery(server: Server) -> None:
+    made = {
+        mode: RedisRateLimiterStore(
+            server.url, prefix="t:", on_backend_error=mode, retry_interval=0.05, timeout=0.2
+        )
+        for mode in ("fail_closed", "fail_open", "local")
+    }
+    limiters = {
+        mode: RateLimiter(f"api-{mode}", rate=1, burst=1, max_wait=0, store=store)
+        for mode, store in made.items()
+    }
+    try:
+        for limiter in limiters.values():
+            limiter.acquire()  # the shared budget is spent
+        with capture_events() as events:
+            server.stop()
+            with pytest.raises(BackendUnavailable) as caught:
+                limiters["fail_closed"].acquire()
+            assert isinstance(caught.value, buttress.RejectedError)
+            limiters["fail_open"].acquire()
+            limiters["fail_open"].acquire()  # no limit at all while down
+            limiters["local"].acquire()  # the in-process bucket is full...
+            with pytest.raises(RateLimited):
+                limiters["local"].acquire()  # ...and then enforced locally
+            degraded = [e for e in events if e.kind == "backend_degraded"]
+            assert {e.name for e in degraded} == {f"api-{m}" for m in made}
+            server.start()  # an empty server: the budgets start full again
+            time.sleep(0.06)
+            for limiter in limiters.values():
+                limiter.acquire()
+                with pytest.raises(RateLimited):
+                    limiter.acquire()
+            recovered = [e for e in events if e.kind == "backend_recovered"]
+            assert {e.name for e in recovered} == {f"api-{m}" for m in made}
+            assert all(not lim.snapshot()["store"]["degraded"] for lim in limiters.values())
+    finally:
+        for store in made.values():
+            store.close()
+
+
+def test_breaker_and_bulkhead_modes_when_redis_stops(server: Server) -> None:
+    def store(kind: type[Any], mode: str) -> Any:
+        return kind(
+            server.url, prefix="t:", on_backend_error=mode, retry_interval=0.05, timeout=0.2
+        )
+
+    made = []
+    breakers = {}
+    bulkheads = {}
+    for mode in ("fail_closed", "fail_open", "local"):
+        made.append(store(RedisBreakerStore, mode))
+        breakers[mode] = CircuitBreaker(f"dep-{mode}", failure_threshold=1, store=made[-1])
+        made.append(store(RedisBulkheadStore, mode))
+        bulkheads[mode] = Bulkhead(f"pool-{mode}", max_concurrent=1, store=made[-1])
+    try:
+        server.stop()
+        with pytest.raises(BackendUnavailable):
+            _call(breakers["fail_closed"], lambda: 1)
+        with pytest.raises(BackendUnavailable):
+            bulkheads["fail_closed"].acquire()
+        assert _call(breakers["fail_open"], lambda: 1) == 1
+        with pytest.raises(ConnectionError):
+            _call(breakers["fail_open"], _fail)
+        assert _call(breakers["fail_open"], lambda: 1) == 1  # fail_open never opens
+        with pytest.raises(ConnectionError):
+            _call(breakers["local"], _fail)
+        with pytest.raises(CircuitOpenError):  # the local breaker opened
+            _call(breakers["local"], lambda: 1)
+        with bulkheads["fail_open"], bulkheads["fail_open"]:
+            pass  # no limit while down
+        with bulkheads["local"], pytest.raises(BulkheadFull):
+            bulkheads["local"].acquire()
+        server.start()
+        time.sleep(0.06)
+        assert _call(breakers["fail_closed"], lambda: 1) == 1
+        with bulkheads["fail_closed"]:
+            assert bulkheads["fail_closed"].snapshot()["shared_in_flight"] == 1
+        breakers["local"].close()
+        assert _call(breakers["local"], lambda: 1) == 1
+        assert breakers["local"].snapshot()["store"]["degraded"] is False
+    finally:
+        for item in made:
+            item.close()
+
+
+def test_a_hung_server_costs_one_timeout_then_the_fallback_is_immediate(server: Server) -> None:
+    store = RedisRateLimiterStore(
+        server.url, prefix="t:", on_backend_error="fail_open", retry_interval=5, timeout=0.2
+    )
+    limiter = RateLimiter("api", rate=1, store=store)
+    try:
+        limiter.acquire()
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)  # hangs: connections stay open
+        try:
+            started = time.monotonic()
+            limiter.acquire()
+            first = time.monotonic() - started
+            started = time.monotonic()
+            for _ in range(100):
+                limiter.acquire()
+            rest = time.monotonic() - started
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert 0.15 < first < 1.0  # the socket timeout
+        assert rest < 0.1  # no further timeouts: the gate waits retry_interval
+    finally:
+        store.close()
+
+
+def test_store_options_are_validated(redis_url: str) -> None:
+    with pytest.raises(ValueError, match="on_backend_error"):
+        RedisRateLimiterStore(redis_url, on_backend_error="maybe")
+    with pytest.raises(TypeError, match="prefix"):
+        RedisRateLimiterStore(redis_url, prefix=3)
+    with pytest.raises(ValueError, match="braces"):
+        RedisRateLimiterStore(redis_url, prefix="{x}")
+    with pytest.raises(ValueError, match="timeout"):
+        RedisBreakerStore(redis_url, timeout=0)
+    with pytest.raises(ValueError, match="lease"):
+        RedisBulkheadStore(redis_url, lease=-1)
+    with pytest.raises(ValueError, match="url=, client= or async_client="):
+        RedisRateLimiterStore()
+    with pytest.raises(TypeError, match=r"client must be a redis\.Redis"):
+        RedisRateLimiterStore(client="redis://")
+    store = RedisBreakerStore(redis_url)
+    assert store.key("cb", "payments") == "buttress:{cb:payments}"
+    assert "buttress:" in repr(store)
+
+
+def test_retry_waits_out_a_shared_limit(stores: Stores) -> None:
+    limiter = RateLimiter("api", rate=20, burst=1, max_wait=0, store=stores(RedisRateLimiterStore))
+    protected = pipeline(retry(5, on=RateLimited), limiter)(lambda: "ok")
+    assert [protected() for _ in range(3)] == ["ok"] * 3
+
+
+def test_idempotency_modes_when_redis_stops(server: Server) -> None:
+    made: list[RedisIdempotencyStore] = []
+    ran: dict[str, list[int]] = {}
+
+    def saga_with(mode: str) -> Saga:
+        store = RedisIdempotencyStore(
+            server.url, prefix="t:", on_backend_error=mode, retry_interval=0.05, timeout=0.2
+        )
+        made.append(store)
+        runs = ran[mode] = []
+        saga = Saga(f"orders-{mode}", idempotency=store)
+        saga.step("charge")(lambda ctx: runs.append(1) or len(runs))
+        return saga
+
+    closed, opened, local = (saga_with(m) for m in ("fail_closed", "fail_open", "local"))
+    try:
+        server.stop()
+        with pytest.raises(BackendUnavailable):
+            closed.run(None, key="k")
+        assert ran["fail_closed"] == []
+        assert opened.run(None, key="k").status == "completed"
+        assert opened.run(None, key="k").status == "completed"
+        assert ran["fail_open"] == [1, 1]  # no guarantee while down: that is fail_open
+        assert local.run(None, key="k").status == "completed"
+        assert local.run(None, key="k").outputs == {"charge": 1}  # replayed in this process
+        assert ran["local"] == [1]
+        server.start()
+        time.sleep(0.06)
+        assert closed.run(None, key="k").status == "completed"
+        assert ran["fail_closed"] == [1]
+    finally:
+        for store in made:
+            store.close()
+
+
+def test_backend_unavailable_names_the_primitive(server: Server) -> None:
+    store = RedisRateLimiterStore(server.url, prefix="t:", timeout=0.2)
+    limiter = RateLimiter("api", rate=1, store=store)
+    try:
+        server.stop()
+        with pytest.raises(BackendUnavailable) as caught:
+            limiter.acquire()
+        assert caught.value.name == "api"
+        assert caught.value.retry_after is not None
+    finally:
+        store.close()
+
+
+def test_bulkhead_store_needs_a_sync_client_for_its_leases(redis_url: str) -> None:
+    async_only = redis.asyncio.Redis.from_url(redis_url)
+    store = RedisBulkheadStore(async_client=async_only)
+    with pytest.raises(TypeError, match="leases are renewed from a thread"):
+        Bulkhead("db", max_concurrent=1, store=store)
+    asyncio.run(async_only.aclose())
