@@ -367,3 +367,71 @@ def test_bad_seconds_are_refused(seconds: str) -> None:
     with pytest.raises(SystemExit) as exc_info:
         main(["demo", "--seconds", seconds])
     assert exc_info.value.code == 2
+
+
+# -- the timeline chart (--plot) -----------------------------------------------------------
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_writes_a_png_of_the_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``demo --plot FILE`` runs the demo as usual and also writes a PNG timeline there."""
+    pytest.importorskip("matplotlib")
+    from buttress.__main__ import main
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    chart = tmp_path / "timeline.png"
+    status = main(["demo", "--seconds", "1", "--seed", "3", "--no-color", "--plot", str(chart)])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert f"timeline chart written to {chart}" in out
+    data = chart.read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > 1000 and height > 800  # a full figure, not an empty canvas
+    assert "registry.health()" in out  # the rest of the demo still ran
+
+
+def test_plot_without_matplotlib_names_the_install_command(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without matplotlib, ``--plot`` fails at once (exit 2) and says what to install."""
+    from buttress.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    chart = tmp_path / "timeline.png"
+    status = main(["demo", "--seconds", "1", "--no-color", "--plot", str(chart)])
+    captured = capsys.readouterr()
+    assert status == 2
+    assert "pip install matplotlib" in captured.err
+    assert captured.out == ""  # refused before the demo started
+    assert not chart.exists()
+
+
+def test_breaker_spans_cover_the_run_in_order() -> None:
+    """The chart's breaker bands follow the transitions and cover 0..end without gaps."""
+    from buttress._demo import Transition, breaker_spans
+
+    transitions = [
+        Transition(1.0, "closed", "open", "failure_rate"),
+        Transition(1.5, "open", "half_open", "reset_timeout"),
+        Transition(1.6, "half_open", "closed", "probes_succeeded"),
+    ]
+    spans = breaker_spans(transitions, 3.0)
+    assert spans == [
+        (0.0, 1.0, "closed"),
+        (1.0, 1.5, "open"),
+        (1.5, 1.6, "half_open"),
+        (1.6, 3.0, "closed"),
+    ]
+    assert breaker_spans([], 2.0) == [(0.0, 2.0, "closed")]
+
+
+def test_per_second_counts_each_bin() -> None:
+    """Event times become a rate per bin; times outside the bins are ignored."""
+    from buttress._demo import per_second
+
+    edges = [0.0, 0.5, 1.0]
+    assert per_second([0.1, 0.2, 0.7, 5.0, -1.0], edges) == [4.0, 2.0]

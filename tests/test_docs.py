@@ -4,6 +4,12 @@ The blocks of one page run in order in one shared namespace (fresh per page),
 inside an isolated default registry, so a page reads like one script and the
 ``assert`` statements in its examples double as tests. A failure names the
 page, the block number and the line where the block starts.
+
+A page whose examples talk to a server says so with an HTML comment (invisible
+in the built site), e.g. ``<!-- requires: redis -->`` or
+``<!-- requires: redis, postgres -->``. Its examples use the loopback servers
+the backend tests use; when one cannot be reached the page is skipped, or fails
+when ``CI`` is set (see ``tests/services.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import pytest
 from buttress import events
 from buttress._config import config
 from buttress.testing import isolated_registry
+from services import require_postgres, require_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -63,6 +70,22 @@ def python_blocks(text: str) -> Iterator[tuple[int, str]]:
             yield start + 1, textwrap.dedent("\n".join(body)) + "\n"
 
 
+# <!-- requires: redis --> or <!-- requires: redis, postgres --> anywhere in a page
+_REQUIRES = re.compile(r"<!--\s*requires:(?P<services>[^>]*?)-->")
+_SERVICES = {"redis": require_redis, "postgres": require_postgres}
+
+
+def required_services(text: str) -> list[str]:
+    """The servers a page's examples need, from its ``<!-- requires: ... -->`` comments."""
+    names: list[str] = []
+    for match in _REQUIRES.finditer(text):
+        for raw in match["services"].split(","):
+            name = raw.strip().lower()
+            if name and name not in names:
+                names.append(name)
+    return names
+
+
 def _label(page: Path) -> str:
     return page.relative_to(ROOT).as_posix()
 
@@ -88,6 +111,12 @@ def test_docs_exist() -> None:
     assert total > 0, "no ```python blocks found in the documentation"
 
 
+def test_requires_marker_parser() -> None:
+    text = "<!-- requires: redis -->\ntext\n<!--requires:Postgres, redis-->\n<!-- note -->\n"
+    assert required_services(text) == ["redis", "postgres"]
+    assert required_services("# no servers <!-- a comment -->") == []
+
+
 def test_block_parser() -> None:
     text = (
         "intro\n"
@@ -105,9 +134,14 @@ def test_block_parser() -> None:
 @pytest.mark.parametrize("page", PAGES, ids=_label)
 def test_page_examples_run(page: Path) -> None:
     label = _label(page)
+    text = page.read_text("utf-8")
+    for service in required_services(text):
+        if service not in _SERVICES:
+            pytest.fail(f"{label}: unknown service {service!r} in a requires comment")
+        _SERVICES[service]()  # skips (or fails on CI) when the server is unreachable
     namespace: dict[str, Any] = {"__name__": "__main__"}
     with isolated_registry():
-        for number, (line, source) in enumerate(python_blocks(page.read_text("utf-8")), 1):
+        for number, (line, source) in enumerate(python_blocks(text), 1):
             code = compile(
                 source, f"{label} (python block {number}, line {line})", "exec", dont_inherit=True
             )

@@ -5,15 +5,21 @@ fallback, hedge and pipeline; health and state views; typed events.
 """
 
 from . import backoff as backoff
+from . import chaos as chaos
 from . import events as events
 from ._deadline import remaining as remaining
+from .adaptive import AdaptiveBulkhead as AdaptiveBulkhead
 from .bulkhead import Bulkhead as Bulkhead
+from .cache import Cache as Cache
+from .cache import cache as cache
 from .circuit_breaker import CircuitBreaker as CircuitBreaker
 from .clock import Clock as Clock
 from .clock import SystemClock as SystemClock
 from .debounce import Debounce as Debounce
 from .debounce import debounce as debounce
 from .debounce import throttle as throttle
+from .exceptions import BackendError as BackendError
+from .exceptions import BackendUnavailable as BackendUnavailable
 from .exceptions import BulkheadFull as BulkheadFull
 from .exceptions import ButtressError as ButtressError
 from .exceptions import CircuitOpenError as CircuitOpenError
@@ -49,9 +55,13 @@ from .timeout import Timeout as Timeout
 from .timeout import timeout as timeout
 
 __all__ = [
+    "AdaptiveBulkhead",
+    "BackendError",
+    "BackendUnavailable",
     "Bulkhead",
     "BulkheadFull",
     "ButtressError",
+    "Cache",
     "CircuitBreaker",
     "CircuitOpenError",
     "Clock",
@@ -80,6 +90,8 @@ __all__ = [
     "Timeout",
     "TimeoutExceeded",
     "backoff",
+    "cache",
+    "chaos",
     "debounce",
     "default_registry",
     "events",

@@ -36,14 +36,18 @@ def _callers(text: str) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from ._demo import Settings, colour_wanted, run
+    from ._demo import MATPLOTLIB_MISSING, Settings, colour_wanted, matplotlib_available, run
 
+    if args.plot is not None and not matplotlib_available():
+        print(f"error: {MATPLOTLIB_MISSING}", file=sys.stderr)  # before the run, not after
+        return 2
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 100_000)
     settings = Settings(
         seconds=args.seconds,
         callers=args.callers,
         seed=seed,
         colour=colour_wanted(sys.stdout, args.no_color),
+        plot=args.plot,
     )
     return run(settings)
 
@@ -96,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-colour",
         action="store_true",
         help="no colours and no live redraw: a plain line per second (as does NO_COLOR=1)",
+    )
+    demo.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE.png",
+        help=(
+            "also draw the run as a timeline chart (breaker state, throughput, retries, "
+            "rejections, latency) into this PNG file; needs matplotlib"
+        ),
     )
     demo.set_defaults(handler=_run_demo)
 

@@ -8,6 +8,8 @@ from typing_extensions import assert_type
 
 import buttress
 from buttress import CircuitBreaker, RateLimiter, fallback, pipeline, retry, timeout
+from buttress.telemetry import Installation, measured, otel
+from buttress.telemetry import logging as telemetry_logging
 
 
 @retry(3)
@@ -62,3 +64,93 @@ def loop_form() -> None:
     for attempt in retry(3).attempts():
         with attempt:
             assert_type(attempt.number, int)
+
+
+@buttress.cache(60, stale_while_revalidate=10)
+def lookup_user(user_id: int, *, fresh: bool = False) -> dict[str, str]:
+    return {"id": str(user_id)}
+
+
+@buttress.cache(60)
+async def load_rates(currency: str) -> float:
+    return 1.0
+
+
+@buttress.chaos.fault(0.1, ConnectionError)
+def chaotic(n: int) -> str:
+    return str(n)
+
+
+@pipeline(retry(3), buttress.chaos.latency(0.1, 0.5), buttress.chaos.result(0.01, []))
+async def chaotic_async(n: int) -> list[int]:
+    return [n]
+
+
+def cached_usage() -> None:
+    assert_type(lookup_user(1, fresh=True), dict[str, str])
+    assert_type(lookup_user.invalidate(1), bool)
+    assert_type(lookup_user.cache_info().hits, int)
+    lookup_user.cache_clear()
+    assert_type(chaotic(3), str)
+    assert_type(buttress.chaos.is_enabled(), bool)
+    with buttress.chaos.enable(seed=1):
+        pass
+
+
+async def cached_awaits() -> None:
+    assert_type(await load_rates("EUR"), float)
+    assert_type(await chaotic_async(1), list[int])
+    assert_type(load_rates.invalidate("EUR"), bool)
+
+
+# -- telemetry: the call-level hooks keep signatures ------------------------------------------
+
+
+@otel.traced("payments")
+def traced_charge(amount: int, *, currency: str = "EUR") -> str:
+    return f"{amount} {currency}"
+
+
+@pipeline(measured("quotes"), retry(2))
+async def measured_quote(symbol: str) -> float:
+    return 1.0
+
+
+def telemetry_usage() -> None:
+    assert_type(traced_charge(1, currency="USD"), str)
+    assert_type(otel.instrument(), Installation)
+    assert_type(telemetry_logging.install("app"), Installation)
+    with otel.traced("block"):
+        pass
+
+
+async def telemetry_awaits() -> None:
+    assert_type(await measured_quote("ACME"), float)
+    async with measured("block"):
+        pass
+
+
+class UserRepo:
+    @buttress.cache(30)
+    def find(self, user_id: int) -> str:
+        return str(user_id)
+
+
+def cached_method_usage(repo: UserRepo) -> None:
+    assert_type(repo.find(1), str)
+    assert_type(repo.find.cache_info().currsize, int)
+    assert_type(UserRepo.find.invalidate(repo, 1), bool)
+
+
+def integrations() -> None:
+    import httpx
+
+    from buttress.integrations.asgi import ASGIApp, LoadSheddingMiddleware, health_app, state_app
+    from buttress.integrations.httpx import AsyncResilientTransport, ResilientTransport
+
+    transport = ResilientTransport(name="api", breaker={"failure_threshold": 3})
+    assert_type(httpx.Client(transport=transport), httpx.Client)
+    assert_type(transport.breakers, dict[str, buttress.CircuitBreaker])
+    assert_type(AsyncResilientTransport(retry=None).retry_after(httpx.Response(429)), float | None)
+    assert_type(health_app(), ASGIApp)
+    assert_type(LoadSheddingMiddleware(state_app(), key="header:x-api-key").app, ASGIApp)
