@@ -330,6 +330,17 @@ def _aiobreaker(fn: Fn) -> Fn:
     return CircuitBreaker(fail_max=5, timeout_duration=datetime.timedelta(seconds=30))(fn)
 
 
+def _purgatory(fn: Fn) -> Fn:
+    """purgatory (in-memory unit of work): one factory, one named breaker."""
+    import purgatory
+
+    if asyncio.iscoroutinefunction(fn):
+        factory: Any = purgatory.AsyncCircuitBreakerFactory(default_threshold=5, default_ttl=30)
+    else:
+        factory = purgatory.SyncCircuitBreakerFactory(default_threshold=5, default_ttl=30)
+    return factory("bench")(fn)  # type: ignore[no-any-return]
+
+
 def _hyx_breaker(fn: Fn) -> Fn:
     from hyx.circuitbreaker import consecutive_breaker
 
@@ -515,6 +526,13 @@ def sync_groups() -> list[Group]:
                 _c("floor: counter check", FLOOR, lambda: FloorBreaker()(w), note="no lock"),
                 _c("pybreaker", PEER, lambda: _pybreaker(w), "pybreaker"),
                 _c("circuitbreaker", PEER, lambda: _circuitbreaker(w), "circuitbreaker"),
+                _c(
+                    "purgatory",
+                    PEER,
+                    lambda: _purgatory(w),
+                    "purgatory",
+                    "looks the breaker up in its unit of work on every call",
+                ),
             ],
             Target("ns", 250),
         ),
@@ -623,6 +641,13 @@ def async_groups() -> list[Group]:
                 _c("floor: counter check", FLOOR, lambda: FloorBreaker()(w), note="no lock"),
                 _c("circuitbreaker", PEER, lambda: _circuitbreaker(w), "circuitbreaker"),
                 _c("aiobreaker", PEER, lambda: _aiobreaker(w), "aiobreaker"),
+                _c(
+                    "purgatory",
+                    PEER,
+                    lambda: _purgatory(w),
+                    "purgatory",
+                    "looks the breaker up in its unit of work on every call",
+                ),
                 _c("hyx", PEER, lambda: _hyx_breaker(w), "hyx"),
                 _c("pybreaker", PEER, _pybreaker_async, "pybreaker"),
             ],

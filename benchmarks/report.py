@@ -8,6 +8,7 @@ import platform
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from ._harness import (
@@ -26,6 +27,7 @@ from ._harness import (
     verdict,
 )
 from .accuracy import WINDOWS, AccuracyRun
+from .charts import PRIMITIVES
 from .fairness import FairnessRun
 from .memory import MemoryReport
 
@@ -37,6 +39,7 @@ DISTRIBUTIONS = (
     "pybreaker",
     "circuitbreaker",
     "aiobreaker",
+    "purgatory",
     "aiolimiter",
     "limits",
     "pyrate-limiter",
@@ -66,6 +69,41 @@ class RunData:
     confirmed: list[str] = field(default_factory=list)  # groups re-measured to confirm a miss
     sagas: Any = None  # a sagas.SagaReport when that section ran
     started: datetime.datetime = field(default_factory=datetime.datetime.now)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per section
+    load: tuple[float | None, float | None] = (None, None)  # 1-min load average, start / end
+    charts: dict[str, Path] = field(default_factory=dict)  # chart key -> file written
+    images: dict[str, str] = field(default_factory=dict)  # chart key -> link from the page
+    # Plug-in sections: (name, why it was skipped or None, its Markdown).
+    plugins: list[tuple[str, str | None, str]] = field(default_factory=list)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_text(data: RunData) -> str:
+    start, end = data.load
+    if start is None or end is None:
+        return "unknown"
+    return f"{start:.1f} / {end:.1f}"
+
+
+def busy_note(data: RunData) -> str | None:
+    """A warning for the page when the machine was busy with other work during the run."""
+    start, end = data.load
+    cpus = os.cpu_count() or 1
+    if start is None or end is None or max(start, end) < cpus:
+        return None
+    return (
+        f"Other work shared the machine during this run (1-minute load average {start:.1f} "
+        f"at its start and {end:.1f} at its end, on {cpus} logical CPUs): absolute times "
+        "may be inflated, for every candidate alike, and the ratios (*x bare*, "
+        "*vs buttress*) are steadier than the nanoseconds.\n"
+    )
 
 
 def versions() -> list[tuple[str, str]]:
@@ -220,14 +258,22 @@ SUMMARY_HEAD = [
     "floor",
     "fastest peer / stdlib",
 ]
-GROUP_HEAD = ["candidate", "kind", "ns per call", "overhead", "vs buttress", "note"]
+GROUP_HEAD = ["candidate", "kind", "ns per call", "x bare", "overhead", "vs buttress", "note"]
+
+
+def _x_bare(group: Group, res: Result) -> str:
+    """Time per call as a multiple of the bare call measured in the same group."""
+    bares = group.by_role(BARE)
+    if not bares or not bares[0].ns or res.ns is None:
+        return "-"
+    return f"{res.ns / bares[0].ns:.2f}x"
 
 
 def group_rows(group: Group) -> list[list[str]]:
     rows = []
     for res in group.results:
         if res.skipped is not None:
-            rows.append([res.label, ROLE_NAMES[res.role], "skipped", "", "", res.skipped])
+            rows.append([res.label, ROLE_NAMES[res.role], "skipped", "", "", "", res.skipped])
             continue
         note = res.candidate.note
         if res.role == BUTTRESS and group.target is not None:
@@ -240,13 +286,14 @@ def group_rows(group: Group) -> list[list[str]]:
                 res.label,
                 ROLE_NAMES[res.role],
                 _ns(res.ns),
+                _x_bare(group, res),
                 "-" if res.role == BARE else _ns(res.overhead),
                 _vs_buttress(group, res),
                 note,
             ]
         )
     if group.target is not None and group.target.reference == "sum of parts":
-        rows.append(["sum of the parts", "", "", _ns(sum_of_parts(group)), "", ""])
+        rows.append(["sum of the parts", "", "", "", _ns(sum_of_parts(group)), "", ""])
     return rows
 
 
@@ -417,10 +464,40 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def markdown(data: RunData) -> str:
+DEMO_IMAGE = "img/demo-timeline.png"  # written by `python -m buttress demo --plot`, if present
+
+PRIMITIVE_TITLES = PRIMITIVES  # one chart, and one section, per primitive
+
+
+OVERHEAD_INTRO = (
+    "*x bare* is a candidate's time per call divided by the bare call's (1.00x: costs "
+    "nothing), and `vs buttress` its overhead divided by buttress's in the same group "
+    "(above 1.0x: slower than buttress). Kinds: *floor* is the hand-written minimum, "
+    "*stdlib* the standard library, *peer* another library. Each chart shows the "
+    "sync and async groups of one primitive on a log scale, bars starting at the "
+    "bare call.\n"
+)
+
+
+def _image(data: RunData, key: str, alt: str) -> str | None:
+    link = data.images.get(key)
+    return None if link is None else f"![{alt}]({link})\n"
+
+
+def _group_section(add: Any, group: Group) -> None:
+    add(f"#### {group.title}\n")
+    add(f"Target: {_target_text(group)}." + (f" Note: {group.note}." if group.note else "") + "\n")
+    add(_md_table(GROUP_HEAD, group_rows(group)) + "\n")
+
+
+def markdown(data: RunData, docs_dir: Path | None = None) -> str:
     s = data.settings
     out: list[str] = []
-    add = out.append
+
+    def add(text: str | None) -> None:
+        if text is not None:
+            out.append(text)
+
     add("# Benchmarks\n")
     add(
         "What buttress costs on the happy path (no failure, no waiting), next to a bare "
@@ -428,6 +505,24 @@ def markdown(data: RunData) -> str:
         "its rate limiter ever admits more than it promises; how fairly it serves many "
         "waiting tasks; and how much memory a per-key limiter holds.\n"
     )
+    if docs_dir is not None and (docs_dir / DEMO_IMAGE).is_file():
+        add(
+            "First, what the primitives do when things go wrong. This is one run of "
+            "`python -m buttress demo --plot demo.png`: 50 callers check out against a "
+            "payment gateway that degrades, goes down and recovers, through fallback, "
+            "timeout, retry, circuit breaker, bulkhead and rate limiter. The breaker opens "
+            "when the gateway fails, the fallback then answers at once instead of every "
+            "caller waiting for a timeout, and traffic resumes after the half-open probes "
+            "succeed.\n"
+        )
+        add(
+            "![Timeline of one demo run: breaker state, throughput, retries, rejections "
+            f"and latency]({DEMO_IMAGE})\n"
+        )
+        add(
+            "The rest of this page measures the happy path: what all that costs when "
+            "nothing fails.\n"
+        )
     add(
         "Every figure on this page was written by the benchmark harness itself, from "
         f"one {data.mode} run on {data.started:%Y-%m-%d}, not typed by hand. They come "
@@ -435,6 +530,9 @@ def markdown(data: RunData) -> str:
         "treat differences of a few tens of nanoseconds as noise; the ratios between "
         "libraries are steadier than the absolute numbers.\n"
     )
+    busy = busy_note(data)
+    if busy:
+        add(busy)
     add("## Reproduce\n")
     add("From the repository root, with the benchmark extras installed:\n")
     add(
@@ -447,7 +545,8 @@ def markdown(data: RunData) -> str:
     )
     add(f"This run took {data.seconds:.0f} s.\n")
     add("## Machine\n")
-    add(_md_table(["", ""], [[k, v] for k, v in machine()]) + "\n")
+    facts = [*machine(), ("Load average (1 min), start / end", load_text(data))]
+    add(_md_table(["", ""], [[k, v] for k, v in facts]) + "\n")
     add(_md_table(["library", "version"], [list(r) for r in versions()]) + "\n")
     add("## Methodology\n")
     add(
@@ -462,7 +561,8 @@ def markdown(data: RunData) -> str:
         "and, for instance, cancelled timer handles pile up in its heap, which distorts "
         "every timeout figure.\n"
         "- **Overhead** is the median nanoseconds per call minus the median of the bare "
-        "call measured in the same group. Within a group, candidates are interleaved: "
+        "call measured in the same group, and *x bare* (the charts' axis) is the time per "
+        "call divided by that bare call's. Within a group, candidates are interleaved: "
         f"each of the {s.repeats} repeats runs every candidate once, in a rotating order, "
         f"for about {s.seconds_per_repeat * 1000:.0f} ms (the call count is calibrated per "
         "candidate). The garbage collector stays on (allocation costs are real costs); "
@@ -484,27 +584,31 @@ def markdown(data: RunData) -> str:
     add(
         "Overhead targets for buttress (ns per call above a bare call). The `--quick` run "
         "in CI fails only when a figure is more than twice its target, re-measuring a "
-        "group once before failing, so that a noisy machine does not fail the build.\n"
+        "group up to three times before failing, so that a noisy machine does not fail the "
+        "build. The nanosecond targets were set on the machine below; on a slower machine a "
+        "figure also passes the guard while it stays within twice the hand-written *floor* "
+        "measured in the same run, which scales with the machine.\n"
     )
+    add(_image(data, "overhead-summary", "buttress overhead per primitive against its target"))
     add(_md_table(SUMMARY_HEAD, summary_rows(data.groups)) + "\n")
     checks = check_rows(data.accuracy, data.fairness)
     if checks:
         add("Behaviour targets, from the accuracy and fairness runs below:\n")
         add(_md_table(CHECK_HEAD, checks) + "\n")
-    add("## Overhead per primitive\n")
-    add(
-        "`vs buttress` is a candidate's overhead divided by buttress's in the same group "
-        "(above 1.0x: slower than buttress). Kinds: *floor* is the hand-written minimum, "
-        "*stdlib* the standard library, *peer* another library.\n"
-    )
+    if data.groups:
+        add("## Overhead per primitive\n")
+        add(OVERHEAD_INTRO)
+    by_primitive: dict[str, list[Group]] = {}  # sync and async groups of one primitive together
     for group in data.groups:
-        add(f"### {group.title}\n")
+        by_primitive.setdefault(group.key.rsplit("_", 1)[0], []).append(group)
+    for primitive, members in by_primitive.items():
+        title = PRIMITIVE_TITLES.get(primitive, primitive)
+        add(f"### {title}\n")
         add(
-            f"Target: {_target_text(group)}."
-            + (f" Note: {group.note}." if group.note else "")
-            + "\n"
+            _image(data, f"overhead-{primitive}", f"{title}: time per call relative to a bare call")
         )
-        add(_md_table(GROUP_HEAD, group_rows(group)) + "\n")
+        for group in members:
+            _group_section(add, group)
     if data.accuracy:
         add("## Rate-limiter accuracy\n")
         duration = data.accuracy[0].duration
@@ -525,6 +629,13 @@ def markdown(data: RunData) -> str:
             "included. pyrate-limiter sleeps `buffer_ms` (default 50 ms) on top of every "
             "computed wait, which caps a blocking caller far below the rate; it appears "
             "with its default and with `buffer_ms=0`.\n"
+        )
+        add(
+            _image(
+                data,
+                "accuracy",
+                "Most admissions in any sliding window against each algorithm's bound",
+            )
         )
         add(_md_table(ACCURACY_HEAD, accuracy_rows(data.accuracy)) + "\n")
     if data.fairness:
@@ -577,10 +688,18 @@ def markdown(data: RunData) -> str:
             + data.sagas.durability
             + "\n"
         )
+        add(_image(data, "sagas", "Saga runs per second by store"))
         add(_md_table(sagas.HEAD, sagas.rows(data.sagas)) + "\n")
+    for _name, skipped, text in data.plugins:
+        if skipped is None and text.strip():
+            add(text.rstrip() + "\n")
+    not_run = [(name, why) for name, why, _ in data.plugins if why is not None]
+    if not_run:
+        add("## Sections not in this run\n")
+        add("\n".join(f"- `{name}`: skipped ({why})" for name, why in not_run) + "\n")
     if data.confirmed:
         add(
-            "Groups re-measured once to confirm a figure above its target: "
+            "Groups re-measured to confirm a figure above its target: "
             + ", ".join(data.confirmed)
             + ".\n"
         )
