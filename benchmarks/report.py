@@ -585,9 +585,10 @@ def markdown(data: RunData, docs_dir: Path | None = None) -> str:
         "Overhead targets for buttress (ns per call above a bare call). The `--quick` run "
         "in CI fails only when a figure is more than twice its target, re-measuring a "
         "group up to three times before failing, so that a noisy machine does not fail the "
-        "build. The nanosecond targets were set on the machine below; on a slower machine a "
-        "figure also passes the guard while it stays within twice the hand-written *floor* "
-        "measured in the same run, which scales with the machine.\n"
+        "build. The absolute targets were set on the machine below. On a slower machine "
+        "(timed by a fixed calibration workload at the start of the run) the guard "
+        "stretches them in proportion, and a figure also passes while it stays within "
+        "twice the hand-written *floor* measured in the same run.\n"
     )
     add(_image(data, "overhead-summary", "buttress overhead per primitive against its target"))
     add(_md_table(SUMMARY_HEAD, summary_rows(data.groups)) + "\n")

@@ -222,3 +222,31 @@ def test_the_guard_scales_a_nanosecond_target_by_the_floor_of_the_run(
     assert v is not None
     assert v.within(2.0) is within
     assert v.passed is False  # the report's PASS/MISS still uses the target alone
+
+
+def test_a_slower_machine_stretches_nanosecond_targets_but_not_ratios() -> None:
+    from benchmarks._harness import BUTTRESS, PART, Candidate, Group, Result, Target, verdict
+
+    v = verdict(_group_with(600, None))
+    assert v is not None
+    assert not v.within(2.0)
+    assert v.within(2.0, slowdown=1.5)
+    assert not v.within(2.0, slowdown=0.5)  # a faster machine never tightens the guard
+
+    def make() -> Any:
+        return lambda x: x
+
+    ratio = Group("p", "pipeline", False, [], target=Target("ratio", 1.1, "sum of parts"))
+    ratio.results += [
+        Result(Candidate("mine", BUTTRESS, make), overhead=300),
+        Result(Candidate("part", PART, make), overhead=100),
+    ]
+    rv = verdict(ratio)
+    assert rv is not None
+    assert not rv.within(2.0, slowdown=5.0)  # a ratio is measured on one machine already
+
+
+def test_machine_slowdown_is_never_below_one() -> None:
+    from benchmarks._harness import machine_slowdown
+
+    assert machine_slowdown() >= 1.0
