@@ -204,6 +204,25 @@ class RateLimiter(Policy):
                 return True
             return False
 
+    def _try_key(self, key: Hashable) -> bool:
+        """``for_key(key).try_acquire()`` in one hold of the lock and without the view: the
+        hot path of a keyed limiter in front of every request (the ASGI middleware)."""
+        if self._shared is not None or self._parent is not None:
+            return self.for_key(key).try_acquire()
+        with self._lock:
+            try:
+                bucket = self._buckets.get(key)
+            except TypeError:
+                bucket = None  # unhashable: for_key() below says so
+            else:
+                if bucket is None:
+                    bucket = self._key_bucket(key)
+                if not bucket.waiters and self._conform(bucket, self._now(), 1) == 0.0:
+                    self._admitted += 1
+                    return True
+                return False
+        return self.for_key(key).try_acquire()
+
     # -- blocking ----------------------------------------------------------------------------
 
     def _count(self, what: str) -> None:

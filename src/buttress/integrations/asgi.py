@@ -170,10 +170,9 @@ class LoadSheddingMiddleware:
         limiter = self.limiter
         if limiter is not None:
             key = self.key(scope)
-            bucket = None if key is None else limiter.for_key(key)
-            if bucket is not None and not bucket.try_acquire():
+            if key is not None and not limiter._try_key(key):
                 try:
-                    await self._wait(bucket.acquire_async, limiter)
+                    await self._wait(limiter.for_key(key).acquire_async, limiter)
                 except RateLimited as exc:
                     seconds = _retry_after_seconds(exc.retry_after)
                     await _respond(
