@@ -8,10 +8,12 @@ Each store is handed to a primitive's ``store=`` (or a saga's ``idempotency=``):
 
 and every decision is made by one Lua script on the server, in one round trip, on the
 server's clock. Keys are ``<prefix>{<kind>:<name>}``: the hash tag keeps each primitive's
-state in one Cluster slot. Stores connect lazily: from ``url`` they build a sync client
-and, per event loop, an async client (close them with :meth:`close` / :meth:`aclose`), or
-they use the ``client=`` / ``async_client=`` you pass (``redis.Redis`` /
-``redis.asyncio.Redis``; set their ``socket_timeout``).
+state in one Cluster slot, and every script touches exactly one key. Stores connect
+lazily: from ``url`` they build a sync client and, per event loop, an async client
+(``cluster=True`` builds Redis Cluster clients; close them with :meth:`close` /
+:meth:`aclose`), or they use the ``client=`` / ``async_client=`` you pass
+(``redis.Redis`` or ``redis.cluster.RedisCluster``, and their asyncio twins; set their
+``socket_timeout``).
 
 When Redis fails, ``on_backend_error`` decides (see :mod:`buttress.backends._degrade`):
 ``"fail_closed"`` refuses calls, ``"fail_open"`` lets them through, ``"local"`` falls back
@@ -76,26 +78,43 @@ def _backend_errors() -> tuple[type[BaseException], ...]:
     return (redis.RedisError, OSError, asyncio.TimeoutError)
 
 
+def _client_kinds() -> tuple[tuple[type, type], tuple[type, type]]:
+    """The client classes a store accepts: (sync, async), each (standalone, Cluster)."""
+    redis = _import_redis()
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+    from redis.cluster import RedisCluster
+
+    return (redis.Redis, RedisCluster), (redis.asyncio.Redis, AsyncRedisCluster)
+
+
 class _Connection:
     """Lazily built clients for one Redis deployment: one sync client, one async client
     per event loop (async connections belong to the loop that opened them)."""
 
-    def __init__(self, url: str | None, client: Any, async_client: Any, timeout: float) -> None:
-        redis = _import_redis()
+    def __init__(
+        self, url: str | None, client: Any, async_client: Any, timeout: float, cluster: bool
+    ) -> None:
+        sync_kinds, async_kinds = _client_kinds()
         if url is None and client is None and async_client is None:
             raise ConfigValueError("a Redis store needs url=, client= or async_client=")
         if url is not None and not isinstance(url, str):
             raise ConfigTypeError(f"url must be a redis:// URL string, got {url!r}")
-        if client is not None and not isinstance(client, redis.Redis):
-            raise ConfigTypeError(f"client must be a redis.Redis, got {client!r}")
-        if async_client is not None and not isinstance(async_client, redis.asyncio.Redis):
+        if not isinstance(cluster, bool):
+            raise ConfigTypeError(f"cluster must be True or False, got {cluster!r}")
+        if client is not None and not isinstance(client, sync_kinds):
             raise ConfigTypeError(
-                f"async_client must be a redis.asyncio.Redis, got {async_client!r}"
+                f"client must be a redis.Redis or redis.cluster.RedisCluster, got {client!r}"
+            )
+        if async_client is not None and not isinstance(async_client, async_kinds):
+            raise ConfigTypeError(
+                "async_client must be a redis.asyncio.Redis or "
+                f"redis.asyncio.cluster.RedisCluster, got {async_client!r}"
             )
         self.url = url
         self.timeout = timeout
-        self._client = client
-        self._async_client = async_client
+        self.cluster = cluster
+        self._client: Any = client
+        self._async_client: Any = async_client
         self._owned_sync = False
         self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
@@ -108,12 +127,19 @@ class _Connection:
         from redis.backoff import NoBackoff
 
         # No client-side retries: a failed call is the store's to handle (on_backend_error),
-        # and retrying inside the client would multiply the timeout.
+        # and retrying inside the client would multiply the timeout. A Cluster client gets
+        # one, so that it can follow a MOVED or ASK redirect after a failover or a reshard.
         return {
             "socket_timeout": self.timeout,
             "socket_connect_timeout": self.timeout,
-            "retry": redis.retry.Retry(NoBackoff(), 0),
+            "retry": redis.retry.Retry(NoBackoff(), 1 if self.cluster else 0),
         }
+
+    def _build(self, asynchronous: bool) -> Any:
+        assert self.url is not None
+        sync_kinds, async_kinds = _client_kinds()
+        kind = (async_kinds if asynchronous else sync_kinds)[1 if self.cluster else 0]
+        return kind.from_url(self.url, **self._options())  # type: ignore[attr-defined]
 
     def sync(self) -> _redis.Redis:
         client = self._client
@@ -125,7 +151,7 @@ class _Connection:
                 )
             with self._lock:
                 if self._client is None:
-                    self._client = _import_redis().Redis.from_url(self.url, **self._options())
+                    self._client = self._build(asynchronous=False)
                     self._owned_sync = True
                 client = self._client
         return client  # type: ignore[no-any-return]
@@ -141,7 +167,7 @@ class _Connection:
         loop = asyncio.get_running_loop()
         client = self._per_loop.get(loop)
         if client is None:
-            client = _import_redis().asyncio.Redis.from_url(self.url, **self._options())
+            client = self._build(asynchronous=True)
             self._per_loop[loop] = client
         return client  # type: ignore[no-any-return]
 
@@ -204,6 +230,7 @@ class _RedisStore:
         timeout: float = 0.5,
         on_backend_error: str = "fail_closed",
         retry_interval: float = 1.0,
+        cluster: bool = False,
     ) -> None:
         if not isinstance(prefix, str):
             raise ConfigTypeError(f"prefix must be a string, got {prefix!r}")
@@ -215,7 +242,7 @@ class _RedisStore:
         self.timeout = require_seconds("timeout", timeout)
         self.on_backend_error = check_mode(on_backend_error)
         self.retry_interval = check_seconds("retry_interval", retry_interval, allow_zero=True)
-        self._conn = _Connection(url, client, async_client, self.timeout)
+        self._conn = _Connection(url, client, async_client, self.timeout, cluster)
         self._errors = _backend_errors()
         # what a background read may meet: the backend failing, or no sync client
         self._soft_errors: tuple[type[BaseException], ...] = (*self._errors, ConfigTypeError)
@@ -267,13 +294,18 @@ class RedisRateLimiterStore(_RedisStore):
     after it (otherwise the slot is left unused: never an over-admission).
 
     Args:
-        url: ``redis://`` URL (clients are built lazily; sync and per event loop).
-        client: a ``redis.Redis`` to use for sync calls instead.
-        async_client: a ``redis.asyncio.Redis`` to use for async calls instead.
+        url: ``redis://`` URL (clients are built lazily; sync and per event loop). With
+            ``cluster=True`` it names any one node of a Redis Cluster.
+        client: a ``redis.Redis`` (or ``redis.cluster.RedisCluster``) to use for sync calls
+            instead.
+        async_client: a ``redis.asyncio.Redis`` (or ``redis.asyncio.cluster.RedisCluster``)
+            to use for async calls instead.
         prefix: prepended to every key (default ``"buttress:"``).
         timeout: seconds allowed for each Redis call of the clients built from ``url``.
         on_backend_error: ``"fail_closed"`` (default), ``"fail_open"`` or ``"local"``.
         retry_interval: seconds between attempts to reach a failed backend (default 1).
+        cluster: build Redis Cluster clients from ``url`` (default ``False``). Each
+            primitive's state lives in one slot, so each call still goes to one node.
     """
 
     def bind(self, limiter: RateLimiter) -> _SharedLimiter:
@@ -436,8 +468,8 @@ class RedisBreakerStore(_RedisStore):
     are seen within ``max_staleness``. Half-open probes always go to Redis.
 
     Args:
-        url, client, async_client, prefix, timeout, on_backend_error, retry_interval:
-            as for :class:`RedisRateLimiterStore`.
+        url, client, async_client, prefix, timeout, on_backend_error, retry_interval,
+        cluster: as for :class:`RedisRateLimiterStore`.
         max_staleness: seconds a process may act on state it read earlier (default
             ``None``: read on every call).
         probe_lease: seconds after which half-open probe slots whose callers never
@@ -724,8 +756,8 @@ class RedisBulkheadStore(_RedisStore):
     to whoever asks first, not strictly first come first served.
 
     Args:
-        url, client, async_client, prefix, timeout, on_backend_error, retry_interval:
-            as for :class:`RedisRateLimiterStore`.
+        url, client, async_client, prefix, timeout, on_backend_error, retry_interval,
+        cluster: as for :class:`RedisRateLimiterStore`.
         lease: seconds a slot survives its holder's death (default 30).
         poll_interval: seconds between attempts of a waiting caller (default 0.01).
     """
@@ -978,7 +1010,7 @@ class RedisIdempotencyStore(_RedisStore):
     ``ttl`` (or ``default_ttl``); a failed, compensated run frees its key.
 
     Args:
-        url, client, prefix, timeout: as for :class:`RedisRateLimiterStore` (the saga
+        url, client, prefix, timeout, cluster: as for :class:`RedisRateLimiterStore` (the saga
             runner calls stores from sync code, so a sync client is used).
         on_backend_error: ``"fail_closed"`` (default: a run whose key cannot be claimed
             does not start), ``"fail_open"`` (run without the guarantee) or ``"local"``
