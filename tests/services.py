@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -56,3 +57,26 @@ def require_postgres() -> str:
 def unique(prefix: str) -> str:
     """A name no other test (or test run) uses: key prefixes, schema names."""
     return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+class Stores:
+    """Builds backend stores with one test's key prefix (and any default options, such as
+    ``cluster=True``) and closes them afterwards."""
+
+    def __init__(self, url: str, prefix: str, **defaults: Any) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.defaults = defaults
+        self.made: list[Any] = []
+
+    def __call__(self, kind: type[Any], **options: Any) -> Any:
+        options.setdefault("prefix", self.prefix)
+        for name, value in self.defaults.items():
+            options.setdefault(name, value)
+        store = kind(options.pop("url", self.url), **options)
+        self.made.append(store)
+        return store
+
+    def close(self) -> None:
+        for store in self.made:
+            store.close()

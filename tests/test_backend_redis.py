@@ -41,27 +41,9 @@ from buttress.backends.redis import (
     RedisRateLimiterStore,
 )
 from buttress.testing import capture_events
+from services import Stores
 
 HERE = Path(__file__).resolve().parent
-
-
-class Stores:
-    """Builds stores with this test's key prefix and closes them afterwards."""
-
-    def __init__(self, url: str, prefix: str) -> None:
-        self.url = url
-        self.prefix = prefix
-        self.made: list[Any] = []
-
-    def __call__(self, kind: type[Any], **options: Any) -> Any:
-        options.setdefault("prefix", self.prefix)
-        store = kind(options.pop("url", self.url), **options)
-        self.made.append(store)
-        return store
-
-    def close(self) -> None:
-        for store in self.made:
-            store.close()
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from buttress.backends.redis import (
     RedisIdempotencyStore,
     RedisRateLimiterStore,
 )
-from services import unique
+from services import Stores, unique
 
 NODES = 3
 BUS_OFFSET = 10_000  # a Cluster node also listens on port + 10000 for its peers
@@ -148,31 +148,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         own.stop()
 
 
-class Made:
-    """Stores on the cluster, with this test's prefix, closed afterwards."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.prefix = unique("buttress-test:")
-        self.made: list[Any] = []
-
-    def __call__(self, kind: type[Any], **options: Any) -> Any:
-        options.setdefault("prefix", self.prefix)
-        if "client" not in options and "async_client" not in options:
-            options.setdefault("cluster", True)
-            options.setdefault("url", self.url)
-        store = kind(options.pop("url", None), **options)
-        self.made.append(store)
-        return store
-
-    def close(self) -> None:
-        for store in self.made:
-            store.close()
-
-
 @pytest.fixture
-def stores(cluster: Cluster) -> Iterator[Made]:
-    made = Made(cluster.url)
+def stores(cluster: Cluster) -> Iterator[Stores]:
+    made = Stores(cluster.url, unique("buttress-test:"), cluster=True)
     yield made
     made.close()
 
@@ -207,7 +185,7 @@ def _slot_owner(nodes: list[redis.Redis], key: str) -> int:
 
 
 def test_limiter_instances_share_one_budget_on_the_node_that_owns_its_slot(
-    stores: Made, nodes: list[redis.Redis]
+    stores: Stores, nodes: list[redis.Redis]
 ) -> None:
     store_a, store_b = stores(RedisRateLimiterStore), stores(RedisRateLimiterStore)
     a = RateLimiter("partner-api", rate=1, per=60, burst=5, max_wait=0, store=store_a)
@@ -223,7 +201,7 @@ def test_limiter_instances_share_one_budget_on_the_node_that_owns_its_slot(
 
 
 def test_state_of_different_names_spreads_over_the_nodes(
-    stores: Made, nodes: list[redis.Redis]
+    stores: Stores, nodes: list[redis.Redis]
 ) -> None:
     store = stores(RedisRateLimiterStore)
     owners = set()
@@ -235,7 +213,7 @@ def test_state_of_different_names_spreads_over_the_nodes(
     assert owners == set(range(NODES))  # every node serves some of them
 
 
-def test_async_limiter_on_a_cluster_client_the_user_built(cluster: Cluster, stores: Made) -> None:
+def test_async_limiter_on_a_cluster_client_the_user_built(cluster: Cluster, stores: Stores) -> None:
     async def scenario() -> None:
         client = redis.asyncio.cluster.RedisCluster.from_url(cluster.url, socket_timeout=0.5)
         try:
@@ -266,7 +244,7 @@ def test_async_limiter_on_a_cluster_client_the_user_built(cluster: Cluster, stor
     asyncio.run(scenario())
 
 
-def test_breaker_opened_by_one_instance_is_open_for_the_other(stores: Made) -> None:
+def test_breaker_opened_by_one_instance_is_open_for_the_other(stores: Stores) -> None:
     client = redis.cluster.RedisCluster.from_url(stores.url, socket_timeout=0.5)
     try:
         here = CircuitBreaker(
@@ -291,7 +269,7 @@ def test_breaker_opened_by_one_instance_is_open_for_the_other(stores: Made) -> N
         client.close()
 
 
-def test_bulkhead_slots_are_shared_between_instances(stores: Made) -> None:
+def test_bulkhead_slots_are_shared_between_instances(stores: Stores) -> None:
     a = Bulkhead("reports", max_concurrent=1, max_wait=0, store=stores(RedisBulkheadStore))
     b = Bulkhead(
         "reports",
@@ -307,7 +285,7 @@ def test_bulkhead_slots_are_shared_between_instances(stores: Made) -> None:
     b.release()
 
 
-def test_bulkhead_lease_is_renewed_on_the_node_that_owns_it(stores: Made) -> None:
+def test_bulkhead_lease_is_renewed_on_the_node_that_owns_it(stores: Stores) -> None:
     holder = Bulkhead(
         "renewed", max_concurrent=1, max_wait=0, store=stores(RedisBulkheadStore, lease=0.3)
     )
@@ -325,7 +303,7 @@ def test_bulkhead_lease_is_renewed_on_the_node_that_owns_it(stores: Made) -> Non
     other.release()
 
 
-def test_saga_idempotency_key_replays_across_instances(stores: Made) -> None:
+def test_saga_idempotency_key_replays_across_instances(stores: Stores) -> None:
     runs = []
 
     def build() -> Saga:
