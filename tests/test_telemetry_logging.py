@@ -260,7 +260,7 @@ def test_validation():
 def test_custom_prefix(logger, records):
     """prefix= changes the extra keys."""
     listener = blog.LoggingListener(logger, prefix="resilience.")
-    Bulkhead("pool", max_concurrent=1, listeners=[listener])._emit(
+    Bulkhead("pool", max_concurrent=1, listeners=[listener]).emit(
         events.CallRejected, reason="bulkhead_full", retry_after=None
     )
     assert records.records[0].__dict__["resilience.event"] == "call_rejected"

@@ -88,7 +88,14 @@ class Policy:
 
     # -- events -----------------------------------------------------------------------------
 
-    def _emit(self, event_type: type[_events.Event], **fields: Any) -> None:
+    def emit(self, event_type: type[_events.Event], **fields: Any) -> None:
+        """Send an event of ``event_type`` to this policy's listeners and the global ones.
+
+        The event's ``source``, ``name`` and ``time`` come from the policy; ``fields`` are
+        the rest of the event's fields. Nothing is built when nobody listens, and a failing
+        listener never reaches the caller. Stores and integrations report what they do on
+        behalf of a policy through this method.
+        """
         if self._listeners or _events.hub.listeners:
             event = event_type(source=self.kind, name=self.name, time=self._clock.now(), **fields)
             _events.dispatch(self._listeners, event)

@@ -20,6 +20,8 @@ __all__ = [
     "check_bool",
     "check_callable",
     "check_choice",
+    "ExceptionFilter",
+    "check_exception_filter",
     "check_exception_types",
     "check_int",
     "check_name",
@@ -166,6 +168,77 @@ def check_exception_types(
                 f"{name} must contain only exception classes, got {_show(item)} in {value!r}"
             )
     return tuple(items)  # type: ignore[arg-type]
+
+
+class ExceptionFilter:
+    """Which exceptions an option such as ``on=``, ``include=`` or ``exclude=`` names.
+
+    Built by :func:`check_exception_filter` from an exception class, a predicate
+    ``exc -> bool``, or a tuple or list mixing both. Calling it answers whether an
+    exception matches: an instance of one of the classes, or one for which a predicate
+    returns true. The classes are checked first, with one ``isinstance`` call.
+    """
+
+    __slots__ = ("predicates", "types")
+
+    def __init__(
+        self,
+        types: tuple[type[BaseException], ...],
+        predicates: tuple[Callable[[BaseException], object], ...] = (),
+    ) -> None:
+        self.types = types
+        self.predicates = predicates
+
+    def __call__(self, exc: BaseException) -> bool:
+        if isinstance(exc, self.types):
+            return True
+        return any(predicate(exc) for predicate in self.predicates)
+
+    def __bool__(self) -> bool:
+        return bool(self.types or self.predicates)
+
+    def names(self, exc_type: type[BaseException]) -> bool:
+        """True when one of the classes is ``exc_type`` or a base of it (predicates aside)."""
+        return any(issubclass(exc_type, t) for t in self.types)
+
+    def __repr__(self) -> str:
+        items = [t.__name__ for t in self.types] + [repr(p) for p in self.predicates]
+        return f"ExceptionFilter({', '.join(items)})"
+
+
+def check_exception_filter(
+    name: str, value: object, *, allow_empty: bool = False
+) -> ExceptionFilter:
+    """An exception class, a predicate ``exc -> bool``, or a tuple/list mixing them."""
+    items: tuple[object, ...]
+    if isinstance(value, ExceptionFilter):
+        return value
+    if isinstance(value, (tuple, list, frozenset, set)):
+        items = tuple(value)
+    else:
+        items = (value,)
+    if not items and not allow_empty:
+        raise ConfigValueError(
+            f"{name} must name at least one exception class or predicate, got {value!r}"
+        )
+    types: list[type[BaseException]] = []
+    predicates: list[Callable[[BaseException], object]] = []
+    for item in items:
+        if isinstance(item, type):
+            if not issubclass(item, BaseException):
+                raise ConfigTypeError(
+                    f"{name} must contain only exception classes or predicates, got "
+                    f"{_show(item)} in {value!r}"
+                )
+            types.append(item)
+        elif callable(item):
+            predicates.append(item)
+        else:
+            raise ConfigTypeError(
+                f"{name} must be an exception class, a predicate exc -> bool, or a tuple or "
+                f"list of them, got {_show(item)}" + (f" in {value!r}" if item is not value else "")
+            )
+    return ExceptionFilter(tuple(types), tuple(predicates))
 
 
 def check_decoratable(value: object) -> Callable[..., Any]:

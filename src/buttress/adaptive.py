@@ -447,7 +447,7 @@ class AdaptiveBulkhead(Bulkhead):
             self._release_locked()
         if changed is not None:
             old, new, reason = changed
-            self._emit(LimitChanged, old=old, new=new, reason=reason)
+            self.emit(LimitChanged, old=old, new=new, reason=reason)
 
     def release(self, *, latency: float | None = None, error: bool = False) -> None:
         """Give a slot back (to the oldest waiter if the limit allows).
@@ -474,7 +474,7 @@ class AdaptiveBulkhead(Bulkhead):
             self._release_locked()
         if changed is not None:
             old, new, reason = changed
-            self._emit(LimitChanged, old=old, new=new, reason=reason)
+            self.emit(LimitChanged, old=old, new=new, reason=reason)
 
     # -- drivers ----------------------------------------------------------------------------
 

@@ -121,7 +121,7 @@ class Bulkhead(Policy):
         return "bulkhead" if self.name is None else f"bulkhead {self.name!r}"
 
     def _reject(self, reason: str) -> BulkheadFull:
-        self._emit(_events.CallRejected, reason=reason, retry_after=None)
+        self.emit(_events.CallRejected, reason=reason, retry_after=None)
         label = self._label()
         detail = {
             "bulkhead_full": f"all {self.max_concurrent} slots busy and "
@@ -202,7 +202,7 @@ class Bulkhead(Policy):
             raise
         if not self._settle(waiter):
             raise self._reject("bulkhead_wait_timeout")
-        self._emit(_events.AcquiredAfterWait, waited=self._clock.now() - started)
+        self.emit(_events.AcquiredAfterWait, waited=self._clock.now() - started)
 
     async def acquire_async(self) -> None:
         """Async twin of :meth:`acquire`; a cancelled waiter takes nothing."""
@@ -231,7 +231,7 @@ class Bulkhead(Policy):
             raise
         if not self._settle(waiter):
             raise self._reject("bulkhead_wait_timeout")
-        self._emit(_events.AcquiredAfterWait, waited=self._clock.now() - started)
+        self.emit(_events.AcquiredAfterWait, waited=self._clock.now() - started)
 
     # -- shared slots (a store) -------------------------------------------------------------
 

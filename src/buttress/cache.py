@@ -266,7 +266,7 @@ class _Store:
             if key not in self.flights:
                 refresh = self.flights[key] = _Flight(key, detached=True)
                 self.refreshes.incr()
-        policy._emit(CacheStaleServed, reason="revalidating", age=age)
+        policy.emit(CacheStaleServed, reason="revalidating", age=age)
         return _VALUE, entry.value, refresh
 
     def finish(self, flight: _Flight, kind: int, value: Any) -> None:
@@ -308,9 +308,9 @@ class _Store:
                 loop.call_soon_threadsafe(_resolve, future, outcome)
         if error is not None:
             if flight.detached:
-                policy._emit(CacheRefreshFailed, error=error)
+                policy.emit(CacheRefreshFailed, error=error)
             if stale_age >= 0:
-                policy._emit(CacheStaleServed, reason="error", age=stale_age, error=error)
+                policy.emit(CacheStaleServed, reason="error", age=stale_age, error=error)
 
     def join(self, flight: _Flight, future: asyncio.Future[tuple[int, Any]]) -> bool:
         """Wait for ``flight`` through ``future``; False if it is already over."""

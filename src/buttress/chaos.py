@@ -358,7 +358,7 @@ class Fault(Chaos):
             raise ConfigTypeError(
                 f"the exc function of a chaos fault must return an exception, got {error!r}"
             )
-        self._emit(ChaosInjected, mode=self.mode, error=error)
+        self.emit(ChaosInjected, mode=self.mode, error=error)
         self._pending.error = error
         return True
 
@@ -475,7 +475,7 @@ class Latency(Chaos):
             return None
         low, high = self.seconds
         delay = low if low == high else rng.uniform(low, high)
-        self._emit(ChaosInjected, mode=self.mode, delay=delay)
+        self.emit(ChaosInjected, mode=self.mode, delay=delay)
         return delay
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -565,7 +565,7 @@ class Result(Chaos):
     def _substitute(self) -> bool:
         if self._draw() is None:
             return False
-        self._emit(ChaosInjected, mode=self.mode)
+        self.emit(ChaosInjected, mode=self.mode)
         return True
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:

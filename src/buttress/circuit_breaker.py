@@ -202,9 +202,9 @@ class CircuitBreaker(Policy):
                         name=self.name,
                     )
         if changed is not None:
-            self._emit(_events.CircuitStateChanged, **changed)
+            self.emit(_events.CircuitStateChanged, **changed)
         if reject is not None:
-            self._emit(_events.CallRejected, reason="circuit_open", retry_after=reject.retry_after)
+            self.emit(_events.CallRejected, reason="circuit_open", retry_after=reject.retry_after)
             raise reject
         assert token is not None
         return token
@@ -225,7 +225,7 @@ class CircuitBreaker(Policy):
             # open the circuit when it brings the window up to minimum_calls.
             changed = self._settle(token, failed=False)
         if changed is not None:
-            self._emit(_events.CircuitStateChanged, **changed)
+            self.emit(_events.CircuitStateChanged, **changed)
 
     def _on_failure(self, token: int, exc: BaseException | None, duration: float = 0.0) -> None:
         if isinstance(exc, asyncio.CancelledError) and _deadline_expired():
@@ -249,7 +249,7 @@ class CircuitBreaker(Policy):
                 self._slow_calls += 1
             changed = self._settle(token, failed=True)
         if changed is not None:
-            self._emit(_events.CircuitStateChanged, **changed)
+            self.emit(_events.CircuitStateChanged, **changed)
 
     def _is_neutral(self, exc: BaseException) -> bool:
         return (
@@ -409,7 +409,7 @@ class CircuitBreaker(Policy):
             changed = self._transition(OPEN, "forced open")
             self._forced = True
         if changed is not None:
-            self._emit(_events.CircuitStateChanged, **changed)
+            self.emit(_events.CircuitStateChanged, **changed)
 
     def close(self) -> None:
         """Close the circuit and forget the recent outcomes (in every process, with a store)."""
@@ -422,7 +422,7 @@ class CircuitBreaker(Policy):
             self._consecutive = 0
             self._ring_pos = self._ring_len = self._ring_failures = 0
         if changed is not None:
-            self._emit(_events.CircuitStateChanged, **changed)
+            self.emit(_events.CircuitStateChanged, **changed)
 
     def reset(self) -> None:
         """Close the circuit and zero every counter."""

@@ -75,7 +75,7 @@ class Fallback(Policy):
     def _replacement(self, exc: BaseException) -> Any:
         with self._lock:
             self._used += 1
-        self._emit(_events.FallbackUsed, error=exc)
+        self.emit(_events.FallbackUsed, error=exc)
         if self.handler is None:
             return self.value
         return self.handler(exc)

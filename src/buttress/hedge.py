@@ -82,7 +82,7 @@ class Hedge(Policy):
             if launched > 1:
                 with self._lock:
                     self._launched += 1
-                self._emit(_events.HedgeLaunched, attempt=launched)
+                self.emit(_events.HedgeLaunched, attempt=launched)
             task = loop.create_task(fn(*args, **kwargs))
             task.add_done_callback(on_done)
             pending.add(task)

@@ -297,7 +297,7 @@ class RateLimiter(Policy):
         return limit
 
     def _rate_limited(self, retry_after: float) -> RateLimited:
-        self._emit(_events.CallRejected, reason="rate_limited", retry_after=retry_after)
+        self.emit(_events.CallRejected, reason="rate_limited", retry_after=retry_after)
         return RateLimited(
             f"{self._label()}: no permit within the allowed wait (next in {retry_after:.3f}s)",
             retry_after=retry_after,
@@ -345,7 +345,7 @@ class RateLimiter(Policy):
                 if not waiter.granted:
                     self._leave(waiter)
             raise
-        self._emit(_events.AcquiredAfterWait, waited=self._clock.now() - started)
+        self.emit(_events.AcquiredAfterWait, waited=self._clock.now() - started)
 
     async def acquire_async(self, weight: int = 1) -> None:
         """Async twin of :meth:`acquire`; a cancelled waiter takes nothing."""
@@ -388,7 +388,7 @@ class RateLimiter(Policy):
                 if not waiter.granted:
                     self._leave(waiter)
             raise
-        self._emit(_events.AcquiredAfterWait, waited=self._clock.now() - started)
+        self.emit(_events.AcquiredAfterWait, waited=self._clock.now() - started)
 
     # -- per-key limiters -------------------------------------------------------------------
 

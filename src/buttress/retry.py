@@ -223,7 +223,7 @@ class _RetryState:
                 error,
                 f"buttress: gave up after {self.attempt} attempt(s) ({what[reason]} exhausted)",
             )
-        policy._emit(
+        policy.emit(
             _events.RetryGaveUp, attempts=self.attempt, reason=reason, error=error, result=result
         )
 
@@ -232,7 +232,7 @@ class _RetryState:
             policy = self.policy
             with policy._lock:
                 policy._recovered += 1
-            policy._emit(_events.RetryRecovered, attempts=self.attempt)
+            policy.emit(_events.RetryRecovered, attempts=self.attempt)
 
 
 class Retry(Policy):
@@ -323,7 +323,7 @@ class Retry(Policy):
     ) -> None:
         with self._lock:
             self._retries += 1
-        self._emit(_events.RetryScheduled, attempt=attempt, delay=delay, error=error, result=result)
+        self.emit(_events.RetryScheduled, attempt=attempt, delay=delay, error=error, result=result)
 
     def _start(self) -> _RetryState | None:
         """Per-call setup; ``None`` means "build the state lazily on the first failure"."""

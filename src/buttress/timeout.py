@@ -95,7 +95,7 @@ class Timeout(Policy):
             if self._timeouts is None:
                 self._timeouts = Counter()
         self._timeouts.incr()
-        self._emit(_events.TimeoutFired, timeout=seconds)
+        self.emit(_events.TimeoutFired, timeout=seconds)
         label = "timeout" if self.name is None else f"timeout {self.name!r}"
         error = TimeoutExceeded(f"{label}: exceeded {seconds:g}s", timeout=seconds)
         error.__cause__ = cause

@@ -35,7 +35,7 @@ def check_mode(value: object) -> str:
 class Gate:
     """Whether to ask the backend now, and the degraded/recovered bookkeeping.
 
-    ``emit`` is the owning primitive's ``_emit``; ``now`` its clock.
+    ``emit`` is the owning primitive's ``emit``; ``now`` its clock.
     """
 
     __slots__ = (

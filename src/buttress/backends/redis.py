@@ -257,7 +257,7 @@ class _RedisStore:
             self.on_backend_error,
             self.retry_interval or 0.0,
             policy._clock.now,
-            policy._emit,
+            policy.emit,
         )
 
     def close(self) -> None:
@@ -381,7 +381,7 @@ class _SharedLimiter:
 
     def _waited(self, wait: float) -> None:
         self._count("waited")
-        self.limiter._emit(_events.AcquiredAfterWait, waited=wait)
+        self.limiter.emit(_events.AcquiredAfterWait, waited=wait)
 
     def acquire(self, bucket_key: Hashable, weight: int, max_wait: float | None) -> bool:
         if not self.gate.should_try():
@@ -576,7 +576,7 @@ class _SharedBreaker:
         }
         changes = reply[11:]
         for i in range(0, len(changes), 3):
-            breaker._emit(
+            breaker.emit(
                 _events.CircuitStateChanged,
                 old=changes[i].decode(),
                 new=changes[i + 1].decode(),
@@ -595,7 +595,7 @@ class _SharedBreaker:
         elif self.state == "open" and not self.forced:
             retry_after = max(self.open_until - breaker._clock.now(), 0.0)
         state = self.state
-        breaker._emit(_events.CallRejected, reason="circuit_open", retry_after=retry_after)
+        breaker.emit(_events.CallRejected, reason="circuit_open", retry_after=retry_after)
         detail = "is open" if state == "open" else "is half-open and its probe slots are taken"
         return CircuitOpenError(
             f"{breaker._label()} {detail}", retry_after=retry_after, name=breaker.name
@@ -979,7 +979,7 @@ class _Poll:
         bulkhead._count_shared(accepted=True)
         if self.waited:
             waited = bulkhead._clock.now() - self.started
-            bulkhead._emit(_events.AcquiredAfterWait, waited=waited)
+            bulkhead.emit(_events.AcquiredAfterWait, waited=waited)
         return True
 
     def pause(self) -> float:
@@ -1033,10 +1033,10 @@ class RedisIdempotencyStore(_RedisStore):
         self._local = MemoryStore()
         self._claimed: dict[str, str] = {}  # run id -> its key, for runs claimed here
         self._gate_impl = Gate(
-            self.backend, self.on_backend_error, self.retry_interval or 0.0, _wall, self._emit
+            self.backend, self.on_backend_error, self.retry_interval or 0.0, _wall, self.emit
         )
 
-    def _emit(self, event_type: type[_events.Event], **fields: Any) -> None:
+    def emit(self, event_type: type[_events.Event], **fields: Any) -> None:
         if _events.hub.listeners:
             event = event_type(source="saga_idempotency", name=self.prefix, time=_wall(), **fields)
             _events.dispatch((), event)

@@ -264,11 +264,11 @@ class _Run:
 
     def flow(self) -> Flow[SagaResult]:
         saga = self.saga
-        # The hot events are built only when someone listens (the check _emit makes,
+        # The hot events are built only when someone listens (the check emit makes,
         # done here to skip the call and its arguments on the common path).
         hub = _events.hub
         if saga._listeners or hub.listeners:
-            saga._emit(_events.RunStarted, run_id=self.run_id, resumed=self.resumed)
+            saga.emit(_events.RunStarted, run_id=self.run_id, resumed=self.resumed)
         deadline = None if saga.timeout is None else saga.clock.now() + saga.timeout
         status = None
         if not self.compensating:
@@ -290,7 +290,7 @@ class _Run:
                 for step in todo:
                     self.note(step.name, "started")
                     if saga._listeners or hub.listeners:
-                        saga._emit(_events.StepStarted, run_id=self.run_id, step=step.name)
+                        saga.emit(_events.StepStarted, run_id=self.run_id, step=step.name)
                 entries, self.pending = self.pending, []
                 outcomes: list[_Outcome] = yield _Forward(
                     self, entries, wall_time() + saga.lease, _NOT_FINAL, todo, self.ctx, deadline
@@ -315,7 +315,7 @@ class _Run:
             if name in self.compensated or step.compensate is None:
                 continue
             self.note(name, "compensation_started")
-            saga._emit(_events.CompensationStarted, run_id=self.run_id, step=name)
+            saga.emit(_events.CompensationStarted, run_id=self.run_id, step=name)
             entries, self.pending = self.pending, []
             undone: _Outcome = yield _Undo(
                 self, entries, wall_time() + saga.lease, _COMPENSATING, step, self.ctx
@@ -325,13 +325,13 @@ class _Run:
             if undone.ok:
                 result.status = "compensated"
                 self.note(name, "compensated", attempt=len(undone.history))
-                saga._emit(_events.CompensationCompleted, run_id=self.run_id, step=name)
+                saga.emit(_events.CompensationCompleted, run_id=self.run_id, step=name)
             else:
                 result.status = "compensation_failed"
                 result.compensation_error = undone.error
                 self.compensation_ok = False
                 self.note(name, "compensation_failed", error=describe(undone.error))
-                saga._emit(
+                saga.emit(
                     _events.CompensationFailed,
                     run_id=self.run_id,
                     step=name,
@@ -368,7 +368,7 @@ class _Run:
             )
             saga = self.saga
             if saga._listeners or _events.hub.listeners:
-                saga._emit(
+                saga.emit(
                     _events.StepCompleted,
                     run_id=self.run_id,
                     step=step.name,
@@ -390,7 +390,7 @@ class _Run:
             duration=outcome.duration,
             error=describe(error),
         )
-        self.saga._emit(
+        self.saga.emit(
             _events.StepFailed,
             run_id=self.run_id,
             step=step.name,
@@ -430,9 +430,9 @@ class _Run:
         saga._finished(status)
         if status == COMPLETED:
             if saga._listeners or _events.hub.listeners:
-                saga._emit(_events.RunCompleted, run_id=self.run_id, duration=report.duration)
+                saga.emit(_events.RunCompleted, run_id=self.run_id, duration=report.duration)
         else:
-            saga._emit(
+            saga.emit(
                 _events.RunFailed,
                 run_id=self.run_id,
                 error=describe(self.failure),
@@ -487,7 +487,7 @@ def _begin_attempt(
         assert step.compensate is not None
         return step.compensate
     if history:
-        run.saga._emit(
+        run.saga.emit(
             _events.StepRetrying,
             run_id=run.run_id,
             step=step.name,

@@ -297,7 +297,7 @@ class Saga(Policy):
         return run
 
     def _reject_input(self, run: _Run, error: BaseException) -> Flow[SagaResult]:
-        self._emit(_events.RunStarted, run_id=run.run_id, resumed=False)
+        self.emit(_events.RunStarted, run_id=run.run_id, resumed=False)
         with self._count_lock:
             self._counts["failed"] += 1
         run.failure = error
@@ -313,7 +313,7 @@ class Saga(Policy):
         yield run.save(
             status=FAILED, error=describe(error), result=report.to_dict(), expires_at=None
         )
-        self._emit(_events.RunFailed, run_id=run.run_id, error=describe(error), compensated=True)
+        self.emit(_events.RunFailed, run_id=run.run_id, error=describe(error), compensated=True)
         return report
 
     def _resume(self, run_id: str, owner: str) -> Flow[_Run]:
@@ -340,7 +340,7 @@ class Saga(Policy):
     def _replayed(self, result: SagaResult) -> SagaResult:
         with self._count_lock:
             self._counts["replayed"] += 1
-        self._emit(
+        self.emit(
             _events.RunReplayed, run_id=result.run_id, key=result.key or "", status=result.status
         )
         return result
