@@ -292,3 +292,234 @@ def test_one_shot_iterators_are_refused_as_backoff():
     """A generator would be consumed by the first call: refuse it."""
     with pytest.raises(TypeError, match="re-iterable"):
         retry(3, backoff=(d for d in [1.0, 2.0]))
+
+
+# -- on=: classes, predicates, and both mixed ------------------------------------------------
+
+
+class Status(Exception):
+    """An HTTP-like error carrying a status code."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def test_on_mixes_classes_and_predicates(face, flaky, clock):
+    """An error matching a class or a predicate is retried; any other is raised at once."""
+    policy = retry(
+        6, on=[ConnectionError, lambda e: getattr(e, "status", 0) >= 500], backoff=[0], clock=clock
+    )
+    behaviour = flaky(ConnectionError(), Status(503), Status(404))
+    with pytest.raises(Status) as info:
+        face.wrap(policy, behaviour)()
+    assert info.value.status == 404
+    assert behaviour.calls == 3
+
+
+def test_on_accepts_a_tuple_mixing_classes_and_predicates(face, flaky, clock):
+    """A tuple works like a list."""
+    policy = retry(3, on=(KeyError, lambda e: "again" in str(e)), backoff=[0], clock=clock)
+    assert face.wrap(policy, flaky(KeyError(), ValueError("again")))() == "ok"
+
+
+def test_predicates_are_not_asked_about_an_open_circuit(face, clock):
+    """An open circuit fails fast even if a predicate would match it; a class opts in."""
+    breaker = buttress.CircuitBreaker(failure_threshold=1, reset_timeout=30, clock=clock)
+    breaker.open()
+    asked: list[BaseException] = []
+
+    def anything(exc: BaseException) -> bool:
+        asked.append(exc)
+        return True
+
+    for on in (anything, [Transient, anything], [anything, Exception]):
+        call = face.wrap(buttress.pipeline(retry(3, on=on, clock=clock), breaker), lambda: "ok")
+        with pytest.raises(buttress.CircuitOpenError):
+            call()
+    assert asked == []
+    assert clock.sleeps == []
+    for by_class in ([anything, buttress.CircuitOpenError], [buttress.RejectedError]):
+        policy = retry(2, on=by_class, backoff=[0.5], clock=clock)
+        with pytest.raises(buttress.CircuitOpenError):
+            face.wrap(buttress.pipeline(policy, breaker), lambda: "ok")()
+    assert len(clock.sleeps) == 2  # named by class: retried once each, after retry_after
+
+
+def test_on_is_exposed_as_an_exception_filter():
+    """The policy keeps the validated filter: its classes and its predicates."""
+
+    def server_error(exc: BaseException) -> bool:
+        return getattr(exc, "status", 0) >= 500
+
+    policy = retry(on=[ConnectionError, server_error])
+    assert policy.on.types == (ConnectionError,)
+    assert policy.on.predicates == (server_error,)
+    assert policy.on(Status(502)) and not policy.on(Status(400))
+
+
+# -- RetryState: the public per-call protocol --------------------------------------------------
+
+
+def test_retry_state_drives_a_loop_by_hand(clock):
+    """start/on_error/on_success give a hand-written loop the decorator's decisions."""
+    policy = retry(3, on=Transient, backoff=[0.25, 0.5], clock=clock)
+    state = policy.start()
+    assert isinstance(state, buttress.RetryState)
+    assert state.attempt == 1
+    with capture_events() as seen:
+        assert state.on_error(Transient()) == 0.25
+        assert state.attempt == 2
+        assert state.on_error(Transient()) == 0.5
+        assert state.attempt == 3
+        state.on_success()
+        state.on_success()  # settled once: no second event
+    recovered = [e for e in seen if isinstance(e, events.RetryRecovered)]
+    assert [e.attempts for e in recovered] == [3]
+    assert policy.snapshot()["recovered"] == 1
+
+
+def test_retry_state_on_error_returns_none_when_not_retryable_or_exhausted(clock):
+    """None means re-raise: a foreign error, or the last attempt, with notes as usual."""
+    policy = retry(2, on=Transient, backoff=[0.1], clock=clock)
+    state = policy.start()
+    fatal = Fatal()
+    assert state.on_error(fatal) is None
+    assert not hasattr(fatal, "__notes__")  # first attempt: nothing was retried
+    assert state.on_error(Transient()) == 0.1
+    last = Transient()
+    with capture_events() as seen:
+        assert state.on_error(last) is None
+    assert last.__notes__ == ["buttress: gave up after 2 attempt(s) (attempts exhausted)"]
+    assert [e.reason for e in seen if isinstance(e, events.RetryGaveUp)] == ["attempts"]
+
+
+def test_retry_state_on_result_applies_retry_if_result(clock):
+    """on_result: None accepts, a delay retries, RetryExhausted when giving up."""
+    policy = retry(2, retry_if_result=lambda r: r == "busy", backoff=[0.3], clock=clock)
+    state = policy.start()
+    assert state.on_result("busy") == 0.3
+    with pytest.raises(RetryExhausted) as info:
+        state.on_result("busy")
+    assert info.value.result == "busy"
+    assert info.value.attempts == 2
+    accepted = policy.start()
+    assert accepted.on_error(Transient()) == 0.3
+    with capture_events() as seen:
+        assert accepted.on_result("done") is None  # accepting settles the call
+        accepted.on_success()
+    assert [e.attempts for e in seen if isinstance(e, events.RetryRecovered)] == [2]
+
+
+def test_retry_state_on_result_without_retry_if_result_accepts_everything(clock):
+    """With no retry_if_result every result is accepted."""
+    state = retry(3, clock=clock).start()
+    assert state.on_result(None) is None
+    assert state.attempt == 1
+
+
+def test_retry_state_retry_result_honours_retry_after_and_never_raises(clock):
+    """retry_result: the caller's verdict; the wait is at least retry_after; None at the end."""
+    policy = retry(3, backoff=[0.1], clock=clock)
+    state = policy.start()
+    assert state.retry_result("503", retry_after=2.0) == 2.0
+    assert state.retry_result("503") == 0.1
+    with capture_events() as seen:
+        assert state.retry_result("503", retry_after=1.0) is None
+    gave_up = [e for e in seen if isinstance(e, events.RetryGaveUp)]
+    assert [(e.reason, e.result, e.error) for e in gave_up] == [("attempts", "503", None)]
+
+
+def test_retry_state_respects_the_deadline_and_the_budget(clock):
+    """start() begins the deadline clock and deposits into the budget."""
+    budget = RetryBudget(0.0, min_per_second=0.1, window=10, clock=clock)  # one retry per window
+    policy = retry(5, backoff=[1.0], deadline=3.0, budget=budget, clock=clock)
+    state = policy.start()
+    assert budget.snapshot()["calls_in_window"] == 1
+    assert state.on_error(Transient()) == 1.0
+    second = policy.start()
+    with capture_events() as seen:
+        assert second.on_error(Transient()) is None
+    assert [e.reason for e in seen if isinstance(e, events.RetryGaveUp)] == ["budget"]
+    clock.advance(2.5)
+    with capture_events() as seen:
+        assert state.retry_result("x") is None  # 1 s would cross the 3 s deadline
+    assert [e.reason for e in seen if isinstance(e, events.RetryGaveUp)] == ["deadline"]
+
+
+def test_the_loop_form_and_the_decorator_agree_with_retry_state(face, flaky, clock):
+    """The decorator, attempts() and a hand loop over RetryState sleep the same way."""
+    schedule = [0.1, 0.2]
+    behaviour = flaky(Transient(), Transient())
+    face.wrap(retry(3, backoff=schedule, clock=clock), behaviour)()
+    by_decorator, clock.sleeps[:] = list(clock.sleeps), []
+    state, outcomes = retry(3, backoff=schedule, clock=clock).start(), [Transient(), Transient()]
+    while outcomes:
+        delay = state.on_error(outcomes.pop(0))
+        assert delay is not None
+        clock.sleep(delay)
+    state.on_success()
+    assert clock.sleeps == by_decorator == schedule
+
+
+def test_the_old_private_names_stay_until_the_transport_moves():
+    """_RetryState, Retry._start and RetryState._next/succeeded remain thin aliases."""
+    from buttress.retry import RetryState, _RetryState
+
+    assert _RetryState is RetryState
+    policy = retry(3, backoff=[0.1])
+    assert policy._start() is None
+    state = policy.start()
+    assert state._next(None, "x", 2.0) == 2.0
+    state.succeeded()
+    assert state.settled
+
+
+# -- issue 14 defects -------------------------------------------------------------------------
+
+
+def test_set_testing_caps_attempts_and_never_raises_them(face, flaky):
+    """set_testing(attempts=2) leaves a policy built with attempts=1 at one attempt."""
+    behaviour = flaky(Transient(), Transient())
+    with set_testing(True, attempts=2), pytest.raises(Transient):
+        face.wrap(retry(1), behaviour)()
+    assert behaviour.calls == 1
+
+
+def test_retry_exhausted_survives_pickling():
+    """RetryExhausted round-trips through pickle with its result, attempts and notes."""
+    import pickle
+
+    error = RetryExhausted("still busy", result={"status": "busy"}, attempts=3)
+    error.add_note("buttress: a note")
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is RetryExhausted
+    assert str(copy) == "still busy"
+    assert copy.result == {"status": "busy"}
+    assert copy.attempts == 3
+    assert copy.__notes__ == ["buttress: a note"]
+
+
+def _every_error_class() -> list[type[buttress.ButtressError]]:
+    from buttress import exceptions
+
+    return [getattr(exceptions, name) for name in exceptions.__all__]
+
+
+@pytest.mark.parametrize("cls", _every_error_class(), ids=lambda cls: cls.__name__)
+def test_every_buttress_error_survives_pickling(cls):
+    """Each public error class round-trips through pickle, attributes included."""
+    import pickle
+
+    kwargs: dict[str, Any] = {
+        "RetryExhausted": {"result": 1, "attempts": 2},
+        "IdempotencyConflict": {"key": "k", "run_id": "r"},
+        "TimeoutExceeded": {"timeout": 1.5},
+    }.get(cls.__name__, {})
+    if issubclass(cls, buttress.RejectedError):
+        kwargs = {"retry_after": 2.0, "name": "db"}
+    error = cls("boom", **kwargs)
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is cls
+    assert str(copy) == str(error)
+    assert copy.__dict__ == error.__dict__

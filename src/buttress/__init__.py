@@ -44,6 +44,7 @@ from .registry import health as health
 from .registry import state as state
 from .retry import Retry as Retry
 from .retry import RetryBudget as RetryBudget
+from .retry import RetryState as RetryState
 from .retry import retry as retry
 from .saga import IdempotencyConflict as IdempotencyConflict
 from .saga import Permanent as Permanent
@@ -82,6 +83,7 @@ __all__ = [
     "Retry",
     "RetryBudget",
     "RetryExhausted",
+    "RetryState",
     "Saga",
     "SagaResult",
     "Step",

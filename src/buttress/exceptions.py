@@ -25,6 +25,8 @@ unchanged, with a note saying how many attempts were made; it never wraps it.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BackendError",
     "BackendUnavailable",
@@ -44,8 +46,24 @@ __all__ = [
 ]
 
 
+def _rebuild(cls: type[ButtressError], args: tuple[object, ...]) -> ButtressError:
+    """Unpickle an error without calling its ``__init__`` (its attributes follow)."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    return error
+
+
 class ButtressError(Exception):
-    """Base class of every error raised by buttress."""
+    """Base class of every error raised by buttress.
+
+    Every buttress error survives a pickle round-trip (process pools and task queues
+    ship exceptions between processes), keyword-only attributes and notes included.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default rebuilds by calling cls(*args), which fails for errors whose
+        # __init__ takes required keyword-only arguments (RetryExhausted's result=).
+        return (_rebuild, (type(self), self.args), self.__dict__ or None)
 
 
 class ConfigError(ButtressError):

@@ -1,9 +1,10 @@
 """Retry with backoff, jitter, a deadline and a shared retry budget.
 
-One decision object, :class:`_RetryState`, says for each failed attempt either
+One decision object, :class:`RetryState`, says for each failed attempt either
 "sleep this long, then try again" or "give up". The decorator's sync and async
-wrappers and the ``attempts()`` loop are thin drivers over it; only the way they
-sleep differs.
+wrappers, the ``attempts()`` loop and the integrations (the httpx transport) are
+thin drivers over it; only the way they sleep differs. ``Retry.start()`` hands
+one out for code that runs its own loop.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from ._config import config
 from ._deadline import remaining
 from ._policy import Policy
 from ._validate import (
+    ExceptionFilter,
     check_callable,
-    check_exception_types,
+    check_exception_filter,
     check_int,
     check_number,
     check_seconds,
@@ -39,9 +41,13 @@ from .exceptions import (
 )
 from .registry import Registry
 
-__all__ = ["Attempt", "Retry", "RetryBudget", "retry"]
+__all__ = ["Attempt", "Retry", "RetryBudget", "RetryState", "retry"]
 
 _DEFAULT_BACKOFF = exponential()
+
+_Matcher = type[BaseException] | Callable[[BaseException], object]
+# What on= accepts: an exception class, a predicate, or a tuple or list mixing them.
+_ExceptionSpec = _Matcher | tuple[_Matcher, ...] | list[_Matcher]
 
 
 def _add_note(exc: BaseException, note: str) -> None:
@@ -136,10 +142,20 @@ class RetryBudget:
         }
 
 
-class _RetryState:
-    """The decisions for one call being retried (one per call, made lazily on first failure)."""
+class RetryState:
+    """The decisions for one call being retried: get it from :meth:`Retry.start`.
 
-    __slots__ = ("attempt", "delays", "last_delay", "policy", "started")
+    A driver runs an attempt, then reports its outcome: :meth:`on_error` for an
+    exception, :meth:`on_result` or :meth:`retry_result` for a returned value,
+    :meth:`on_success` when the call ended well. Each answer is the delay in seconds
+    to wait before the next attempt, or ``None`` when there is no next attempt. The
+    state never sleeps and never calls anything: the waiting is the driver's.
+
+    Attributes:
+        attempt: the attempt under way (1 for the first, 2 for the first retry...).
+    """
+
+    __slots__ = ("attempt", "delays", "last_delay", "policy", "settled", "started")
 
     def __init__(self, policy: Retry, started: float | None = None) -> None:
         self.policy = policy
@@ -147,9 +163,12 @@ class _RetryState:
         self.started = started
         self.delays: Iterator[float] | None = None
         self.last_delay = 0.0
+        self.settled = False
 
     def on_error(self, exc: BaseException) -> float | None:
-        """The delay before the next attempt, or ``None`` to re-raise ``exc``."""
+        """The attempt raised ``exc``: the delay before the next attempt, or ``None``
+        when ``exc`` must be re-raised (not retryable, or attempts, deadline or budget
+        exhausted; a note on ``exc`` and a ``RetryGaveUp`` event say which)."""
         policy = self.policy
         # Cancellation, KeyboardInterrupt and SystemExit are never retried, whatever `on`
         # says, and neither is an error its raiser declared Permanent.
@@ -161,13 +180,46 @@ class _RetryState:
             if self.attempt > 1:
                 _add_note(exc, f"buttress: not retryable, raised on attempt {self.attempt}")
             return None
-        delay = self._next(exc, None, getattr(exc, "retry_after", None))
-        if delay is None:
-            return None
-        return delay
+        return self._next(exc, None, getattr(exc, "retry_after", None))
 
-    def on_result(self, result: object) -> float:
-        """The delay before the next attempt; raises RetryExhausted when giving up."""
+    def on_result(self, result: object) -> float | None:
+        """The attempt returned ``result``; the policy's ``retry_if_result`` judges it.
+
+        ``None``: accept the result (the call ended well, as :meth:`on_success`). A
+        delay: try again after it. Raises :class:`RetryExhausted` (carrying ``result``)
+        when the result is rejected and the policy gives up.
+        """
+        check = self.policy.retry_if_result
+        if check is None or not check(result):
+            self.on_success()
+            return None
+        return self._rejected(result)
+
+    def retry_result(self, result: object, *, retry_after: float | None = None) -> float | None:
+        """The caller judged ``result`` worth another attempt (an HTTP 503, say).
+
+        Returns the delay before the next attempt, at least ``retry_after`` seconds when
+        given, or ``None`` when attempts, deadline or budget are exhausted (a
+        ``RetryGaveUp`` event is emitted; nothing is raised: the caller keeps ``result``).
+        """
+        return self._next(None, result, retry_after)
+
+    def on_success(self) -> None:
+        """The call ended well (``RetryRecovered`` after a retry); later calls do nothing."""
+        if self.settled:
+            return
+        self.settled = True
+        if self.attempt > 1:
+            policy = self.policy
+            with policy._lock:
+                policy._recovered += 1
+            policy.emit(_events.RetryRecovered, attempts=self.attempt)
+
+    # Until the httpx transport moves to the public names (issue 11), they stay reachable.
+    succeeded = on_success
+
+    def _rejected(self, result: object) -> float:
+        """``retry_if_result`` rejected ``result``: the delay, or RetryExhausted."""
         delay = self._next(None, result, None)
         if delay is None:
             raise RetryExhausted(
@@ -184,7 +236,9 @@ class _RetryState:
         policy = self.policy
         attempts = policy.max_attempts
         if config.testing and config.testing_attempts is not None:
-            attempts = config.testing_attempts
+            # The testing switch caps attempts, it never raises them: a policy built
+            # with attempts=1 (a call that must not be repeated) stays at one.
+            attempts = min(attempts, config.testing_attempts)
         if self.attempt >= attempts:
             self._give_up("attempts", error, result)
             return None
@@ -194,7 +248,11 @@ class _RetryState:
         if delay is None:  # a finite schedule ran out: its last delay repeats
             delay = self.last_delay
         self.last_delay = delay
-        if isinstance(retry_after, (int, float)) and not math.isnan(retry_after):
+        if (
+            isinstance(retry_after, (int, float))
+            and not isinstance(retry_after, bool)
+            and not math.isnan(retry_after)
+        ):
             delay = max(delay, float(retry_after))
         if config.testing:
             delay = 0.0
@@ -227,12 +285,12 @@ class _RetryState:
             _events.RetryGaveUp, attempts=self.attempt, reason=reason, error=error, result=result
         )
 
-    def succeeded(self) -> None:
-        if self.attempt > 1:
-            policy = self.policy
-            with policy._lock:
-                policy._recovered += 1
-            policy.emit(_events.RetryRecovered, attempts=self.attempt)
+    def __repr__(self) -> str:
+        return f"<RetryState attempt={self.attempt} of {self.policy!r}>"
+
+
+# The old private name, until the httpx transport imports RetryState (issue 11).
+_RetryState = RetryState
 
 
 class Retry(Policy):
@@ -244,9 +302,7 @@ class Retry(Policy):
         self,
         attempts: int = 3,
         *,
-        on: type[BaseException]
-        | tuple[type[BaseException], ...]
-        | Callable[[BaseException], bool] = Exception,
+        on: _ExceptionSpec = Exception,
         retry_if_result: Callable[[Any], bool] | None = None,
         backoff: Iterable[float] | None = None,
         deadline: float | None = None,
@@ -258,24 +314,12 @@ class Retry(Policy):
     ) -> None:
         super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
         self.max_attempts = check_int("attempts", attempts)
-        self._on_types: tuple[type[BaseException], ...] | None
-        self._on_predicate: Callable[[BaseException], bool] | None
-        if isinstance(on, (type, tuple, list)):
-            self._on_types = check_exception_types("on", on)
-            self._on_predicate = None
-            self._retries_open_circuit = any(
-                issubclass(CircuitOpenError, t) and issubclass(t, RejectedError)
-                for t in self._on_types
-            )
-        elif callable(on):
-            self._on_types = None
-            self._on_predicate = on
-            self._retries_open_circuit = False
-        else:
-            raise ConfigTypeError(
-                f"on must be an exception class, a tuple of them or a predicate, "
-                f"got {on!r} ({type(on).__name__})"
-            )
+        self.on: ExceptionFilter = check_exception_filter("on", on)
+        # An open circuit is retried only when on= names CircuitOpenError or RejectedError
+        # by class (not a broader class such as Exception, and not a predicate).
+        self._retries_open_circuit = any(
+            issubclass(CircuitOpenError, t) and issubclass(t, RejectedError) for t in self.on.types
+        )
         self.retry_if_result = check_callable("retry_if_result", retry_if_result, allow_none=True)
         if backoff is None:
             backoff = _DEFAULT_BACKOFF
@@ -293,6 +337,10 @@ class Retry(Policy):
             backoff = tuple(
                 require_seconds(f"backoff[{i}]", d, allow_zero=True) for i, d in enumerate(backoff)
             )
+        if next(iter(backoff), None) is None:
+            raise ConfigValueError(
+                f"backoff must hold at least one delay (use [0] for no pause), got {backoff!r}"
+            )
         self.backoff: Iterable[float] = backoff
         self.deadline = check_seconds("deadline", deadline, allow_none=True)
         if budget is not None and not isinstance(budget, RetryBudget):
@@ -309,14 +357,11 @@ class Retry(Policy):
     # -- decisions shared by every driver ----------------------------------------------------
 
     def _retryable(self, exc: Exception) -> bool:
-        if self._on_types is not None:
-            if isinstance(exc, CircuitOpenError):
-                # An open circuit is the opposite of a transient error: fail fast, unless
-                # the caller explicitly asked to wait for it to half-open.
-                return self._retries_open_circuit
-            return isinstance(exc, self._on_types)
-        assert self._on_predicate is not None
-        return bool(self._on_predicate(exc))
+        if isinstance(exc, CircuitOpenError):
+            # An open circuit is the opposite of a transient error: fail fast, unless
+            # the caller explicitly asked to wait for it to half-open.
+            return self._retries_open_circuit
+        return self.on(exc)
 
     def _count_retry(
         self, attempt: int, delay: float, error: BaseException | None, result: object
@@ -325,12 +370,19 @@ class Retry(Policy):
             self._retries += 1
         self.emit(_events.RetryScheduled, attempt=attempt, delay=delay, error=error, result=result)
 
-    def _start(self) -> _RetryState | None:
-        """Per-call setup; ``None`` means "build the state lazily on the first failure"."""
+    def start(self) -> RetryState:
+        """Begin one call: its :class:`RetryState` (deposits into the budget and starts
+        the deadline clock). For drivers that run their own loop, as the httpx
+        transport does; the decorators and ``attempts()`` use it internally."""
+        return self._start() or RetryState(self)
+
+    def _start(self) -> RetryState | None:
+        """Per-call setup; ``None`` means "build the state lazily on the first failure"
+        (the decorators' fast path: nothing is allocated for a call that succeeds)."""
         if self.budget is not None:
             self.budget.deposit()
         if self.deadline is not None:
-            return _RetryState(self, self._clock.now())
+            return RetryState(self, self._clock.now())
         return None
 
     # -- the two drivers --------------------------------------------------------------------
@@ -345,18 +397,18 @@ class Retry(Policy):
                     result = fn(*args, **kwargs)
                 except BaseException as exc:
                     if state is None:
-                        state = _RetryState(self)
+                        state = RetryState(self)
                     delay = state.on_error(exc)
                     if delay is None:
                         raise
                 else:
                     if check is None or not check(result):
                         if state is not None:
-                            state.succeeded()
+                            state.on_success()
                         return result
                     if state is None:
-                        state = _RetryState(self)
-                    delay = state.on_result(result)
+                        state = RetryState(self)
+                    delay = state._rejected(result)
                 if delay > 0:
                     sleep(delay)
 
@@ -373,18 +425,18 @@ class Retry(Policy):
                     result = await fn(*args, **kwargs)
                 except BaseException as exc:
                     if state is None:
-                        state = _RetryState(self)
+                        state = RetryState(self)
                     delay = state.on_error(exc)
                     if delay is None:
                         raise
                 else:
                     if check is None or not check(result):
                         if state is not None:
-                            state.succeeded()
+                            state.on_success()
                         return result
                     if state is None:
-                        state = _RetryState(self)
-                    delay = state.on_result(result)
+                        state = RetryState(self)
+                    delay = state._rejected(result)
                 if delay > 0:
                     await asleep(delay)
 
@@ -443,7 +495,7 @@ class Attempt:
         loop = self._loop
         if exc is None:
             loop._finished = True
-            loop._state.succeeded()
+            loop._state.on_success()
             return False
         delay = loop._state.on_error(exc)
         if delay is None:
@@ -463,7 +515,7 @@ class _Attempts:
 
     def __init__(self, policy: Retry) -> None:
         self._policy = policy
-        self._state = policy._start() or _RetryState(policy)
+        self._state = policy.start()
         self._pending: float | None = None
         self._finished = False
         self._entered = True  # so that the first __next__ proceeds
@@ -501,9 +553,7 @@ class _Attempts:
 def retry(
     attempts: int = 3,
     *,
-    on: type[BaseException]
-    | tuple[type[BaseException], ...]
-    | Callable[[BaseException], bool] = Exception,
+    on: _ExceptionSpec = Exception,
     retry_if_result: Callable[[Any], bool] | None = None,
     backoff: Iterable[float] | None = None,
     deadline: float | None = None,
@@ -517,14 +567,17 @@ def retry(
 
     Args:
         attempts: total attempts including the first (default 3, >= 1).
-        on: exception class(es) to retry, or a predicate ``exc -> bool`` (default ``Exception``).
+        on: what to retry: an exception class, a predicate ``exc -> bool``, or a tuple or
+            list mixing them (default ``Exception``); an error is retried when it is an
+            instance of one of the classes or a predicate returns true for it.
             ``CancelledError``, ``KeyboardInterrupt`` and ``SystemExit`` are never retried.
             A :class:`CircuitOpenError` ends the retries at once (fail fast) unless ``on``
-            names it (or :class:`RejectedError`); then the wait honours its ``retry_after``.
+            names it (or :class:`RejectedError`) by class; predicates are not asked about
+            it. When named, the wait honours its ``retry_after``.
         retry_if_result: predicate on a returned value; true means "retry". On the last
             attempt a rejected result raises :class:`RetryExhausted` carrying it.
-        backoff: iterable of delays in seconds (default
-            ``backoff.exponential(0.1, 2.0, 10.0, "full")``).
+        backoff: iterable of delays in seconds, at least one (default
+            ``backoff.exponential(0.1, 2.0, 10.0, "full")``); its last delay repeats.
         deadline: total seconds for all attempts and sleeps; no sleep crosses it.
         budget: a shared :class:`RetryBudget`.
         name: registers the policy for ``state()``.
