@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from contextvars import Token
 from types import TracebackType
@@ -48,6 +49,10 @@ class _NoTimer:
 
 _NO_TIMER = _NoTimer()
 
+# Python 3.11 counts a task's cancel requests (Task.cancelling/uncancel), so a scope can
+# tell whether someone else asked for a cancellation too. 3.10 does not: see _Ledger.
+_UNCANCEL = sys.version_info >= (3, 11)
+
 
 class _Scope:
     """One async entry into a timeout: the timer that cancels the task, and its outcome."""
@@ -65,7 +70,123 @@ class _Scope:
 
     def fire(self) -> None:
         self.fired = True
-        self.task.cancel()
+        if _UNCANCEL:
+            self.task.cancel()
+        else:
+            _request_cancel(self)
+
+    def settle(self, exc: BaseException | None) -> bool:
+        """After the timer fired: whether ``exc`` is this scope's own cancellation
+        (to become TimeoutExceeded) rather than one someone else asked for too."""
+        if _UNCANCEL and sys.version_info >= (3, 11):
+            # Undo our cancel request; if another one is still pending (the caller was
+            # cancelled too), the CancelledError is theirs to keep.
+            outer_cancel = self.task.uncancel() > 0
+            return isinstance(exc, asyncio.CancelledError) and not outer_cancel
+        return _settle_cancel(self, exc)
+
+
+# -- Python 3.10: telling our cancel requests from everyone else's ----------------------------
+#
+# On 3.10, two cancel requests that reach a task before it resumes arrive as ONE
+# CancelledError: the first cancels the future the task waits on (carrying its message),
+# every later one only sets the task's `_must_cancel` flag and `_cancel_message`, and the
+# flag is dropped when the task resumes with the first one's error. So a timer firing as
+# the caller is cancelled could not tell "my timeout" from "my caller's cancellation",
+# and used to turn the caller's into a TimeoutExceeded.
+#
+# The ledger keeps, per task, the cancel requests buttress timeouts made. Each carries a
+# message object of its own; after making one, the scope stores that message as the
+# task's `_cancel_message`, so any later cancel() (which overwrites it) leaves a trace.
+# A request already pending when the timer fires is someone else's. At exit a scope
+# claims the CancelledError only if it carries a message of ours, nothing else touched
+# the task, no other buttress request is still open (an enclosing timeout that fired in
+# the same instant wins, as it does with 3.11's counters), and no foreign CancelledError
+# is in the exception's context (a cancellation interrupted by our timer).
+
+
+class _Message(str):
+    """A cancel message; each is a distinct object, compared by identity."""
+
+    __slots__ = ()
+
+
+class _Ledger:
+    __slots__ = ("blind", "external", "issued", "last", "open", "saved")
+
+    def __init__(self, saved: object) -> None:
+        self.saved = saved  # the task's _cancel_message before our first request
+        self.last: object = None  # the message of our latest request
+        self.issued: list[_Message] = []
+        self.open: list[_Scope] = []
+        self.external = False  # a cancel request that is not ours was seen
+        self.blind = False  # the task does not expose _cancel_message (not asyncio's Task)
+
+
+_ledgers: weakref.WeakKeyDictionary[asyncio.Task[Any], _Ledger] = weakref.WeakKeyDictionary()
+
+
+def _cancel_pending(task: asyncio.Task[Any]) -> bool:
+    if getattr(task, "_must_cancel", False):
+        return True
+    waiter = getattr(task, "_fut_waiter", None)
+    return waiter is not None and bool(waiter.cancelled())
+
+
+def _request_cancel(scope: _Scope) -> None:
+    task = scope.task
+    ledger = _ledgers.get(task)
+    if ledger is None:
+        ledger = _ledgers[task] = _Ledger(getattr(task, "_cancel_message", None))
+    if _cancel_pending(task) and (
+        not ledger.open or getattr(task, "_cancel_message", None) is not ledger.last
+    ):
+        ledger.external = True
+    message = _Message(f"buttress: timeout of {scope.seconds:g}s expired")
+    task.cancel(message)
+    ledger.issued.append(message)
+    ledger.open.append(scope)
+    ledger.last = message
+    try:
+        task._cancel_message = message  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):  # pragma: no cover - a Task without the attribute
+        ledger.blind = True
+
+
+def _ours(exc: BaseException, issued: list[_Message]) -> bool:
+    """``exc`` is a CancelledError of ours, and no foreign one is in its context."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    first = True
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, asyncio.CancelledError):
+            args = current.args
+            if not (args and any(args[0] is message for message in issued)):
+                return False
+        elif first:
+            return False
+        first = False
+        current = current.__context__
+    return True
+
+
+def _settle_cancel(scope: _Scope, exc: BaseException | None) -> bool:
+    task = scope.task
+    ledger = _ledgers.get(task)
+    if ledger is None or scope not in ledger.open:  # pragma: no cover - settled twice
+        return False
+    if not ledger.blind and getattr(task, "_cancel_message", None) is not ledger.last:
+        ledger.external = True  # someone called cancel() after our latest request
+    ledger.open.remove(scope)
+    claimed = (
+        exc is not None and not ledger.external and not ledger.open and _ours(exc, ledger.issued)
+    )
+    if not ledger.open:
+        del _ledgers[task]
+        if not ledger.external and not ledger.blind:
+            task._cancel_message = ledger.saved  # type: ignore[attr-defined]
+    return claimed
 
 
 class Timeout(Policy):
@@ -89,6 +210,16 @@ class Timeout(Policy):
         # so the expiry counter is created on the first expiry.
         self._timeouts: Counter | None = None
         self._register()
+
+    def expired(self, cause: BaseException | None = None) -> TimeoutExceeded:
+        """Count and report an expiry of this timeout; the error for the caller to raise.
+
+        For drivers that enforce the time limit themselves (the httpx transport maps
+        its client's own timeout to this policy): ``raise t.expired(exc) from exc``.
+        The expiry is counted in ``snapshot()["timeouts"]`` and emits ``TimeoutFired``
+        with ``seconds``; ``cause``, when given, becomes the error's ``__cause__``.
+        """
+        return self._expired(self.seconds, cause)
 
     def _expired(self, seconds: float, cause: BaseException | None = None) -> TimeoutExceeded:
         with _COUNTER_LOCK:
@@ -117,12 +248,9 @@ class Timeout(Policy):
         reset_deadline(scope.token)
         if not scope.fired:
             return None
-        # Our timer cancelled the task. Undo our cancel request; if another one is still
-        # pending (the caller was cancelled too), the CancelledError is theirs to keep.
-        outer_cancel = False
-        if sys.version_info >= (3, 11):
-            outer_cancel = scope.task.uncancel() > 0
-        if isinstance(exc, asyncio.CancelledError) and not outer_cancel:
+        # Our timer cancelled the task: the error is a timeout only if the cancellation
+        # was ours alone (an outer cancellation at the same moment stays a cancellation).
+        if scope.settle(exc):
             return self._expired(scope.seconds, exc)
         return None
 

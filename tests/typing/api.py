@@ -154,3 +154,26 @@ def integrations() -> None:
     assert_type(AsyncResilientTransport(retry=None).retry_after(httpx.Response(429)), float | None)
     assert_type(health_app(), ASGIApp)
     assert_type(LoadSheddingMiddleware(state_app(), key="header:x-api-key").app, ASGIApp)
+
+
+# -- retry's on= and the per-call protocol that drivers use -----------------------------------
+
+
+@retry(5, on=[ConnectionError, lambda e: getattr(e, "status", 0) >= 500])
+def mixed_on(n: int) -> int:
+    return n
+
+
+def retry_state_usage() -> None:
+    assert_type(mixed_on(1), int)
+    retry(2, on=(KeyError, ValueError))
+    retry(2, on=lambda exc: isinstance(exc, OSError))
+    state = retry(3).start()
+    assert_type(state, buttress.RetryState)
+    assert_type(state.attempt, int)
+    assert_type(state.on_error(ValueError()), float | None)
+    assert_type(state.on_result("x"), float | None)
+    assert_type(state.retry_result("x", retry_after=1.0), float | None)
+    assert_type(state.on_success(), None)
+    error = timeout(1).expired(ValueError())
+    assert_type(error, buttress.TimeoutExceeded)
