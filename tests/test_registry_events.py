@@ -135,3 +135,33 @@ def test_every_error_derives_from_one_base():
 def test_version_is_exposed():
     """buttress.__version__ comes from the installed metadata."""
     assert buttress.__version__.count(".") >= 1
+
+
+def test_every_event_class_is_defined_in_buttress_events():
+    """One vocabulary: each Event subclass lives in buttress.events and is listed there."""
+    import importlib
+    import pkgutil
+
+    seen: set[type[events.Event]] = set()
+    for info in pkgutil.walk_packages(buttress.__path__, "buttress."):
+        if info.name.startswith(("buttress.integrations", "buttress.telemetry.otel")):
+            continue  # optional dependencies; they define no events
+        module = importlib.import_module(info.name)
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, events.Event):
+                seen.add(value)
+    assert {cls.__module__ for cls in seen} == {"buttress.events"}
+    assert {cls.__name__ for cls in seen} <= set(events.__all__)
+
+
+def test_events_moved_to_buttress_events_keep_their_old_import_paths():
+    """LimitChanged, CacheStaleServed, CacheRefreshFailed, ChaosInjected: one class each."""
+    import importlib
+
+    adaptive, cache, chaos = (
+        importlib.import_module(f"buttress.{name}") for name in ("adaptive", "cache", "chaos")
+    )
+    assert adaptive.LimitChanged is events.LimitChanged
+    assert cache.CacheStaleServed is events.CacheStaleServed
+    assert cache.CacheRefreshFailed is events.CacheRefreshFailed
+    assert chaos.ChaosInjected is events.ChaosInjected

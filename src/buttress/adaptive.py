@@ -48,6 +48,7 @@ from ._validate import (
 )
 from .bulkhead import Bulkhead
 from .clock import Clock
+from .events import LimitChanged  # defined in buttress.events; importable here too
 from .exceptions import ConfigTypeError, ConfigValueError, RejectedError
 from .registry import Registry
 
@@ -55,20 +56,6 @@ __all__ = ["AIMD", "AdaptiveBulkhead", "Gradient", "LimitChanged", "Sample"]
 
 
 # -- events --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class LimitChanged(_events.Event):
-    """An adaptive bulkhead's concurrency limit moved from ``old`` to ``new`` slots.
-
-    ``reason`` is ``"increase"``, ``"latency"`` (queueing or a slow call) or ``"error"``.
-    """
-
-    kind: ClassVar[str] = "limit_changed"
-    severity: ClassVar[_events.Severity] = _events.Severity.DEBUG
-    old: int
-    new: int
-    reason: str
 
 
 # -- samples and estimates -----------------------------------------------------------------

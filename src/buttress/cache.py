@@ -32,11 +32,9 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
     Any,
-    ClassVar,
     Concatenate,
     NamedTuple,
     ParamSpec,
@@ -52,6 +50,7 @@ from ._policy import Policy, is_async_callable
 from ._validate import check_bool, check_callable, check_decoratable, check_int, check_seconds
 from ._validate import require_seconds as _require_seconds
 from .clock import Clock
+from .events import CacheRefreshFailed, CacheStaleServed  # defined in buttress.events
 from .exceptions import ButtressError
 from .registry import Registry
 
@@ -80,34 +79,6 @@ S = TypeVar("S")
 
 class MissingExtraError(ButtressError, ImportError):
     """An optional dependency of a buttress feature is not installed."""
-
-
-# -- events -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class CacheStaleServed(_events.Event):
-    """An expired value was served.
-
-    ``reason`` is ``"revalidating"`` (inside the ``stale_while_revalidate`` window, a
-    refresh is running) or ``"error"`` (loading a new value failed with ``error``).
-    ``age`` is the seconds since the value was stored.
-    """
-
-    kind: ClassVar[str] = "cache_stale_served"
-    severity: ClassVar[_events.Severity] = _events.Severity.DEBUG
-    reason: str
-    age: float
-    error: BaseException | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CacheRefreshFailed(_events.Event):
-    """A background refresh failed; the stale value stays until it is too old."""
-
-    kind: ClassVar[str] = "cache_refresh_failed"
-    severity: ClassVar[_events.Severity] = _events.Severity.WARNING
-    error: BaseException
 
 
 # -- what the decorated function offers ---------------------------------------------------------

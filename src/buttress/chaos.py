@@ -39,7 +39,6 @@ import random
 import secrets
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Literal, cast
 
@@ -47,6 +46,7 @@ from . import events as _events
 from ._policy import Policy
 from ._validate import check_number, require_seconds
 from .clock import Clock
+from .events import ChaosInjected  # defined in buttress.events; importable here too
 from .exceptions import ButtressError, ConfigTypeError, ConfigValueError
 from .registry import Registry
 
@@ -81,19 +81,6 @@ Seed = int | str
 
 class InjectedFault(ButtressError, ConnectionError):
     """The default fault of :func:`fault`: a ``ConnectionError`` that buttress raised."""
-
-
-@dataclass(frozen=True, slots=True)
-class ChaosInjected(_events.Event):
-    """A chaos policy injected ``mode`` (``"fault"``, ``"latency"`` or ``"result"``).
-
-    ``error`` is the raised exception (faults), ``delay`` the added seconds (latency).
-    """
-
-    kind: ClassVar[str] = "chaos_injected"
-    mode: str
-    delay: float | None = None
-    error: BaseException | None = None
 
 
 # -- the process-wide switch ----------------------------------------------------------------------

@@ -20,7 +20,10 @@ __all__ = [
     "AcquiredAfterWait",
     "BackendDegraded",
     "BackendRecovered",
+    "CacheRefreshFailed",
+    "CacheStaleServed",
     "CallRejected",
+    "ChaosInjected",
     "CircuitStateChanged",
     "CompensationCompleted",
     "CompensationFailed",
@@ -28,6 +31,7 @@ __all__ = [
     "Event",
     "FallbackUsed",
     "HedgeLaunched",
+    "LimitChanged",
     "Listener",
     "RetryGaveUp",
     "RetryRecovered",
@@ -195,6 +199,58 @@ class BackendRecovered(Event):
     severity: ClassVar[Severity] = Severity.WARNING
     backend: str
     downtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class LimitChanged(Event):
+    """An adaptive bulkhead's concurrency limit moved from ``old`` to ``new`` slots.
+
+    ``reason`` is ``"increase"``, ``"latency"`` (queueing or a slow call) or ``"error"``.
+    """
+
+    kind: ClassVar[str] = "limit_changed"
+    severity: ClassVar[Severity] = Severity.DEBUG
+    old: int
+    new: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStaleServed(Event):
+    """An expired value was served.
+
+    ``reason`` is ``"revalidating"`` (inside the ``stale_while_revalidate`` window, a
+    refresh is running) or ``"error"`` (loading a new value failed with ``error``).
+    ``age`` is the seconds since the value was stored.
+    """
+
+    kind: ClassVar[str] = "cache_stale_served"
+    severity: ClassVar[Severity] = Severity.DEBUG
+    reason: str
+    age: float
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheRefreshFailed(Event):
+    """A background refresh failed; the stale value stays until it is too old."""
+
+    kind: ClassVar[str] = "cache_refresh_failed"
+    severity: ClassVar[Severity] = Severity.WARNING
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class ChaosInjected(Event):
+    """A chaos policy injected ``mode`` (``"fault"``, ``"latency"`` or ``"result"``).
+
+    ``error`` is the raised exception (faults), ``delay`` the added seconds (latency).
+    """
+
+    kind: ClassVar[str] = "chaos_injected"
+    mode: str
+    delay: float | None = None
+    error: BaseException | None = None
 
 
 Listener = Callable[[Event], object]
