@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import buttress
 from buttress import AdaptiveBulkhead, BulkheadFull, CircuitOpenError, timeout
-from buttress.adaptive import AIMD, Gradient, LimitChanged
+from buttress.adaptive import AIMD, AdaptivePermit, Gradient, LimitChanged
 from buttress.testing import FakeClock, capture_events
 
 
@@ -26,14 +26,48 @@ class NotFound(Exception):
     """A failure the bulkhead is told to ignore."""
 
 
+_HELD: dict[int, list[AdaptivePermit]] = {}
+
+
+def hold(bulkhead: AdaptiveBulkhead) -> bool:
+    """Take a slot without waiting; the test keeps its permit (settled newest first)."""
+    permit = bulkhead.try_acquire()
+    if permit is None:
+        return False
+    assert isinstance(permit, AdaptivePermit)
+    _HELD.setdefault(id(bulkhead), []).append(permit)
+    return True
+
+
+def settle(
+    bulkhead: AdaptiveBulkhead,
+    *,
+    latency: float | None = None,
+    error: bool = False,
+) -> None:
+    """Settle the newest permit held (admitted with the most calls in flight): an error,
+    a latency sample, or neutral."""
+    held = _HELD.get(id(bulkhead))
+    if not held:
+        raise RuntimeError("no slot held")
+    permit = held[-1]
+    if error:
+        permit.failure(None, latency)
+    elif latency is not None:
+        permit.success(latency)
+    else:
+        permit.release()
+    held.pop()
+
+
 def drive(bulkhead: AdaptiveBulkhead, rtt: float, samples: int, *, error: bool = False) -> None:
     """Keep the bulkhead full and feed it ``samples`` outcomes of ``rtt`` seconds each."""
     for _ in range(samples):
-        while bulkhead.try_acquire():
+        while hold(bulkhead):
             pass
-        bulkhead.release(latency=rtt, error=error)
+        settle(bulkhead, latency=rtt, error=error)
     while bulkhead.in_flight:
-        bulkhead.release()
+        settle(bulkhead)
 
 
 def simulate(
@@ -161,8 +195,8 @@ def test_limit_holds_when_callers_do_not_use_it(algorithm):
     """Calls one at a time prove nothing about capacity: the limit does not grow."""
     bulkhead = AdaptiveBulkhead(initial=10, algorithm=algorithm)
     for _ in range(100):
-        assert bulkhead.try_acquire()
-        bulkhead.release(latency=0.01)
+        assert hold(bulkhead)
+        settle(bulkhead, latency=0.01)
     assert bulkhead.limit == 10
 
 
@@ -206,8 +240,8 @@ def test_aimd_latency_threshold_counts_slow_calls_as_errors():
     strict = AdaptiveBulkhead(initial=20, algorithm=AIMD(latency_threshold=0.05))
     lax = AdaptiveBulkhead(initial=20, algorithm="aimd")
     for bulkhead in (strict, lax):
-        assert bulkhead.try_acquire()
-        bulkhead.release(latency=0.2)
+        assert hold(bulkhead)
+        settle(bulkhead, latency=0.2)
     assert strict.limit == 10  # 20 x 0.5
     assert lax.limit == 20
 
@@ -303,24 +337,24 @@ def test_a_lower_limit_holds_the_queue_until_enough_calls_finish():
 
     async def main() -> None:
         for _ in range(10):
-            assert bulkhead.try_acquire()
+            assert hold(bulkhead)
         waiters = [asyncio.ensure_future(bulkhead.acquire_async()) for _ in range(3)]
         await asyncio.sleep(0)
         assert bulkhead.queued == 3
-        bulkhead.release(error=True)  # limit 10 -> 5 while 9 stay in flight
+        settle(bulkhead, error=True)  # limit 10 -> 5 while 9 stay in flight
         assert (bulkhead.limit, bulkhead.in_flight, bulkhead.queued) == (5, 9, 3)
         for _ in range(4):
-            bulkhead.release()
+            settle(bulkhead)
         assert (bulkhead.in_flight, bulkhead.queued) == (5, 3)
-        bulkhead.release()  # 4 in flight: the head of the queue gets the fifth slot
+        settle(bulkhead)  # 4 in flight: the head of the queue gets the fifth slot
         assert (bulkhead.in_flight, bulkhead.queued) == (5, 2)
-        await waiters[0]
+        _HELD[id(bulkhead)].append(await waiters[0])
         assert not waiters[1].done()
         for waiter in waiters[1:]:
             waiter.cancel()
         await asyncio.gather(*waiters[1:], return_exceptions=True)
         while bulkhead.in_flight:
-            bulkhead.release()
+            settle(bulkhead)
 
     asyncio.run(main())
     assert bulkhead.queued == 0
@@ -336,10 +370,10 @@ def test_a_higher_limit_admits_several_waiters_at_once():
         order.append(n)
 
     async def main() -> None:
-        assert bulkhead.try_acquire() and bulkhead.try_acquire()
+        assert hold(bulkhead) and hold(bulkhead)
         tasks = [asyncio.ensure_future(waiter(n)) for n in range(5)]
         await asyncio.sleep(0)
-        bulkhead.release(latency=0.01)  # 2 + 6/2 = 5 slots, 1 in flight: 4 granted
+        settle(bulkhead, latency=0.01)  # 2 + 6/2 = 5 slots, 1 in flight: 4 granted
         assert bulkhead.limit == 5
         assert (bulkhead.in_flight, bulkhead.queued) == (5, 1)
         await asyncio.gather(*tasks[:4])
@@ -354,11 +388,11 @@ def test_rejects_when_full_and_the_queue_is_full(face):
     """Beyond the limit and the queue, calls raise BulkheadFull like a fixed bulkhead."""
     bulkhead = AdaptiveBulkhead("pool", initial=1)
     call = face.wrap(bulkhead, lambda: "ran")
-    assert bulkhead.try_acquire()
+    assert hold(bulkhead)
     with capture_events() as seen, pytest.raises(BulkheadFull, match="all 1 slots busy"):
         call()
     assert buttress.health()["status"] == "warn"
-    bulkhead.release()
+    settle(bulkhead)
     assert call() == "ran"
     assert seen[0].source == "adaptive_bulkhead" and seen[0].name == "pool"
     snap = bulkhead.snapshot()
@@ -370,11 +404,11 @@ def test_queued_caller_gives_up_after_max_wait(clock):
     bulkhead = AdaptiveBulkhead(initial=1, max_queue=1, max_wait=2.0, clock=clock)
 
     async def main() -> None:
-        await bulkhead.acquire_async()
+        held = await bulkhead.acquire_async()
         with pytest.raises(BulkheadFull, match="in time"):
             await bulkhead.acquire_async()
         assert clock.now() == pytest.approx(2.0)
-        bulkhead.release()
+        held.release()
 
     asyncio.run(main())
     assert bulkhead.snapshot()["timed_out"] == 1
@@ -419,15 +453,15 @@ def test_limit_stays_within_bounds_and_admissions_within_limit(bounds, algorithm
     for op, rtt in ops:
         if op == "acquire":
             before = bulkhead.in_flight
-            if bulkhead.try_acquire():
+            if hold(bulkhead):
                 assert bulkhead.in_flight == before + 1 <= bulkhead.limit
             else:
                 assert before >= bulkhead.limit
         elif bulkhead.in_flight:
             if op == "neutral":
-                bulkhead.release()
+                settle(bulkhead)
             else:
-                bulkhead.release(latency=rtt, error=op == "error")
+                settle(bulkhead, latency=rtt, error=op == "error")
         assert low <= bulkhead.limit <= high
         snap = bulkhead.snapshot()
         assert snap["limit"] == int(snap["limit_estimate"])
@@ -513,8 +547,8 @@ def test_limit_changes_are_events():
     """A change of the slot count emits LimitChanged with the reason."""
     bulkhead = AdaptiveBulkhead("db", initial=10, algorithm="aimd")
     with capture_events() as seen:
-        assert bulkhead.try_acquire()
-        bulkhead.release(error=True)
+        assert hold(bulkhead)
+        settle(bulkhead, error=True)
     changes = [event for event in seen if isinstance(event, LimitChanged)]
     assert [(e.old, e.new, e.reason) for e in changes] == [(10, 5, "error")]
     assert changes[0].to_dict()["kind"] == "limit_changed"
@@ -539,11 +573,14 @@ def test_context_managers_record_samples(clock):
 
 
 def test_over_release_is_an_error():
-    """release() without a matching acquire raises, and a bad latency is rejected."""
+    """A permit settles once, and a bad duration is refused without settling it."""
     bulkhead = AdaptiveBulkhead()
-    with pytest.raises(RuntimeError, match="more times than acquire"):
-        bulkhead.release()
-    assert bulkhead.try_acquire()
-    with pytest.raises(ValueError, match="latency must be >= 0"):
-        bulkhead.release(latency=-1.0)
-    bulkhead.release()
+    permit = bulkhead.try_acquire()
+    assert permit is not None
+    with pytest.raises(ValueError, match="duration must be"):
+        permit.success(-1.0)
+    assert bulkhead.in_flight == 1
+    permit.release()
+    with pytest.raises(RuntimeError, match="already settled"):
+        permit.release()
+    assert bulkhead.in_flight == 0

@@ -451,12 +451,14 @@ def test_bulkhead_slots_are_shared(stores: Stores) -> None:
 def test_bulkhead_try_acquire_takes_a_shared_slot_or_nothing(stores: Stores) -> None:
     a = Bulkhead("db", max_concurrent=1, max_queue=5, store=stores(RedisBulkheadStore))
     b = Bulkhead("db", max_concurrent=1, store=stores(RedisBulkheadStore), **other_process())
-    assert a.try_acquire()
-    assert not b.try_acquire()
-    assert not a.try_acquire()  # never waits, even with room to queue
-    a.release()
-    assert b.try_acquire()
-    b.release()
+    held = a.try_acquire()
+    assert held is not None
+    assert b.try_acquire() is None
+    assert a.try_acquire() is None  # never waits, even with room to queue
+    held.release()
+    theirs = b.try_acquire()
+    assert theirs is not None
+    theirs.release()
     assert a.snapshot()["shared_in_flight"] == 0
 
 
@@ -470,11 +472,11 @@ def test_bulkhead_waits_for_a_slot_freed_by_another_process(stores: Stores) -> N
         store=stores(RedisBulkheadStore),
         **other_process(),
     )
-    a.acquire()
+    held = a.acquire()
 
     async def main() -> float:
         loop = asyncio.get_running_loop()
-        loop.call_later(0.1, a.release)
+        loop.call_later(0.1, held.release)
         started = time.monotonic()
         try:
             async with b:
@@ -482,7 +484,7 @@ def test_bulkhead_waits_for_a_slot_freed_by_another_process(stores: Stores) -> N
         finally:
             await b_store.aclose()
 
-    b_store = b._shared.store
+    b_store = b.store
     assert 0.09 < asyncio.run(main()) < 1.0
 
 
@@ -546,10 +548,10 @@ def test_slots_of_a_killed_process_come_back_after_the_lease(stores: Stores) -> 
             except BulkheadFull:
                 assert time.monotonic() - killed < 2.0, "the slots never came back"
                 time.sleep(0.05)
-        bulkhead.acquire()  # both of them
+        both = bulkhead.acquire()
         assert bulkhead.snapshot()["shared_in_flight"] == 2
-        bulkhead.release()
-        bulkhead.release()
+        both.release()
+        assert bulkhead.snapshot()["shared_in_flight"] == 1
     finally:
         if child.poll() is None:
             child.kill()
@@ -562,7 +564,7 @@ def test_cancelled_async_waiter_leaves_no_slot_behind(stores: Stores) -> None:
     a = Bulkhead("db", max_concurrent=1, store=stores(RedisBulkheadStore))
     store = stores(RedisBulkheadStore)
     b = Bulkhead("db", max_concurrent=1, max_queue=5, store=store, **other_process())
-    a.acquire()
+    held = a.acquire()
 
     async def main() -> None:
         waiters = [asyncio.create_task(b.acquire_async()) for _ in range(5)]
@@ -573,7 +575,7 @@ def test_cancelled_async_waiter_leaves_no_slot_behind(stores: Stores) -> None:
         await store.aclose()
 
     asyncio.run(main())
-    a.release()
+    held.release()
     assert a.snapshot()["shared_in_flight"] == 0
 
 

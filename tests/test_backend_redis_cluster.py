@@ -233,9 +233,10 @@ def test_async_limiter_on_a_cluster_client_the_user_built(cluster: Cluster, stor
             slots = stores(RedisBulkheadStore)
             bulkhead = Bulkhead("export", max_concurrent=1, max_wait=0, store=slots)
             async with bulkhead:
-                assert not await asyncio.to_thread(bulkhead.try_acquire)
-            assert bulkhead.try_acquire()
-            bulkhead.release()
+                assert await asyncio.to_thread(bulkhead.try_acquire) is None
+            permit = bulkhead.try_acquire()
+            assert permit is not None
+            permit.release()
             await from_url.aclose()
             await slots.aclose()
         finally:
@@ -278,11 +279,13 @@ def test_bulkhead_slots_are_shared_between_instances(stores: Stores) -> None:
         store=stores(RedisBulkheadStore),
         registry=Registry(),
     )
-    assert a.try_acquire()
-    assert not b.try_acquire()
-    a.release()
-    assert b.try_acquire()
-    b.release()
+    held = a.try_acquire()
+    assert held is not None
+    assert b.try_acquire() is None
+    held.release()
+    permit = b.try_acquire()
+    assert permit is not None
+    permit.release()
 
 
 def test_bulkhead_lease_is_renewed_on_the_node_that_owns_it(stores: Stores) -> None:
@@ -298,9 +301,10 @@ def test_bulkhead_lease_is_renewed_on_the_node_that_owns_it(stores: Stores) -> N
     )
     with holder:
         time.sleep(1.0)  # more than three leases: only the renewal keeps the slot held
-        assert not other.try_acquire()
-    assert other.try_acquire()
-    other.release()
+        assert other.try_acquire() is None
+    permit = other.try_acquire()
+    assert permit is not None
+    permit.release()
 
 
 def test_saga_idempotency_key_replays_across_instances(stores: Stores) -> None:

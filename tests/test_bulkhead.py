@@ -26,9 +26,10 @@ def test_rejects_at_once_when_full_and_no_queue(face):
 
     # The outer call holds the only slot while it tries the inner one.
     if face.is_async:
-        assert bulkhead.try_acquire()
+        permit = bulkhead.try_acquire()
+        assert permit is not None
         outer()
-        bulkhead.release()
+        permit.release()
     else:
         assert face.wrap(bulkhead, outer)() == "outer ok"
     assert bulkhead.in_flight == 0
@@ -36,14 +37,19 @@ def test_rejects_at_once_when_full_and_no_queue(face):
 
 
 def test_try_acquire_and_release_pair():
-    """try_acquire never waits; release hands the slot back; over-release is an error."""
+    """try_acquire never waits; its permit hands the slot back once; settling twice fails."""
     bulkhead = Bulkhead(max_concurrent=2)
-    assert bulkhead.try_acquire() and bulkhead.try_acquire()
-    assert not bulkhead.try_acquire()
-    bulkhead.release()
-    bulkhead.release()
-    with pytest.raises(RuntimeError):
-        bulkhead.release()
+    first, second = bulkhead.try_acquire(), bulkhead.try_acquire()
+    assert first is not None and second is not None
+    assert bulkhead.try_acquire() is None
+    first.release()
+    second.success()
+    assert bulkhead.in_flight == 0
+    with pytest.raises(RuntimeError, match="already settled"):
+        first.release()
+    with pytest.raises(RuntimeError, match="already settled"):
+        second.failure(ValueError())
+    assert bulkhead.in_flight == 0
 
 
 def test_async_waiters_are_served_in_fifo_order():
@@ -69,15 +75,14 @@ def test_queue_limit_rejects_the_extra_waiter():
     bulkhead = Bulkhead(max_concurrent=1, max_queue=2)
 
     async def main() -> list[object]:
-        await bulkhead.acquire_async()
+        held = await bulkhead.acquire_async()
         waiters = [asyncio.ensure_future(bulkhead.acquire_async()) for _ in range(3)]
         await asyncio.sleep(0)
         assert waiters[2].done() and isinstance(waiters[2].exception(), BulkheadFull)
         assert bulkhead.queued == 2
-        bulkhead.release()
-        bulkhead.release()
-        bulkhead.release()
-        await asyncio.gather(waiters[0], waiters[1])
+        held.release()
+        (await waiters[0]).release()
+        (await waiters[1]).release()
         return [w.done() for w in waiters]
 
     assert asyncio.run(main()) == [True, True, True]
@@ -132,19 +137,18 @@ def test_waiting_is_bounded_by_the_enclosing_deadline():
 def test_slot_goes_to_a_waiting_thread():
     """A sync waiter in another thread gets the slot released by this one."""
     bulkhead = Bulkhead(max_concurrent=1, max_queue=1)
-    bulkhead.acquire()
+    held = bulkhead.acquire()
     got = threading.Event()
 
     def waiter() -> None:
-        bulkhead.acquire()
-        got.set()
-        bulkhead.release()
+        with bulkhead.acquire():
+            got.set()
 
     thread = threading.Thread(target=waiter)
     thread.start()
     while bulkhead.queued == 0:
         time.sleep(0.001)
-    bulkhead.release()
+    held.release()
     thread.join(5)
     assert got.is_set()
     assert bulkhead.in_flight == 0
@@ -153,12 +157,12 @@ def test_slot_goes_to_a_waiting_thread():
 def test_thread_releases_to_an_async_waiter():
     """A slot released from a thread wakes an async waiter on its loop."""
     bulkhead = Bulkhead(max_concurrent=1, max_queue=1)
-    bulkhead.acquire()
+    held = bulkhead.acquire()
 
     async def main() -> None:
-        threading.Timer(0.01, bulkhead.release).start()
-        await asyncio.wait_for(bulkhead.acquire_async(), 5)
-        bulkhead.release()
+        threading.Timer(0.01, held.release).start()
+        async with await asyncio.wait_for(bulkhead.acquire_async(), 5):
+            assert bulkhead.in_flight == 1
 
     asyncio.run(main())
     assert bulkhead.in_flight == 0
@@ -203,17 +207,17 @@ def test_storm_of_cancelled_waiters_leaves_the_bulkhead_idle():
     bulkhead = Bulkhead(max_concurrent=2, max_queue=20_000)
 
     async def main() -> None:
-        await bulkhead.acquire_async()
-        await bulkhead.acquire_async()
+        first = await bulkhead.acquire_async()
+        second = await bulkhead.acquire_async()
         waiters = [asyncio.ensure_future(bulkhead.acquire_async()) for _ in range(10_000)]
         await asyncio.sleep(0)
         assert bulkhead.queued == 10_000
         # Release a slot, then cancel everyone: the granted waiter must pass it on.
-        bulkhead.release()
+        first.release()
         for waiter in waiters:
             waiter.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
-        bulkhead.release()
+        second.release()
 
     asyncio.run(main())
     snap = bulkhead.snapshot()
@@ -226,17 +230,17 @@ def test_a_granted_but_cancelled_waiter_passes_its_slot_on():
     bulkhead = Bulkhead(max_concurrent=1, max_queue=5)
 
     async def main() -> None:
-        await bulkhead.acquire_async()
+        held = await bulkhead.acquire_async()
         first = asyncio.ensure_future(bulkhead.acquire_async())
         second = asyncio.ensure_future(bulkhead.acquire_async())
         await asyncio.sleep(0)
-        bulkhead.release()  # granted to `first`, not yet woken
+        held.release()  # granted to `first`, not yet woken
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first
-        await asyncio.wait_for(second, 5)
+        permit = await asyncio.wait_for(second, 5)
         assert bulkhead.in_flight == 1
-        bulkhead.release()
+        permit.release()
 
     asyncio.run(main())
     assert bulkhead.in_flight == 0
@@ -246,7 +250,7 @@ def test_health_warns_when_saturated():
     """A bulkhead with every slot busy makes health() warn."""
     bulkhead = Bulkhead("pool", max_concurrent=1)
     assert buttress.health()["status"] == "pass"
-    bulkhead.acquire()
+    permit = bulkhead.acquire()
     assert buttress.health()["status"] == "warn"
-    bulkhead.release()
+    permit.release()
     assert buttress.state()["bulkhead"]["pool"]["in_flight"] == 0

@@ -79,14 +79,14 @@ def test_half_open_admits_at_most_half_open_max_calls_probes(clock):
     breaker = CircuitBreaker(
         failure_threshold=1, reset_timeout=5, half_open_max_calls=2, clock=clock
     )
-    breaker._on_failure(breaker._acquire(), Boom())
+    breaker.acquire().failure(Boom())
     clock.advance(5)
-    first, second = breaker._acquire(), breaker._acquire()
+    first, second = breaker.acquire(), breaker.acquire()
     with pytest.raises(CircuitOpenError):
-        breaker._acquire()
-    breaker._on_success(first)
+        breaker.acquire()
+    first.success()
     assert breaker.state == "closed"
-    breaker._on_success(second)  # a stale probe outcome changes nothing
+    second.success()  # a stale probe outcome changes nothing
     assert breaker.state == "closed"
 
 
@@ -190,14 +190,14 @@ def test_slow_successes_count_as_failures(face):
 def test_outcomes_of_calls_admitted_before_a_transition_do_not_move_the_state(clock):
     """A result that arrives after the state moved on only updates the counters."""
     breaker = CircuitBreaker(failure_threshold=1, reset_timeout=5, clock=clock)
-    old = breaker._acquire()
-    breaker._on_failure(breaker._acquire(), Boom())
+    old = breaker.acquire()
+    breaker.acquire().failure(Boom())
     assert breaker.state == "open"
     clock.advance(5)
-    probe = breaker._acquire()
-    breaker._on_failure(old, Boom())  # admitted while closed: stale
+    probe = breaker.acquire()
+    old.failure(Boom())  # admitted while closed: stale
     assert breaker.state == "half_open"
-    breaker._on_success(probe)
+    probe.success()
     assert breaker.state == "closed"
 
 
@@ -208,7 +208,7 @@ def test_operator_controls(clock):
     clock.advance(100)
     assert breaker.state == "open"
     with pytest.raises(CircuitOpenError) as info:
-        breaker._acquire()
+        breaker.acquire()
     assert info.value.retry_after is None
     assert breaker.snapshot()["forced"] is True
     breaker.close()
@@ -256,7 +256,7 @@ def test_health_reflects_the_state(clock):
     """Open fails, half-open warns, closed passes."""
     breaker = CircuitBreaker("api", failure_threshold=1, reset_timeout=5, clock=clock)
     assert buttress.health()["status"] == "pass"
-    breaker._on_failure(breaker._acquire(), Boom())
+    breaker.acquire().failure(Boom())
     assert buttress.health()["status"] == "fail"
     clock.advance(5)
     health = buttress.health()

@@ -315,18 +315,24 @@ def test_adaptive_bulkhead_keeps_exact_counts_and_its_limit():
 
 
 def test_adaptive_bulkhead_try_acquire_never_over_the_limit():
-    """try_acquire/release from many threads: in flight never exceeds the current limit."""
+    """try_acquire and settled permits from many threads: in flight never exceeds the
+    current limit."""
     bulkhead = AdaptiveBulkhead(initial=5, min=1, max=10, algorithm="gradient")
     lock = threading.Lock()
     over: list[tuple[int, int]] = []
 
     def work(_: int, i: int) -> None:
-        if bulkhead.try_acquire():
+        permit = bulkhead.try_acquire()
+        if permit is not None:
             with lock:
                 in_flight, limit = bulkhead.in_flight, bulkhead.limit
             if in_flight > 10:
                 over.append((in_flight, limit))
-            bulkhead.release(latency=0.01 * (1 + i % 3), error=i % 13 == 0)
+            latency = 0.01 * (1 + i % 3)
+            if i % 13 == 0:
+                permit.failure(None, latency)
+            else:
+                permit.success(latency)
 
     hammer(work, 300)
     snap = bulkhead.snapshot()

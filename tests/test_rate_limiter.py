@@ -235,32 +235,32 @@ def test_keys_have_independent_budgets():
 
 
 def test_the_one_lock_keyed_path_matches_for_key_try_acquire():
-    """_try_key (the ASGI middleware's hot path) shares budgets, counts and queues with
+    """try_acquire(key=) (the ASGI middleware's hot path) shares budgets, counts and queues with
     for_key(); an unhashable key gets for_key()'s error."""
     clock = FakeClock()
     limiter = RateLimiter(rate=1, burst=2, max_wait=5, clock=clock)
-    assert limiter._try_key("alice") and limiter._try_key("alice")
-    assert not limiter._try_key("alice")
+    assert limiter.try_acquire(key="alice") and limiter.try_acquire(key="alice")
+    assert not limiter.try_acquire(key="alice")
     assert not limiter.for_key("alice").try_acquire()  # one budget for both paths
-    assert limiter._try_key("bob")
+    assert limiter.try_acquire(key="bob")
     clock.advance(1.0)
     assert limiter.for_key("alice").try_acquire()
-    assert not limiter._try_key("alice")
+    assert not limiter.try_acquire(key="alice")
     snapshot = limiter.snapshot()
     assert snapshot["admitted"] == 4
 
     async def queued() -> None:
-        assert limiter._try_key("bob") and limiter._try_key("bob")  # bob is drained
+        assert limiter.try_acquire(key="bob") and limiter.try_acquire(key="bob")  # bob is drained
         waiter = asyncio.ensure_future(limiter.for_key("bob").acquire_async())
         await asyncio.sleep(0)  # queued, sleeping until its unit conforms
         clock.advance(2.0)  # its unit conforms now, but the waiter has not run yet
-        assert not limiter._try_key("bob")  # a newcomer does not jump the queue
+        assert not limiter.try_acquire(key="bob")  # a newcomer does not jump the queue
         await waiter
 
     asyncio.run(queued())
     assert limiter.snapshot()["admitted"] == 7
     with pytest.raises(TypeError, match="key must be hashable"):
-        limiter._try_key(["not", "hashable"])
+        limiter.try_acquire(key=["not", "hashable"])
 
 
 def test_idle_keys_are_dropped_without_changing_behaviour():

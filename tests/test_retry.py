@@ -282,7 +282,7 @@ def test_open_circuit_ends_retries_at_once_unless_named(face, clock):
         fast()
     assert clock.sleeps == []
     breaker.close()
-    breaker._on_failure(breaker._acquire(), Transient())  # trip it for real: retry_after=30
+    breaker.acquire().failure(Transient())  # trip it for real: retry_after=30
     patient = retry(2, on=(Transient, buttress.CircuitOpenError), backoff=[0.1], clock=clock)
     assert face.wrap(buttress.pipeline(patient, breaker), lambda: "ok")() == "ok"
     assert clock.sleeps == [30.0]  # waited for the half-open probe

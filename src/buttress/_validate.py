@@ -17,10 +17,10 @@ from typing import Any
 from .exceptions import ConfigTypeError, ConfigValueError
 
 __all__ = [
+    "ExceptionFilter",
     "check_bool",
     "check_callable",
     "check_choice",
-    "ExceptionFilter",
     "check_exception_filter",
     "check_exception_types",
     "check_int",

@@ -33,12 +33,10 @@ import asyncio
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, ClassVar
 
 from . import events as _events
 from ._deadline import remaining
-from ._policy import cm_pop, cm_push
 from ._validate import (
     check_bool,
     check_exception_types,
@@ -46,13 +44,13 @@ from ._validate import (
     check_number,
     check_seconds,
 )
-from .bulkhead import Bulkhead
+from .bulkhead import Bulkhead, BulkheadPermit, LocalBulkhead
 from .clock import Clock
 from .events import LimitChanged  # defined in buttress.events; importable here too
 from .exceptions import ConfigTypeError, ConfigValueError, RejectedError
 from .registry import Registry
 
-__all__ = ["AIMD", "AdaptiveBulkhead", "Gradient", "LimitChanged", "Sample"]
+__all__ = ["AIMD", "AdaptiveBulkhead", "AdaptivePermit", "Gradient", "LimitChanged", "Sample"]
 
 
 # -- events --------------------------------------------------------------------------------
@@ -239,6 +237,42 @@ _Token = tuple[float, int, int]
 _SUCCESS, _DROPPED, _NEUTRAL, _TIMEOUT = 0, 1, 2, 3
 
 
+class _AdaptiveSlots(LocalBulkhead):
+    """In-process slots under a limit that moves (``max_concurrent`` is set under the lock)."""
+
+    __slots__ = ()
+
+    def release_locked(self) -> None:
+        # Unlike a fixed bulkhead, a freed slot is not always passed on: after a decrease,
+        # more calls may be in flight than the limit allows, and the queue waits for them.
+        # After an increase, one release may admit several waiters.
+        self.in_flight -= 1
+        waiters = self.waiters
+        while waiters and self.in_flight < self.max_concurrent:
+            waiter = waiters.popleft()
+            waiter.granted = True
+            waiter.wake()
+            self.in_flight += 1
+
+
+class AdaptivePermit(BulkheadPermit):
+    """A slot of an :class:`AdaptiveBulkhead`: how it is settled feeds the algorithm
+    (``success(duration)`` a latency sample, ``failure(exc)`` an error unless ``exc`` is
+    neutral, ``release()`` nothing)."""
+
+    __slots__ = ()
+
+    def _settle(self, exc: BaseException | None, duration: float | None, *, failed: bool) -> None:
+        bulkhead = self.bulkhead
+        assert isinstance(bulkhead, AdaptiveBulkhead)
+        bulkhead._finish(self.lease, exc, duration=duration, failed=failed)  # type: ignore[arg-type]
+
+    async def _settle_async(
+        self, exc: BaseException | None, duration: float | None, *, failed: bool
+    ) -> None:
+        self._settle(exc, duration, failed=failed)
+
+
 class AdaptiveBulkhead(Bulkhead):
     """A bulkhead whose concurrency limit adapts to the dependency's latency and errors.
 
@@ -345,21 +379,11 @@ class AdaptiveBulkhead(Bulkhead):
         """Calls allowed in flight right now."""
         return self._limit_now
 
-    def _grant_locked(self) -> None:
-        """Hand free slots to the oldest waiters (lock held)."""
-        waiters = self._waiters
-        while waiters and self._in_flight < self._limit_now:
-            waiter = waiters.popleft()
-            waiter.granted = True
-            waiter.wake()
-            self._in_flight += 1
+    def _local_slots(self) -> LocalBulkhead:
+        return _AdaptiveSlots(self)
 
-    def _release_locked(self) -> None:
-        # Unlike a fixed bulkhead, a freed slot is not always passed on: after a decrease,
-        # more calls may be in flight than the limit allows, and the queue waits for them.
-        self._in_flight -= 1
-        if self._waiters:
-            self._grant_locked()
+    def _permit(self, lease: object) -> BulkheadPermit:
+        return AdaptivePermit(self, self._admitted())
 
     def _sample_locked(self, sample: Sample) -> tuple[int, int, str] | None:
         """Feed one sample to the algorithm (lock held); ``(old, new, reason)`` on a change."""
@@ -387,6 +411,9 @@ class AdaptiveBulkhead(Bulkhead):
         if new == old:
             return None
         self._limit_now = new
+        core = self._local
+        assert core is not None
+        core.max_concurrent = new
         return old, new, reason
 
     # -- outcomes ---------------------------------------------------------------------------
@@ -409,16 +436,25 @@ class AdaptiveBulkhead(Bulkhead):
 
     def _admitted(self) -> _Token:
         """What a call remembers once admitted (read right after acquiring)."""
-        return self._clock.now(), self._epoch, self._in_flight
+        return self._clock.now(), self._epoch, self.in_flight
 
-    def _finish(self, token: _Token, exc: BaseException | None) -> None:
+    def _finish(
+        self,
+        token: _Token,
+        exc: BaseException | None,
+        *,
+        duration: float | None = None,
+        failed: bool = False,
+    ) -> None:
         """Record the call's outcome and give its slot back, in one critical section."""
         started, epoch, in_flight = token
-        outcome = self._classify(exc)
+        outcome = _DROPPED if failed and exc is None else self._classify(exc)
         if outcome == _TIMEOUT:
             outcome = _DROPPED if self.timeouts_are_errors else _SUCCESS
-        rtt = self._clock.now() - started
+        rtt = self._clock.now() - started if duration is None else duration
         changed = None
+        core = self._local
+        assert core is not None
         with self._lock:
             if outcome == _NEUTRAL:
                 self._neutral += 1
@@ -431,34 +467,7 @@ class AdaptiveBulkhead(Bulkhead):
                 )
                 changed = self._sample_locked(sample)
             # Releasing after the update lets a grown limit admit several waiters at once.
-            self._release_locked()
-        if changed is not None:
-            old, new, reason = changed
-            self.emit(LimitChanged, old=old, new=new, reason=reason)
-
-    def release(self, *, latency: float | None = None, error: bool = False) -> None:
-        """Give a slot back (to the oldest waiter if the limit allows).
-
-        Pass ``latency`` (seconds the call took) and/or ``error=True`` to feed the
-        outcome to the algorithm; a bare ``release()`` is neutral.
-        """
-        if latency is not None:
-            check_number("latency", latency, min_value=0.0)
-        changed = None
-        with self._lock:
-            if self._in_flight <= 0:
-                raise RuntimeError("AdaptiveBulkhead.release() called more times than acquire()")
-            if latency is not None or error:
-                sample = Sample(
-                    rtt=0.0 if latency is None else float(latency),
-                    in_flight=self._in_flight,
-                    dropped=error,
-                )
-                changed = self._sample_locked(sample)
-            else:
-                self._neutral += 1
-            # Releasing after the update lets a grown limit admit several waiters at once.
-            self._release_locked()
+            core.release_locked()
         if changed is not None:
             old, new, reason = changed
             self.emit(LimitChanged, old=old, new=new, reason=reason)
@@ -466,10 +475,10 @@ class AdaptiveBulkhead(Bulkhead):
     # -- drivers ----------------------------------------------------------------------------
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        acquire, admitted, finish = self.acquire, self._admitted, self._finish
+        take, admitted, finish = self._take, self._admitted, self._finish
 
         def guarded(*args: Any, **kwargs: Any) -> Any:
-            acquire()
+            take()
             token = admitted()
             try:
                 result = fn(*args, **kwargs)
@@ -482,10 +491,10 @@ class AdaptiveBulkhead(Bulkhead):
         return guarded
 
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        acquire, admitted, finish = self.acquire_async, self._admitted, self._finish
+        take, admitted, finish = self._take_async, self._admitted, self._finish
 
         async def guarded(*args: Any, **kwargs: Any) -> Any:
-            await acquire()
+            await take()
             token = admitted()
             try:
                 result = await fn(*args, **kwargs)
@@ -496,32 +505,6 @@ class AdaptiveBulkhead(Bulkhead):
             return result
 
         return guarded
-
-    def __enter__(self) -> AdaptiveBulkhead:
-        self.acquire()
-        cm_push(self, self._admitted())
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._finish(cm_pop(self), exc)
-
-    async def __aenter__(self) -> AdaptiveBulkhead:
-        await self.acquire_async()
-        cm_push(self, self._admitted())
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._finish(cm_pop(self), exc)
 
     # -- state views ------------------------------------------------------------------------
 
@@ -538,11 +521,9 @@ class AdaptiveBulkhead(Bulkhead):
                 "max": self.max_limit,
                 "max_queue": self.max_queue,
                 "max_wait": self.max_wait,
-                "in_flight": self._in_flight,
-                "queued": len(self._waiters),
-                "available": self._limit_now - self._in_flight
-                if self._in_flight < self._limit_now
-                else 0,
+                "in_flight": self.in_flight,
+                "queued": self.queued,
+                "available": max(self._limit_now - self.in_flight, 0),
                 "accepted": self._accepted,
                 "rejected": self._rejected,
                 "timed_out": self._timed_out,
@@ -558,7 +539,7 @@ class AdaptiveBulkhead(Bulkhead):
 
     def health_check(self) -> tuple[str, Any, str]:
         with self._lock:
-            in_flight, queued, limit = self._in_flight, len(self._waiters), self._limit_now
+            in_flight, queued, limit = self.in_flight, self.queued, self._limit_now
         observed = {"in_flight": in_flight, "queued": queued, "limit": limit}
         if in_flight >= limit:
             return "warn", observed, "adaptive bulkhead saturated: every slot is busy"
@@ -566,4 +547,4 @@ class AdaptiveBulkhead(Bulkhead):
 
     def __repr__(self) -> str:
         label = f" {self.name!r}" if self.name is not None else ""
-        return f"<AdaptiveBulkhead{label} limit={self._limit_now} in_flight={self._in_flight}>"
+        return f"<AdaptiveBulkhead{label} limit={self._limit_now} in_flight={self.in_flight}>"

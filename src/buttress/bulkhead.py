@@ -1,29 +1,196 @@
 """Bulkhead: cap the calls in flight to a dependency, with a bounded FIFO queue.
 
-One lock-guarded pair of counters serves sync callers on any thread and async
-callers on an event loop alike. A released slot passes straight to the oldest
-waiter (no barging), so waiters are served in order. A waiter holds nothing until
-it is granted a slot; a waiter cancelled or timed out after being granted passes
-the slot on, so nothing leaks.
+Two layers, one contract:
+
+- :class:`LocalBulkhead` holds the slots: one lock-guarded counter and a FIFO of waiters,
+  serving sync callers on any thread and async callers on an event loop alike. A released
+  slot passes straight to the oldest waiter (no barging). A waiter holds nothing until it
+  is granted a slot; a waiter cancelled or timed out after being granted passes the slot
+  on, so nothing leaks. It is the in-process
+  :class:`~buttress.backends.BulkheadBinding`; a shared store (Redis) implements the same
+  protocol across processes.
+- :class:`Bulkhead` is the policy in front of it: it sets each caller's wait budget
+  (``max_wait`` and the enclosing deadline), counts, emits rejections, and hands each
+  caller a :class:`BulkheadPermit` that frees exactly that caller's slot (and, with a
+  store, exactly its lease).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
 from . import events as _events
 from ._deadline import remaining
-from ._policy import Policy
+from ._policy import Policy, cm_pop, cm_push
 from ._validate import check_int, check_seconds
 from ._waiters import Waiter, WaiterQueue
+from .backends import BulkheadBinding, BulkheadStore, check_store
 from .clock import Clock
-from .exceptions import BulkheadFull, ConfigTypeError
+from .exceptions import BulkheadFull
+from .permit import Permit
 from .registry import Registry
 
-__all__ = ["Bulkhead"]
+__all__ = ["Bulkhead", "BulkheadPermit", "LocalBulkhead"]
+
+_SLOT = "slot"  # the lease of an in-process slot: slots are counted, not named
+
+
+class LocalBulkhead:
+    """The in-process slots of one bulkhead: the reference
+    :class:`~buttress.backends.BulkheadBinding`."""
+
+    __slots__ = (
+        "clock",
+        "emit",
+        "in_flight",
+        "label",
+        "lock",
+        "max_concurrent",
+        "max_queue",
+        "name",
+        "waiters",
+    )
+
+    def __init__(self, bulkhead: Bulkhead) -> None:
+        self.max_concurrent = bulkhead.max_concurrent
+        self.max_queue = bulkhead.max_queue
+        self.name = bulkhead.name
+        self.label = bulkhead.label
+        self.clock = bulkhead.clock
+        self.emit = bulkhead.emit
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.waiters = WaiterQueue()
+
+    def try_acquire(self) -> object | None:
+        with self.lock:
+            if self.in_flight < self.max_concurrent and not self.waiters:
+                self.in_flight += 1
+                return _SLOT
+            return None
+
+    def _enqueue(self, timeout: float | None, is_async: bool) -> Waiter | None:
+        """Lock held: queue a waiter, or ``None`` when it was admitted at once; raises
+        :class:`BulkheadFull` when there is no slot and no room or no time to wait."""
+        if self.in_flight < self.max_concurrent and not self.waiters:
+            self.in_flight += 1
+            return None
+        if len(self.waiters) >= self.max_queue or (timeout is not None and timeout <= 0):
+            raise BulkheadFull(
+                f"{self.label} is full: all {self.max_concurrent} slots busy and "
+                f"{len(self.waiters)}/{self.max_queue} queued",
+                name=self.name,
+                reason="bulkhead_full",
+            )
+        waiter = Waiter(is_async=is_async)
+        self.waiters.append(waiter)
+        return waiter
+
+    def _granted(self, waiter: Waiter, started: float) -> object:
+        """After a wait: the slot if granted, else leave the queue and raise."""
+        with self.lock:
+            granted = waiter.granted
+            if not granted:
+                self.waiters.remove(waiter)
+        if not granted:
+            raise BulkheadFull(
+                f"{self.label} is full: no slot freed up in time",
+                name=self.name,
+                reason="bulkhead_wait_timeout",
+            )
+        self.emit(_events.AcquiredAfterWait, waited=self.clock.now() - started)
+        return _SLOT
+
+    def _abandon(self, waiter: Waiter) -> None:
+        """The waiter was interrupted: give back whatever it holds."""
+        with self.lock:
+            if waiter.granted:
+                self.release_locked()
+            else:
+                self.waiters.remove(waiter)
+
+    def acquire(self, timeout: float | None) -> object:
+        with self.lock:
+            waiter = self._enqueue(timeout, False)
+        if waiter is None:
+            return _SLOT
+        started = self.clock.now()
+        assert waiter.event is not None
+        try:
+            self.clock.wait(waiter.event, timeout)
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        return self._granted(waiter, started)
+
+    async def acquire_async(self, timeout: float | None) -> object:
+        with self.lock:
+            waiter = self._enqueue(timeout, True)
+        if waiter is None:
+            return _SLOT
+        started = self.clock.now()
+        assert waiter.future is not None
+        try:
+            await self.clock.wait_future(waiter.future, timeout)
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        return self._granted(waiter, started)
+
+    def release_locked(self) -> None:
+        """Give a slot back, with :attr:`lock` held: to the oldest waiter if there is one."""
+        if self.waiters:
+            waiter = self.waiters.popleft()
+            waiter.granted = True
+            waiter.wake()
+        else:
+            self.in_flight -= 1
+
+    def release(self, lease: object) -> None:
+        with self.lock:
+            if self.in_flight <= 0:
+                raise RuntimeError(f"{self.label}: a slot was released that was never taken")
+            self.release_locked()
+
+    async def release_async(self, lease: object) -> None:
+        self.release(lease)
+
+    def in_use(self) -> int:
+        return self.in_flight
+
+    def snapshot(self) -> dict[str, Any]:
+        return {}
+
+
+class BulkheadPermit(Permit):
+    """One caller's slot in a :class:`Bulkhead` (see :mod:`buttress.permit`): every way of
+    settling it gives that slot back, once.
+
+    Attributes:
+        lease: what the bulkhead's binding needs to free exactly this slot.
+    """
+
+    __slots__ = ("bulkhead", "lease")
+
+    def __init__(self, bulkhead: Bulkhead, lease: object) -> None:
+        super().__init__()
+        self.bulkhead = bulkhead
+        self.lease = lease
+
+    def _settle(self, exc: BaseException | None, duration: float | None, *, failed: bool) -> None:
+        self.bulkhead.give_back(self.lease)
+
+    async def _settle_async(
+        self, exc: BaseException | None, duration: float | None, *, failed: bool
+    ) -> None:
+        await self.bulkhead.give_back_async(self.lease)
+
+    def __repr__(self) -> str:
+        return f"<BulkheadPermit {self.bulkhead.label} lease={self.lease!r}>"
 
 
 class Bulkhead(Policy):
@@ -36,9 +203,10 @@ class Bulkhead(Policy):
             (default 0: reject at once when every slot is taken).
         max_wait: seconds a queued caller waits at most (default ``None``: as long as it
             takes, but never past an enclosing ``timeout``'s deadline).
-        store: shared slots, e.g. a :class:`~buttress.backends.redis.RedisBulkheadStore`
-            (the bulkhead then needs a name and ``max_concurrent`` holds across every
-            process); ``None`` (default) keeps the slots in this process.
+        store: where the slots live: a :class:`~buttress.backends.BulkheadStore` such as
+            :class:`~buttress.backends.redis.RedisBulkheadStore` (the bulkhead then needs
+            a name and ``max_concurrent`` holds across every process); ``None`` (default)
+            keeps them in this bulkhead.
         listeners: event listeners for this bulkhead only.
         registry: registry to join instead of the default one.
         clock: time source (default: the system clock).
@@ -52,7 +220,7 @@ class Bulkhead(Policy):
         *,
         max_concurrent: int,
         max_queue: int = 0,
-        max_wait: float | None = None,
+        max_wait: float | timedelta | None = None,
         store: object = None,
         listeners: Iterable[_events.Listener] | None = None,
         registry: Registry | None = None,
@@ -62,306 +230,187 @@ class Bulkhead(Policy):
         self.max_concurrent = check_int("max_concurrent", max_concurrent)
         self.max_queue = check_int("max_queue", max_queue, min_value=0)
         self.max_wait = check_seconds("max_wait", max_wait, allow_zero=True, allow_none=True)
-        self._lock = threading.Lock()
-        self._in_flight = 0
-        self._waiters = WaiterQueue()
         self._accepted = 0
         self._rejected = 0
         self._timed_out = 0
-        self._shared: Any = None
-        self._held: list[str | None] = []  # shared-slot tokens taken by acquire()
-        if store is not None:
-            bind = getattr(store, "bind", None)
-            if not callable(bind) or not hasattr(store, "backend"):
-                raise ConfigTypeError(
-                    f"store must be a bulkhead store such as "
-                    f"buttress.backends.redis.RedisBulkheadStore, got {store!r}"
-                )
-            self._shared = bind(self)
+        self._in_flight = 0  # slots held in this process, with a store
+        self.store: BulkheadStore | None = None if store is None else check_store("bulkhead", store)
+        self.binding: BulkheadBinding = (
+            self._local_slots() if self.store is None else self.store.bind_bulkhead(self)
+        )
+        self._local = self.binding if isinstance(self.binding, LocalBulkhead) else None
+        # One lock for the counters and, in process, the slots: the hot path takes it once.
+        self._lock = self._local.lock if self._local is not None else threading.Lock()
         self._register()
 
-    # -- the shared core ---------------------------------------------------------------------
+    def _local_slots(self) -> LocalBulkhead:
+        """The in-process slots of a bulkhead built without a store."""
+        return LocalBulkhead(self)
 
-    def try_acquire(self) -> bool:
-        """Take a slot if one is free right now (and nobody is queued); never waits."""
-        if self._shared is not None:
-            try:
-                token = self._shared.acquire(wait=False)
-            except BulkheadFull:
-                return False
-            if token is None and not self._try_acquire_local():  # the local fallback
-                return False
-            self._held.append(token)
-            return True
-        return self._try_acquire_local()
-
-    def _try_acquire_local(self) -> bool:
-        with self._lock:
-            if self._in_flight < self.max_concurrent and not self._waiters:
-                self._in_flight += 1
-                self._accepted += 1
-                return True
-            return False
-
-    def _enqueue(self, is_async: bool) -> tuple[Waiter | None, float | None]:
-        """Queue a waiter (lock held); ``(None, _)`` means "no slot and no room: reject"."""
-        if len(self._waiters) >= self.max_queue:
-            return None, None
-        timeout = self.max_wait
-        left = remaining()
-        if left is not None and (timeout is None or left < timeout):
-            timeout = left
-        if timeout is not None and timeout <= 0:
-            return None, None
-        waiter = Waiter(is_async=is_async)
-        self._waiters.append(waiter)
-        return waiter, timeout
-
-    def _label(self) -> str:
+    @property
+    def label(self) -> str:
+        """How messages name this bulkhead: ``bulkhead 'name'``."""
         return "bulkhead" if self.name is None else f"bulkhead {self.name!r}"
 
-    def _reject(self, reason: str) -> BulkheadFull:
-        self.emit(_events.CallRejected, reason=reason, retry_after=None)
-        label = self._label()
-        detail = {
-            "bulkhead_full": f"all {self.max_concurrent} slots busy and "
-            f"{len(self._waiters)}/{self.max_queue} queued",
-            "bulkhead_wait_timeout": "no slot freed up in time",
-        }[reason]
-        return BulkheadFull(f"{label} is full: {detail}", name=self.name)
+    def _permit(self, lease: object) -> BulkheadPermit:
+        return BulkheadPermit(self, lease)
 
-    def _settle(self, waiter: Waiter) -> bool:
-        """After a wait: True if granted, else leave the queue (lock taken here)."""
+    # -- the permission protocol -----------------------------------------------------------
+
+    def try_acquire(self) -> BulkheadPermit | None:
+        """A permit if a slot is free right now (and nobody is queued); never waits."""
+        lease = self.binding.try_acquire()
+        if lease is None:
+            return None
+        self._count_accepted()
+        return self._permit(lease)
+
+    def acquire(self) -> BulkheadPermit:
+        """A permit for one slot, waiting in the queue if allowed; raises
+        :class:`BulkheadFull`. Settle the permit (``release()``) to free the slot."""
+        return self._permit(self._take())
+
+    async def acquire_async(self) -> BulkheadPermit:
+        """:meth:`acquire` for async code; a cancelled waiter takes nothing."""
+        return self._permit(await self._take_async())
+
+    def _budget(self) -> float | None:
+        """Seconds a caller may wait: ``max_wait`` or the enclosing deadline, the smaller."""
+        limit = self.max_wait
+        left = remaining()
+        if left is not None and (limit is None or left < limit):
+            limit = left
+        return limit
+
+    def _take(self) -> object:
+        try:
+            lease = self.binding.acquire(self._budget())
+        except BulkheadFull as exc:
+            raise self._count_rejection(exc) from None
+        self._count_accepted()
+        return lease
+
+    async def _take_async(self) -> object:
+        try:
+            lease = await self.binding.acquire_async(self._budget())
+        except BulkheadFull as exc:
+            raise self._count_rejection(exc) from None
+        self._count_accepted()
+        return lease
+
+    def _count_accepted(self) -> None:
         with self._lock:
-            if waiter.granted:
-                self._accepted += 1
-                return True
-            self._waiters.remove(waiter)
-            self._timed_out += 1
+            self._accepted += 1
+            if self._local is None:
+                self._in_flight += 1
+
+    def _count_rejection(self, exc: BulkheadFull) -> BulkheadFull:
+        with self._lock:
             self._rejected += 1
-            return False
+            if exc.reason == "bulkhead_wait_timeout":
+                self._timed_out += 1
+        self.emit(_events.CallRejected, reason=exc.reason, retry_after=exc.retry_after)
+        return exc
 
-    def _abandon(self, waiter: Waiter) -> None:
-        """The waiter was interrupted: give back whatever it holds."""
-        with self._lock:
-            if waiter.granted:
-                self._accepted += 1
-                self._release_locked()
-            else:
-                self._waiters.remove(waiter)
-
-    def _release_locked(self) -> None:
-        if self._waiters:
-            waiter = self._waiters.popleft()
-            waiter.granted = True
-            waiter.wake()
-        else:
-            self._in_flight -= 1
-
-    def release(self) -> None:
-        """Give a slot back (to the oldest waiter if there is one)."""
-        if self._shared is not None:
-            try:
-                token = self._held.pop()
-            except IndexError:
-                raise RuntimeError("Bulkhead.release() called more times than acquire()") from None
-            self._shared_give(token)
-            return
-        self._release_local()
-
-    def _release_local(self) -> None:
-        with self._lock:
-            if self._in_flight <= 0:
-                raise RuntimeError("Bulkhead.release() called more times than acquire()")
-            self._release_locked()
-
-    def acquire(self) -> None:
-        """Take a slot, waiting in the queue if allowed; raises :class:`BulkheadFull`."""
-        if self._shared is not None:
-            self._held.append(self._shared_take())
-            return
-        self._acquire_local()
-
-    def _acquire_local(self) -> None:
-        with self._lock:
-            if self._in_flight < self.max_concurrent and not self._waiters:
-                self._in_flight += 1
-                self._accepted += 1
-                return
-            waiter, timeout = self._enqueue(False)
-            if waiter is None:
-                self._rejected += 1
-        if waiter is None:
-            raise self._reject("bulkhead_full")
-        started = self._clock.now()
-        assert waiter.event is not None
-        try:
-            self._clock.wait(waiter.event, timeout)
-        except BaseException:
-            self._abandon(waiter)
-            raise
-        if not self._settle(waiter):
-            raise self._reject("bulkhead_wait_timeout")
-        self.emit(_events.AcquiredAfterWait, waited=self._clock.now() - started)
-
-    async def acquire_async(self) -> None:
-        """Async twin of :meth:`acquire`; a cancelled waiter takes nothing."""
-        if self._shared is not None:
-            self._held.append(await self._shared_take_async())
-            return
-        await self._acquire_local_async()
-
-    async def _acquire_local_async(self) -> None:
-        with self._lock:
-            if self._in_flight < self.max_concurrent and not self._waiters:
-                self._in_flight += 1
-                self._accepted += 1
-                return
-            waiter, timeout = self._enqueue(True)
-            if waiter is None:
-                self._rejected += 1
-        if waiter is None:
-            raise self._reject("bulkhead_full")
-        started = self._clock.now()
-        assert waiter.future is not None
-        try:
-            await self._clock.wait_future(waiter.future, timeout)
-        except BaseException:
-            self._abandon(waiter)
-            raise
-        if not self._settle(waiter):
-            raise self._reject("bulkhead_wait_timeout")
-        self.emit(_events.AcquiredAfterWait, waited=self._clock.now() - started)
-
-    # -- shared slots (a store) -------------------------------------------------------------
-
-    def _count_shared(self, *, accepted: bool) -> None:
-        with self._lock:
-            if accepted:
-                self._accepted += 1
-                self._in_flight += 1
-            else:
-                self._rejected += 1
-
-    def _shared_take(self) -> str | None:
-        """A shared slot's token; ``None`` when the local fallback gave the slot."""
-        token = self._shared.acquire()
-        if token is None:
-            self._acquire_local()
-        return token  # type: ignore[no-any-return]
-
-    async def _shared_take_async(self) -> str | None:
-        token = await self._shared.acquire_async()
-        if token is None:
-            await self._acquire_local_async()
-        return token  # type: ignore[no-any-return]
-
-    def _shared_give(self, token: str | None) -> None:
-        if token is None:
-            self._release_local()
-            return
-        with self._lock:
-            if token:  # "" marks a call let through by fail_open: it took no slot
+    def give_back(self, lease: object) -> None:
+        """Free the slot of ``lease`` (what settling a :class:`BulkheadPermit` does)."""
+        if self._local is None:
+            with self._lock:
                 self._in_flight -= 1
-        self._shared.release(token)
+        self.binding.release(lease)
 
-    async def _shared_give_async(self, token: str | None) -> None:
-        if token is None:
-            self._release_local()
-            return
-        with self._lock:
-            if token:
+    async def give_back_async(self, lease: object) -> None:
+        """:meth:`give_back` for async code."""
+        if self._local is None:
+            with self._lock:
                 self._in_flight -= 1
-        await self._shared.release_async(token)
-
-    def _wrap_shared(self, fn: Callable[..., Any], is_async: bool) -> Callable[..., Any]:
-        take, take_async, give = self._shared_take, self._shared_take_async, self._shared_give
-        give_async = self._shared_give_async
-        if is_async:
-
-            async def guarded_async(*args: Any, **kwargs: Any) -> Any:
-                token = await take_async()
-                try:
-                    return await fn(*args, **kwargs)
-                finally:
-                    await give_async(token)
-
-            return guarded_async
-
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            token = take()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                give(token)
-
-        return guarded
+        await self.binding.release_async(lease)
 
     # -- drivers ----------------------------------------------------------------------------
 
-    # The wrappers inline the uncontended paths of acquire() and release(): bound
+    # The in-process wrappers inline the uncontended paths of acquire and release: bound
     # lock methods instead of `with`, and no Python call inside the critical section.
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        if self._shared is not None:
-            return self._wrap_shared(fn, is_async=False)
-        acquire, release = self.acquire, self.release
-        lock_acquire, lock_release = self._lock.acquire, self._lock.release
-        queue, limit = self._waiters.items, self.max_concurrent
+        core = self._local
+        if core is None:
+            take, give = self._take, self.give_back
+
+            def guarded_shared(*args: Any, **kwargs: Any) -> Any:
+                lease = take()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    give(lease)
+
+            return guarded_shared
+        take, release = self._take, core.release
+        lock_acquire, lock_release = core.lock.acquire, core.lock.release
+        queue, limit = core.waiters.items, self.max_concurrent
 
         def guarded(*args: Any, **kwargs: Any) -> Any:
             lock_acquire()
-            if self._in_flight < limit and not queue:
-                self._in_flight += 1
+            if core.in_flight < limit and not queue:
+                core.in_flight += 1
                 self._accepted += 1
                 lock_release()
             else:
                 lock_release()
-                acquire()
+                take()
             try:
                 return fn(*args, **kwargs)
             finally:
                 lock_acquire()
                 if queue:
                     lock_release()
-                    release()
+                    release(_SLOT)
                 else:
-                    self._in_flight -= 1
+                    core.in_flight -= 1
                     lock_release()
 
         return guarded
 
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        if self._shared is not None:
-            return self._wrap_shared(fn, is_async=True)
-        acquire, release = self.acquire_async, self.release
-        lock_acquire, lock_release = self._lock.acquire, self._lock.release
-        queue, limit = self._waiters.items, self.max_concurrent
+        core = self._local
+        if core is None:
+            take_async, give_async = self._take_async, self.give_back_async
+
+            async def guarded_shared(*args: Any, **kwargs: Any) -> Any:
+                lease = await take_async()
+                try:
+                    return await fn(*args, **kwargs)
+                finally:
+                    await give_async(lease)
+
+            return guarded_shared
+        take, release = self._take_async, core.release
+        lock_acquire, lock_release = core.lock.acquire, core.lock.release
+        queue, limit = core.waiters.items, self.max_concurrent
 
         async def guarded(*args: Any, **kwargs: Any) -> Any:
             lock_acquire()
-            if self._in_flight < limit and not queue:
-                self._in_flight += 1
+            if core.in_flight < limit and not queue:
+                core.in_flight += 1
                 self._accepted += 1
                 lock_release()
             else:
                 lock_release()
-                await acquire()
+                await take()
             try:
                 return await fn(*args, **kwargs)
             finally:
                 lock_acquire()
                 if queue:
                     lock_release()
-                    release()
+                    release(_SLOT)
                 else:
-                    self._in_flight -= 1
+                    core.in_flight -= 1
                     lock_release()
 
         return guarded
 
     def __enter__(self) -> Bulkhead:
-        self.acquire()
+        cm_push(self, self.acquire())
         return self
 
     def __exit__(
@@ -370,10 +419,11 @@ class Bulkhead(Policy):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release()
+        permit: BulkheadPermit = cm_pop(self)
+        permit.__exit__(exc_type, exc, tb)
 
     async def __aenter__(self) -> Bulkhead:
-        await self.acquire_async()
+        cm_push(self, await self.acquire_async())
         return self
 
     async def __aexit__(
@@ -382,48 +432,47 @@ class Bulkhead(Policy):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._shared is not None:
-            try:
-                token = self._held.pop()
-            except IndexError:
-                raise RuntimeError("Bulkhead exited more times than it was entered") from None
-            await self._shared_give_async(token)
-            return
-        self.release()
+        permit: BulkheadPermit = cm_pop(self)
+        await permit.__aexit__(exc_type, exc, tb)
 
     # -- state views ------------------------------------------------------------------------
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        """Calls holding a slot in this process."""
+        core = self._local
+        return core.in_flight if core is not None else self._in_flight
 
     @property
     def queued(self) -> int:
-        return len(self._waiters)
+        """Callers waiting for a slot in this process."""
+        core = self._local
+        return len(core.waiters) if core is not None else 0
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
+            in_flight, queued = self.in_flight, self.queued
             out: dict[str, Any] = {
                 "kind": self.kind,
                 "name": self.name,
                 "max_concurrent": self.max_concurrent,
                 "max_queue": self.max_queue,
                 "max_wait": self.max_wait,
-                "in_flight": self._in_flight,
-                "queued": len(self._waiters),
-                "available": self.max_concurrent - self._in_flight,
+                "in_flight": in_flight,
+                "queued": queued,
+                "available": self.max_concurrent - in_flight,
                 "accepted": self._accepted,
                 "rejected": self._rejected,
                 "timed_out": self._timed_out,
             }
-            if self._shared is not None:
-                out["store"] = self._shared.snapshot()
-                out["shared_in_flight"] = self._shared.in_flight()
-            return out
+        if self._local is None:
+            out["store"] = self.binding.snapshot()
+            out["shared_in_flight"] = self.binding.in_use()
+        return out
 
     def health_check(self) -> tuple[str, Any, str]:
         with self._lock:
-            in_flight, queued = self._in_flight, len(self._waiters)
+            in_flight, queued = self.in_flight, self.queued
         observed = {"in_flight": in_flight, "queued": queued}
         if in_flight >= self.max_concurrent:
             return "warn", observed, "bulkhead saturated: every slot is busy"

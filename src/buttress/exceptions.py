@@ -88,26 +88,46 @@ class RejectedError(ButtressError):
     Attributes:
         retry_after: seconds after which trying again may succeed, or ``None`` when unknown.
         name: the name of the primitive that rejected the call, if it has one.
+        reason: why, in one word (``"circuit_open"``, ``"bulkhead_full"``,
+            ``"bulkhead_wait_timeout"``, ``"rate_limited"``, ``"backend_unavailable"``...);
+            the same word as the ``reason`` of the :class:`~buttress.events.CallRejected`
+            event.
     """
 
+    reason: str = "rejected"
+
     def __init__(
-        self, message: str, *, retry_after: float | None = None, name: str | None = None
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        name: str | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.name = name
+        if reason is not None:
+            self.reason = reason
 
 
 class CircuitOpenError(RejectedError):
     """The circuit breaker is open, or half-open with every probe slot taken."""
 
+    reason = "circuit_open"
+
 
 class BulkheadFull(RejectedError):
-    """The bulkhead had no free slot and the call could not queue (or waited too long)."""
+    """The bulkhead had no free slot and the call could not queue (``reason``
+    ``"bulkhead_full"``) or waited too long (``"bulkhead_wait_timeout"``)."""
+
+    reason = "bulkhead_full"
 
 
 class RateLimited(RejectedError):
     """The rate limiter could not admit the call within ``max_wait`` or the deadline."""
+
+    reason = "rate_limited"
 
 
 class TimeoutExceeded(ButtressError, TimeoutError):
@@ -171,3 +191,5 @@ class BackendUnavailable(BackendError, RejectedError):
     """The shared backend of a primitive with ``on_backend_error="fail_closed"`` is down, so
     the call was refused without running (a :class:`RejectedError`: breakers stay neutral,
     and ``retry_after`` says when the backend will be tried again)."""
+
+    reason = "backend_unavailable"

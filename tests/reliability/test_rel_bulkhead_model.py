@@ -26,6 +26,7 @@ from hypothesis.stateful import (
 from reliability_support import MODE, examples, scaled
 
 from buttress import Bulkhead, BulkheadFull
+from buttress.bulkhead import BulkheadPermit
 from buttress.testing import FakeClock
 
 # What the machines did, for the figures report (see test_record_figures).
@@ -93,6 +94,7 @@ class BulkheadMachine(RuleBasedStateMachine):
         self.next_id = 0
         self.model: Model | None = None
         self.bulkhead: Bulkhead
+        self.permits: list[BulkheadPermit] = []  # slots held by hand (try_acquire)
 
     @initialize(
         slots=st.integers(1, 4),
@@ -126,8 +128,8 @@ class BulkheadMachine(RuleBasedStateMachine):
             for task in self.tasks.values():
                 task.cancel()
             self.drain()
-            for _ in range(self.model.held):
-                self.bulkhead.release()
+            for permit in self.permits:
+                permit.release()
             # Nothing leaked: every slot and every queue entry was given back.
             assert self.bulkhead.in_flight == 0
             assert self.bulkhead.queued == 0
@@ -194,8 +196,10 @@ class BulkheadMachine(RuleBasedStateMachine):
     def try_acquire(self):
         assert self.model is not None
         expected = self.model.in_flight < self.model.slots and not self.model.queue
-        assert self.bulkhead.try_acquire() == expected
-        if expected:
+        permit = self.bulkhead.try_acquire()
+        assert (permit is not None) == expected
+        if permit is not None:
+            self.permits.append(permit)
             self.model.held += 1
             self.model.accepted += 1
 
@@ -203,7 +207,7 @@ class BulkheadMachine(RuleBasedStateMachine):
     @rule()
     def release(self):
         assert self.model is not None
-        self.bulkhead.release()
+        self.permits.pop(0).release()
         self.model.held -= 1
         self._released()
         self.drain()

@@ -1,7 +1,19 @@
-"""Where sagas keep their run log and idempotency keys.
+"""Store contracts: where primitives keep shared state and sagas keep their run log.
 
-A store is any object implementing :class:`SagaStore` (and, optionally, the async
-twins of :class:`AsyncSagaStore`). buttress ships
+**Primitive stores.** A primitive's ``store=`` takes an object implementing one of
+:class:`BreakerStore`, :class:`BulkheadStore` or :class:`LimiterStore`. When the
+primitive is built it calls the store's ``bind_*`` method with itself, and from then on
+asks the returned *binding* (:class:`BreakerBinding`, :class:`BulkheadBinding`,
+:class:`LimiterBinding`) for every decision. A binding reads the primitive's public
+settings (``breaker.failure_threshold``, ``limiter.rate``...), uses its ``clock`` for
+every wait and reports through its ``emit``. The primitive keeps this process's counters,
+emits rejections and classifies outcomes; the binding decides. The in-process state of a
+primitive built without a store is the reference implementation of the same contract
+(:mod:`buttress.backends.memory` exposes it as stores that share state by name), and the
+Redis stores implement it across processes.
+
+**Saga stores.** A saga's run log is any object implementing :class:`SagaStore` (and,
+optionally, the async twins of :class:`AsyncSagaStore`). buttress ships
 :class:`~buttress.backends.memory.MemoryStore` (the default: in-process, bounded),
 :class:`~buttress.backends.sqlite.SQLiteStore` (durable, one machine) and
 :class:`~buttress.backends.postgres.PostgresStore` (durable, shared by machines).
@@ -12,12 +24,218 @@ before its log says where it is.
 from __future__ import annotations
 
 import json
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from buttress.exceptions import BackendError
+from buttress.exceptions import BackendError, ConfigTypeError
 
-__all__ = ["AsyncSagaStore", "BackendError", "KeyClaim", "LogEntry", "RunRecord", "SagaStore"]
+if TYPE_CHECKING:
+    from buttress.bulkhead import Bulkhead
+    from buttress.circuit_breaker import CircuitBreaker
+    from buttress.rate_limiter import RateLimiter
+
+__all__ = [
+    "NO_REPORT",
+    "AsyncSagaStore",
+    "BackendError",
+    "BreakerBinding",
+    "BreakerStatus",
+    "BreakerStore",
+    "BulkheadBinding",
+    "BulkheadStore",
+    "KeyClaim",
+    "LimiterBinding",
+    "LimiterStore",
+    "LogEntry",
+    "Outcome",
+    "RunRecord",
+    "SagaStore",
+    "check_store",
+]
+
+# -- primitive stores -------------------------------------------------------------------------
+
+Outcome = Literal["success", "failure", "neutral"]
+"""What a call admitted by a breaker came to, as its binding hears it."""
+
+NO_REPORT = -1
+"""The token of a call a breaker binding let through without wanting its outcome (for
+instance a store that fails open while its server is down): settling it does nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerStatus:
+    """What a breaker binding knows of the circuit right now.
+
+    Attributes:
+        state: ``"closed"``, ``"open"`` or ``"half_open"`` (an open circuit whose reset
+            timeout has passed reads as half-open).
+        forced: opened by ``open()`` and kept open until ``close()``.
+        seconds_until_half_open: for an open, unforced circuit, the seconds until probes
+            are allowed; else ``None``.
+        consecutive_failures: the current failure streak (consecutive mode).
+        window_calls: outcomes in the failure-rate window (``None`` in consecutive mode).
+        window_failures: failures among them (``None`` in consecutive mode).
+        half_open_probes: probes in flight while half-open.
+    """
+
+    state: str
+    forced: bool = False
+    seconds_until_half_open: float | None = None
+    consecutive_failures: int = 0
+    window_calls: int | None = None
+    window_failures: int | None = None
+    half_open_probes: int = 0
+
+
+@runtime_checkable
+class BreakerBinding(Protocol):
+    """The state machine of one circuit breaker, as a store keeps it.
+
+    Tokens are the generation of the state that admitted a call: an outcome settled with a
+    token older than the current generation updates nothing, so a call admitted before a
+    transition never moves the new state.
+    """
+
+    def acquire(self) -> int:
+        """Permission for one call: its token (``>= 0``, or :data:`NO_REPORT`). Raises
+        :class:`~buttress.CircuitOpenError` when the circuit is open or every half-open
+        probe slot is taken."""
+
+    async def acquire_async(self) -> int:
+        """:meth:`acquire` for async code (awaits the store's async I/O)."""
+
+    def settle(self, token: int, outcome: Outcome) -> None:
+        """Report the outcome of the call admitted with ``token``. ``"neutral"`` counts as
+        neither success nor failure (a half-open probe gives its slot back)."""
+
+    async def settle_async(self, token: int, outcome: Outcome) -> None:
+        """:meth:`settle` for async code."""
+
+    def status(self) -> BreakerStatus:
+        """The current state (a store may read it from its server)."""
+
+    def force(self, state: Literal["open", "closed"]) -> None:
+        """``"open"``: open the circuit until forced closed (no probes). ``"closed"``:
+        close it and forget the failure streak and window. Seen by every sharer."""
+
+    def snapshot(self) -> dict[str, Any]:
+        """Facts about the store for ``state()`` (backend, key...); may be empty."""
+
+
+@runtime_checkable
+class BreakerStore(Protocol):
+    """A store that keeps circuit-breaker state (``CircuitBreaker(store=...)``)."""
+
+    def bind_breaker(self, breaker: CircuitBreaker) -> BreakerBinding:
+        """The binding that holds ``breaker``'s state (called once, when it is built)."""
+
+
+@runtime_checkable
+class BulkheadBinding(Protocol):
+    """The slots of one bulkhead, as a store keeps them.
+
+    A lease is whatever the binding needs to give exactly one slot back (a token, a
+    row id); the bulkhead hands each caller its own, so no caller can free another's.
+    """
+
+    def try_acquire(self) -> object | None:
+        """A lease if a slot is free now (and nobody queued before us), else ``None``."""
+
+    def acquire(self, timeout: float | None) -> object:
+        """A lease, waiting up to ``timeout`` seconds (``None``: no limit; ``0``: never
+        wait) and within the bulkhead's ``max_queue``. Raises
+        :class:`~buttress.BulkheadFull` (``reason`` ``"bulkhead_full"`` or
+        ``"bulkhead_wait_timeout"``). A caller interrupted while waiting takes nothing."""
+
+    async def acquire_async(self, timeout: float | None) -> object:
+        """:meth:`acquire` for async code; a cancelled waiter takes nothing."""
+
+    def release(self, lease: object) -> None:
+        """Give back the slot of ``lease``."""
+
+    async def release_async(self, lease: object) -> None:
+        """:meth:`release` for async code."""
+
+    def in_use(self) -> int | None:
+        """Slots taken across every sharer, or ``None`` when unknown."""
+
+    def snapshot(self) -> dict[str, Any]:
+        """Facts about the store for ``state()``; may be empty."""
+
+
+@runtime_checkable
+class BulkheadStore(Protocol):
+    """A store that keeps bulkhead slots (``Bulkhead(store=...)``)."""
+
+    def bind_bulkhead(self, bulkhead: Bulkhead) -> BulkheadBinding:
+        """The binding that holds ``bulkhead``'s slots (called once, when it is built)."""
+
+
+@runtime_checkable
+class LimiterBinding(Protocol):
+    """The GCRA buckets of one rate limiter (the unkeyed one is ``key=None``)."""
+
+    def try_acquire(self, key: Hashable | None, weight: int) -> bool:
+        """Admit ``weight`` units of ``key``'s bucket now if they conform; never waits."""
+
+    def acquire(self, key: Hashable | None, weight: int, max_wait: float | None) -> float:
+        """Admit ``weight`` units, waiting at most ``max_wait`` seconds (``None``: no
+        limit). Returns the seconds waited. Raises :class:`~buttress.RateLimited` at once,
+        with ``retry_after``, when the units cannot conform within ``max_wait``. A waiter
+        interrupted before its turn must never let the bucket admit more than its rate."""
+
+    async def acquire_async(
+        self, key: Hashable | None, weight: int, max_wait: float | None
+    ) -> float:
+        """:meth:`acquire` for async code."""
+
+    def tokens(self, key: Hashable | None) -> float | None:
+        """Units admissible now (fractional while refilling), or ``None`` when unknown."""
+
+    def snapshot(self) -> dict[str, Any]:
+        """Facts about the store for ``state()``; may be empty."""
+
+
+@runtime_checkable
+class LimiterStore(Protocol):
+    """A store that keeps rate-limiter buckets (``RateLimiter(store=...)``)."""
+
+    def bind_limiter(self, limiter: RateLimiter) -> LimiterBinding:
+        """The binding that holds ``limiter``'s buckets (called once, when it is built)."""
+
+
+_STORE_KINDS: dict[str, tuple[type[Any], str, str]] = {
+    "breaker": (BreakerStore, "bind_breaker", "a breaker store (BreakerStore)"),
+    "bulkhead": (BulkheadStore, "bind_bulkhead", "a bulkhead store (BulkheadStore)"),
+    "limiter": (LimiterStore, "bind_limiter", "a rate-limiter store (LimiterStore)"),
+}
+
+
+def check_store(kind: Literal["breaker", "bulkhead", "limiter"], store: object) -> Any:
+    """``store`` if it is a store of ``kind``, else :class:`~buttress.ConfigTypeError`
+    naming ``store=`` and the kind expected."""
+    _protocol, method, expected = _STORE_KINDS[kind]
+    if not callable(getattr(store, method, None)):
+        offers = [
+            name for name, (_, m, _) in _STORE_KINDS.items() if callable(getattr(store, m, None))
+        ]
+        found = f"; it is a {offers[0]} store" if offers else ""
+        raise ConfigTypeError(
+            f"store must be {expected} such as buttress.backends.redis."
+            f"{_EXAMPLES[kind]}, got {store!r} ({type(store).__name__}){found}"
+        )
+    return store
+
+
+_EXAMPLES = {
+    "breaker": "RedisBreakerStore",
+    "bulkhead": "RedisBulkheadStore",
+    "limiter": "RedisRateLimiterStore",
+}
+
+# -- saga stores ----------------------------------------------------------------------------
 
 # Run statuses. "running" and "compensating" are incomplete (recoverable);
 # the other three are final.

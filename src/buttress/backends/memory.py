@@ -1,8 +1,14 @@
-"""The default saga store: in this process, bounded, nothing to set up.
+"""In-process stores: nothing to set up, nothing survives the process.
 
-It keeps every incomplete run and at most ``max_runs`` finished ones (the oldest
-finished runs go first). It survives nothing: use :mod:`buttress.backends.sqlite`
-when runs must survive a crash.
+:class:`MemoryStore` is the default saga store. It keeps every incomplete run and at
+most ``max_runs`` finished ones (the oldest finished runs go first). It survives
+nothing: use :mod:`buttress.backends.sqlite` when runs must survive a crash.
+
+:class:`MemoryBreakerStore`, :class:`MemoryBulkheadStore` and :class:`MemoryLimiterStore`
+are the in-process reference implementations of the primitive store contracts: every
+primitive bound to one of them under the same name shares one state (one circuit, one set
+of slots, one set of buckets), exactly as processes sharing a Redis store do. A primitive
+built without a store holds the same state privately.
 """
 
 from __future__ import annotations
@@ -10,9 +16,11 @@ from __future__ import annotations
 import copy
 import threading
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from buttress._validate import check_int
+from buttress.exceptions import ConfigValueError
 
 from . import (
     COMPENSATION_FAILED,
@@ -23,7 +31,94 @@ from . import (
     RunRecord,
 )
 
-__all__ = ["MemoryStore"]
+if TYPE_CHECKING:
+    from buttress.bulkhead import Bulkhead, LocalBulkhead
+    from buttress.circuit_breaker import CircuitBreaker, LocalBreaker
+    from buttress.rate_limiter import LocalLimiter, RateLimiter
+
+__all__ = ["MemoryBreakerStore", "MemoryBulkheadStore", "MemoryLimiterStore", "MemoryStore"]
+
+
+class _ByName:
+    """Bindings by primitive name; one name binds one set of settings."""
+
+    kind = "primitive"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bound: dict[str, tuple[tuple[Any, ...], Any]] = {}
+
+    def _bind(self, name: str | None, settings: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        if name is None:
+            raise ConfigValueError(
+                f"a {self.kind} with a shared store needs a name: its sharers find its state "
+                f"by name"
+            )
+        with self._lock:
+            held = self._bound.get(name)
+            if held is None:
+                binding = build()
+                self._bound[name] = (settings, binding)
+                return binding
+            if held[0] != settings:
+                raise ConfigValueError(
+                    f"store= already holds a {self.kind} named {name!r} with other settings "
+                    f"({held[0]!r}), got {settings!r}"
+                )
+            return held[1]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {sorted(self._bound)!r}>"
+
+
+class MemoryBreakerStore(_ByName):
+    """Circuit-breaker state shared by name within this process: a
+    :class:`~buttress.backends.BreakerStore`.
+
+    Breakers built with the same store and name share one circuit; their settings must be
+    equal. Transitions are emitted through the first breaker bound under the name.
+    """
+
+    kind = "CircuitBreaker"
+
+    def bind_breaker(self, breaker: CircuitBreaker) -> LocalBreaker:
+        from buttress.circuit_breaker import LocalBreaker
+
+        settings = (
+            breaker.failure_threshold,
+            breaker.reset_timeout,
+            breaker.half_open_max_calls,
+            breaker.failure_rate,
+            breaker.window,
+            breaker.minimum_calls,
+        )
+        return self._bind(breaker.name, settings, lambda: LocalBreaker(breaker))  # type: ignore[no-any-return]
+
+
+class MemoryBulkheadStore(_ByName):
+    """Bulkhead slots shared by name within this process: a
+    :class:`~buttress.backends.BulkheadStore`."""
+
+    kind = "Bulkhead"
+
+    def bind_bulkhead(self, bulkhead: Bulkhead) -> LocalBulkhead:
+        from buttress.bulkhead import LocalBulkhead
+
+        settings = (bulkhead.max_concurrent, bulkhead.max_queue)
+        return self._bind(bulkhead.name, settings, lambda: LocalBulkhead(bulkhead))  # type: ignore[no-any-return]
+
+
+class MemoryLimiterStore(_ByName):
+    """Rate-limiter buckets shared by name within this process: a
+    :class:`~buttress.backends.LimiterStore`."""
+
+    kind = "RateLimiter"
+
+    def bind_limiter(self, limiter: RateLimiter) -> LocalLimiter:
+        from buttress.rate_limiter import LocalLimiter
+
+        settings = (limiter.interval, limiter.burst, limiter.max_keys)
+        return self._bind(limiter.name, settings, lambda: LocalLimiter(limiter))  # type: ignore[no-any-return]
 
 
 class MemoryStore:

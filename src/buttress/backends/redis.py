@@ -29,19 +29,30 @@ import json
 import os
 import threading
 import weakref
-from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, Literal
 
 from buttress import events as _events
 from buttress._validate import check_seconds, require_seconds
 from buttress.exceptions import (
     BackendError,
+    BulkheadFull,
     CircuitOpenError,
     ConfigTypeError,
     ConfigValueError,
+    RateLimited,
 )
 
-from . import COMPLETED, INCOMPLETE, KeyClaim, LogEntry, RunRecord
+from . import (
+    COMPLETED,
+    INCOMPLETE,
+    NO_REPORT,
+    BreakerStatus,
+    KeyClaim,
+    LogEntry,
+    Outcome,
+    RunRecord,
+)
 from . import _redis_scripts as scripts
 from ._degrade import Gate, check_mode
 
@@ -256,7 +267,7 @@ class _RedisStore:
             self.backend,
             self.on_backend_error,
             self.retry_interval or 0.0,
-            policy._clock.now,
+            policy.clock.now,
             policy.emit,
         )
 
@@ -308,36 +319,53 @@ class RedisRateLimiterStore(_RedisStore):
             primitive's state lives in one slot, so each call still goes to one node.
     """
 
-    def bind(self, limiter: RateLimiter) -> _SharedLimiter:
-        return _SharedLimiter(self, limiter)
+    def bind_limiter(self, limiter: RateLimiter) -> RedisLimiterBinding:
+        """The shared buckets of ``limiter`` (the :class:`~buttress.backends.LimiterStore`
+        protocol)."""
+        return RedisLimiterBinding(self, limiter)
 
 
-class _SharedLimiter:
+class RedisLimiterBinding:
+    """One limiter's GCRA buckets in Redis: a :class:`~buttress.backends.LimiterBinding`."""
+
     __slots__ = (
         "args",
         "base",
+        "clock",
         "conn",
         "errors",
+        "fallback",
         "gate",
-        "limiter",
+        "interval",
+        "label",
+        "name",
         "soft_errors",
         "store",
+        "tolerance",
         "unkeyed",
     )
 
     def __init__(self, store: RedisRateLimiterStore, limiter: RateLimiter) -> None:
+        from buttress.rate_limiter import LocalLimiter
+
         self.store = store
         self.conn = store._conn
         self.errors = store._errors
         self.soft_errors = store._soft_errors
-        self.limiter = limiter
+        self.name = limiter.name
+        self.label = limiter.label
+        self.clock = limiter.clock
         self.base = _needs_name(limiter, "RateLimiter")
         self.unkeyed = store.key("rl", self.base)
         self.gate = store._gate(limiter)
+        self.interval = limiter.interval
+        self.tolerance = limiter.burst * limiter.interval
         # interval and tolerance in microseconds, formatted once
-        self.args = (repr(limiter._interval * 1e6), repr(limiter._tolerance * 1e6))
+        self.args = (repr(self.interval * 1e6), repr(self.tolerance * 1e6))
+        # what "local" mode falls back to while Redis is down: in-process buckets
+        self.fallback = LocalLimiter(limiter)
 
-    def key_of(self, bucket_key: Hashable) -> str:
+    def key_of(self, bucket_key: Hashable | None) -> str:
         if bucket_key is None:
             return self.unkeyed
         return self.store.key("rl", self.base, str(bucket_key))
@@ -346,84 +374,98 @@ class _SharedLimiter:
     def _max_wait_us(max_wait: float | None) -> str:
         return "-1" if max_wait is None else str(int(max_wait * 1e6))
 
-    def _failed(self, exc: BaseException) -> bool:
-        """Record a backend failure; True when the limiter should use its local state."""
-        self.gate.failed(exc)
-        return self._fallback(exc)
-
-    def _fallback(self, exc: BaseException | None = None) -> bool:
+    def _degraded(self, exc: BaseException | None) -> bool:
+        """True: use the in-process fallback; False: let the call through (fail_open)."""
         mode = self.gate.mode
         if mode == "local":
             return True
         if mode == "fail_open":
-            self._count("admitted")
             return False
-        raise self.gate.unavailable(self.limiter._label(), exc, name=self.limiter.name)
-
-    # The drivers return True when the caller must use the limiter's in-process path
-    # ("local" mode while the backend is down), False when the call may go ahead. They
-    # differ only in how they wait.
-
-    def _count(self, what: str) -> None:
-        with self.limiter._lock_of():  # counters are shared by threads and keyed views
-            self.limiter._count(what)
+        raise self.gate.unavailable(self.label, exc, name=self.name)
 
     def _verdict(self, reply: list[Any]) -> float:
         """Seconds to wait for the reserved slot (0.0: go now); raises when rejected."""
         self.gate.succeeded()
-        limiter = self.limiter
         wait = int(reply[1]) / 1e6
         if reply[0] == 0:
-            self._count("rejected")
-            raise limiter._rate_limited(wait)
-        self._count("admitted")
+            raise RateLimited(
+                f"{self.label}: no permit within the allowed wait (next in {wait:.3f}s)",
+                retry_after=wait,
+                name=self.name,
+            )
         return wait
 
-    def _waited(self, wait: float) -> None:
-        self._count("waited")
-        self.limiter.emit(_events.AcquiredAfterWait, waited=wait)
+    # -- the binding protocol ---------------------------------------------------------------
 
-    def acquire(self, bucket_key: Hashable, weight: int, max_wait: float | None) -> bool:
-        if not self.gate.should_try():
-            return self._fallback()
-        key = self.key_of(bucket_key)
-        try:
-            reply = self.conn.run(
-                scripts.LIMITER, key, *self.args, weight, self._max_wait_us(max_wait), ""
-            )
-        except self.errors as exc:
-            return self._failed(exc)
-        wait = self._verdict(reply)
-        if wait > 0:
+    def try_acquire(self, key: Hashable | None, weight: int) -> bool:
+        if self.gate.should_try():
             try:
-                self.limiter._clock.sleep(wait)
-            except BaseException:
-                self._refund(key, weight, reply[2])
-                raise
-            self._waited(wait)
-        return False
+                reply = self.conn.run(
+                    scripts.LIMITER, self.key_of(key), *self.args, weight, "0", ""
+                )
+            except self.errors as exc:
+                self.gate.failed(exc)
+                if not self._degraded(exc):
+                    return True
+            else:
+                try:
+                    self._verdict(reply)
+                except RateLimited:
+                    return False
+                return True
+        elif not self._degraded(None):
+            return True
+        return self.fallback.try_acquire(key, weight)
+
+    def acquire(self, key: Hashable | None, weight: int, max_wait: float | None) -> float:
+        if self.gate.should_try():
+            redis_key = self.key_of(key)
+            try:
+                reply = self.conn.run(
+                    scripts.LIMITER, redis_key, *self.args, weight, self._max_wait_us(max_wait), ""
+                )
+            except self.errors as exc:
+                self.gate.failed(exc)
+                if not self._degraded(exc):
+                    return 0.0
+            else:
+                wait = self._verdict(reply)
+                if wait > 0:
+                    try:
+                        self.clock.sleep(wait)
+                    except BaseException:
+                        self._refund(redis_key, weight, reply[2])
+                        raise
+                return wait
+        elif not self._degraded(None):
+            return 0.0
+        return self.fallback.acquire(key, weight, max_wait)
 
     async def acquire_async(
-        self, bucket_key: Hashable, weight: int, max_wait: float | None
-    ) -> bool:
-        if not self.gate.should_try():
-            return self._fallback()
-        key = self.key_of(bucket_key)
-        try:
-            reply = await self.conn.arun(
-                scripts.LIMITER, key, *self.args, weight, self._max_wait_us(max_wait), ""
-            )
-        except self.errors as exc:
-            return self._failed(exc)
-        wait = self._verdict(reply)
-        if wait > 0:
+        self, key: Hashable | None, weight: int, max_wait: float | None
+    ) -> float:
+        if self.gate.should_try():
+            redis_key = self.key_of(key)
             try:
-                await self.limiter._clock.asleep(wait)
-            except BaseException:
-                await self._arefund(key, weight, reply[2])
-                raise
-            self._waited(wait)
-        return False
+                reply = await self.conn.arun(
+                    scripts.LIMITER, redis_key, *self.args, weight, self._max_wait_us(max_wait), ""
+                )
+            except self.errors as exc:
+                self.gate.failed(exc)
+                if not self._degraded(exc):
+                    return 0.0
+            else:
+                wait = self._verdict(reply)
+                if wait > 0:
+                    try:
+                        await self.clock.asleep(wait)
+                    except BaseException:
+                        await _shielded(self._arefund(redis_key, weight, reply[2]))
+                        raise
+                return wait
+        elif not self._degraded(None):
+            return 0.0
+        return await self.fallback.acquire_async(key, weight, max_wait)
 
     def _refund(self, key: str, weight: int, reserved: bytes) -> None:
         # best effort: an unused slot never over-admits
@@ -434,19 +476,18 @@ class _SharedLimiter:
         with contextlib.suppress(*self.errors):
             await self.conn.arun(scripts.LIMITER, key, *self.args, weight, "-1", reserved)
 
-    def tokens(self, bucket_key: Hashable) -> float | None:
+    def tokens(self, key: Hashable | None) -> float | None:
         """Units admissible now, read from Redis (None when it cannot be reached)."""
-        limiter = self.limiter
         try:
-            raw = self.conn.sync().get(self.key_of(bucket_key))
+            raw = self.conn.sync().get(self.key_of(key))
             now_s, now_us = self.conn.sync().time()
         except self.soft_errors:
             return None
         if raw is None:
-            return float(limiter.burst)
+            return self.tolerance / self.interval
         debt = (int(raw) - (now_s * 1_000_000 + now_us)) / 1e6
         debt = max(debt, 0.0)
-        return max(limiter._tolerance - debt, 0.0) / limiter._interval
+        return max(self.tolerance - debt, 0.0) / self.interval
 
     def snapshot(self) -> dict[str, Any]:
         return {**self.gate.snapshot(), "key": self.key_of(None)}
@@ -488,22 +529,31 @@ class RedisBreakerStore(_RedisStore):
         self.max_staleness = check_seconds("max_staleness", max_staleness, allow_none=True)
         self.probe_lease = require_seconds("probe_lease", probe_lease)
 
-    def bind(self, breaker: CircuitBreaker) -> _SharedBreaker:
-        return _SharedBreaker(self, breaker)
+    def bind_breaker(self, breaker: CircuitBreaker) -> RedisBreakerBinding:
+        """The shared state of ``breaker`` (the :class:`~buttress.backends.BreakerStore`
+        protocol)."""
+        return RedisBreakerBinding(self, breaker)
 
 
 _STATES = {b"c": "closed", b"o": "open", b"h": "half_open"}
 
 
-class _SharedBreaker:
-    """The breaker's permission protocol (acquire, success, failure) answered by Redis."""
+class RedisBreakerBinding:
+    """One breaker's state machine answered by Redis: a
+    :class:`~buttress.backends.BreakerBinding`."""
 
     def __init__(self, store: RedisBreakerStore, breaker: CircuitBreaker) -> None:
+        from buttress.circuit_breaker import LocalBreaker
+
         self.store = store
         self.conn = store._conn
         self.errors = store._errors
         self.soft_errors = store._soft_errors
-        self.breaker = breaker
+        self.name = breaker.name
+        self.label = breaker.label
+        self.now = breaker.clock.now
+        self.emit = breaker.emit
+        self.failure_rate = breaker.failure_rate
         self.key = store.key("cb", _needs_name(breaker, "CircuitBreaker"))
         self.gate = store._gate(breaker)
         self.staleness = store.max_staleness
@@ -518,6 +568,8 @@ class _SharedBreaker:
             str(breaker.window),
             str(breaker.minimum_calls),
         )
+        # what "local" mode falls back to while Redis is down: the in-process state machine
+        self.fallback = LocalBreaker(breaker)
         self.lock = threading.Lock()
         # successes not yet reported, all admitted under generation `pending_gen`
         self.pending = 0
@@ -530,7 +582,6 @@ class _SharedBreaker:
         self.open_until = 0.0  # local clock: when an open circuit may be probed
         self.forced = False
         self.last: dict[str, Any] = {}
-        self.local_tokens: set[int] = set()  # tokens issued by the local fallback
 
     # -- talking to Redis -------------------------------------------------------------------
 
@@ -551,8 +602,7 @@ class _SharedBreaker:
 
     def _read(self, reply: list[Any]) -> int:
         """Take in a script reply; emit the transitions it made; return its verdict."""
-        breaker = self.breaker
-        now = breaker._clock.now()
+        now = self.now()
         state = _STATES[reply[1]]
         gen = int(reply[2])
         self.state, self.gen, self.consecutive = state, gen, int(reply[3])
@@ -570,13 +620,13 @@ class _SharedBreaker:
             "generation": gen,
             "consecutive_failures": self.consecutive,
             "window_calls": window_len,
-            "failure_rate": window_failures / window_len if window_len else None,
+            "window_failures": window_failures,
             "half_open_probes": int(reply[9]),
             "forced": self.forced,
         }
         changes = reply[11:]
         for i in range(0, len(changes), 3):
-            breaker.emit(
+            self.emit(
                 _events.CircuitStateChanged,
                 old=changes[i].decode(),
                 new=changes[i + 1].decode(),
@@ -586,26 +636,17 @@ class _SharedBreaker:
         return int(reply[0])
 
     def _reject(self, reply: list[Any] | None) -> CircuitOpenError:
-        breaker = self.breaker
-        with breaker._lock:
-            breaker._rejections += 1
         retry_after: float | None = None
         if reply is not None and int(reply[4]) >= 0:
             retry_after = int(reply[4]) / 1e6
         elif self.state == "open" and not self.forced:
-            retry_after = max(self.open_until - breaker._clock.now(), 0.0)
-        state = self.state
-        breaker.emit(_events.CallRejected, reason="circuit_open", retry_after=retry_after)
-        detail = "is open" if state == "open" else "is half-open and its probe slots are taken"
-        return CircuitOpenError(
-            f"{breaker._label()} {detail}", retry_after=retry_after, name=breaker.name
-        )
+            retry_after = max(self.open_until - self.now(), 0.0)
+        detail = "is open" if self.state == "open" else "is half-open and its probe slots are taken"
+        return CircuitOpenError(f"{self.label} {detail}", retry_after=retry_after, name=self.name)
 
     def _fresh(self) -> bool:
         staleness = self.staleness
-        return staleness is not None and self.breaker._clock.now() - self.read_at < staleness
-
-    # -- the protocol -----------------------------------------------------------------------
+        return staleness is not None and self.now() - self.read_at < staleness
 
     def _cached(self) -> int | None:
         """A token from the cached state (bounded-staleness mode), or None: ask Redis."""
@@ -613,22 +654,24 @@ class _SharedBreaker:
             return None
         if self.state == "closed":
             return self.gen
-        if self.state == "open" and (self.forced or self.breaker._clock.now() < self.open_until):
+        if self.state == "open" and (self.forced or self.now() < self.open_until):
             raise self._reject(None)
         return None
-
-    def _on_backend_failure(self, exc: BaseException) -> int:
-        self.gate.failed(exc)
-        return self._degraded(exc)
 
     def _degraded(self, exc: BaseException | None = None) -> int:
         mode = self.gate.mode
         if mode == "fail_closed":
-            raise self.gate.unavailable(self.breaker._label(), exc, name=self.breaker.name)
+            raise self.gate.unavailable(self.label, exc, name=self.name)
         if mode == "local":
-            token = type(self.breaker)._acquire(self.breaker)
-            return -2 - token  # <= -2: the outcome goes to the local state machine
-        return _OPEN_TOKEN  # fail_open: let it through, report nothing
+            return -2 - self.fallback.acquire()  # <= -2: the outcome goes to the fallback
+        return NO_REPORT  # fail_open: let it through, report nothing
+
+    def _verdict(self, reply: list[Any]) -> int:
+        if not self._read(reply):
+            raise self._reject(reply)
+        return self.gen
+
+    # -- the binding protocol ---------------------------------------------------------------
 
     def acquire(self) -> int:
         token = self._cached()
@@ -641,10 +684,9 @@ class _SharedBreaker:
             reply = self.conn.run(scripts.BREAKER, self.key, *args)
         except self.errors as exc:
             self._restore(args)
-            return self._on_backend_failure(exc)
-        if not self._read(reply):
-            raise self._reject(reply)
-        return self.gen
+            self.gate.failed(exc)
+            return self._degraded(exc)
+        return self._verdict(reply)
 
     async def acquire_async(self) -> int:
         token = self._cached()
@@ -657,21 +699,16 @@ class _SharedBreaker:
             reply = await self.conn.arun(scripts.BREAKER, self.key, *args)
         except self.errors as exc:
             self._restore(args)
-            return self._on_backend_failure(exc)
-        if not self._read(reply):
-            raise self._reject(reply)
-        return self.gen
-
-    def _local(self, token: int) -> int | None:
-        """The local token of a call admitted by the fallback, else None."""
-        return -2 - token if token <= -2 else None
+            self.gate.failed(exc)
+            return self._degraded(exc)
+        return self._verdict(reply)
 
     def _defer(self, token: int) -> bool:
         """A success that can wait for the next round trip (True), or must be sent now."""
         with self.lock:
             if self.state != "closed" or token != self.gen:
                 return token != self.gen  # a stale token changes nothing: drop it
-            if self.consecutive and self.breaker.failure_rate is None:
+            if self.consecutive and self.failure_rate is None:
                 return False  # end the failure streak now, not on our next call
             if self.pending_gen != token:
                 self.pending = 0
@@ -679,21 +716,23 @@ class _SharedBreaker:
             self.pending += 1
             return True
 
-    def success(self, token: int) -> tuple[Any, ...] | None:
-        """Book a success; the script arguments when it must be reported now."""
-        breaker = self.breaker
-        with breaker._lock:
-            breaker._successes += 1
-        if token == _OPEN_TOKEN or self._defer(token):
+    def _report(self, token: int, outcome: Outcome) -> tuple[Any, ...] | None:
+        """The script arguments that report ``outcome`` now, or None: nothing to send."""
+        if token == NO_REPORT:
             return None
-        return self._args("record", token, "s")
+        if outcome == "success":
+            if self._defer(token):
+                return None
+            return self._args("record", token, "s")
+        return self._args("record", token, "f" if outcome == "failure" else "n")
 
-    def failure(self, token: int, outcome: str) -> tuple[Any, ...] | None:
-        if token == _OPEN_TOKEN:
-            return None
-        return self._args("record", token, outcome)
-
-    def send(self, args: tuple[Any, ...]) -> None:
+    def settle(self, token: int, outcome: Outcome) -> None:
+        if token <= -2:
+            self.fallback.settle(-2 - token, outcome)
+            return
+        args = self._report(token, outcome)
+        if args is None:
+            return
         try:
             reply = self.conn.run(scripts.BREAKER, self.key, *args)
         except self.errors as exc:
@@ -702,7 +741,13 @@ class _SharedBreaker:
             return
         self._read(reply)
 
-    async def asend(self, args: tuple[Any, ...]) -> None:
+    async def settle_async(self, token: int, outcome: Outcome) -> None:
+        if token <= -2:
+            self.fallback.settle(-2 - token, outcome)
+            return
+        args = self._report(token, outcome)
+        if args is None:
+            return
         try:
             reply = await self.conn.arun(scripts.BREAKER, self.key, *args)
         except self.errors as exc:
@@ -711,24 +756,48 @@ class _SharedBreaker:
             return
         self._read(reply)
 
-    def control(self, op: str) -> None:
-        """``open`` / ``close`` for every process."""
+    def force(self, state: Literal["open", "closed"]) -> None:
+        op = "open" if state == "open" else "close"
         args = self._args(op)
         try:
             reply = self.conn.run(scripts.BREAKER, self.key, *args)
         except self.errors as exc:
-            raise BackendError(f"{self.breaker._label()}: could not {op} the shared state") from exc
+            raise BackendError(f"{self.label}: could not {op} the shared state") from exc
         self._read(reply)
+        self.fallback.force(state)
 
-    def refresh(self) -> None:
-        """Read the shared state now (and report pending successes)."""
+    def refresh(self) -> bool:
+        """Read the shared state now (and report pending successes); False if Redis
+        cannot be reached."""
         args = self._args("peek")
         try:
             reply = self.conn.run(scripts.BREAKER, self.key, *args)
         except self.soft_errors:
             self._restore(args)
-            return
+            return False
         self._read(reply)
+        return True
+
+    def status(self) -> BreakerStatus:
+        if self.gate.degraded or not self.refresh():
+            return self.fallback.status()
+        last = self.last
+        state = self.state
+        until: float | None = None
+        if state == "open" and not self.forced:
+            until = max(self.open_until - self.now(), 0.0)
+            if until == 0.0:
+                state, until = "half_open", None
+        ring = self.failure_rate is not None
+        return BreakerStatus(
+            state=state,
+            forced=self.forced,
+            seconds_until_half_open=until,
+            consecutive_failures=self.consecutive,
+            window_calls=last["window_calls"] if ring else None,
+            window_failures=last["window_failures"] if ring else None,
+            half_open_probes=last["half_open_probes"],
+        )
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -737,9 +806,6 @@ class _SharedBreaker:
             "key": self.key,
             "max_staleness": self.staleness,
         }
-
-
-_OPEN_TOKEN = -1  # a call let through by fail_open: nothing to report
 
 
 # -- bulkhead ------------------------------------------------------------------------------
@@ -776,8 +842,10 @@ class RedisBulkheadStore(_RedisStore):
         self._renewer: _Renewer | None = None
         self._renewer_lock = threading.Lock()
 
-    def bind(self, bulkhead: Bulkhead) -> _SharedBulkhead:
-        return _SharedBulkhead(self, bulkhead)
+    def bind_bulkhead(self, bulkhead: Bulkhead) -> RedisBulkheadBinding:
+        """The shared slots of ``bulkhead`` (the :class:`~buttress.backends.BulkheadStore`
+        protocol)."""
+        return RedisBulkheadBinding(self, bulkhead)
 
     def _renew_loop(self) -> _Renewer:
         with self._renewer_lock:
@@ -838,13 +906,44 @@ _tokens = itertools.count()
 _PROCESS = os.urandom(6).hex()
 
 
-class _SharedBulkhead:
+class _LocalLease:
+    """A slot taken from the in-process fallback ("local" mode while Redis is down)."""
+
+    __slots__ = ("lease",)
+
+    def __init__(self, lease: object) -> None:
+        self.lease = lease
+
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+async def _shielded(coro: Any) -> None:
+    """Run ``coro`` to the end even if the caller is cancelled again meanwhile."""
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(task)
+
+
+class RedisBulkheadBinding:
+    """One bulkhead's slots as leases in a Redis sorted set: a
+    :class:`~buttress.backends.BulkheadBinding`. A lease is the slot's token (``""`` for a
+    call that ``fail_open`` let through without a slot)."""
+
     def __init__(self, store: RedisBulkheadStore, bulkhead: Bulkhead) -> None:
+        from buttress.bulkhead import LocalBulkhead
+
         self.store = store
         self.conn = store._conn
         self.errors = store._errors
         self.soft_errors = store._soft_errors
-        self.bulkhead = bulkhead
+        self.name = bulkhead.name
+        self.label = bulkhead.label
+        self.clock = bulkhead.clock
+        self.emit = bulkhead.emit
+        self.max_queue = bulkhead.max_queue
         self.key = store.key("bh", _needs_name(bulkhead, "Bulkhead"))
         if store._conn.url is None and store._conn._client is None:
             raise ConfigTypeError(
@@ -852,49 +951,54 @@ class _SharedBulkhead:
                 "which cannot use an asyncio client"
             )
         self.gate = store._gate(bulkhead)
+        self.fallback = LocalBulkhead(bulkhead)
         self.limit = str(bulkhead.max_concurrent)
         self.lease_us = str(int(store.lease * 1e6))
-        self.in_use: int | None = None
+        self.in_use_seen: int | None = None
 
     def _token(self) -> str:
         return f"{_PROCESS}:{os.getpid()}:{next(_tokens)}"
 
-    def _budget(self, wait: bool) -> float | None:
-        from buttress._deadline import remaining
-
-        if not wait:
-            return 0.0
-        limit = self.bulkhead.max_wait
-        left = remaining()
-        if left is not None and (limit is None or left < limit):
-            limit = left
-        if self.bulkhead.max_queue == 0:
-            return 0.0
-        return limit
-
-    def _degraded(self, exc: BaseException | None = None) -> str | None:
-        """fail_closed raises; fail_open admits (token ""); local: None (use the local path)."""
+    def _degraded(self, exc: BaseException | None, local: Callable[[], object]) -> object:
+        """fail_closed raises; fail_open admits without a slot (""); local: the fallback."""
         mode = self.gate.mode
         if mode == "fail_closed":
-            raise self.gate.unavailable(self.bulkhead._label(), exc, name=self.bulkhead.name)
+            raise self.gate.unavailable(self.label, exc, name=self.name)
         if mode == "fail_open":
             return ""
-        return None
+        return _LocalLease(local())
 
     def _granted(self, reply: list[Any], token: str) -> bool:
         self.gate.succeeded()
-        self.in_use = int(reply[1])
+        self.in_use_seen = int(reply[1])
         if reply[0] == 1:
             self.store._renew_loop().add(self.key, token)
             return True
         return False
 
-    def acquire(self, *, wait: bool = True) -> str | None:
-        """A lease token ("" when fail_open let the call through), or None: use the local
-        bulkhead. Raises BulkheadFull when no slot frees up in time."""
+    def _try_degraded(self, exc: BaseException | None) -> object | None:
+        lease = self._degraded(exc, self.fallback.try_acquire)
+        if isinstance(lease, _LocalLease) and lease.lease is None:
+            return None  # the fallback had no free slot either
+        return lease
+
+    def try_acquire(self) -> object | None:
         if not self.gate.should_try():
-            return self._degraded()
-        poll = _Poll(self, wait)
+            return self._try_degraded(None)
+        token = self._token()
+        try:
+            reply = self.conn.run(
+                scripts.BULKHEAD, self.key, "acquire", self.limit, self.lease_us, token
+            )
+        except self.errors as exc:
+            self.gate.failed(exc)
+            return self._try_degraded(exc)
+        return token if self._granted(reply, token) else None
+
+    def acquire(self, timeout: float | None) -> object:
+        if not self.gate.should_try():
+            return self._degraded(None, lambda: self.fallback.acquire(timeout))
+        poll = _Poll(self, timeout)
         while True:
             try:
                 reply = self.conn.run(
@@ -902,15 +1006,17 @@ class _SharedBulkhead:
                 )
             except self.errors as exc:
                 self.gate.failed(exc)
-                return self._degraded(exc)
+                return self._degraded(exc, lambda: self.fallback.acquire(timeout))
             if poll.granted(reply):
                 return poll.token
-            self.bulkhead._clock.sleep(poll.pause())
+            self.clock.sleep(poll.pause())
 
-    async def acquire_async(self, *, wait: bool = True) -> str | None:
+    async def acquire_async(self, timeout: float | None) -> object:
         if not self.gate.should_try():
-            return self._degraded()
-        poll = _Poll(self, wait)
+            if self.gate.mode == "local":
+                return _LocalLease(await self.fallback.acquire_async(timeout))
+            return self._degraded(None, _never)
+        poll = _Poll(self, timeout)
         while True:
             try:
                 reply = await self.conn.arun(
@@ -918,34 +1024,45 @@ class _SharedBulkhead:
                 )
             except self.errors as exc:
                 self.gate.failed(exc)
-                return self._degraded(exc)
+                if self.gate.mode == "local":
+                    return _LocalLease(await self.fallback.acquire_async(timeout))
+                return self._degraded(exc, _never)
             except BaseException:
-                # cancelled while the script may have granted the slot: give it back
-                self.release(poll.token)
+                # cancelled while the script may have granted the slot: give it back,
+                # awaiting the async client (never a blocking call on the loop)
+                await _shielded(self.release_async(poll.token))
                 raise
             if poll.granted(reply):
                 return poll.token
-            await self.bulkhead._clock.asleep(poll.pause())
+            await self.clock.asleep(poll.pause())
 
-    def release(self, token: str) -> None:
-        if not token:
+    def release(self, lease: object) -> None:
+        if isinstance(lease, _LocalLease):
+            self.fallback.release(lease.lease)
             return
-        self.store._renew_loop().discard(self.key, token)
+        if not lease:
+            return
+        assert isinstance(lease, str)
+        self.store._renew_loop().discard(self.key, lease)
         try:
-            self.conn.run(scripts.BULKHEAD, self.key, "release", 0, 0, token)
+            self.conn.run(scripts.BULKHEAD, self.key, "release", 0, 0, lease)
         except self.soft_errors as exc:
             self.gate.failed(exc)  # the lease returns the slot when it runs out
 
-    async def release_async(self, token: str) -> None:
-        if not token:
+    async def release_async(self, lease: object) -> None:
+        if isinstance(lease, _LocalLease):
+            self.fallback.release(lease.lease)
             return
-        self.store._renew_loop().discard(self.key, token)
+        if not lease:
+            return
+        assert isinstance(lease, str)
+        self.store._renew_loop().discard(self.key, lease)
         try:
-            await self.conn.arun(scripts.BULKHEAD, self.key, "release", 0, 0, token)
+            await self.conn.arun(scripts.BULKHEAD, self.key, "release", 0, 0, lease)
         except self.soft_errors as exc:
             self.gate.failed(exc)
 
-    def in_flight(self) -> int | None:
+    def in_use(self) -> int | None:
         """Slots held across every process (None when Redis cannot be reached)."""
         try:
             reply = self.conn.run(scripts.BULKHEAD, self.key, "count", 0, self.lease_us)
@@ -957,43 +1074,54 @@ class _SharedBulkhead:
         return {**self.gate.snapshot(), "key": self.key, "lease": self.store.lease}
 
 
+def _never() -> object:  # pragma: no cover - only "local" mode calls its fallback
+    raise AssertionError("unreachable")
+
+
 class _Poll:
     """One caller's attempts at a shared slot: everything both drivers do between round
     trips (they differ only in how they make the call and how they sleep)."""
 
-    __slots__ = ("budget", "shared", "started", "step", "token", "waited")
+    __slots__ = ("binding", "budget", "started", "step", "token", "waited")
 
-    def __init__(self, shared: _SharedBulkhead, wait: bool) -> None:
-        self.shared = shared
-        self.token = shared._token()
-        self.budget = shared._budget(wait)
-        self.started = shared.bulkhead._clock.now()
-        self.step = shared.store.poll_interval
+    def __init__(self, binding: RedisBulkheadBinding, timeout: float | None) -> None:
+        self.binding = binding
+        self.token = binding._token()
+        # without a queue nobody waits; across processes a freed slot goes to whoever asks
+        self.budget = 0.0 if binding.max_queue == 0 else timeout
+        self.started = binding.clock.now()
+        self.step = binding.store.poll_interval
         self.waited = False
 
     def granted(self, reply: list[Any]) -> bool:
-        shared = self.shared
-        if not shared._granted(reply, self.token):
+        binding = self.binding
+        if not binding._granted(reply, self.token):
             return False
-        bulkhead = shared.bulkhead
-        bulkhead._count_shared(accepted=True)
         if self.waited:
-            waited = bulkhead._clock.now() - self.started
-            bulkhead.emit(_events.AcquiredAfterWait, waited=waited)
+            binding.emit(_events.AcquiredAfterWait, waited=binding.clock.now() - self.started)
         return True
 
     def pause(self) -> float:
         """Seconds to sleep before the next attempt; raises BulkheadFull when out of time."""
-        bulkhead = self.shared.bulkhead
+        binding = self.binding
         sleep = self.step
         if self.budget is not None:
-            left = self.budget - (bulkhead._clock.now() - self.started)
+            left = self.budget - (binding.clock.now() - self.started)
             if left <= 0:
-                bulkhead._count_shared(accepted=False)
-                raise bulkhead._reject("bulkhead_wait_timeout" if self.waited else "bulkhead_full")
+                if self.waited:
+                    raise BulkheadFull(
+                        f"{binding.label} is full: no slot freed up in time",
+                        name=binding.name,
+                        reason="bulkhead_wait_timeout",
+                    )
+                raise BulkheadFull(
+                    f"{binding.label} is full: all {binding.limit} slots busy",
+                    name=binding.name,
+                    reason="bulkhead_full",
+                )
             sleep = min(sleep, left)
         self.waited = True
-        self.step = min(self.step * 2, self.shared.store.poll_interval * 8)
+        self.step = min(self.step * 2, binding.store.poll_interval * 8)
         return sleep
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Awaitable, Callable, Hashable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, TypeVar
 
 from buttress._deadline import reset_deadline, set_deadline
 from buttress._validate import check_seconds
@@ -25,6 +25,8 @@ from buttress.bulkhead import Bulkhead
 from buttress.exceptions import BulkheadFull, ConfigTypeError, ConfigValueError, RateLimited
 from buttress.rate_limiter import RateLimiter
 from buttress.registry import Registry, default_registry
+
+T = TypeVar("T")
 
 __all__ = [
     "ASGIApp",
@@ -170,9 +172,11 @@ class LoadSheddingMiddleware:
         limiter = self.limiter
         if limiter is not None:
             key = self.key(scope)
-            if key is not None and not limiter._try_key(key):
+            # An in-process limiter admits the uncontended request without a coroutine; a
+            # shared store is always awaited, never called from the event loop.
+            if key is not None and (limiter.store is not None or not limiter.try_acquire(key=key)):
                 try:
-                    await self._wait(limiter.for_key(key).acquire_async, limiter)
+                    await self._wait(lambda: limiter.acquire_async(key=key), limiter)
                 except RateLimited as exc:
                     seconds = _retry_after_seconds(exc.retry_after)
                     await _respond(
@@ -189,8 +193,9 @@ class LoadSheddingMiddleware:
             return
         try:
             # the uncontended case takes its slot without a coroutine or a deadline
-            if not bulkhead.try_acquire():
-                await self._wait(bulkhead.acquire_async, bulkhead)
+            permit = bulkhead.try_acquire() if bulkhead.store is None else None
+            if permit is None:
+                permit = await self._wait(bulkhead.acquire_async, bulkhead)
         except BulkheadFull:
             extra = []
             if self.busy_retry_after is not None:
@@ -201,19 +206,19 @@ class LoadSheddingMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
-            bulkhead.release()
+            if bulkhead.store is None:
+                permit.release()
+            else:
+                await permit.release_async()
 
-    async def _wait(
-        self, acquire: Callable[[], Awaitable[None]], policy: RateLimiter | Bulkhead
-    ) -> None:
+    async def _wait(self, acquire: Callable[[], Awaitable[T]], policy: RateLimiter | Bulkhead) -> T:
         if self.max_wait is None:
-            await acquire()
-            return
+            return await acquire()
         # A deadline bounds the wait: the limiter rejects at once, with the exact time its
         # next permit is due, when that is further away than the deadline.
         token = set_deadline(self.max_wait, policy.clock)[1]
         try:
-            await acquire()
+            return await acquire()
         finally:
             reset_deadline(token)
 

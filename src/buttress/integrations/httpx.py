@@ -40,19 +40,20 @@ import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextvars import Token
 from datetime import timezone
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
 from buttress._deadline import remaining, reset_deadline, set_deadline
 from buttress._validate import require_seconds
-from buttress.bulkhead import Bulkhead
-from buttress.circuit_breaker import CircuitBreaker
+from buttress.backends import check_store
+from buttress.bulkhead import Bulkhead, BulkheadPermit
+from buttress.circuit_breaker import BreakerPermit, CircuitBreaker
 from buttress.clock import Clock, resolve_clock
 from buttress.exceptions import ConfigError, ConfigTypeError, ConfigValueError
 from buttress.rate_limiter import RateLimiter
 from buttress.registry import Registry, default_registry
-from buttress.retry import Retry, _RetryState
+from buttress.retry import Retry, RetryState
 from buttress.timeout import Timeout
 
 __all__ = [
@@ -142,7 +143,11 @@ class _Host:
 
 
 def _options(
-    what: str, value: Mapping[str, Any], factory: type[Any], clock: Clock
+    what: Literal["breaker", "bulkhead", "limiter"],
+    value: Mapping[str, Any],
+    factory: type[Any],
+    clock: Clock,
+    name: str | None,
 ) -> dict[str, Any]:
     """Check a mapping of policy options by building an unregistered policy from it."""
     if not all(isinstance(key, str) for key in value):
@@ -154,12 +159,21 @@ def _options(
                 f"registers its per-host {what}s), got {dict(value)!r}"
             )
     options = {"clock": clock, **value}
+    store = options.pop("store", None)
     try:
         factory(**options)
     except ConfigError:
         raise
     except TypeError as exc:
         raise ConfigTypeError(f"{what} options {dict(value)!r} are invalid: {exc}") from None
+    if store is not None:
+        check_store(what, store)
+        if name is None:
+            raise ConfigValueError(
+                f"{what} options with a store need the transport's name=: the per-host "
+                f"{what}s are shared by name, got name=None"
+            )
+        options["store"] = store
     return options
 
 
@@ -233,7 +247,7 @@ class _Resilience:
         if isinstance(breaker, CircuitBreaker):
             self._breaker = breaker
         elif isinstance(breaker, Mapping):
-            self._breaker_options = _options("breaker", breaker, CircuitBreaker, self._clock)
+            self._breaker_options = _options("breaker", breaker, CircuitBreaker, self._clock, name)
         elif breaker is not None:
             raise ConfigTypeError(
                 f"breaker must be a CircuitBreaker (shared by every host), a mapping of "
@@ -244,7 +258,7 @@ class _Resilience:
         if isinstance(limiter, RateLimiter):
             self._limiter = limiter
         elif isinstance(limiter, Mapping):
-            options = _options("limiter", limiter, RateLimiter, self._clock)
+            options = _options("limiter", limiter, RateLimiter, self._clock, name)
             self._limiter = RateLimiter(name, **{**options, "registry": self._registry})
         elif limiter is None:
             self._limiter = None
@@ -259,7 +273,7 @@ class _Resilience:
         if isinstance(bulkhead, Bulkhead):
             self._bulkhead = bulkhead
         elif isinstance(bulkhead, Mapping):
-            self._bulkhead_options = _options("bulkhead", bulkhead, Bulkhead, self._clock)
+            self._bulkhead_options = _options("bulkhead", bulkhead, Bulkhead, self._clock, name)
         elif bulkhead is not None:
             raise ConfigTypeError(
                 f"bulkhead must be a Bulkhead (shared by every host), a mapping of Bulkhead "
@@ -341,19 +355,18 @@ class _Exchange:
     """The decisions for one request and its retries (no I/O, no waiting)."""
 
     __slots__ = (
-        "attempt_started",
         "breaker",
         "clock",
         "extensions",
         "host",
         "method_ok",
         "owner",
+        "permit",
         "request",
         "slot",
         "state",
         "timeout_at",
         "timeouts",
-        "token",
         "tokens",
     )
 
@@ -365,17 +378,16 @@ class _Exchange:
         self.breaker = self.host.breaker
         self.method_ok = request.method in owner.retry_methods
         retry = owner.retry
-        self.state: _RetryState | None = None
+        self.state: RetryState | None = None
         if retry is not None and isinstance(request.stream, httpx.ByteStream):
-            self.state = retry._start() or _RetryState(retry)
+            self.state = retry.start()
         self.extensions = request.extensions
         timeouts = self.extensions.get("timeout")
         self.timeouts: dict[str, float | None] | None = (
             timeouts if isinstance(timeouts, dict) else None
         )
-        self.token: int | None = None
-        self.attempt_started = 0.0
-        self.slot: Bulkhead | None = None
+        self.permit: BreakerPermit | None = None  # the attempt's, until it is settled
+        self.slot: BulkheadPermit | None = None
         self.tokens: list[_Deadline] = []
         self.timeout_at: float | None = None
 
@@ -413,7 +425,7 @@ class _Exchange:
     # -- one attempt ------------------------------------------------------------------------
 
     def start_attempt(self) -> None:
-        """Give the attempt the time left as socket timeouts; pass the circuit breaker."""
+        """Give the attempt the time left as socket timeouts."""
         left = remaining()
         timeouts = self.timeouts
         if left is not None and timeouts is not None:
@@ -427,18 +439,24 @@ class _Exchange:
                     for key, value in timeouts.items()
                 }
                 self.request.extensions = {**self.extensions, "timeout": clamped}
-        breaker = self.breaker
-        if breaker is not None:
-            self.token = breaker._acquire()
-            self.attempt_started = self.clock.now()
+
+    def verdict(
+        self, exc: BaseException | None, response: httpx.Response | None
+    ) -> tuple[BreakerPermit, BaseException | None] | None:
+        """Take the attempt's breaker permit and what settles it: ``(permit, None)`` for a
+        success, ``(permit, error)`` for a failure (an exception, or a 5xx response)."""
+        permit = self.permit
+        if permit is None:
+            return None
+        self.permit = None
+        if exc is None and response is not None and response.status_code >= 500:
+            exc = httpx.HTTPStatusError(
+                f"server error {response.status_code}", request=self.request, response=response
+            )
+        return permit, exc
 
     def on_error(self, exc: BaseException) -> float | None:
-        """Report a failed attempt; the delay before the next one, or ``None`` to raise."""
-        token = self.token
-        if token is not None:
-            self.token = None
-            assert self.breaker is not None
-            self.breaker._on_failure(token, exc, self.clock.now() - self.attempt_started)
+        """The delay before the next attempt after a failed one, or ``None`` to raise."""
         state = self.state
         if (
             state is None
@@ -449,60 +467,67 @@ class _Exchange:
         return state.on_error(exc)
 
     def on_response(self, response: httpx.Response) -> float | None:
-        """Report a response; the delay before the next attempt, or ``None`` to return it."""
-        status = response.status_code
-        token = self.token
-        if token is not None:
-            self.token = None
-            assert self.breaker is not None
-            duration = self.clock.now() - self.attempt_started
-            if status >= 500:
-                failure = httpx.HTTPStatusError(
-                    f"server error {status}", request=self.request, response=response
-                )
-                self.breaker._on_failure(token, failure, duration)
-            else:
-                self.breaker._on_success(token, duration)
+        """The delay before the next attempt after a response, or ``None`` to return it."""
         state = self.state
         if state is None:
             return None
-        if status not in self.owner.retry_statuses or not self.method_ok:
-            state.succeeded()
+        if response.status_code not in self.owner.retry_statuses or not self.method_ok:
+            state.on_success()
             return None
         # The retry policy's schedule, attempts, budget and deadlines decide; the
         # response's Retry-After raises the wait to what the server asked for.
-        return state._next(None, response, self.owner.retry_after(response))
+        return state.retry_result(response, retry_after=self.owner.retry_after(response))
 
-    def hold(self, response: httpx.Response) -> None:
-        """Keep the bulkhead slot until the response is closed."""
+    def hold(self, response: httpx.Response) -> BulkheadPermit | None:
+        """Keep the bulkhead slot until the response is closed; returns the slot when the
+        response is closed already (its body is in memory), for the driver to release."""
         slot = self.slot
-        if slot is not None:
-            self.slot = None
-            if response.is_closed:  # the body is already in memory (built from content=)
-                slot.release()
-            else:
-                response.stream = _ReleasingStream(response.stream, slot)
+        if slot is None:
+            return None
+        self.slot = None
+        if response.is_closed:  # the body is already in memory (built from content=)
+            return slot
+        response.stream = _ReleasingStream(response.stream, slot)
+        return None
 
-    def release(self) -> None:
-        slot = self.slot
-        if slot is not None:
-            self.slot = None
-            slot.release()
+    def take_slot(self) -> BulkheadPermit | None:
+        """The attempt's bulkhead permit, for the driver to release (once)."""
+        slot, self.slot = self.slot, None
+        return slot
+
+
+def _settle(verdict: tuple[BreakerPermit, BaseException | None] | None) -> None:
+    if verdict is not None:
+        permit, error = verdict
+        if error is None:
+            permit.success()
+        else:
+            permit.failure(error)
+
+
+async def _settle_async(verdict: tuple[BreakerPermit, BaseException | None] | None) -> None:
+    if verdict is not None:
+        permit, error = verdict
+        if error is None:
+            await permit.success_async()
+        else:
+            await permit.failure_async(error)
 
 
 class _ReleasingStream(httpx.SyncByteStream, httpx.AsyncByteStream):
     """A response body that gives its bulkhead slot back when closed (once)."""
 
-    def __init__(self, stream: httpx.SyncByteStream | httpx.AsyncByteStream, slot: Bulkhead):
+    def __init__(
+        self, stream: httpx.SyncByteStream | httpx.AsyncByteStream, slot: BulkheadPermit
+    ) -> None:
         self._stream = stream
-        self._slot: Bulkhead | None = slot
+        self._slot: BulkheadPermit | None = slot
         self._lock = threading.Lock()
 
-    def _release(self) -> None:
+    def _take(self) -> BulkheadPermit | None:
         with self._lock:
             slot, self._slot = self._slot, None
-        if slot is not None:
-            slot.release()
+        return slot
 
     def __iter__(self) -> Iterator[bytes]:
         assert isinstance(self._stream, httpx.SyncByteStream)
@@ -518,14 +543,18 @@ class _ReleasingStream(httpx.SyncByteStream, httpx.AsyncByteStream):
             assert isinstance(self._stream, httpx.SyncByteStream)
             self._stream.close()
         finally:
-            self._release()
+            slot = self._take()
+            if slot is not None:
+                slot.release()
 
     async def aclose(self) -> None:
         try:
             assert isinstance(self._stream, httpx.AsyncByteStream)
             await self._stream.aclose()
         finally:
-            self._release()
+            slot = self._take()
+            if slot is not None:
+                await slot.release_async()
 
 
 def _discard(response: httpx.Response) -> None:
@@ -642,40 +671,50 @@ class ResilientTransport(_Resilience, httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         exchange = _Exchange(self, request)
         exchange.enter(sync_timeout=True)
+        timeout = self.timeout
         try:
             response = self._attempts(exchange)
         except httpx.TimeoutException as exc:
-            if self.timeout is not None and exchange.timed_out():
-                raise self.timeout._expired(self.timeout.seconds, exc) from exc
+            if timeout is not None and exchange.timed_out():
+                raise timeout.expired(exc) from exc
             raise
         finally:
             exchange.exit()
-        if self.timeout is not None and exchange.timed_out():
+        if timeout is not None and exchange.timed_out():
             # Sync code cannot be interrupted: a late answer is dropped, never acted on.
             response.close()
-            raise self.timeout._expired(self.timeout.seconds)
+            raise timeout.expired()
         return response
 
     def _attempts(self, exchange: _Exchange) -> httpx.Response:
         send = self.transport.handle_request
         request, host = exchange.request, exchange.host
+        breaker = host.breaker
         sleep = self.retry.clock.sleep if self.retry is not None else None
         while True:
             try:
                 exchange.start_attempt()
+                if breaker is not None:
+                    exchange.permit = breaker.acquire()
                 if host.limiter is not None or host.bulkhead is not None:
                     self._queue(exchange)
                 try:
                     response = send(request)
                 except BaseException:
-                    exchange.release()
+                    slot = exchange.take_slot()
+                    if slot is not None:
+                        slot.release()
                     raise
             except BaseException as exc:
+                _settle(exchange.verdict(exc, None))
                 delay = exchange.on_error(exc)
                 if delay is None:
                     raise
             else:
-                exchange.hold(response)
+                _settle(exchange.verdict(None, response))
+                slot = exchange.hold(response)
+                if slot is not None:
+                    slot.release()
                 delay = exchange.on_response(response)
                 if delay is None:
                     return response
@@ -697,8 +736,7 @@ class ResilientTransport(_Resilience, httpx.BaseTransport):
             if limiter is not None:
                 limiter.acquire()
             if bulkhead is not None:
-                bulkhead.acquire()
-                exchange.slot = bulkhead
+                exchange.slot = bulkhead.acquire()
         finally:
             if token is not None:
                 reset_deadline(token)
@@ -755,49 +793,49 @@ class AsyncResilientTransport(_Resilience, httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         exchange = _Exchange(self, request)
         exchange.enter(sync_timeout=False)
+        timeout = self.timeout
         try:
-            timeout = self.timeout
             if timeout is None:
                 return await self._attempts(exchange)
-            scope = timeout._enter_async()
             try:
-                response = await self._attempts(exchange)
-            except BaseException as exc:
-                error = timeout._exit_async(scope, exc)
-                if (
-                    error is None
-                    and isinstance(exc, httpx.TimeoutException)
-                    and exchange.timed_out()
-                ):
-                    error = timeout._expired(timeout.seconds, exc)
-                if error is not None:
-                    raise error from exc
+                async with timeout:  # cancels the exchange when the time is up
+                    return await self._attempts(exchange)
+            except httpx.TimeoutException as exc:
+                if exchange.timed_out():
+                    raise timeout.expired(exc) from exc
                 raise
-            timeout._exit_async(scope, None)
-            return response
         finally:
             exchange.exit()
 
     async def _attempts(self, exchange: _Exchange) -> httpx.Response:
         send = self.transport.handle_async_request
         request, host = exchange.request, exchange.host
+        breaker = host.breaker
         asleep = self.retry.clock.asleep if self.retry is not None else None
         while True:
             try:
                 exchange.start_attempt()
+                if breaker is not None:
+                    exchange.permit = await breaker.acquire_async()
                 if host.limiter is not None or host.bulkhead is not None:
                     await self._queue(exchange)
                 try:
                     response = await send(request)
                 except BaseException:
-                    exchange.release()
+                    slot = exchange.take_slot()
+                    if slot is not None:
+                        await slot.release_async()
                     raise
             except BaseException as exc:
+                await _settle_async(exchange.verdict(exc, None))
                 delay = exchange.on_error(exc)
                 if delay is None:
                     raise
             else:
-                exchange.hold(response)
+                await _settle_async(exchange.verdict(None, response))
+                slot = exchange.hold(response)
+                if slot is not None:
+                    await slot.release_async()
                 delay = exchange.on_response(response)
                 if delay is None:
                     return response
@@ -819,8 +857,7 @@ class AsyncResilientTransport(_Resilience, httpx.AsyncBaseTransport):
             if limiter is not None:
                 await limiter.acquire_async()
             if bulkhead is not None:
-                await bulkhead.acquire_async()
-                exchange.slot = bulkhead
+                exchange.slot = await bulkhead.acquire_async()
         finally:
             if token is not None:
                 reset_deadline(token)
