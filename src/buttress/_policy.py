@@ -88,6 +88,12 @@ class Policy:
 
     # -- events -----------------------------------------------------------------------------
 
+    @property
+    def listening(self) -> bool:
+        """Whether an event emitted now would reach a listener (this policy's or a global
+        one): callers that must gather costly fields for an event can check it first."""
+        return bool(self._listeners or _events.hub.listeners)
+
     def emit(self, event_type: type[_events.Event], **fields: Any) -> None:
         """Send an event of ``event_type`` to this policy's listeners and the global ones.
 

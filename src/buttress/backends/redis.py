@@ -98,6 +98,31 @@ def _client_kinds() -> tuple[tuple[type, type], tuple[type, type]]:
     return (redis.Redis, RedisCluster), (redis.asyncio.Redis, AsyncRedisCluster)
 
 
+def _check_url(url: object) -> None:
+    """Refuse a URL redis-py would only choke on at the first call."""
+    if not isinstance(url, str):
+        raise ConfigTypeError(f"url must be a redis://, rediss:// or unix:// URL, got {url!r}")
+    from urllib.parse import urlsplit
+
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigValueError(f"url must be a valid Redis URL ({exc}), got {url!r}") from None
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigValueError(f"url must name a socket path after unix://, got {url!r}")
+        return
+    if port is not None and not 0 < port < 65536:
+        raise ConfigValueError(f"url must have a port within 1..65535, got {url!r}")
+    db = parts.path.lstrip("/")
+    if db and not (db.isascii() and db.isdigit()):
+        raise ConfigValueError(f"url must end in a database number (/0), got {url!r}")
+
+
 class _Connection:
     """Lazily built clients for one Redis deployment: one sync client, one async client
     per event loop (async connections belong to the loop that opened them)."""
@@ -108,8 +133,8 @@ class _Connection:
         sync_kinds, async_kinds = _client_kinds()
         if url is None and client is None and async_client is None:
             raise ConfigValueError("a Redis store needs url=, client= or async_client=")
-        if url is not None and not isinstance(url, str):
-            raise ConfigTypeError(f"url must be a redis:// URL string, got {url!r}")
+        if url is not None:
+            _check_url(url)
         if not isinstance(cluster, bool):
             raise ConfigTypeError(f"cluster must be True or False, got {cluster!r}")
         if client is not None and not isinstance(client, sync_kinds):
