@@ -103,6 +103,34 @@ def saga_worker(url: str, prefix: str, key: str, start: float) -> str:
     return f"{result.status}:{result.outputs.get('charge')}"
 
 
+def httpx_worker(url: str, prefix: str) -> list[int]:
+    """Another process's httpx client: its transport shares breaker and limiter state through
+    Redis. Two 503s from the partner open the shared circuit; returns the statuses seen."""
+    import httpx
+
+    from buttress.integrations.httpx import ResilientTransport
+
+    transport = ResilientTransport(
+        httpx.MockTransport(lambda request: httpx.Response(503)),
+        name="partner",
+        retry=None,
+        breaker={
+            "failure_threshold": 2,
+            "reset_timeout": 60,
+            "store": RedisBreakerStore(url, prefix=prefix),
+        },
+        limiter={
+            "rate": 1,
+            "per": 60,
+            "burst": 3,
+            "max_wait": 0,
+            "store": RedisRateLimiterStore(url, prefix=prefix),
+        },
+    )
+    with httpx.Client(transport=transport) as client:
+        return [client.get("http://partner.test/quote").status_code for _ in range(2)]
+
+
 if __name__ == "__main__":  # python redis_workers.py bulkhead URL PREFIX LEASE
     if sys.argv[1] == "bulkhead":
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

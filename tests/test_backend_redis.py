@@ -904,3 +904,66 @@ def test_bulkhead_store_needs_a_sync_client_for_its_leases(redis_url: str) -> No
     with pytest.raises(TypeError, match="leases are renewed from a thread"):
         Bulkhead("db", max_concurrent=1, store=store)
     asyncio.run(async_only.aclose())
+
+
+# -- the httpx transports on shared state -----------------------------------------------------
+
+
+def test_httpx_transports_in_two_processes_share_breaker_and_limiter(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A circuit opened by another process's transport is open here; its limiter units count."""
+    import httpx
+
+    from buttress.integrations.httpx import AsyncResilientTransport, ResilientTransport
+
+    ctx = multiprocessing.get_context("spawn")
+    import redis_workers
+
+    with ctx.Pool(1) as pool:
+        statuses = pool.apply(redis_workers.httpx_worker, (redis_url, redis_prefix))
+    assert statuses == [503, 503]  # the other process's calls failed and opened the circuit
+
+    sent: list[httpx.Request] = []
+
+    def partner(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200)
+
+    registry = Registry()
+    breaker_store = RedisBreakerStore(redis_url, prefix=redis_prefix)
+    limiter_store = RedisRateLimiterStore(redis_url, prefix=redis_prefix)
+    options: dict[str, Any] = {
+        "name": "partner",
+        "retry": None,
+        "registry": registry,
+        "breaker": {"failure_threshold": 2, "reset_timeout": 60, "store": breaker_store},
+        "limiter": {"rate": 1, "per": 60, "burst": 3, "max_wait": 0, "store": limiter_store},
+    }
+    try:
+        transport = ResilientTransport(httpx.MockTransport(partner), **options)
+        with httpx.Client(transport=transport) as client, pytest.raises(CircuitOpenError):
+            client.get("http://partner.test/quote")
+        breaker = transport.breakers["partner.test"]
+        assert breaker.snapshot()["store"]["key"].startswith(redis_prefix)
+        breaker.close()  # for every process
+        with httpx.Client(transport=transport) as client:
+            assert client.get("http://partner.test/quote").status_code == 200
+            with pytest.raises(RateLimited):  # 2 units spent there, 1 here: burst 3
+                client.get("http://partner.test/quote")
+        assert len(sent) == 1
+
+        async def async_client() -> None:
+            transport = AsyncResilientTransport(
+                httpx.MockTransport(partner), **{**options, "registry": Registry()}
+            )
+            async with httpx.AsyncClient(transport=transport) as client:
+                with pytest.raises(RateLimited):
+                    await client.get("http://partner.test/quote")
+            await breaker_store.aclose()
+            await limiter_store.aclose()
+
+        asyncio.run(async_client())
+    finally:
+        breaker_store.close()
+        limiter_store.close()

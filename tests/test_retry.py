@@ -462,19 +462,6 @@ def test_the_loop_form_and_the_decorator_agree_with_retry_state(face, flaky, clo
     assert clock.sleeps == by_decorator == schedule
 
 
-def test_the_old_private_names_stay_until_the_transport_moves():
-    """_RetryState, Retry._start and RetryState._next/succeeded remain thin aliases."""
-    from buttress.retry import RetryState, _RetryState
-
-    assert _RetryState is RetryState
-    policy = retry(3, backoff=[0.1])
-    assert policy._start() is None
-    state = policy.start()
-    assert state._next(None, "x", 2.0) == 2.0
-    state.succeeded()
-    assert state.settled
-
-
 # -- issue 14 defects -------------------------------------------------------------------------
 
 

@@ -18,6 +18,8 @@ from .exceptions import ConfigTypeError, ConfigValueError
 
 __all__ = [
     "ExceptionFilter",
+    "ExceptionMatcher",
+    "ExceptionSpec",
     "check_bool",
     "check_callable",
     "check_choice",
@@ -168,6 +170,12 @@ def check_exception_types(
                 f"{name} must contain only exception classes, got {_show(item)} in {value!r}"
             )
     return tuple(items)  # type: ignore[arg-type]
+
+
+ExceptionMatcher = type[BaseException] | Callable[[BaseException], object]
+ExceptionSpec = ExceptionMatcher | tuple[ExceptionMatcher, ...] | list[ExceptionMatcher]
+"""What ``on=``, ``include=`` and ``exclude=`` take: exception classes, predicates, or a
+tuple or list mixing them."""
 
 
 class ExceptionFilter:

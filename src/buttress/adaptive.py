@@ -38,8 +38,9 @@ from typing import Any, ClassVar
 from . import events as _events
 from ._deadline import remaining
 from ._validate import (
+    ExceptionSpec,
     check_bool,
-    check_exception_types,
+    check_exception_filter,
     check_int,
     check_number,
     check_seconds,
@@ -287,9 +288,11 @@ class AdaptiveBulkhead(Bulkhead):
             (default 0: reject at once when every slot is taken).
         max_wait: seconds a queued caller waits at most (default ``None``: as long as it
             takes, but never past an enclosing ``timeout``'s deadline).
-        include: exceptions that count as errors and decrease the limit (default
-            ``Exception``); others are neutral.
-        exclude: exceptions that are neutral (neither a success nor an error).
+        include: errors that count as errors and decrease the limit (default
+            ``Exception``): exception classes, predicates ``exc -> bool``, or a tuple or
+            list of them; others are neutral.
+        exclude: errors that are neutral (neither a success nor an error), in the same
+            forms as ``include``.
             Rejections by other buttress primitives (:class:`RejectedError`) and
             cancellation are always neutral: those calls never got an answer from the
             dependency, so they say nothing about it.
@@ -314,8 +317,8 @@ class AdaptiveBulkhead(Bulkhead):
         algorithm: str | AIMD | Gradient = "gradient",
         max_queue: int = 0,
         max_wait: float | None = None,
-        include: type[BaseException] | tuple[type[BaseException], ...] = Exception,
-        exclude: type[BaseException] | tuple[type[BaseException], ...] = (),
+        include: ExceptionSpec = Exception,
+        exclude: ExceptionSpec = (),
         timeouts_are_errors: bool = True,
         listeners: Iterable[_events.Listener] | None = None,
         registry: Registry | None = None,
@@ -333,8 +336,8 @@ class AdaptiveBulkhead(Bulkhead):
         self.min_limit = lowest
         self.max_limit = highest
         self.algorithm: Algorithm = _check_algorithm(algorithm)
-        self.include = check_exception_types("include", include)
-        self.exclude = check_exception_types("exclude", exclude, allow_empty=True)
+        self.include = check_exception_filter("include", include)
+        self.exclude = check_exception_filter("exclude", exclude, allow_empty=True)
         self.timeouts_are_errors = check_bool("timeouts_are_errors", timeouts_are_errors)
         self._limit_estimate = float(start)
         self._limit_now = start
@@ -430,7 +433,7 @@ class AdaptiveBulkhead(Bulkhead):
             return _NEUTRAL
         if isinstance(exc, TimeoutError):
             return _TIMEOUT
-        if isinstance(exc, self.exclude) or not isinstance(exc, self.include):
+        if self.exclude(exc) or not self.include(exc):
             return _NEUTRAL
         return _DROPPED
 

@@ -31,6 +31,7 @@ from ._deadline import remaining
 from ._policy import Policy, cm_pop, cm_push
 from ._validate import (
     ExceptionFilter,
+    ExceptionSpec,
     check_exception_filter,
     check_int,
     check_number,
@@ -48,13 +49,6 @@ __all__ = ["CLOSED", "HALF_OPEN", "OPEN", "BreakerPermit", "CircuitBreaker", "Lo
 CLOSED = "closed"
 OPEN = "open"
 HALF_OPEN = "half_open"
-
-ExceptionSpec = (
-    type[BaseException]
-    | Callable[[BaseException], object]
-    | tuple[type[BaseException] | Callable[[BaseException], object], ...]
-    | list[type[BaseException] | Callable[[BaseException], object]]
-)
 
 
 def _deadline_expired() -> bool:

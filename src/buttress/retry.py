@@ -22,6 +22,7 @@ from ._deadline import remaining
 from ._policy import Policy
 from ._validate import (
     ExceptionFilter,
+    ExceptionSpec,
     check_callable,
     check_exception_filter,
     check_int,
@@ -44,10 +45,6 @@ from .registry import Registry
 __all__ = ["Attempt", "Retry", "RetryBudget", "RetryState", "retry"]
 
 _DEFAULT_BACKOFF = exponential()
-
-_Matcher = type[BaseException] | Callable[[BaseException], object]
-# What on= accepts: an exception class, a predicate, or a tuple or list mixing them.
-_ExceptionSpec = _Matcher | tuple[_Matcher, ...] | list[_Matcher]
 
 
 def _add_note(exc: BaseException, note: str) -> None:
@@ -215,9 +212,6 @@ class RetryState:
                 policy._recovered += 1
             policy.emit(_events.RetryRecovered, attempts=self.attempt)
 
-    # Until the httpx transport moves to the public names (issue 11), they stay reachable.
-    succeeded = on_success
-
     def _rejected(self, result: object) -> float:
         """``retry_if_result`` rejected ``result``: the delay, or RetryExhausted."""
         delay = self._next(None, result, None)
@@ -289,10 +283,6 @@ class RetryState:
         return f"<RetryState attempt={self.attempt} of {self.policy!r}>"
 
 
-# The old private name, until the httpx transport imports RetryState (issue 11).
-_RetryState = RetryState
-
-
 class Retry(Policy):
     """Retry a call that fails with a transient error. Build it with :func:`retry`."""
 
@@ -302,7 +292,7 @@ class Retry(Policy):
         self,
         attempts: int = 3,
         *,
-        on: _ExceptionSpec = Exception,
+        on: ExceptionSpec = Exception,
         retry_if_result: Callable[[Any], bool] | None = None,
         backoff: Iterable[float] | None = None,
         deadline: float | None = None,
@@ -553,7 +543,7 @@ class _Attempts:
 def retry(
     attempts: int = 3,
     *,
-    on: _ExceptionSpec = Exception,
+    on: ExceptionSpec = Exception,
     retry_if_result: Callable[[Any], bool] | None = None,
     backoff: Iterable[float] | None = None,
     deadline: float | None = None,
