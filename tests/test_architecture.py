@@ -3,7 +3,7 @@
 A module in one of these packages may import from another buttress module only names
 that are public (no leading underscore), and only from public modules, with one
 exception: the public names of the shared helper modules directly under the package
-(``buttress._validate``, ``buttress._deadline``, ``buttress._policy``). It may not touch
+(``buttress._validate``, ``buttress._deadline``, ``buttress._policy``, ``buttress._drivers``). It may not touch
 a ``_``-prefixed attribute that its own package does not define (``breaker._acquire()``,
 ``policy._wrap_sync(fn)``): those are another module's internals.
 """
@@ -18,7 +18,12 @@ import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "buttress"
 LAYERED = ("integrations", "saga", "backends", "telemetry")
-SHARED_HELPERS = {"buttress._validate", "buttress._deadline", "buttress._policy"}
+SHARED_HELPERS = {
+    "buttress._validate",
+    "buttress._deadline",
+    "buttress._policy",
+    "buttress._drivers",
+}
 
 
 def _modules(package: str) -> list[Path]:

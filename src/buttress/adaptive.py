@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 
 from . import events as _events
 from ._deadline import remaining
+from ._drivers import guard_async_io, guard_sync
 from ._validate import (
     ExceptionSpec,
     check_bool,
@@ -478,36 +479,21 @@ class AdaptiveBulkhead(Bulkhead):
     # -- drivers ----------------------------------------------------------------------------
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        take, admitted, finish = self._take, self._admitted, self._finish
-
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            take()
-            token = admitted()
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:
-                finish(token, exc)
-                raise
-            finish(token, None)
-            return result
-
-        return guarded
+        return guard_sync(fn, self._enter, self._finish)
 
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        take, admitted, finish = self._take_async, self._admitted, self._finish
+        return guard_async_io(fn, self._enter_async, self._finish_async)
 
-        async def guarded(*args: Any, **kwargs: Any) -> Any:
-            await take()
-            token = admitted()
-            try:
-                result = await fn(*args, **kwargs)
-            except BaseException as exc:
-                finish(token, exc)
-                raise
-            finish(token, None)
-            return result
+    def _enter(self) -> _Token:
+        self._take()
+        return self._admitted()
 
-        return guarded
+    async def _enter_async(self) -> _Token:
+        await self._take_async()
+        return self._admitted()
+
+    async def _finish_async(self, token: _Token, exc: BaseException | None) -> None:
+        self._finish(token, exc)
 
     # -- state views ------------------------------------------------------------------------
 

@@ -20,18 +20,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from datetime import timedelta
-from types import TracebackType
 from typing import Any
 
 from . import events as _events
 from ._deadline import remaining
-from ._policy import Policy, cm_pop, cm_push
+from ._drivers import guard_async_io, guard_sync
+from ._policy import Policy
 from ._validate import check_int, check_seconds
 from ._waiters import Waiter, WaiterQueue
 from .backends import BulkheadBinding, BulkheadStore, check_store
 from .clock import Clock
 from .exceptions import BulkheadFull
-from .permit import Permit
+from .permit import Permit, PermitGuard
 from .registry import Registry
 
 __all__ = ["Bulkhead", "BulkheadPermit", "LocalBulkhead"]
@@ -193,7 +193,7 @@ class BulkheadPermit(Permit):
         return f"<BulkheadPermit {self.bulkhead.label} lease={self.lease!r}>"
 
 
-class Bulkhead(Policy):
+class Bulkhead(PermitGuard, Policy):
     """At most ``max_concurrent`` calls in flight, at most ``max_queue`` waiting.
 
     Args:
@@ -328,22 +328,19 @@ class Bulkhead(Policy):
 
     # -- drivers ----------------------------------------------------------------------------
 
+    def _give_hook(self, lease: object, exc: BaseException | None) -> None:
+        self.give_back(lease)
+
+    async def _give_hook_async(self, lease: object, exc: BaseException | None) -> None:
+        await self.give_back_async(lease)
+
     # The in-process wrappers inline the uncontended paths of acquire and release: bound
     # lock methods instead of `with`, and no Python call inside the critical section.
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         core = self._local
         if core is None:
-            take, give = self._take, self.give_back
-
-            def guarded_shared(*args: Any, **kwargs: Any) -> Any:
-                lease = take()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    give(lease)
-
-            return guarded_shared
+            return guard_sync(fn, self._take, self._give_hook)
         take, release = self._take, core.release
         lock_acquire, lock_release = core.lock.acquire, core.lock.release
         queue, limit = core.waiters.items, self.max_concurrent
@@ -373,16 +370,7 @@ class Bulkhead(Policy):
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         core = self._local
         if core is None:
-            take_async, give_async = self._take_async, self.give_back_async
-
-            async def guarded_shared(*args: Any, **kwargs: Any) -> Any:
-                lease = await take_async()
-                try:
-                    return await fn(*args, **kwargs)
-                finally:
-                    await give_async(lease)
-
-            return guarded_shared
+            return guard_async_io(fn, self._take_async, self._give_hook_async)
         take, release = self._take_async, core.release
         lock_acquire, lock_release = core.lock.acquire, core.lock.release
         queue, limit = core.waiters.items, self.max_concurrent
@@ -408,32 +396,6 @@ class Bulkhead(Policy):
                     lock_release()
 
         return guarded
-
-    def __enter__(self) -> Bulkhead:
-        cm_push(self, self.acquire())
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        permit: BulkheadPermit = cm_pop(self)
-        permit.__exit__(exc_type, exc, tb)
-
-    async def __aenter__(self) -> Bulkhead:
-        cm_push(self, await self.acquire_async())
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        permit: BulkheadPermit = cm_pop(self)
-        await permit.__aexit__(exc_type, exc, tb)
 
     # -- state views ------------------------------------------------------------------------
 

@@ -22,13 +22,13 @@ import asyncio
 import threading
 from collections.abc import Callable, Iterable
 from datetime import timedelta
-from types import TracebackType
 from typing import Any, Literal
 
 from . import events as _events
 from ._counter import GIL_ENABLED, Counter
 from ._deadline import remaining
-from ._policy import Policy, cm_pop, cm_push
+from ._drivers import guard_async, guard_async_io, guard_sync
+from ._policy import Policy
 from ._validate import (
     ExceptionFilter,
     ExceptionSpec,
@@ -41,7 +41,7 @@ from ._validate import (
 from .backends import NO_REPORT, BreakerBinding, BreakerStatus, BreakerStore, Outcome, check_store
 from .clock import Clock
 from .exceptions import CircuitOpenError, ConfigValueError, RejectedError
-from .permit import Permit
+from .permit import Permit, PermitGuard
 from .registry import Registry
 
 __all__ = ["CLOSED", "HALF_OPEN", "OPEN", "BreakerPermit", "CircuitBreaker", "LocalBreaker"]
@@ -301,7 +301,7 @@ class BreakerPermit(Permit):
         return f"<BreakerPermit {self.breaker.label} token={self.token}>"
 
 
-class CircuitBreaker(Policy):
+class CircuitBreaker(PermitGuard, Policy):
     """A circuit breaker.
 
     Args:
@@ -507,57 +507,32 @@ class CircuitBreaker(Policy):
     # -- drivers ----------------------------------------------------------------------------
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        admit, outcome, settle = self._admit, self.outcome, self.binding.settle
         if self._lock_free_success:
             return self._wrap_fast_sync(fn)
-        now, timed = self._clock.now, self._timed
-
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            token = admit()
-            started = now() if timed else 0.0
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:
-                settle(token, outcome(exc, now() - started if timed else 0.0))
-                raise
-            settle(token, outcome(None, now() - started if timed else 0.0))
-            return result
-
-        return guarded
+        return guard_sync(fn, self._enter, self._leave)
 
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         if self._lock_free_success:
             return self._wrap_fast_async(fn)
-        outcome, now, timed = self.outcome, self._clock.now, self._timed
         if self._local is not None:  # nothing to await: no coroutine per admission
-            admit, settle = self._admit, self.binding.settle
+            return guard_async(fn, self._enter, self._leave)
+        return guard_async_io(fn, self._enter_async, self._leave_async)
 
-            async def guarded_local(*args: Any, **kwargs: Any) -> Any:
-                token = admit()
-                started = now() if timed else 0.0
-                try:
-                    result = await fn(*args, **kwargs)
-                except BaseException as exc:
-                    settle(token, outcome(exc, now() - started if timed else 0.0))
-                    raise
-                settle(token, outcome(None, now() - started if timed else 0.0))
-                return result
+    # The hooks of the shared drivers: the same permission protocol, without a permit object.
 
-            return guarded_local
-        admit_async, settle_async = self._admit_async, self.binding.settle_async
+    def _enter(self) -> tuple[int, float]:
+        return self._admit(), self._clock.now()
 
-        async def guarded(*args: Any, **kwargs: Any) -> Any:
-            token = await admit_async()
-            started = now() if timed else 0.0
-            try:
-                result = await fn(*args, **kwargs)
-            except BaseException as exc:
-                await settle_async(token, outcome(exc, now() - started if timed else 0.0))
-                raise
-            await settle_async(token, outcome(None, now() - started if timed else 0.0))
-            return result
+    def _leave(self, entry: tuple[int, float], exc: BaseException | None) -> None:
+        token, started = entry
+        self.binding.settle(token, self.outcome(exc, self._clock.now() - started))
 
-        return guarded
+    async def _enter_async(self) -> tuple[int, float]:
+        return await self._admit_async(), self._clock.now()
+
+    async def _leave_async(self, entry: tuple[int, float], exc: BaseException | None) -> None:
+        token, started = entry
+        await self.binding.settle_async(token, self.outcome(exc, self._clock.now() - started))
 
     # The fast paths: a local, consecutive-mode breaker without slow-call timing. A closed
     # circuit admits by reading one attribute, and a success that ends no failure streak
@@ -609,32 +584,6 @@ class CircuitBreaker(Policy):
             return result
 
         return guarded_fast
-
-    def __enter__(self) -> CircuitBreaker:
-        cm_push(self, self.acquire())
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        permit: BreakerPermit = cm_pop(self)
-        permit.__exit__(exc_type, exc, tb)
-
-    async def __aenter__(self) -> CircuitBreaker:
-        cm_push(self, await self.acquire_async())
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        permit: BreakerPermit = cm_pop(self)
-        await permit.__aexit__(exc_type, exc, tb)
 
     # -- state views ------------------------------------------------------------------------
 

@@ -26,10 +26,14 @@ over this protocol.
 from __future__ import annotations
 
 from types import TracebackType
+from typing import TypeVar
 
+from ._policy import cm_pop, cm_push
 from ._validate import require_seconds
 
-__all__ = ["Permit"]
+__all__ = ["Permit", "PermitGuard"]
+
+G = TypeVar("G", bound="PermitGuard")
 
 
 class Permit:
@@ -134,3 +138,42 @@ class Permit:
         if self._open:
             self._take()
             await self._settle_async(exc, None, failed=exc is not None)
+
+
+class PermitGuard:
+    """``with policy:`` and ``async with policy:`` over the policy's ``acquire()`` and
+    ``acquire_async()``: each entry takes its own permit (remembered per thread and task,
+    so concurrent and nested entries never mix them up) and each exit settles it from the
+    block's outcome."""
+
+    def acquire(self) -> Permit:
+        raise NotImplementedError
+
+    async def acquire_async(self) -> Permit:
+        raise NotImplementedError
+
+    def __enter__(self: G) -> G:
+        cm_push(self, self.acquire())
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        permit: Permit = cm_pop(self)
+        permit.__exit__(exc_type, exc, tb)
+
+    async def __aenter__(self: G) -> G:
+        cm_push(self, await self.acquire_async())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        permit: Permit = cm_pop(self)
+        await permit.__aexit__(exc_type, exc, tb)

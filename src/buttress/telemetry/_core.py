@@ -19,6 +19,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from buttress._drivers import guard_async, guard_sync
 from buttress._policy import Policy, cm_pop, cm_push
 from buttress._validate import check_name
 from buttress.clock import Clock
@@ -127,34 +128,10 @@ class Measured(Policy):
     # -- decoration ---------------------------------------------------------------------------
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        begin, end = self._begin, self._end
-
-        def measured(*args: Any, **kwargs: Any) -> Any:
-            state = begin()
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:
-                end(state, exc)
-                raise
-            end(state, None)
-            return result
-
-        return measured
+        return guard_sync(fn, self._begin, self._end)
 
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        begin, end = self._begin, self._end
-
-        async def measured(*args: Any, **kwargs: Any) -> Any:
-            state = begin()
-            try:
-                result = await fn(*args, **kwargs)
-            except BaseException as exc:
-                end(state, exc)
-                raise
-            end(state, None)
-            return result
-
-        return measured
+        return guard_async(fn, self._begin, self._end)
 
     # -- guarding a block ---------------------------------------------------------------------
 

@@ -1,0 +1,78 @@
+"""The thin drivers every guarding policy shares: run a call between ``enter`` and ``leave``.
+
+A policy that guards a call (a breaker's permit, a bulkhead's slot, a metric's timer)
+supplies two hooks: ``enter()`` before the call, returning whatever the policy needs to
+remember, and ``leave(state, exc)`` after it, with the call's exception or ``None``. The
+drivers are the only place that knows how to run a call around them, sync or async; only
+the waiting differs. Hot paths that inline their hooks (the in-process breaker and
+bulkhead) are the documented exceptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+__all__ = ["guard_async", "guard_async_io", "guard_sync"]
+
+S = TypeVar("S")
+
+
+def guard_sync(
+    fn: Callable[..., Any],
+    enter: Callable[[], S],
+    leave: Callable[[S, BaseException | None], object],
+) -> Callable[..., Any]:
+    """``fn`` (sync) run between ``enter()`` and ``leave(state, exc)``."""
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        state = enter()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            leave(state, exc)
+            raise
+        leave(state, None)
+        return result
+
+    return guarded
+
+
+def guard_async(
+    fn: Callable[..., Awaitable[Any]],
+    enter: Callable[[], S],
+    leave: Callable[[S, BaseException | None], object],
+) -> Callable[..., Awaitable[Any]]:
+    """``fn`` (async) run between sync hooks: they do no I/O, so no coroutine per call."""
+
+    async def guarded(*args: Any, **kwargs: Any) -> Any:
+        state = enter()
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            leave(state, exc)
+            raise
+        leave(state, None)
+        return result
+
+    return guarded
+
+
+def guard_async_io(
+    fn: Callable[..., Awaitable[Any]],
+    enter: Callable[[], Awaitable[S]],
+    leave: Callable[[S, BaseException | None], Awaitable[object]],
+) -> Callable[..., Awaitable[Any]]:
+    """``fn`` (async) run between awaited hooks (a shared store's I/O)."""
+
+    async def guarded(*args: Any, **kwargs: Any) -> Any:
+        state = await enter()
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            await leave(state, exc)
+            raise
+        await leave(state, None)
+        return result
+
+    return guarded
