@@ -188,4 +188,10 @@ def durations_as_timedelta() -> None:
     buttress.hedge(timedelta(milliseconds=50))
     buttress.cache(timedelta(minutes=5), stale_while_revalidate=timedelta(seconds=30))
     buttress.debounce(timedelta(milliseconds=200), max_wait=timedelta(seconds=1))
-    buttress.throttle(timedelta(seconds=1), name="poller")
+    assert_type(buttress.throttle(timedelta(seconds=1), name="poller"), buttress.Throttle)
+    assert_type(buttress.debounce(1, name="saver"), buttress.Debounce)
+
+
+@pipeline(buttress.debounce(0.5), retry(2))
+def debounced_in_pipeline(path: str) -> str:
+    return path
