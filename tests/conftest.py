@@ -110,9 +110,9 @@ def redis_url() -> str:
 @pytest.fixture
 def redis_prefix(redis_url: str) -> Iterator[str]:
     """A key prefix of this test's own; its keys are deleted afterwards."""
-    import redis
+    from services import import_client, unique
 
-    from services import unique
+    redis = import_client("redis", "redis", "Redis")
 
     prefix = unique("buttress-test:")
     yield prefix
@@ -136,9 +136,11 @@ def postgres_url() -> str:
 @pytest.fixture
 def postgres_schema(postgres_url: str) -> Iterator[str]:
     """A schema name of this test's own; the schema is dropped afterwards."""
-    import psycopg
+    from services import import_client, unique
 
-    from services import unique
+    # The session's postgres_url may have been resolved before psycopg went missing
+    # (tests/test_services.py does that on purpose): check the client here too.
+    psycopg = import_client("psycopg", "postgres", "PostgreSQL")
 
     schema = unique("buttress_test_")
     yield schema

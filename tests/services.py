@@ -1,16 +1,18 @@
 """Reaching the real Redis and PostgreSQL servers the backend tests run against.
 
 The URLs come from ``BUTTRESS_REDIS_URL`` / ``BUTTRESS_POSTGRES_URL`` and default to the
-loopback servers. When a server cannot be reached the test is skipped with the reason,
-except when ``CI`` is set: there a missing service is a failure, not a skip.
+loopback servers. When a server cannot be reached, or its client library (redis-py,
+psycopg) is not installed, the test is skipped with the reason, except when ``CI`` is
+set: there a missing service is a failure, not a skip.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import pytest
@@ -35,23 +37,40 @@ def _reachable(url: str, default_port: int) -> str | None:
         return f"{url} is unreachable ({exc})"
 
 
-def require(url: str, default_port: int, what: str) -> str:
-    """Return ``url`` when its server answers; skip (or fail on CI) otherwise."""
-    reason = _reachable(url, default_port)
-    if reason is None:
-        return url
-    message = f"{what} tests need a server: {reason}"
+def _unavailable(message: str) -> NoReturn:
     if os.environ.get("CI"):
         pytest.fail(f"{message} (CI is set, so a missing service is a failure)")
     pytest.skip(message)
 
 
+def import_client(module: str, extra: str, what: str) -> Any:
+    """The client library ``module``; skip (or fail on CI) when it is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        _unavailable(
+            f"{what} tests need a client library: the {module} package is not installed "
+            f"({exc}); pip install 'buttress[{extra}]'"
+        )
+
+
+def require(url: str, default_port: int, what: str, client: tuple[str, str] | None = None) -> str:
+    """Return ``url`` when its client library imports and its server answers; skip (or
+    fail on CI) otherwise. ``client`` is ``(module, extra)``, e.g. ``("psycopg", "postgres")``."""
+    if client is not None:
+        import_client(*client, what)
+    reason = _reachable(url, default_port)
+    if reason is None:
+        return url
+    _unavailable(f"{what} tests need a server: {reason}")
+
+
 def require_redis() -> str:
-    return require(REDIS_URL, 6379, "Redis")
+    return require(REDIS_URL, 6379, "Redis", client=("redis", "redis"))
 
 
 def require_postgres() -> str:
-    return require(POSTGRES_URL, 5432, "PostgreSQL")
+    return require(POSTGRES_URL, 5432, "PostgreSQL", client=("psycopg", "postgres"))
 
 
 def unique(prefix: str) -> str:

@@ -7,6 +7,7 @@ from itertools import pairwise
 
 import pytest
 
+import buttress
 from buttress import debounce, throttle
 from buttress.testing import FakeClock
 
@@ -193,3 +194,140 @@ def test_bad_options(factory, kwargs, message):
     """Bad options are rejected when the policy is built."""
     with pytest.raises((TypeError, ValueError), match=message):
         factory(**kwargs)
+
+
+# -- debounce and throttle are policies like the others ------------------------------------------
+
+
+def test_named_debounce_and_throttle_appear_in_state():
+    """name= registers them; state() groups them under their own kinds."""
+    from buttress.testing import isolated_registry
+
+    with isolated_registry():
+        clock = FakeClock()
+        saver = debounce(0.5, max_wait=2, name="autosave", clock=clock)
+        refresher = throttle(1.0, name="dashboard", clock=clock)
+
+        @saver
+        def save(text: str) -> str:
+            return text
+
+        @refresher
+        def refresh() -> str:
+            return "fresh"
+
+        save("a")
+        save("ab")
+        assert refresh() == "fresh"
+        state = buttress.state()
+        assert state["debounce"]["autosave"] == {
+            "kind": "debounce",
+            "name": "autosave",
+            "wait": 0.5,
+            "max_wait": 2.0,
+            "leading": False,
+            "trailing": True,
+            "calls": 2,
+            "executions": 0,
+            "pending": 1,
+        }
+        assert state["throttle"]["dashboard"] == {
+            "kind": "throttle",
+            "name": "dashboard",
+            "interval": 1.0,
+            "leading": True,
+            "trailing": True,
+            "calls": 1,
+            "executions": 1,
+            "pending": 0,
+        }
+        clock.advance(1)
+        assert saver.snapshot()["executions"] == 1
+        assert saver.snapshot()["pending"] == 0
+        assert buttress.health()["status"] == "pass"
+
+
+def test_names_are_unique_per_kind_and_registry_is_honoured():
+    """A second live debounce of one name is refused; registry= keeps a separate set."""
+    from buttress.testing import isolated_registry
+
+    with isolated_registry():
+        kept = debounce(1, name="n")
+        with pytest.raises(buttress.DuplicateNameError):
+            debounce(1, name="n")
+        throttle(1, name="n")  # another kind may share the name
+        other = buttress.Registry()
+        separate = debounce(1, name="n", registry=other)
+        assert other.get("debounce", "n") is separate
+        assert buttress.default_registry().get("debounce", "n") is kept
+
+
+def test_debounce_and_throttle_are_policies_with_the_common_options():
+    """They subclass Policy, expose clock, and validate listeners= and registry=."""
+    from buttress._policy import Policy
+
+    clock = FakeClock()
+    policy = throttle(2, clock=clock)
+    assert isinstance(policy, Policy)
+    assert isinstance(policy, buttress.Throttle)
+    assert isinstance(policy, buttress.Debounce)
+    assert policy.clock is clock
+    assert policy.interval == 2.0
+    with pytest.raises(TypeError, match="listeners must be a list"):
+        debounce(1, listeners=print)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"registry must be a buttress\.Registry"):
+        throttle(1, registry={})  # type: ignore[arg-type]
+
+
+def test_debounce_takes_timedelta():
+    """Durations may be given as timedelta, like everywhere else."""
+    from datetime import timedelta
+
+    policy = debounce(timedelta(milliseconds=250), max_wait=timedelta(seconds=1))
+    assert (policy.wait, policy.max_wait) == (0.25, 1.0)
+    assert throttle(timedelta(seconds=3)).interval == 3.0
+
+
+def test_debounce_inside_a_pipeline_sync():
+    """pipeline(debounce, retry): bursts collapse first, the execution is retried."""
+    clock = FakeClock()
+    calls: list[str] = []
+
+    @buttress.pipeline(debounce(0.5, clock=clock), buttress.retry(3, backoff=[0.0], clock=clock))
+    def push(value: str) -> str:
+        calls.append(value)
+        if len(calls) == 1:
+            raise ConnectionError("flaky")
+        return value
+
+    for value in "abc":
+        assert push(value) is None  # nothing has finished yet
+    clock.advance(0.5)
+    assert calls == ["c", "c"]  # one collapsed execution, retried once
+    assert push.__name__ == "push"
+
+
+def test_throttle_inside_a_pipeline_async():
+    """pipeline(throttle, timeout) on a coroutine function: one run per interval."""
+    clock = FakeClock()
+    runs: list[int] = []
+
+    @buttress.pipeline(throttle(1.0, clock=clock), buttress.timeout(5, clock=clock))
+    async def poll(n: int) -> int:
+        runs.append(n)
+        return n
+
+    async def main() -> list[int]:
+        first = await poll(1)  # leading edge: runs at once
+        late = [asyncio.ensure_future(poll(n)) for n in (2, 3)]
+        await clock.asleep(1.5)
+        return [first, *await asyncio.gather(*late)]
+
+    assert run(main) == [1, 3, 3]
+    assert runs == [1, 3]
+
+
+def test_debounce_cannot_guard_a_block_in_a_pipeline():
+    """It must call the function itself: `with pipeline(debounce...)` is refused clearly."""
+    with pytest.raises(TypeError, match="cannot guard a block"), buttress.pipeline(debounce(1)):
+        pass

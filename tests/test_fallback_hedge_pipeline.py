@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -59,6 +60,24 @@ def test_fallback_only_replaces_matching_errors(face):
     """Errors outside `on` propagate."""
     with pytest.raises(Boom):
         face.wrap(fallback(0, on=KeyError), boom)()
+
+
+def test_fallback_on_mixes_classes_and_predicates(face):
+    """on= takes classes and predicates mixed, like retry's on=."""
+
+    def status(code: int) -> Callable[[], None]:
+        def fail() -> None:
+            error = OSError(f"HTTP {code}")
+            error.status = code  # type: ignore[attr-defined]
+            raise error
+
+        return fail
+
+    policy = fallback("cached", on=[KeyError, lambda e: getattr(e, "status", 0) >= 500])
+    assert face.wrap(policy, status(503))() == "cached"
+    assert face.wrap(policy, lambda: {}["missing"])() == "cached"
+    with pytest.raises(OSError, match="HTTP 404"):
+        face.wrap(policy, status(404))()
 
 
 @pytest.mark.parametrize("exc_type", [asyncio.CancelledError, KeyboardInterrupt, SystemExit])

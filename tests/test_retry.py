@@ -7,6 +7,8 @@ import traceback
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import buttress
 from buttress import RetryBudget, RetryExhausted, backoff, events, retry
@@ -510,3 +512,26 @@ def test_every_buttress_error_survives_pickling(cls):
     assert type(copy) is cls
     assert str(copy) == str(error)
     assert copy.__dict__ == error.__dict__
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    attempts=st.integers(1, 8),
+    schedule=st.lists(st.floats(0, 5, allow_nan=False), min_size=1, max_size=4),
+    hints=st.lists(st.none() | st.floats(0, 10, allow_nan=False), min_size=8, max_size=8),
+)
+def test_retry_state_follows_the_schedule_then_gives_up(attempts, schedule, hints):
+    """For any schedule: attempts-1 delays (the last repeating, raised to each hint), then None."""
+    state = retry(attempts, backoff=schedule, clock=FakeClock()).start()
+    delays = []
+    for hint in hints:
+        delay = state.retry_result("again", retry_after=hint)
+        if delay is None:
+            break
+        delays.append(delay)
+    assert len(delays) == attempts - 1
+    assert state.attempt == attempts
+    for index, delay in enumerate(delays):
+        planned = schedule[min(index, len(schedule) - 1)]
+        hint = hints[index]
+        assert delay == (planned if hint is None else max(planned, hint))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -244,6 +246,20 @@ def _race(order: str, *, nested: bool = False) -> BaseException | None:
     return outcome[0]
 
 
+def _raised(start: Callable[[asyncio.AbstractEventLoop], Awaitable[asyncio.Task[Any]]]) -> object:
+    """Run ``start`` (which returns a task it set up) and return what the task raised."""
+
+    async def main() -> object:
+        task = await start(asyncio.get_running_loop())
+        try:
+            await task
+        except BaseException as exc:
+            return exc
+        return None
+
+    return asyncio.run(main())
+
+
 @pytest.mark.parametrize("order", ["outer-first", "timer-first"])
 def test_outer_cancel_as_the_timer_fires_stays_a_cancellation(branch, order):
     """Whichever comes first in the same tick, the caller's cancellation wins."""
@@ -272,10 +288,8 @@ def test_nested_timeouts_and_an_outer_cancel_stay_a_cancellation(branch, order):
 def test_an_outer_cancel_when_the_task_is_ready_to_run_stays_a_cancellation(branch):
     """The task's awaited future is done (it is about to resume) when both requests land."""
     clock = FakeClock(autojump=False)
-    outcome: list[BaseException] = []
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
+    async def start(loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any]:
         gate: asyncio.Future[None] = loop.create_future()
 
         async def guarded() -> None:
@@ -291,21 +305,16 @@ def test_an_outer_cancel_when_the_task_is_ready_to_run_stays_a_cancellation(bran
 
         loop.call_soon(resolve_and_cancel)
         clock.advance(5)
-        with pytest.raises(BaseException) as info:
-            await task
-        outcome.append(info.value)
+        return task
 
-    asyncio.run(main())
-    assert isinstance(outcome[0], asyncio.CancelledError)
+    assert isinstance(_raised(start), asyncio.CancelledError)
 
 
 def test_a_cancel_interrupted_by_the_timer_stays_a_cancellation(branch):
     """The caller's CancelledError is being handled (an await in cleanup) when the timer fires."""
     clock = FakeClock(autojump=False)
-    outcome: list[BaseException] = []
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
+    async def start(loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any]:
         cleaning = asyncio.Event()
 
         async def guarded() -> None:
@@ -321,12 +330,9 @@ def test_a_cancel_interrupted_by_the_timer_stays_a_cancellation(branch):
         task.cancel()
         await cleaning.wait()
         clock.advance(5)
-        with pytest.raises(BaseException) as info:
-            await task
-        outcome.append(info.value)
+        return task
 
-    asyncio.run(main())
-    assert isinstance(outcome[0], asyncio.CancelledError)
+    assert isinstance(_raised(start), asyncio.CancelledError)
 
 
 def test_the_310_path_leaves_the_task_as_it_found_it(monkeypatch):

@@ -16,6 +16,7 @@ from .circuit_breaker import CircuitBreaker as CircuitBreaker
 from .clock import Clock as Clock
 from .clock import SystemClock as SystemClock
 from .debounce import Debounce as Debounce
+from .debounce import Throttle as Throttle
 from .debounce import debounce as debounce
 from .debounce import throttle as throttle
 from .exceptions import BackendError as BackendError
@@ -89,6 +90,7 @@ __all__ = [
     "Step",
     "StepResult",
     "SystemClock",
+    "Throttle",
     "Timeout",
     "TimeoutExceeded",
     "backoff",

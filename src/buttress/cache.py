@@ -32,6 +32,7 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Iterable
+from datetime import timedelta
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -443,13 +444,13 @@ class Cache(Policy):
 
     def __init__(
         self,
-        ttl: float,
+        ttl: float | timedelta,
         *,
         maxsize: int = 1024,
         key: Callable[..., Hashable] | None = None,
         typed: bool = False,
-        stale_while_revalidate: float | None = None,
-        stale_if_error: float | None = None,
+        stale_while_revalidate: float | timedelta | None = None,
+        stale_if_error: float | timedelta | None = None,
         name: str | None = None,
         listeners: Iterable[_events.Listener] | None = None,
         registry: Registry | None = None,
@@ -626,13 +627,13 @@ class Cache(Policy):
 
 
 def cache(
-    ttl: float,
+    ttl: float | timedelta,
     *,
     maxsize: int = 1024,
     key: Callable[..., Hashable] | None = None,
     typed: bool = False,
-    stale_while_revalidate: float | None = None,
-    stale_if_error: float | None = None,
+    stale_while_revalidate: float | timedelta | None = None,
+    stale_if_error: float | timedelta | None = None,
     name: str | None = None,
     listeners: Iterable[_events.Listener] | None = None,
     registry: Registry | None = None,

@@ -24,15 +24,18 @@ import functools
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar, overload
+from collections.abc import Callable, Coroutine, Iterable
+from datetime import timedelta
+from typing import Any, ClassVar, ParamSpec, TypeVar, overload
 
-from ._policy import is_async_callable
-from ._validate import check_bool, check_decoratable, check_seconds
-from .clock import Clock, TimerHandle, resolve_clock
+from . import events as _events
+from ._policy import Policy, is_async_callable
+from ._validate import check_bool, check_decoratable, check_seconds, require_seconds
+from .clock import Clock, TimerHandle
 from .exceptions import ConfigValueError
+from .registry import Registry
 
-__all__ = ["Debounce", "debounce", "throttle"]
+__all__ = ["Debounce", "Throttle", "debounce", "throttle"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -259,27 +262,34 @@ def _consume(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-class Debounce:
-    """A debounce or throttle policy. Build it with :func:`debounce` or :func:`throttle`.
+class Debounce(Policy):
+    """A debounce policy. Build it with :func:`debounce` (or a :class:`Throttle` with
+    :func:`throttle`).
 
     Each decorated function gets its own state; :meth:`flush` and :meth:`cancel` act
-    on every function this policy decorated.
+    on every function this policy decorated. Like every policy it takes ``name=``
+    (and then appears in ``buttress.state()``), ``listeners=``, ``registry=`` and
+    ``clock=``, and it can be part of a :func:`~buttress.pipeline`.
     """
+
+    kind: ClassVar[str] = "debounce"
+    throttle: ClassVar[bool] = False
 
     def __init__(
         self,
-        wait: float,
+        wait: float | timedelta,
         *,
-        max_wait: float | None = None,
+        max_wait: float | timedelta | None = None,
         leading: bool = False,
         trailing: bool = True,
-        throttle: bool = False,
+        name: str | None = None,
+        listeners: Iterable[_events.Listener] | None = None,
+        registry: Registry | None = None,
         clock: Clock | None = None,
     ) -> None:
-        label = "interval" if throttle else "wait"
-        value = check_seconds(label, wait)
-        assert value is not None
-        self.wait = value
+        super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
+        label = "interval" if self.throttle else "wait"
+        self.wait = require_seconds(label, wait)
         self.max_wait = check_seconds("max_wait", max_wait, allow_none=True)
         if self.max_wait is not None and self.max_wait < self.wait:
             raise ConfigValueError(f"max_wait must be >= wait ({wait!r}), got {max_wait!r}")
@@ -290,12 +300,13 @@ class Debounce:
                 "at least one of leading or trailing must be True, got leading=False and "
                 "trailing=False (nothing would ever run)"
             )
-        self.throttle = throttle
-        self.clock: Clock = resolve_clock(clock)
         self._gates: weakref.WeakSet[_Gate] = weakref.WeakSet()
         self._gates_lock = threading.Lock()  # a WeakSet is not safe to change while iterated
+        self._register()
 
-    @overload
+    # A sync debounced call may return None (collapsed before any execution finished), so
+    # the sync overload is wider than Policy.__call__'s; the async one is the same.
+    @overload  # type: ignore[override]
     def __call__(
         self, fn: Callable[P, Coroutine[Any, Any, R]]
     ) -> Callable[P, Coroutine[Any, Any, R]]: ...
@@ -305,24 +316,36 @@ class Debounce:
 
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         check_decoratable(fn)
-        is_async = is_async_callable(fn)
+        wrapper = self._wrap_async(fn) if is_async_callable(fn) else self._wrap_sync(fn)
+        gate = wrapper.__buttress_gate__  # type: ignore[attr-defined]
+        functools.wraps(fn)(wrapper)
+        # functools.wraps copied fn's __dict__: an already debounced fn brought its own gate.
+        wrapper.__buttress_gate__ = gate  # type: ignore[attr-defined]
+        return wrapper
+
+    def _gate(self, fn: Callable[..., Any], is_async: bool) -> _Gate:
         gate = _Gate(self, fn, is_async)
         with self._gates_lock:
             self._gates.add(gate)
-        if is_async:
+        return gate
 
-            async def debounced_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await gate.call_async(args, kwargs)
+    def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        gate = self._gate(fn, is_async=False)
 
-            wrapper: Callable[P, Any] = debounced_async
-        else:
+        def debounced(*args: Any, **kwargs: Any) -> Any:
+            return gate.call_sync(args, kwargs)
 
-            def debounced(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return gate.call_sync(args, kwargs)
+        debounced.__buttress_gate__ = gate  # type: ignore[attr-defined]
+        return debounced
 
-            wrapper = debounced
-        wrapper.__buttress_gate__ = gate  # type: ignore[attr-defined]
-        return functools.wraps(fn)(wrapper)
+    def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        gate = self._gate(fn, is_async=True)
+
+        async def debounced_async(*args: Any, **kwargs: Any) -> Any:
+            return await gate.call_async(args, kwargs)
+
+        debounced_async.__buttress_gate__ = gate  # type: ignore[attr-defined]
+        return debounced_async
 
     def flush(self) -> None:
         """Run every owed trailing execution now (async ones on their loop)."""
@@ -339,21 +362,74 @@ class Debounce:
             return list(self._gates)
 
     def snapshot(self) -> dict[str, Any]:
+        """Options and counters over every decorated function (``pending``: functions
+        that owe a trailing execution)."""
         gates = self._all_gates()
-        return {
-            "kind": "throttle" if self.throttle else "debounce",
-            "wait": self.wait,
-            "calls": sum(g.calls for g in gates),
-            "executions": sum(g.executions for g in gates),
-        }
+        calls = executions = pending = 0
+        for gate in gates:
+            with gate.lock:
+                calls += gate.calls
+                executions += gate.executions
+                pending += bool(gate.pending and self.trailing)
+        out: dict[str, Any] = {"kind": self.kind, "name": self.name}
+        if self.throttle:
+            out["interval"] = self.wait
+        else:
+            out["wait"] = self.wait
+            out["max_wait"] = self.max_wait
+        out.update(
+            leading=self.leading,
+            trailing=self.trailing,
+            calls=calls,
+            executions=executions,
+            pending=pending,
+        )
+        return out
+
+
+class Throttle(Debounce):
+    """A throttle policy: at most one execution per ``interval``. Build it with
+    :func:`throttle`."""
+
+    kind: ClassVar[str] = "throttle"
+    throttle: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        interval: float | timedelta,
+        *,
+        leading: bool = True,
+        trailing: bool = True,
+        name: str | None = None,
+        listeners: Iterable[_events.Listener] | None = None,
+        registry: Registry | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__(
+            interval,
+            leading=leading,
+            trailing=trailing,
+            name=name,
+            listeners=listeners,
+            registry=registry,
+            clock=clock,
+        )
+
+    @property
+    def interval(self) -> float:
+        """Minimum seconds between executions."""
+        return self.wait
 
 
 def debounce(
-    wait: float,
+    wait: float | timedelta,
     *,
-    max_wait: float | None = None,
+    max_wait: float | timedelta | None = None,
     leading: bool = False,
     trailing: bool = True,
+    name: str | None = None,
+    listeners: Iterable[_events.Listener] | None = None,
+    registry: Registry | None = None,
     clock: Clock | None = None,
 ) -> Debounce:
     """Collapse calls closer than ``wait`` seconds into one execution with the latest arguments.
@@ -363,18 +439,33 @@ def debounce(
         max_wait: longest a burst may postpone an execution (default: unbounded).
         leading: run on the first call of a burst (default False).
         trailing: run after the burst with the latest arguments (default True).
+        name: registers the policy for ``state()``.
+        listeners: event listeners for this policy only.
+        registry: registry to join instead of the default one.
         clock: time source (default: the system clock).
     """
-    return Debounce(wait, max_wait=max_wait, leading=leading, trailing=trailing, clock=clock)
+    return Debounce(
+        wait,
+        max_wait=max_wait,
+        leading=leading,
+        trailing=trailing,
+        name=name,
+        listeners=listeners,
+        registry=registry,
+        clock=clock,
+    )
 
 
 def throttle(
-    interval: float,
+    interval: float | timedelta,
     *,
     leading: bool = True,
     trailing: bool = True,
+    name: str | None = None,
+    listeners: Iterable[_events.Listener] | None = None,
+    registry: Registry | None = None,
     clock: Clock | None = None,
-) -> Debounce:
+) -> Throttle:
     """Run at most once per ``interval`` seconds.
 
     Args:
@@ -382,6 +473,17 @@ def throttle(
         leading: run the first call at once (default True).
         trailing: run once more at the end of the interval with the latest arguments if
             calls arrived during it (default True).
+        name: registers the policy for ``state()``.
+        listeners: event listeners for this policy only.
+        registry: registry to join instead of the default one.
         clock: time source (default: the system clock).
     """
-    return Debounce(interval, leading=leading, trailing=trailing, throttle=True, clock=clock)
+    return Throttle(
+        interval,
+        leading=leading,
+        trailing=trailing,
+        name=name,
+        listeners=listeners,
+        registry=registry,
+        clock=clock,
+    )

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import events as _events
 from ._policy import Policy, cm_pop, cm_push
-from ._validate import check_callable, check_exception_types
+from ._validate import ExceptionFilter, check_callable, check_exception_filter
 from .clock import Clock
 from .exceptions import ConfigValueError
 from .registry import Registry
@@ -22,6 +22,10 @@ from .registry import Registry
 __all__ = ["Fallback", "FallbackOutcome", "fallback"]
 
 _MISSING: Any = object()
+
+# What on= accepts, as for retry: an exception class, a predicate, or a tuple or list mixing them.
+_Matcher = type[BaseException] | Callable[[BaseException], object]
+_ExceptionSpec = _Matcher | tuple[_Matcher, ...] | list[_Matcher]
 
 
 class FallbackOutcome:
@@ -48,7 +52,7 @@ class Fallback(Policy):
         value: Any = _MISSING,
         *,
         handler: Callable[[BaseException], Any] | None = None,
-        on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        on: _ExceptionSpec = Exception,
         name: str | None = None,
         listeners: Iterable[_events.Listener] | None = None,
         registry: Registry | None = None,
@@ -64,13 +68,13 @@ class Fallback(Policy):
             )
         self.value = None if value is _MISSING else value
         self.handler = check_callable("handler", handler, allow_none=True)
-        self.on = check_exception_types("on", on)
+        self.on: ExceptionFilter = check_exception_filter("on", on)
         self._used = 0
         self._lock = threading.Lock()
         self._register()
 
     def _matches(self, exc: BaseException) -> bool:
-        return isinstance(exc, Exception) and isinstance(exc, self.on)
+        return isinstance(exc, Exception) and self.on(exc)
 
     def _replacement(self, exc: BaseException) -> Any:
         with self._lock:
@@ -146,7 +150,7 @@ def fallback(
     value: Any = _MISSING,
     *,
     handler: Callable[[BaseException], Any] | None = None,
-    on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+    on: _ExceptionSpec = Exception,
     name: str | None = None,
     listeners: Iterable[_events.Listener] | None = None,
     registry: Registry | None = None,
@@ -158,7 +162,8 @@ def fallback(
         value: the replacement value.
         handler: instead of ``value``, a function of the exception; for async functions
             it may be async too.
-        on: exception class(es) to replace (default ``Exception``).
+        on: what to replace: an exception class, a predicate ``exc -> bool``, or a tuple
+            or list mixing them, as retry's ``on`` (default ``Exception``).
         name: registers the policy for ``state()``.
         listeners: event listeners for this policy only.
         registry: registry to join instead of the default one.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from typing import Any
 
 from . import events as _events
@@ -32,7 +33,7 @@ class Hedge(Policy):
 
     def __init__(
         self,
-        delay: float,
+        delay: float | timedelta,
         *,
         max_hedged: int = 1,
         name: str | None = None,
@@ -138,7 +139,7 @@ class Hedge(Policy):
 
 
 def hedge(
-    delay: float,
+    delay: float | timedelta,
     *,
     max_hedged: int = 1,
     name: str | None = None,

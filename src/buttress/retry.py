@@ -13,6 +13,7 @@ import math
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
@@ -79,7 +80,7 @@ class RetryBudget:
         self,
         ratio: float = 0.2,
         *,
-        window: float = 10.0,
+        window: float | timedelta = 10.0,
         min_per_second: float = 10.0,
         clock: Clock | None = None,
     ) -> None:
@@ -295,7 +296,7 @@ class Retry(Policy):
         on: ExceptionSpec = Exception,
         retry_if_result: Callable[[Any], bool] | None = None,
         backoff: Iterable[float] | None = None,
-        deadline: float | None = None,
+        deadline: float | timedelta | None = None,
         budget: RetryBudget | None = None,
         name: str | None = None,
         listeners: Iterable[_events.Listener] | None = None,
@@ -546,7 +547,7 @@ def retry(
     on: ExceptionSpec = Exception,
     retry_if_result: Callable[[Any], bool] | None = None,
     backoff: Iterable[float] | None = None,
-    deadline: float | None = None,
+    deadline: float | timedelta | None = None,
     budget: RetryBudget | None = None,
     name: str | None = None,
     listeners: Iterable[_events.Listener] | None = None,

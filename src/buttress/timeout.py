@@ -25,6 +25,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable
 from contextvars import Token
+from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
@@ -196,7 +197,7 @@ class Timeout(Policy):
 
     def __init__(
         self,
-        seconds: float,
+        seconds: float | timedelta,
         *,
         name: str | None = None,
         listeners: Iterable[_events.Listener] | None = None,
@@ -330,7 +331,7 @@ class Timeout(Policy):
 
 
 def timeout(
-    seconds: float,
+    seconds: float | timedelta,
     *,
     name: str | None = None,
     listeners: Iterable[_events.Listener] | None = None,

@@ -177,3 +177,21 @@ def retry_state_usage() -> None:
     assert_type(state.on_success(), None)
     error = timeout(1).expired(ValueError())
     assert_type(error, buttress.TimeoutExceeded)
+
+
+def durations_as_timedelta() -> None:
+    from datetime import timedelta
+
+    retry(3, deadline=timedelta(seconds=5))
+    buttress.RetryBudget(window=timedelta(seconds=30))
+    timeout(timedelta(milliseconds=1500))
+    buttress.hedge(timedelta(milliseconds=50))
+    buttress.cache(timedelta(minutes=5), stale_while_revalidate=timedelta(seconds=30))
+    buttress.debounce(timedelta(milliseconds=200), max_wait=timedelta(seconds=1))
+    assert_type(buttress.throttle(timedelta(seconds=1), name="poller"), buttress.Throttle)
+    assert_type(buttress.debounce(1, name="saver"), buttress.Debounce)
+
+
+@pipeline(buttress.debounce(0.5), retry(2))
+def debounced_in_pipeline(path: str) -> str:
+    return path
