@@ -3,9 +3,10 @@
 A module in one of these packages may import from another buttress module only names
 that are public (no leading underscore), and only from public modules, with one
 exception: the public names of the shared helper modules directly under the package
-(``buttress._validate``, ``buttress._deadline``, ``buttress._policy``, ``buttress._drivers``). It may not touch
-a ``_``-prefixed attribute that its own package does not define (``breaker._acquire()``,
-``policy._wrap_sync(fn)``): those are another module's internals.
+(``buttress._validate``, ``buttress._deadline``, ``buttress._policy``,
+``buttress._drivers``). It may not touch a ``_``-prefixed attribute that its own
+package does not define (``breaker._acquire()``, ``policy._wrap_sync(fn)``): those are
+another module's internals.
 """
 
 from __future__ import annotations
