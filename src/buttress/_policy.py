@@ -12,6 +12,7 @@ import functools
 import inspect
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
+from types import TracebackType
 from typing import Any, ClassVar, ParamSpec, TypeVar
 
 from . import events as _events
@@ -20,7 +21,12 @@ from .clock import Clock, resolve_clock
 from .exceptions import ConfigTypeError
 from .registry import Registry, default_registry
 
-__all__ = ["Policy", "is_async_callable"]
+__all__ = ["ExcType", "Policy", "Traceback", "is_async_callable"]
+
+ExcType = type[BaseException] | None
+"""The first argument of ``__exit__``: the block's exception type, or ``None``."""
+Traceback = TracebackType | None
+"""The third argument of ``__exit__``: the block's traceback, or ``None``."""
 
 P = ParamSpec("P")
 R = TypeVar("R")

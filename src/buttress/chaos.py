@@ -39,11 +39,10 @@ import random
 import secrets
 import threading
 from collections.abc import Callable, Iterable
-from types import TracebackType
 from typing import Any, ClassVar, Literal, cast
 
 from . import events as _events
-from ._policy import Policy
+from ._policy import ExcType, Policy, Traceback
 from ._validate import check_number, require_seconds
 from .clock import Clock
 from .events import ChaosInjected  # defined in buttress.events; importable here too
@@ -159,12 +158,7 @@ class ChaosSwitch:
     def __enter__(self) -> ChaosSwitch:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         with _switch.lock:
             _switch.state = self._previous
 
@@ -374,23 +368,13 @@ class Fault(Chaos):
             _raise_injected(self)
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         return None
 
     async def __aenter__(self) -> Fault:
         return self.__enter__()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         return None
 
     def snapshot(self) -> dict[str, Any]:
@@ -497,12 +481,7 @@ class Latency(Chaos):
             self._clock.sleep(delay)
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         return None
 
     async def __aenter__(self) -> Latency:
@@ -511,12 +490,7 @@ class Latency(Chaos):
             await self._clock.asleep(delay)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         return None
 
     def snapshot(self) -> dict[str, Any]:

@@ -9,11 +9,10 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import Callable, Iterable
-from types import TracebackType
 from typing import Any
 
 from . import events as _events
-from ._policy import Policy, cm_pop, cm_push
+from ._policy import ExcType, Policy, Traceback, cm_pop, cm_push
 from ._validate import ExceptionFilter, check_callable, check_exception_filter
 from .clock import Clock
 from .exceptions import ConfigValueError
@@ -118,12 +117,7 @@ class Fallback(Policy):
         cm_push(self, outcome)
         return outcome
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
+    def __exit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> bool:
         outcome: FallbackOutcome = cm_pop(self)
         if exc is None or not self._matches(exc):
             return False
@@ -134,12 +128,7 @@ class Fallback(Policy):
     async def __aenter__(self) -> FallbackOutcome:
         return self.__enter__()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
+    async def __aexit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> bool:
         return self.__exit__(exc_type, exc, tb)
 
     def snapshot(self) -> dict[str, Any]:

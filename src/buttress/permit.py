@@ -25,10 +25,9 @@ over this protocol.
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import TypeVar
 
-from ._policy import cm_pop, cm_push
+from ._policy import ExcType, Traceback, cm_pop, cm_push
 from ._validate import require_seconds
 
 __all__ = ["Permit", "PermitGuard"]
@@ -116,12 +115,7 @@ class Permit:
     def __enter__(self) -> Permit:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         if self._open:  # settled inside the block by hand: nothing left to do
             self._take()
             self._settle(exc, None, failed=exc is not None)
@@ -129,12 +123,7 @@ class Permit:
     async def __aenter__(self) -> Permit:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         if self._open:
             self._take()
             await self._settle_async(exc, None, failed=exc is not None)
@@ -156,12 +145,7 @@ class PermitGuard:
         cm_push(self, self.acquire())
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         permit: Permit = cm_pop(self)
         permit.__exit__(exc_type, exc, tb)
 
@@ -169,11 +153,6 @@ class PermitGuard:
         cm_push(self, await self.acquire_async())
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         permit: Permit = cm_pop(self)
         await permit.__aexit__(exc_type, exc, tb)

@@ -14,7 +14,7 @@ from contextlib import AsyncExitStack, ExitStack
 from types import TracebackType
 from typing import Any
 
-from ._policy import Policy, cm_pop, cm_push
+from ._policy import ExcType, Policy, Traceback, cm_pop, cm_push
 from .exceptions import ConfigTypeError, ConfigValueError
 
 __all__ = ["Pipeline", "pipeline"]
@@ -82,12 +82,7 @@ class Pipeline(Policy):
             cm_push(self, stack.pop_all())
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
+    def __exit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> bool | None:
         stack: ExitStack = cm_pop(self)
         return stack.__exit__(exc_type, exc, tb)
 

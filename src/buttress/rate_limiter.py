@@ -26,13 +26,12 @@ import threading
 import weakref
 from collections.abc import Callable, Hashable, Iterable
 from datetime import timedelta
-from types import TracebackType
 from typing import Any
 
 from . import events as _events
 from ._counter import Counter
 from ._deadline import remaining
-from ._policy import Policy
+from ._policy import ExcType, Policy, Traceback
 from ._validate import check_int, check_number, check_seconds, require_seconds
 from ._waiters import Waiter, WaiterQueue
 from .backends import LimiterBinding, LimiterStore, check_store
@@ -551,24 +550,14 @@ class RateLimiter(Policy):
         self.acquire()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         return None
 
     async def __aenter__(self) -> RateLimiter:
         await self.acquire_async()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         return None
 
     # -- state views ------------------------------------------------------------------------

@@ -14,13 +14,12 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
-from types import TracebackType
 from typing import Any
 
 from . import events as _events
 from ._config import config
 from ._deadline import remaining
-from ._policy import Policy
+from ._policy import ExcType, Policy, Traceback
 from ._validate import (
     ExceptionFilter,
     ExceptionSpec,
@@ -477,12 +476,7 @@ class Attempt:
         self._loop._entered = True
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
+    def __exit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> bool:
         loop = self._loop
         if exc is None:
             loop._finished = True

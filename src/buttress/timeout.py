@@ -26,13 +26,12 @@ import weakref
 from collections.abc import Callable, Iterable
 from contextvars import Token
 from datetime import timedelta
-from types import TracebackType
 from typing import Any
 
 from . import events as _events
 from ._counter import Counter
 from ._deadline import reset_deadline, set_deadline
-from ._policy import Policy, cm_pop, cm_push
+from ._policy import ExcType, Policy, Traceback, cm_pop, cm_push
 from ._validate import require_seconds
 from .clock import Clock, TimerHandle
 from .exceptions import TimeoutExceeded
@@ -276,12 +275,7 @@ class Timeout(Policy):
         cm_push(self, self._enter_async())
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         error = self._exit_async(cm_pop(self), exc)
         if error is not None:
             raise error from exc
@@ -310,12 +304,7 @@ class Timeout(Policy):
         cm_push(self, (seconds, token, self._clock.now()))
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         seconds, token, started = cm_pop(self)
         reset_deadline(token)
         if exc is None and self._clock.now() - started > seconds:

@@ -16,11 +16,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 from buttress._drivers import guard_async, guard_sync
-from buttress._policy import Policy, cm_pop, cm_push
+from buttress._policy import ExcType, Policy, Traceback, cm_pop, cm_push
 from buttress._validate import check_name
 from buttress.clock import Clock
 from buttress.exceptions import ConfigTypeError, RejectedError
@@ -139,23 +138,13 @@ class Measured(Policy):
         cm_push(self, self._begin())
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         self._end(cm_pop(self), exc)
 
     async def __aenter__(self) -> Measured:
         return self.__enter__()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         self.__exit__(exc_type, exc, tb)
 
     def snapshot(self) -> dict[str, Any]:
