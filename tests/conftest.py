@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 from buttress._config import config
 from buttress.chaos import _switch as chaos_switch
 from buttress.testing import FakeClock, isolated_registry
+from services import Cluster
 
 
 @pytest.fixture(autouse=True)
@@ -146,3 +149,20 @@ def postgres_schema(postgres_url: str) -> Iterator[str]:
     yield schema
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A real three-node Redis Cluster of the tests' own, started once per session (skips,
+    or fails on CI, when redis-server is not installed)."""
+    if shutil.which("redis-server") is None:
+        reason = "redis-server is not on PATH (needed to start a Redis Cluster)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    own = Cluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        own.start()
+        yield own
+    finally:
+        own.stop()

@@ -11,7 +11,10 @@ from __future__ import annotations
 import importlib
 import os
 import socket
+import subprocess
+import time
 import uuid
+from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -99,3 +102,105 @@ class Stores:
     def close(self) -> None:
         for store in self.made:
             store.close()
+
+
+# -- a Redis Cluster of the tests' own ---------------------------------------------------
+
+NODES = 3
+BUS_OFFSET = 10_000  # a Cluster node also listens on port + 10000 for its peers
+
+
+def _ports(count: int) -> list[int]:
+    """Free loopback ports whose cluster-bus port (+10000) is free as well."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port + BUS_OFFSET > 65535 or port in ports:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + BUS_OFFSET))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+class Cluster:
+    """Three redis-server nodes on spare loopback ports, every slot assigned."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.ports = _ports(NODES)
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}"
+
+    def start(self) -> None:
+        import redis
+
+        for port in self.ports:
+            home = self.directory / str(port)
+            home.mkdir()
+            self.processes.append(
+                subprocess.Popen(
+                    [
+                        "redis-server",
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        str(home / "nodes.conf"),
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(home),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                )
+            )
+        for port in self.ports:
+            self._wait(lambda client: client.ping(), port, "start")
+        # Assign every slot (an equal range per node), then introduce the nodes.
+        per_node = -(-16384 // NODES)
+        for i, port in enumerate(self.ports):
+            with redis.Redis(port=port, socket_timeout=5) as node:
+                slots = range(i * per_node, min((i + 1) * per_node, 16384))
+                node.execute_command("CLUSTER", "ADDSLOTS", *slots)
+                if i:
+                    node.execute_command("CLUSTER", "MEET", "127.0.0.1", self.ports[0])
+        for port in self.ports:
+            self._wait(
+                lambda client: client.cluster("info")["cluster_state"] == "ok", port, "agree"
+            )
+
+    @staticmethod
+    def _wait(ready: Any, port: int, what: str) -> None:
+        import redis
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            client = redis.Redis(port=port, socket_timeout=0.5, decode_responses=True)
+            try:
+                if ready(client):
+                    return
+            except redis.RedisError:
+                pass
+            finally:
+                client.close()
+            time.sleep(0.05)
+        raise RuntimeError(f"the Redis Cluster node on port {port} did not {what}")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.kill()
+            process.wait()

@@ -269,6 +269,17 @@ def test_a_transition_in_one_process_is_seen_by_the_others(stores: Stores) -> No
     assert _call(a, lambda: "ok") == "ok"
 
 
+def test_forcing_a_shared_breaker_emits_each_transition_once(stores: Stores) -> None:
+    """open() and close() emit one CircuitStateChanged each (not a second one from the
+    in-process fallback kept in step with Redis)."""
+    breaker = CircuitBreaker("forced", store=stores(RedisBreakerStore))
+    with capture_events() as events:
+        breaker.open()
+        breaker.close()
+    moves = [(e.old, e.new) for e in events if isinstance(e, buttress.events.CircuitStateChanged)]
+    assert moves == [("closed", "open"), ("open", "closed")]
+
+
 def test_failures_from_several_processes_add_up(stores: Stores) -> None:
     breakers = [
         CircuitBreaker(

@@ -7,13 +7,8 @@ server."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,115 +32,7 @@ from buttress.backends.redis import (
     RedisIdempotencyStore,
     RedisRateLimiterStore,
 )
-from services import Stores, unique
-
-NODES = 3
-BUS_OFFSET = 10_000  # a Cluster node also listens on port + 10000 for its peers
-
-
-def _ports(count: int) -> list[int]:
-    """Free loopback ports whose cluster-bus port (+10000) is free as well."""
-    ports: list[int] = []
-    while len(ports) < count:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port + BUS_OFFSET > 65535 or port in ports:
-            continue
-        with socket.socket() as bus:
-            try:
-                bus.bind(("127.0.0.1", port + BUS_OFFSET))
-            except OSError:
-                continue
-        ports.append(port)
-    return ports
-
-
-class Cluster:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.ports = _ports(NODES)
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.ports[0]}"
-
-    def start(self) -> None:
-        for port in self.ports:
-            home = self.directory / str(port)
-            home.mkdir()
-            self.processes.append(
-                subprocess.Popen(
-                    [
-                        "redis-server",
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        str(home / "nodes.conf"),
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--dir",
-                        str(home),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                )
-            )
-        for port in self.ports:
-            self._wait(lambda client: client.ping(), port, "start")
-        # Assign every slot (an equal range per node), then introduce the nodes.
-        per_node = -(-16384 // NODES)
-        for i, port in enumerate(self.ports):
-            with redis.Redis(port=port, socket_timeout=5) as node:
-                slots = range(i * per_node, min((i + 1) * per_node, 16384))
-                node.execute_command("CLUSTER", "ADDSLOTS", *slots)
-                if i:
-                    node.execute_command("CLUSTER", "MEET", "127.0.0.1", self.ports[0])
-        for port in self.ports:
-            self._wait(
-                lambda client: client.cluster("info")["cluster_state"] == "ok", port, "agree"
-            )
-
-    @staticmethod
-    def _wait(ready: Any, port: int, what: str) -> None:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            client = redis.Redis(port=port, socket_timeout=0.5, decode_responses=True)
-            try:
-                if ready(client):
-                    return
-            except redis.RedisError:
-                pass
-            finally:
-                client.close()
-            time.sleep(0.05)
-        raise RuntimeError(f"the Redis Cluster node on port {port} did not {what}")
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.kill()
-            process.wait()
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    if shutil.which("redis-server") is None:
-        reason = "redis-server is not on PATH (needed to start a Redis Cluster)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    own = Cluster(tmp_path_factory.mktemp("redis-cluster"))
-    try:
-        own.start()
-        yield own
-    finally:
-        own.stop()
+from services import NODES, Cluster, Stores, unique
 
 
 @pytest.fixture

@@ -593,8 +593,11 @@ class RedisBreakerBinding:
             str(breaker.window),
             str(breaker.minimum_calls),
         )
-        # what "local" mode falls back to while Redis is down: the in-process state machine
+        # what "local" mode falls back to while Redis is down: the in-process state machine.
+        # It reports its transitions only while it stands in for Redis: force() keeps it in
+        # step with the shared state, whose transitions _read() has already emitted.
         self.fallback = LocalBreaker(breaker)
+        self.fallback.emit = self._fallback_emit
         self.lock = threading.Lock()
         # successes not yet reported, all admitted under generation `pending_gen`
         self.pending = 0
@@ -607,6 +610,10 @@ class RedisBreakerBinding:
         self.open_until = 0.0  # local clock: when an open circuit may be probed
         self.forced = False
         self.last: dict[str, Any] = {}
+
+    def _fallback_emit(self, event_type: type[_events.Event], **fields: Any) -> None:
+        if self.gate.degraded:
+            self.emit(event_type, **fields)
 
     # -- talking to Redis -------------------------------------------------------------------
 
