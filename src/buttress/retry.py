@@ -284,7 +284,28 @@ class RetryState:
 
 
 class Retry(Policy):
-    """Retry a call that fails with a transient error. Build it with :func:`retry`."""
+    """Retry a call that fails with a transient error (``retry(...)`` builds one).
+
+    Args:
+        attempts: total attempts including the first (default 3, >= 1).
+        on: what to retry: an exception class, a predicate ``exc -> bool``, or a tuple or
+            list mixing them (default ``Exception``); an error is retried when it is an
+            instance of one of the classes or a predicate returns true for it.
+            ``CancelledError``, ``KeyboardInterrupt`` and ``SystemExit`` are never retried.
+            A :class:`CircuitOpenError` ends the retries at once (fail fast) unless ``on``
+            names it (or :class:`RejectedError`) by class; predicates are not asked about
+            it. When named, the wait honours its ``retry_after``.
+        retry_if_result: predicate on a returned value; true means "retry". On the last
+            attempt a rejected result raises :class:`RetryExhausted` carrying it.
+        backoff: iterable of delays in seconds, at least one (default
+            ``backoff.exponential(0.1, 2.0, 10.0, "full")``); its last delay repeats.
+        deadline: total seconds for all attempts and sleeps; no sleep crosses it.
+        budget: a shared :class:`RetryBudget`.
+        name: registers the policy for ``state()``.
+        listeners: event listeners for this policy only.
+        registry: registry to join instead of the default one.
+        clock: time source (default: the system clock).
+    """
 
     kind = "retry"
 
@@ -535,50 +556,5 @@ class _Attempts:
             raise StopAsyncIteration from None
 
 
-def retry(
-    attempts: int = 3,
-    *,
-    on: ExceptionSpec = Exception,
-    retry_if_result: Callable[[Any], bool] | None = None,
-    backoff: Iterable[float] | None = None,
-    deadline: float | timedelta | None = None,
-    budget: RetryBudget | None = None,
-    name: str | None = None,
-    listeners: Iterable[_events.Listener] | None = None,
-    registry: Registry | None = None,
-    clock: Clock | None = None,
-) -> Retry:
-    """Build a retry policy.
-
-    Args:
-        attempts: total attempts including the first (default 3, >= 1).
-        on: what to retry: an exception class, a predicate ``exc -> bool``, or a tuple or
-            list mixing them (default ``Exception``); an error is retried when it is an
-            instance of one of the classes or a predicate returns true for it.
-            ``CancelledError``, ``KeyboardInterrupt`` and ``SystemExit`` are never retried.
-            A :class:`CircuitOpenError` ends the retries at once (fail fast) unless ``on``
-            names it (or :class:`RejectedError`) by class; predicates are not asked about
-            it. When named, the wait honours its ``retry_after``.
-        retry_if_result: predicate on a returned value; true means "retry". On the last
-            attempt a rejected result raises :class:`RetryExhausted` carrying it.
-        backoff: iterable of delays in seconds, at least one (default
-            ``backoff.exponential(0.1, 2.0, 10.0, "full")``); its last delay repeats.
-        deadline: total seconds for all attempts and sleeps; no sleep crosses it.
-        budget: a shared :class:`RetryBudget`.
-        name: registers the policy for ``state()``.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source (default: the system clock).
-    """
-    return Retry(
-        attempts,
-        on=on,
-        retry_if_result=retry_if_result,
-        backoff=backoff,
-        deadline=deadline,
-        budget=budget,
-        name=name,
-        listeners=listeners,
-        registry=registry,
-        clock=clock,
-    )
+retry = Retry
+"""Build a retry policy: ``retry(3, on=ConnectionError)`` (the same as :class:`Retry`)."""

@@ -190,7 +190,15 @@ def _settle_cancel(scope: _Scope, exc: BaseException | None) -> bool:
 
 
 class Timeout(Policy):
-    """A time limit for a call or a block. Build it with :func:`timeout`."""
+    """A time limit for a call (decorator) or a block (``with`` / ``async with``).
+
+    Args:
+        seconds: the time limit (> 0, an int, float or timedelta).
+        name: registers the policy for ``state()``.
+        listeners: event listeners for this policy only.
+        registry: registry to join instead of the default one.
+        clock: time source (default: the system clock).
+    """
 
     kind = "timeout"
 
@@ -319,21 +327,6 @@ class Timeout(Policy):
         }
 
 
-def timeout(
-    seconds: float | timedelta,
-    *,
-    name: str | None = None,
-    listeners: Iterable[_events.Listener] | None = None,
-    registry: Registry | None = None,
-    clock: Clock | None = None,
-) -> Timeout:
-    """Limit a call (decorator) or a block (``with`` / ``async with``) to ``seconds``.
-
-    Args:
-        seconds: the time limit (> 0, an int, float or timedelta).
-        name: registers the policy for ``state()``.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source (default: the system clock).
-    """
-    return Timeout(seconds, name=name, listeners=listeners, registry=registry, clock=clock)
+timeout = Timeout
+"""Limit a call (decorator) or a block (``with`` / ``async with``): the same as
+:class:`Timeout`."""

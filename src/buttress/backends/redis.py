@@ -1140,7 +1140,7 @@ class _Poll:
         if self.budget is not None:
             left = self.budget - (binding.clock.now() - self.started)
             if left <= 0:
-                if self.waited:
+                if self.budget > 0:  # allowed to wait, and the time ran out
                     raise BulkheadFull(
                         f"{binding.label} is full: no slot freed up in time",
                         name=binding.name,
