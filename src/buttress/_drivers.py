@@ -10,12 +10,13 @@ bulkhead) are the documented exceptions.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
-__all__ = ["guard_async", "guard_async_io", "guard_sync"]
+__all__ = ["Plan", "Step", "guard_async", "guard_async_io", "guard_sync", "pump_async", "pump_sync"]
 
 S = TypeVar("S")
+R = TypeVar("R")
 
 
 def guard_sync(
@@ -76,3 +77,48 @@ def guard_async_io(
         return result
 
     return guarded
+
+
+# -- sans-I/O plans -------------------------------------------------------------------------
+
+Step = tuple[Callable[..., Any] | None, Callable[..., Awaitable[Any]] | None, tuple[Any, ...]]
+"""One I/O step of a plan: ``(sync_call, async_call, args)``. The sync pump calls the first,
+the async pump awaits the second; the step's result (or exception) goes back into the plan."""
+
+Plan = Generator[Step, Any, R]
+"""A generator that makes every decision and yields its I/O as steps (httpx's ``auth_flow``
+idea): one plan serves both faces."""
+
+
+def pump_sync(plan: Plan[R]) -> R:
+    """Run a plan with blocking calls; its return value is the result."""
+    try:
+        step = next(plan)
+        while True:
+            call, _, args = step
+            assert call is not None
+            try:
+                result = call(*args)
+            except BaseException as exc:
+                step = plan.throw(exc)
+            else:
+                step = plan.send(result)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def pump_async(plan: Plan[R]) -> R:
+    """Run a plan on the event loop, awaiting each step."""
+    try:
+        step = next(plan)
+        while True:
+            _, call, args = step
+            assert call is not None
+            try:
+                result = await call(*args)
+            except BaseException as exc:
+                step = plan.throw(exc)
+            else:
+                step = plan.send(result)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]

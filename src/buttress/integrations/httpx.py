@@ -37,14 +37,15 @@ from __future__ import annotations
 import email.utils
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextvars import Token
-from datetime import timezone
-from typing import Any, Literal
+from datetime import timedelta, timezone
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import httpx
 
 from buttress._deadline import remaining, reset_deadline, set_deadline
+from buttress._drivers import Plan, pump_async, pump_sync
 from buttress._validate import require_seconds
 from buttress.backends import check_store
 from buttress.bulkhead import Bulkhead, BulkheadPermit
@@ -79,6 +80,7 @@ _MIN_TIMEOUT = 0.001
 _CLAMP_SLACK = 0.001
 
 _Deadline = Token[Any]
+T = TypeVar("T", httpx.BaseTransport, httpx.AsyncBaseTransport)
 
 
 def parse_retry_after(
@@ -177,24 +179,35 @@ def _options(
     return options
 
 
-class _Resilience:
-    """Configuration and per-host state shared by the sync and the async transport."""
+class _Resilience(Generic[T]):
+    """Configuration, per-host state and the plan of an exchange, shared by the sync and
+    the async transport (they differ only in their inner transport and their pump)."""
+
+    _inner: ClassVar[type[Any]]  # what the inner transport must be
+    _default: ClassVar[type[Any]]  # the inner transport's class when none is given
 
     def __init__(
         self,
+        transport: T | None = None,
         *,
-        name: str | None,
-        retry: Retry | int | None,
-        retry_methods: Iterable[str],
-        retry_statuses: Iterable[int],
-        max_retry_after: float,
-        breaker: CircuitBreaker | Mapping[str, Any] | None,
-        limiter: RateLimiter | Mapping[str, Any] | None,
-        bulkhead: Bulkhead | Mapping[str, Any] | None,
-        timeout: Timeout | float | None,
-        registry: Registry | None,
-        clock: Clock | None,
+        name: str | None = None,
+        retry: Retry | int | None = 3,
+        retry_methods: Iterable[str] = IDEMPOTENT_METHODS,
+        retry_statuses: Iterable[int] = RETRY_STATUSES,
+        max_retry_after: float | timedelta = 60.0,
+        breaker: CircuitBreaker | Mapping[str, Any] | None = None,
+        limiter: RateLimiter | Mapping[str, Any] | None = None,
+        bulkhead: Bulkhead | Mapping[str, Any] | None = None,
+        timeout: Timeout | float | timedelta | None = None,
+        registry: Registry | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        if transport is not None and not isinstance(transport, self._inner):
+            raise ConfigTypeError(
+                f"transport must be an httpx.{self._inner.__name__}, got {transport!r} "
+                f"({type(transport).__name__})"
+            )
+        self.transport: T = transport if transport is not None else self._default()
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise ConfigValueError(f"name must be a non-empty string or None, got {name!r}")
         self.name = name
@@ -323,6 +336,48 @@ class _Resilience:
                 return existing
         return factory(label, **{**options, "registry": self._registry})
 
+    # -- the plan of one exchange: every decision, with the I/O yielded as steps -----------
+
+    def _plan(self, exchange: _Exchange) -> Plan[httpx.Response]:
+        transport: Any = self.transport
+        send: tuple[Callable[..., Any] | None, Callable[..., Any] | None] = (
+            getattr(transport, "handle_request", None),
+            _handle_async(transport),
+        )
+        host, request = exchange.host, exchange.request
+        breaker = host.breaker
+        clock = self.retry.clock if self.retry is not None else None
+        while True:
+            try:
+                exchange.start_attempt()
+                if breaker is not None:
+                    exchange.permit = yield (breaker.acquire, breaker.acquire_async, ())
+                if host.limiter is not None or host.bulkhead is not None:
+                    yield from _queue(exchange)
+                try:
+                    response: httpx.Response = yield (*send, (request,))
+                except BaseException:
+                    slot = exchange.take_slot()
+                    if slot is not None:
+                        yield (slot.release, slot.release_async, ())
+                    raise
+            except BaseException as exc:
+                yield from _settle(exchange.verdict(exc, None))
+                delay = exchange.on_error(exc)
+                if delay is None:
+                    raise
+            else:
+                yield from _settle(exchange.verdict(None, response))
+                slot = exchange.hold(response)
+                if slot is not None:
+                    yield (slot.release, slot.release_async, ())
+                delay = exchange.on_response(response)
+                if delay is None:
+                    return response
+                yield (_discard, _adiscard, (response,))
+            if delay > 0 and clock is not None:
+                yield (clock.sleep, clock.asleep, (delay,))
+
     @property
     def breakers(self) -> dict[str, CircuitBreaker]:
         """The circuit breaker of each host seen so far (``host`` or ``host:port``)."""
@@ -370,7 +425,7 @@ class _Exchange:
         "tokens",
     )
 
-    def __init__(self, owner: _Resilience, request: httpx.Request) -> None:
+    def __init__(self, owner: _Resilience[Any], request: httpx.Request) -> None:
         self.owner = owner
         self.request = request
         self.clock = owner._clock
@@ -496,22 +551,39 @@ class _Exchange:
         return slot
 
 
-def _settle(verdict: tuple[BreakerPermit, BaseException | None] | None) -> None:
+def _handle_async(transport: Any) -> Callable[..., Any] | None:
+    return getattr(transport, "handle_async_request", None)
+
+
+def _settle(verdict: tuple[BreakerPermit, BaseException | None] | None) -> Plan[None]:
+    """Settle the attempt's breaker permit: a success, or a failure with its error."""
     if verdict is not None:
         permit, error = verdict
         if error is None:
-            permit.success()
+            yield (permit.success, permit.success_async, ())
         else:
-            permit.failure(error)
+            yield (permit.failure, permit.failure_async, (error,))
 
 
-async def _settle_async(verdict: tuple[BreakerPermit, BaseException | None] | None) -> None:
-    if verdict is not None:
-        permit, error = verdict
-        if error is None:
-            await permit.success_async()
-        else:
-            await permit.failure_async(error)
+def _queue(exchange: _Exchange) -> Plan[None]:
+    """Pass the host's limiter and bulkhead, bounded by the pool timeout when they wait."""
+    host = exchange.host
+    limiter, bulkhead = host.limiter, host.bulkhead
+    if limiter is not None and limiter.store is None and limiter.try_acquire():
+        limiter = None  # admitted without waiting: no deadline to set up
+        if bulkhead is None:
+            return
+    # A bulkhead without a queue never waits: only a wait needs the deadline.
+    waits = limiter is not None or (bulkhead is not None and bulkhead.max_queue > 0)
+    token = exchange.queue_deadline() if waits else None
+    try:
+        if limiter is not None:
+            yield (limiter.acquire, limiter.acquire_async, ())
+        if bulkhead is not None:
+            exchange.slot = yield (bulkhead.acquire, bulkhead.acquire_async, ())
+    finally:
+        if token is not None:
+            reset_deadline(token)
 
 
 class _ReleasingStream(httpx.SyncByteStream, httpx.AsyncByteStream):
@@ -623,7 +695,7 @@ _OPTIONS_DOC = """
 """
 
 
-class ResilientTransport(_Resilience, httpx.BaseTransport):
+class ResilientTransport(_Resilience[httpx.BaseTransport], httpx.BaseTransport):
     """An ``httpx.Client`` transport that retries, breaks circuits and limits, per host.
 
     ``httpx.Client(transport=ResilientTransport(...))``. See the module documentation
@@ -631,49 +703,15 @@ class ResilientTransport(_Resilience, httpx.BaseTransport):
     """
 
     __doc__ = (__doc__ or "") + _OPTIONS_DOC.format(sync="")
-
-    def __init__(
-        self,
-        transport: httpx.BaseTransport | None = None,
-        *,
-        name: str | None = None,
-        retry: Retry | int | None = 3,
-        retry_methods: Iterable[str] = IDEMPOTENT_METHODS,
-        retry_statuses: Iterable[int] = RETRY_STATUSES,
-        max_retry_after: float = 60.0,
-        breaker: CircuitBreaker | Mapping[str, Any] | None = None,
-        limiter: RateLimiter | Mapping[str, Any] | None = None,
-        bulkhead: Bulkhead | Mapping[str, Any] | None = None,
-        timeout: Timeout | float | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
-    ) -> None:
-        if transport is not None and not isinstance(transport, httpx.BaseTransport):
-            raise ConfigTypeError(
-                f"transport must be an httpx.BaseTransport, got {transport!r} "
-                f"({type(transport).__name__})"
-            )
-        super().__init__(
-            name=name,
-            retry=retry,
-            retry_methods=retry_methods,
-            retry_statuses=retry_statuses,
-            max_retry_after=max_retry_after,
-            breaker=breaker,
-            limiter=limiter,
-            bulkhead=bulkhead,
-            timeout=timeout,
-            registry=registry,
-            clock=clock,
-        )
-        self.transport = transport if transport is not None else httpx.HTTPTransport()
+    _inner = httpx.BaseTransport
+    _default = httpx.HTTPTransport
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         exchange = _Exchange(self, request)
         exchange.enter(sync_timeout=True)
         timeout = self.timeout
         try:
-            response = self._attempts(exchange)
+            response = pump_sync(self._plan(exchange))
         except httpx.TimeoutException as exc:
             if timeout is not None and exchange.timed_out():
                 raise timeout.expired(exc) from exc
@@ -686,66 +724,11 @@ class ResilientTransport(_Resilience, httpx.BaseTransport):
             raise timeout.expired()
         return response
 
-    def _attempts(self, exchange: _Exchange) -> httpx.Response:
-        send = self.transport.handle_request
-        request, host = exchange.request, exchange.host
-        breaker = host.breaker
-        sleep = self.retry.clock.sleep if self.retry is not None else None
-        while True:
-            try:
-                exchange.start_attempt()
-                if breaker is not None:
-                    exchange.permit = breaker.acquire()
-                if host.limiter is not None or host.bulkhead is not None:
-                    self._queue(exchange)
-                try:
-                    response = send(request)
-                except BaseException:
-                    slot = exchange.take_slot()
-                    if slot is not None:
-                        slot.release()
-                    raise
-            except BaseException as exc:
-                _settle(exchange.verdict(exc, None))
-                delay = exchange.on_error(exc)
-                if delay is None:
-                    raise
-            else:
-                _settle(exchange.verdict(None, response))
-                slot = exchange.hold(response)
-                if slot is not None:
-                    slot.release()
-                delay = exchange.on_response(response)
-                if delay is None:
-                    return response
-                _discard(response)
-            if delay > 0 and sleep is not None:
-                sleep(delay)
-
-    def _queue(self, exchange: _Exchange) -> None:
-        host = exchange.host
-        limiter, bulkhead = host.limiter, host.bulkhead
-        if limiter is not None and limiter.try_acquire():
-            limiter = None  # admitted without waiting: no deadline to set up
-            if bulkhead is None:
-                return
-        # A bulkhead without a queue never waits: only a wait needs the deadline.
-        waits = limiter is not None or (bulkhead is not None and bulkhead.max_queue > 0)
-        token = exchange.queue_deadline() if waits else None
-        try:
-            if limiter is not None:
-                limiter.acquire()
-            if bulkhead is not None:
-                exchange.slot = bulkhead.acquire()
-        finally:
-            if token is not None:
-                reset_deadline(token)
-
     def close(self) -> None:
         self.transport.close()
 
 
-class AsyncResilientTransport(_Resilience, httpx.AsyncBaseTransport):
+class AsyncResilientTransport(_Resilience[httpx.AsyncBaseTransport], httpx.AsyncBaseTransport):
     """An ``httpx.AsyncClient`` transport that retries, breaks circuits and limits, per host.
 
     ``httpx.AsyncClient(transport=AsyncResilientTransport(...))`` (asyncio). With
@@ -753,42 +736,8 @@ class AsyncResilientTransport(_Resilience, httpx.AsyncBaseTransport):
     """
 
     __doc__ = (__doc__ or "") + _OPTIONS_DOC.format(sync="Async")
-
-    def __init__(
-        self,
-        transport: httpx.AsyncBaseTransport | None = None,
-        *,
-        name: str | None = None,
-        retry: Retry | int | None = 3,
-        retry_methods: Iterable[str] = IDEMPOTENT_METHODS,
-        retry_statuses: Iterable[int] = RETRY_STATUSES,
-        max_retry_after: float = 60.0,
-        breaker: CircuitBreaker | Mapping[str, Any] | None = None,
-        limiter: RateLimiter | Mapping[str, Any] | None = None,
-        bulkhead: Bulkhead | Mapping[str, Any] | None = None,
-        timeout: Timeout | float | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
-    ) -> None:
-        if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
-            raise ConfigTypeError(
-                f"transport must be an httpx.AsyncBaseTransport, got {transport!r} "
-                f"({type(transport).__name__})"
-            )
-        super().__init__(
-            name=name,
-            retry=retry,
-            retry_methods=retry_methods,
-            retry_statuses=retry_statuses,
-            max_retry_after=max_retry_after,
-            breaker=breaker,
-            limiter=limiter,
-            bulkhead=bulkhead,
-            timeout=timeout,
-            registry=registry,
-            clock=clock,
-        )
-        self.transport = transport if transport is not None else httpx.AsyncHTTPTransport()
+    _inner = httpx.AsyncBaseTransport
+    _default = httpx.AsyncHTTPTransport
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         exchange = _Exchange(self, request)
@@ -796,71 +745,16 @@ class AsyncResilientTransport(_Resilience, httpx.AsyncBaseTransport):
         timeout = self.timeout
         try:
             if timeout is None:
-                return await self._attempts(exchange)
+                return await pump_async(self._plan(exchange))
             try:
                 async with timeout:  # cancels the exchange when the time is up
-                    return await self._attempts(exchange)
+                    return await pump_async(self._plan(exchange))
             except httpx.TimeoutException as exc:
                 if exchange.timed_out():
                     raise timeout.expired(exc) from exc
                 raise
         finally:
             exchange.exit()
-
-    async def _attempts(self, exchange: _Exchange) -> httpx.Response:
-        send = self.transport.handle_async_request
-        request, host = exchange.request, exchange.host
-        breaker = host.breaker
-        asleep = self.retry.clock.asleep if self.retry is not None else None
-        while True:
-            try:
-                exchange.start_attempt()
-                if breaker is not None:
-                    exchange.permit = await breaker.acquire_async()
-                if host.limiter is not None or host.bulkhead is not None:
-                    await self._queue(exchange)
-                try:
-                    response = await send(request)
-                except BaseException:
-                    slot = exchange.take_slot()
-                    if slot is not None:
-                        await slot.release_async()
-                    raise
-            except BaseException as exc:
-                await _settle_async(exchange.verdict(exc, None))
-                delay = exchange.on_error(exc)
-                if delay is None:
-                    raise
-            else:
-                await _settle_async(exchange.verdict(None, response))
-                slot = exchange.hold(response)
-                if slot is not None:
-                    await slot.release_async()
-                delay = exchange.on_response(response)
-                if delay is None:
-                    return response
-                await _adiscard(response)
-            if delay > 0 and asleep is not None:
-                await asleep(delay)
-
-    async def _queue(self, exchange: _Exchange) -> None:
-        host = exchange.host
-        limiter, bulkhead = host.limiter, host.bulkhead
-        if limiter is not None and limiter.try_acquire():
-            limiter = None  # admitted without waiting: no deadline to set up
-            if bulkhead is None:
-                return
-        # A bulkhead without a queue never waits: only a wait needs the deadline.
-        waits = limiter is not None or (bulkhead is not None and bulkhead.max_queue > 0)
-        token = exchange.queue_deadline() if waits else None
-        try:
-            if limiter is not None:
-                await limiter.acquire_async()
-            if bulkhead is not None:
-                exchange.slot = await bulkhead.acquire_async()
-        finally:
-            if token is not None:
-                reset_deadline(token)
 
     async def aclose(self) -> None:
         await self.transport.aclose()
