@@ -43,7 +43,19 @@ def is_async_callable(obj: object) -> bool:
 
 
 class Policy:
-    """Base of every primitive: usable as a decorator and as part of a pipeline."""
+    """Base of every primitive: usable as a decorator and as part of a pipeline.
+
+    Every policy takes these keyword options besides its own:
+
+    Args:
+        name: registers the policy in ``registry`` under its kind and this name, so that
+            ``health()`` and ``state()`` report it (default ``None``: not registered).
+        listeners: event listeners for this policy only (the global ones, added with
+            ``buttress.events.subscribe``, hear every policy).
+        registry: the :class:`~buttress.Registry` to join instead of the default one.
+        clock: the time source (default: the system clock; ``buttress.testing.FakeClock``
+            in tests).
+    """
 
     kind: ClassVar[str] = "policy"
 

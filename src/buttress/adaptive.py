@@ -301,9 +301,7 @@ class AdaptiveBulkhead(Bulkhead):
             :class:`~buttress.TimeoutExceeded`, or cancellation by an expired enclosing
             deadline) counts as an error (default ``True``); with ``False`` it counts as
             a latency sample of the time it took.
-        listeners: event listeners for this bulkhead only.
-        registry: registry to join instead of the default one.
-        clock: time source (default: the system clock).
+        listeners, registry, clock: as for every policy (:class:`~buttress.Policy`).
     """
 
     kind = "adaptive_bulkhead"

@@ -28,7 +28,7 @@ from ._drivers import guard_async_io, guard_sync
 from ._policy import Policy
 from ._validate import check_int, check_seconds
 from ._waiters import Waiter, WaiterQueue
-from .backends import BulkheadBinding, BulkheadStore, check_store
+from .backends import BindingBase, BulkheadBinding, BulkheadStore, check_store
 from .clock import Clock
 from .exceptions import BulkheadFull
 from .permit import Permit, PermitGuard
@@ -39,29 +39,16 @@ __all__ = ["Bulkhead", "BulkheadPermit", "LocalBulkhead"]
 _SLOT = "slot"  # the lease of an in-process slot: slots are counted, not named
 
 
-class LocalBulkhead:
+class LocalBulkhead(BindingBase):
     """The in-process slots of one bulkhead: the reference
     :class:`~buttress.backends.BulkheadBinding`."""
 
-    __slots__ = (
-        "clock",
-        "emit",
-        "in_flight",
-        "label",
-        "lock",
-        "max_concurrent",
-        "max_queue",
-        "name",
-        "waiters",
-    )
+    __slots__ = ("in_flight", "lock", "max_concurrent", "max_queue", "waiters")
 
     def __init__(self, bulkhead: Bulkhead) -> None:
+        super().__init__(bulkhead)
         self.max_concurrent = bulkhead.max_concurrent
         self.max_queue = bulkhead.max_queue
-        self.name = bulkhead.name
-        self.label = bulkhead.label
-        self.clock = bulkhead.clock
-        self.emit = bulkhead.emit
         self.lock = threading.Lock()
         self.in_flight = 0
         self.waiters = WaiterQueue()
@@ -207,9 +194,7 @@ class Bulkhead(PermitGuard, Policy):
             :class:`~buttress.backends.redis.RedisBulkheadStore` (the bulkhead then needs
             a name and ``max_concurrent`` holds across every process); ``None`` (default)
             keeps them in this bulkhead.
-        listeners: event listeners for this bulkhead only.
-        registry: registry to join instead of the default one.
-        clock: time source (default: the system clock).
+        listeners, registry, clock: as for every policy (:class:`~buttress.Policy`).
     """
 
     kind = "bulkhead"

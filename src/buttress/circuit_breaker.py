@@ -38,7 +38,15 @@ from ._validate import (
     check_seconds,
     require_seconds,
 )
-from .backends import NO_REPORT, BreakerBinding, BreakerStatus, BreakerStore, Outcome, check_store
+from .backends import (
+    NO_REPORT,
+    BindingBase,
+    BreakerBinding,
+    BreakerStatus,
+    BreakerStore,
+    Outcome,
+    check_store,
+)
 from .clock import Clock
 from .exceptions import CircuitOpenError, ConfigValueError, RejectedError
 from .permit import Permit, PermitGuard
@@ -56,7 +64,7 @@ def _deadline_expired() -> bool:
     return left is not None and left <= 0.0
 
 
-class LocalBreaker:
+class LocalBreaker(BindingBase):
     """The in-process state machine of one breaker: the reference
     :class:`~buttress.backends.BreakerBinding`.
 
@@ -67,18 +75,14 @@ class LocalBreaker:
     __slots__ = (
         "closed_token",
         "consecutive",
-        "emit",
         "failure_rate",
         "failure_threshold",
         "forced",
         "gen",
         "half_open_at",
         "half_open_max_calls",
-        "label",
         "lock",
         "minimum_calls",
-        "name",
-        "now",
         "probes",
         "reset_timeout",
         "ring",
@@ -90,16 +94,13 @@ class LocalBreaker:
     )
 
     def __init__(self, breaker: CircuitBreaker) -> None:
+        super().__init__(breaker)
         self.failure_threshold = breaker.failure_threshold
         self.reset_timeout = breaker.reset_timeout
         self.half_open_max_calls = breaker.half_open_max_calls
         self.failure_rate = breaker.failure_rate
         self.window = breaker.window
         self.minimum_calls = breaker.minimum_calls
-        self.name = breaker.name
-        self.label = breaker.label
-        self.now = breaker.clock.now
-        self.emit = breaker.emit
         self.lock = threading.Lock()
         self.state = CLOSED
         self.gen = 0
@@ -324,9 +325,7 @@ class CircuitBreaker(PermitGuard, Policy):
         store: where the state lives: a :class:`~buttress.backends.BreakerStore` such as
             :class:`~buttress.backends.redis.RedisBreakerStore` (the breaker then needs a
             name); ``None`` (default) keeps it in this breaker.
-        listeners: event listeners for this breaker only.
-        registry: registry to join instead of the default one.
-        clock: time source (default: the system clock).
+        listeners, registry, clock: as for every policy (:class:`~buttress.Policy`).
     """
 
     kind = "circuit_breaker"

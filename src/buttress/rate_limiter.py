@@ -31,10 +31,11 @@ from typing import Any
 from . import events as _events
 from ._counter import Counter
 from ._deadline import remaining
+from ._drivers import Plan, pump_async, pump_sync
 from ._policy import ExcType, Policy, Traceback
 from ._validate import check_int, check_number, check_seconds, require_seconds
 from ._waiters import Waiter, WaiterQueue
-from .backends import LimiterBinding, LimiterStore, check_store
+from .backends import BindingBase, LimiterBinding, LimiterStore, check_store
 from .clock import Clock
 from .exceptions import ConfigTypeError, ConfigValueError, RateLimited
 from .registry import Registry
@@ -49,6 +50,19 @@ def _never() -> bool:
     return False
 
 
+def _woken(clock: Clock, waiter: Waiter) -> None:
+    assert waiter.event is not None
+    clock.wait(waiter.event, None)
+    waiter.event.clear()
+
+
+async def _woken_async(clock: Clock, waiter: Waiter) -> None:
+    assert waiter.future is not None
+    assert waiter.loop is not None
+    await clock.wait_future(waiter.future, None)
+    waiter.future = waiter.loop.create_future()
+
+
 class _Bucket:
     __slots__ = ("tat", "waiters")
 
@@ -57,7 +71,7 @@ class _Bucket:
         self.waiters = WaiterQueue()
 
 
-class LocalLimiter:
+class LocalLimiter(BindingBase):
     """The in-process GCRA buckets of one limiter: the reference
     :class:`~buttress.backends.LimiterBinding`.
 
@@ -71,30 +85,23 @@ class LocalLimiter:
     __slots__ = (
         "buckets",
         "burst",
-        "clock",
         "created_since_sweep",
         "evicted_horizon",
         "interval",
-        "label",
         "limit",
         "lock",
         "max_keys",
-        "name",
-        "now",
         "tolerance",
         "unkeyed",
     )
 
     def __init__(self, limiter: RateLimiter) -> None:
+        super().__init__(limiter)
         self.interval = limiter.interval
         self.burst = limiter.burst
         self.tolerance = limiter.burst * self.interval
         self.limit = self.tolerance + _EPS
         self.max_keys = limiter.max_keys
-        self.name = limiter.name
-        self.label = limiter.label
-        self.clock = limiter.clock
-        self.now = limiter.clock.now
         self.lock = threading.Lock()
         self.unkeyed = _Bucket()
         self.buckets: dict[Hashable, _Bucket] = {}
@@ -231,60 +238,39 @@ class LocalLimiter:
             bucket = self._bucket(key)
             return not bucket.waiters and self._conform(bucket, self.now(), weight) == 0.0
 
-    def acquire(self, key: Hashable | None, weight: int, max_wait: float | None) -> float:
-        lock = self.lock
-        with lock:
+    def acquire(self, key: Hashable | None, weight: int, max_wait: float | None) -> float | None:
+        with self.lock:
             bucket = self._bucket(key)
             waiter = self._admit_or_queue(bucket, weight, max_wait, False)
-        if waiter is None:
-            return 0.0
-        started = self.now()
-        assert waiter.event is not None
-        try:
-            while True:
-                with lock:
-                    step = self._head_step(bucket, waiter)
-                if step is None:
-                    self.clock.wait(waiter.event, None)
-                    waiter.event.clear()
-                elif step == 0.0:
-                    break
-                else:
-                    self.clock.sleep(step)
-        except BaseException:
-            with lock:
-                self._leave(bucket, waiter)
-            raise
-        return self.now() - started
+        return None if waiter is None else pump_sync(self._wait(bucket, waiter))
 
     async def acquire_async(
         self, key: Hashable | None, weight: int, max_wait: float | None
-    ) -> float:
-        lock = self.lock
-        with lock:
+    ) -> float | None:
+        with self.lock:
             bucket = self._bucket(key)
             waiter = self._admit_or_queue(bucket, weight, max_wait, True)
-        if waiter is None:
-            return 0.0
+        return None if waiter is None else await pump_async(self._wait(bucket, waiter))
+
+    def _wait(self, bucket: _Bucket, waiter: Waiter) -> Plan[float]:
+        """A queued waiter's turn: woken when it heads the queue, asleep until its units
+        conform; the seconds waited. An interrupted waiter leaves the queue."""
+        lock, clock = self.lock, self.clock
         started = self.now()
-        assert waiter.future is not None
         try:
             while True:
                 with lock:
                     step = self._head_step(bucket, waiter)
                 if step is None:
-                    await self.clock.wait_future(waiter.future, None)
-                    if waiter.loop is not None:
-                        waiter.future = waiter.loop.create_future()
+                    yield (_woken, _woken_async, (clock, waiter))
                 elif step == 0.0:
-                    break
+                    return self.now() - started
                 else:
-                    await self.clock.asleep(step)
+                    yield (clock.sleep, clock.asleep, (step,))
         except BaseException:
             with lock:
                 self._leave(bucket, waiter)
             raise
-        return self.now() - started
 
     def tokens(self, key: Hashable | None) -> float:
         with self.lock:
@@ -329,9 +315,7 @@ class RateLimiter(Policy):
             :class:`~buttress.backends.redis.RedisRateLimiterStore` (the limiter then
             needs a name); ``None`` (default) keeps them in this limiter.
         max_keys: live per-key buckets kept in memory (default 100,000).
-        listeners: event listeners for this limiter only.
-        registry: registry to join instead of the default one.
-        clock: time source (default: the system clock).
+        listeners, registry, clock: as for every policy (:class:`~buttress.Policy`).
 
     Every bucket of a limiter has the same settings: the unkeyed one (``key=None``) and
     one per key (``try_acquire(key=client_ip)``, or the view ``for_key(client_ip)``).
@@ -475,10 +459,10 @@ class RateLimiter(Policy):
             raise self._count_rejection(exc) from None
         self._admitted_after(waited)
 
-    def _admitted_after(self, waited: float) -> None:
+    def _admitted_after(self, waited: float | None) -> None:
         owner = self._owner
         owner._admitted.incr()
-        if waited > 0.0:
+        if waited is not None:
             with owner._lock:
                 owner._waited += 1
             self.emit(_events.AcquiredAfterWait, waited=waited)

@@ -302,9 +302,7 @@ class Retry(Policy):
         deadline: total seconds for all attempts and sleeps; no sleep crosses it.
         budget: a shared :class:`RetryBudget`.
         name: registers the policy for ``state()``.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source (default: the system clock).
+        listeners, registry, clock: as for every policy (:class:`~buttress.Policy`).
     """
 
     kind = "retry"

@@ -195,9 +195,7 @@ class Timeout(Policy):
     Args:
         seconds: the time limit (> 0, an int, float or timedelta).
         name: registers the policy for ``state()``.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source (default: the system clock).
+        listeners, registry, clock: as for every policy (:class:`~buttress.Policy`).
     """
 
     kind = "timeout"

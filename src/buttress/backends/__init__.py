@@ -39,6 +39,7 @@ __all__ = [
     "NO_REPORT",
     "AsyncSagaStore",
     "BackendError",
+    "BindingBase",
     "BreakerBinding",
     "BreakerStatus",
     "BreakerStore",
@@ -62,6 +63,28 @@ Outcome = Literal["success", "failure", "neutral"]
 NO_REPORT = -1
 """The token of a call a breaker binding let through without wanting its outcome (for
 instance a store that fails open while its server is down): settling it does nothing."""
+
+
+class BindingBase:
+    """What a binding usually keeps of its primitive (an optional base for your own).
+
+    Attributes:
+        name: the primitive's name (a shared store finds the state by it).
+        label: how messages name the primitive (``circuit breaker 'payments'``).
+        clock: the primitive's clock: every wait and every timestamp uses it.
+        now: ``clock.now``, bound once.
+        emit: the primitive's :meth:`~buttress.Policy.emit`, for the events a binding
+            reports itself (transitions, ``AcquiredAfterWait``, backend degradation).
+    """
+
+    __slots__ = ("clock", "emit", "label", "name", "now")
+
+    def __init__(self, policy: CircuitBreaker | Bulkhead | RateLimiter) -> None:
+        self.name = policy.name
+        self.label = policy.label
+        self.clock = policy.clock
+        self.now = policy.clock.now
+        self.emit = policy.emit
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,15 +203,17 @@ class LimiterBinding(Protocol):
     def try_acquire(self, key: Hashable | None, weight: int) -> bool:
         """Admit ``weight`` units of ``key``'s bucket now if they conform; never waits."""
 
-    def acquire(self, key: Hashable | None, weight: int, max_wait: float | None) -> float:
+    def acquire(self, key: Hashable | None, weight: int, max_wait: float | None) -> float | None:
         """Admit ``weight`` units, waiting at most ``max_wait`` seconds (``None``: no
-        limit). Returns the seconds waited. Raises :class:`~buttress.RateLimited` at once,
-        with ``retry_after``, when the units cannot conform within ``max_wait``. A waiter
-        interrupted before its turn must never let the bucket admit more than its rate."""
+        limit). Returns ``None`` when the units were admitted at once, else the seconds
+        the caller waited for its turn (the primitive counts it as having waited).
+        Raises :class:`~buttress.RateLimited` at once, with ``retry_after``, when the
+        units cannot conform within ``max_wait``. A waiter interrupted before its turn
+        must never let the bucket admit more than its rate."""
 
     async def acquire_async(
         self, key: Hashable | None, weight: int, max_wait: float | None
-    ) -> float:
+    ) -> float | None:
         """:meth:`acquire` for async code."""
 
     def tokens(self, key: Hashable | None) -> float | None:

@@ -47,6 +47,7 @@ from . import (
     COMPLETED,
     INCOMPLETE,
     NO_REPORT,
+    BindingBase,
     BreakerStatus,
     KeyClaim,
     LogEntry,
@@ -309,6 +310,18 @@ class _RedisStore:
         return f"<{type(self).__name__} {where} prefix={self.prefix!r}>"
 
 
+class _RedisBinding(BindingBase):
+    """What every Redis binding keeps: its primitive's facts and its store's connection."""
+
+    def __init__(self, store: _RedisStore, policy: Any) -> None:
+        super().__init__(policy)
+        self.store = store
+        self.conn = store._conn
+        self.errors = store._errors
+        self.soft_errors = store._soft_errors
+        self.gate = store._gate(policy)
+
+
 def _needs_name(policy: Any, what: str) -> str:
     if policy.name is None:
         raise ConfigValueError(
@@ -350,39 +363,17 @@ class RedisRateLimiterStore(_RedisStore):
         return RedisLimiterBinding(self, limiter)
 
 
-class RedisLimiterBinding:
+class RedisLimiterBinding(_RedisBinding):
     """One limiter's GCRA buckets in Redis: a :class:`~buttress.backends.LimiterBinding`."""
 
-    __slots__ = (
-        "args",
-        "base",
-        "clock",
-        "conn",
-        "errors",
-        "fallback",
-        "gate",
-        "interval",
-        "label",
-        "name",
-        "soft_errors",
-        "store",
-        "tolerance",
-        "unkeyed",
-    )
+    store: RedisRateLimiterStore
 
     def __init__(self, store: RedisRateLimiterStore, limiter: RateLimiter) -> None:
         from buttress.rate_limiter import LocalLimiter
 
-        self.store = store
-        self.conn = store._conn
-        self.errors = store._errors
-        self.soft_errors = store._soft_errors
-        self.name = limiter.name
-        self.label = limiter.label
-        self.clock = limiter.clock
+        super().__init__(store, limiter)
         self.base = _needs_name(limiter, "RateLimiter")
         self.unkeyed = store.key("rl", self.base)
-        self.gate = store._gate(limiter)
         self.interval = limiter.interval
         self.tolerance = limiter.burst * limiter.interval
         # interval and tolerance in microseconds, formatted once
@@ -442,7 +433,7 @@ class RedisLimiterBinding:
             return True
         return self.fallback.try_acquire(key, weight)
 
-    def acquire(self, key: Hashable | None, weight: int, max_wait: float | None) -> float:
+    def acquire(self, key: Hashable | None, weight: int, max_wait: float | None) -> float | None:
         if self.gate.should_try():
             redis_key = self.key_of(key)
             try:
@@ -452,7 +443,7 @@ class RedisLimiterBinding:
             except self.errors as exc:
                 self.gate.failed(exc)
                 if not self._degraded(exc):
-                    return 0.0
+                    return None
             else:
                 wait = self._verdict(reply)
                 if wait > 0:
@@ -461,14 +452,14 @@ class RedisLimiterBinding:
                     except BaseException:
                         self._refund(redis_key, weight, reply[2])
                         raise
-                return wait
+                return wait or None
         elif not self._degraded(None):
-            return 0.0
+            return None
         return self.fallback.acquire(key, weight, max_wait)
 
     async def acquire_async(
         self, key: Hashable | None, weight: int, max_wait: float | None
-    ) -> float:
+    ) -> float | None:
         if self.gate.should_try():
             redis_key = self.key_of(key)
             try:
@@ -478,7 +469,7 @@ class RedisLimiterBinding:
             except self.errors as exc:
                 self.gate.failed(exc)
                 if not self._degraded(exc):
-                    return 0.0
+                    return None
             else:
                 wait = self._verdict(reply)
                 if wait > 0:
@@ -487,9 +478,9 @@ class RedisLimiterBinding:
                     except BaseException:
                         await _shielded(self._arefund(redis_key, weight, reply[2]))
                         raise
-                return wait
+                return wait or None
         elif not self._degraded(None):
-            return 0.0
+            return None
         return await self.fallback.acquire_async(key, weight, max_wait)
 
     def _refund(self, key: str, weight: int, reserved: bytes) -> None:
@@ -563,24 +554,18 @@ class RedisBreakerStore(_RedisStore):
 _STATES = {b"c": "closed", b"o": "open", b"h": "half_open"}
 
 
-class RedisBreakerBinding:
+class RedisBreakerBinding(_RedisBinding):
     """One breaker's state machine answered by Redis: a
     :class:`~buttress.backends.BreakerBinding`."""
+
+    store: RedisBreakerStore
 
     def __init__(self, store: RedisBreakerStore, breaker: CircuitBreaker) -> None:
         from buttress.circuit_breaker import LocalBreaker
 
-        self.store = store
-        self.conn = store._conn
-        self.errors = store._errors
-        self.soft_errors = store._soft_errors
-        self.name = breaker.name
-        self.label = breaker.label
-        self.now = breaker.clock.now
-        self.emit = breaker.emit
+        super().__init__(store, breaker)
         self.failure_rate = breaker.failure_rate
         self.key = store.key("cb", _needs_name(breaker, "CircuitBreaker"))
-        self.gate = store._gate(breaker)
         self.staleness = store.max_staleness
         rate = -1.0 if breaker.failure_rate is None else breaker.failure_rate
         self.reset_us = int(breaker.reset_timeout * 1e6)
@@ -959,22 +944,17 @@ async def _shielded(coro: Any) -> None:
         await asyncio.shield(task)
 
 
-class RedisBulkheadBinding:
+class RedisBulkheadBinding(_RedisBinding):
     """One bulkhead's slots as leases in a Redis sorted set: a
     :class:`~buttress.backends.BulkheadBinding`. A lease is the slot's token (``""`` for a
     call that ``fail_open`` let through without a slot)."""
 
+    store: RedisBulkheadStore
+
     def __init__(self, store: RedisBulkheadStore, bulkhead: Bulkhead) -> None:
         from buttress.bulkhead import LocalBulkhead
 
-        self.store = store
-        self.conn = store._conn
-        self.errors = store._errors
-        self.soft_errors = store._soft_errors
-        self.name = bulkhead.name
-        self.label = bulkhead.label
-        self.clock = bulkhead.clock
-        self.emit = bulkhead.emit
+        super().__init__(store, bulkhead)
         self.max_queue = bulkhead.max_queue
         self.key = store.key("bh", _needs_name(bulkhead, "Bulkhead"))
         if store._conn.url is None and store._conn._client is None:
@@ -982,7 +962,6 @@ class RedisBulkheadBinding:
                 "RedisBulkheadStore needs url= or client=: leases are renewed from a thread, "
                 "which cannot use an asyncio client"
             )
-        self.gate = store._gate(bulkhead)
         self.fallback = LocalBulkhead(bulkhead)
         self.limit = str(bulkhead.max_concurrent)
         self.lease_us = str(int(store.lease * 1e6))

@@ -179,6 +179,28 @@ def _options(
     return options
 
 
+P = TypeVar("P", CircuitBreaker, RateLimiter, Bulkhead)
+
+
+def _per_host(
+    what: Literal["breaker", "bulkhead", "limiter"],
+    value: object,
+    factory: type[P],
+    clock: Clock,
+    name: str | None,
+) -> tuple[P | None, dict[str, Any] | None]:
+    """A policy shared by every host, or the checked options of one policy per host."""
+    if value is None or isinstance(value, factory):
+        return value, None
+    if isinstance(value, Mapping):
+        return None, _options(what, value, factory, clock, name)
+    kind = factory.__name__
+    raise ConfigTypeError(
+        f"{what} must be a {kind} (shared by every host), a mapping of {kind} options (one "
+        f"{what} per host) or None, got {value!r}"
+    )
+
+
 class _Resilience(Generic[T]):
     """Configuration, per-host state and the plan of an exchange, shared by the sync and
     the async transport (they differ only in their inner transport and their pump)."""
@@ -255,43 +277,19 @@ class _Resilience(Generic[T]):
         self.retry_statuses = frozenset(statuses)
         self.max_retry_after = require_seconds("max_retry_after", max_retry_after, allow_zero=True)
 
-        self._breaker: CircuitBreaker | None = None
-        self._breaker_options: dict[str, Any] | None = None
-        if isinstance(breaker, CircuitBreaker):
-            self._breaker = breaker
-        elif isinstance(breaker, Mapping):
-            self._breaker_options = _options("breaker", breaker, CircuitBreaker, self._clock, name)
-        elif breaker is not None:
-            raise ConfigTypeError(
-                f"breaker must be a CircuitBreaker (shared by every host), a mapping of "
-                f"CircuitBreaker options (one breaker per host) or None, got {breaker!r}"
-            )
-
-        self._limiter: RateLimiter | None
-        if isinstance(limiter, RateLimiter):
-            self._limiter = limiter
-        elif isinstance(limiter, Mapping):
-            options = _options("limiter", limiter, RateLimiter, self._clock, name)
-            self._limiter = RateLimiter(name, **{**options, "registry": self._registry})
-        elif limiter is None:
-            self._limiter = None
-        else:
-            raise ConfigTypeError(
-                f"limiter must be a RateLimiter, a mapping of RateLimiter options or None "
-                f"(either way each host gets its own bucket), got {limiter!r}"
-            )
-
-        self._bulkhead: Bulkhead | None = None
-        self._bulkhead_options: dict[str, Any] | None = None
-        if isinstance(bulkhead, Bulkhead):
-            self._bulkhead = bulkhead
-        elif isinstance(bulkhead, Mapping):
-            self._bulkhead_options = _options("bulkhead", bulkhead, Bulkhead, self._clock, name)
-        elif bulkhead is not None:
-            raise ConfigTypeError(
-                f"bulkhead must be a Bulkhead (shared by every host), a mapping of Bulkhead "
-                f"options (one bulkhead per host) or None, got {bulkhead!r}"
-            )
+        self._breaker, self._breaker_options = _per_host(
+            "breaker", breaker, CircuitBreaker, self._clock, name
+        )
+        shared, options = _per_host("limiter", limiter, RateLimiter, self._clock, name)
+        # one limiter either way: each host gets its own bucket (for_key)
+        self._limiter: RateLimiter | None = (
+            shared
+            if options is None
+            else RateLimiter(name, **{**options, "registry": self._registry})
+        )
+        self._bulkhead, self._bulkhead_options = _per_host(
+            "bulkhead", bulkhead, Bulkhead, self._clock, name
+        )
 
         if timeout is None or isinstance(timeout, Timeout):
             self.timeout = timeout
