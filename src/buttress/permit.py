@@ -25,6 +25,7 @@ over this protocol.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import TypeVar
 
 from ._policy import ExcType, Traceback, cm_pop, cm_push
@@ -61,14 +62,16 @@ class Permit:
 
     # -- settling ---------------------------------------------------------------------------
 
-    def success(self, duration: float | None = None) -> None:
+    def success(self, duration: float | timedelta | None = None) -> None:
         """The call worked; ``duration`` (seconds) defaults to the time since acquisition."""
         if duration is not None:
             duration = require_seconds("duration", duration, allow_zero=True)
         self._take()
         self._settle(None, duration, failed=False)
 
-    def failure(self, exc: BaseException | None = None, duration: float | None = None) -> None:
+    def failure(
+        self, exc: BaseException | None = None, duration: float | timedelta | None = None
+    ) -> None:
         """The call failed with ``exc`` (``None``: a failure without an exception, such as a
         bad response); ``exc`` is classified like the decorator classifies it."""
         if duration is not None:
@@ -81,7 +84,7 @@ class Permit:
         self._take()
         self._settle(Permit.NEUTRAL, None, failed=False)
 
-    async def success_async(self, duration: float | None = None) -> None:
+    async def success_async(self, duration: float | timedelta | None = None) -> None:
         """:meth:`success` for async code."""
         if duration is not None:
             duration = require_seconds("duration", duration, allow_zero=True)
@@ -89,7 +92,7 @@ class Permit:
         await self._settle_async(None, duration, failed=False)
 
     async def failure_async(
-        self, exc: BaseException | None = None, duration: float | None = None
+        self, exc: BaseException | None = None, duration: float | timedelta | None = None
     ) -> None:
         """:meth:`failure` for async code."""
         if duration is not None:

@@ -195,3 +195,80 @@ def durations_as_timedelta() -> None:
 @pipeline(buttress.debounce(0.5), retry(2))
 def debounced_in_pipeline(path: str) -> str:
     return path
+
+
+# -- the permission protocol and the store contracts ------------------------------------------
+
+
+def permits_usage() -> None:
+    from datetime import timedelta
+
+    from buttress.bulkhead import BulkheadPermit
+    from buttress.circuit_breaker import BreakerPermit
+
+    breaker = CircuitBreaker(
+        "typed-permits",
+        reset_timeout=timedelta(seconds=30),
+        slow_call_duration=timedelta(milliseconds=800),
+        exclude=[KeyError, lambda exc: getattr(exc, "status", 500) < 500],
+        include=(ConnectionError, TimeoutError),
+    )
+    permit = breaker.acquire()
+    assert_type(permit, BreakerPermit)
+    assert_type(permit.token, int)
+    permit.success(duration=0.1)
+    breaker.acquire().failure(ConnectionError(), duration=timedelta(seconds=1))
+    breaker.acquire().failure()
+    breaker.acquire().release()
+    with breaker.acquire() as held:
+        assert_type(held.settled, bool)
+
+    bulkhead = buttress.Bulkhead("typed-slots", max_concurrent=2, max_wait=timedelta(seconds=1))
+    slot = bulkhead.try_acquire()
+    assert_type(slot, BulkheadPermit | None)
+    if slot is not None:
+        slot.release()
+    with bulkhead.acquire():
+        pass
+
+    limiter = RateLimiter("typed-keys", rate=10, per=timedelta(seconds=1), max_wait=0)
+    assert_type(limiter.try_acquire(key="203.0.113.7"), bool)
+    limiter.acquire(2, key=("tenant", 7))
+    assert_type(limiter.interval, float)
+
+
+async def async_permits_usage() -> None:
+    breaker = CircuitBreaker("typed-async-permits")
+    permit = await breaker.acquire_async()
+    await permit.success_async()
+    async with await breaker.acquire_async():
+        pass
+    bulkhead = buttress.Bulkhead("typed-async-slots", max_concurrent=1)
+    async with await bulkhead.acquire_async() as slot:
+        assert_type(slot.settled, bool)
+    await RateLimiter("typed-async-keys", rate=5).acquire_async(key="a")
+
+
+class ListBreakerStore:
+    """A store written against the Protocol: mypy checks it structurally."""
+
+    def bind_breaker(self, breaker: CircuitBreaker) -> buttress.circuit_breaker.LocalBreaker:
+        return buttress.circuit_breaker.LocalBreaker(breaker)
+
+
+def stores_usage() -> None:
+    from buttress.backends import BreakerStore, BulkheadStore, LimiterStore
+    from buttress.backends.memory import (
+        MemoryBreakerStore,
+        MemoryBulkheadStore,
+        MemoryLimiterStore,
+    )
+
+    breaker_store: BreakerStore = MemoryBreakerStore()
+    custom: BreakerStore = ListBreakerStore()
+    bulkhead_store: BulkheadStore = MemoryBulkheadStore()
+    limiter_store: LimiterStore = MemoryLimiterStore()
+    CircuitBreaker("typed-store", store=breaker_store)
+    CircuitBreaker("typed-custom-store", store=custom)
+    buttress.Bulkhead("typed-store", max_concurrent=1, store=bulkhead_store)
+    RateLimiter("typed-store", rate=1, store=limiter_store)
