@@ -978,3 +978,71 @@ def test_httpx_transports_in_two_processes_share_breaker_and_limiter(
     finally:
         breaker_store.close()
         limiter_store.close()
+
+
+def test_async_paths_never_make_a_blocking_redis_call(stores: Stores) -> None:
+    """Acquire, wait, cancel, settle and release on the async faces use the asyncio client
+    only: the sync client would block the event loop."""
+    limiter_store = stores(RedisRateLimiterStore)
+    breaker_store = stores(RedisBreakerStore)
+    bulkhead_store = stores(RedisBulkheadStore, poll_interval=0.005)
+    limiter = RateLimiter("no-block", rate=20, burst=1, store=limiter_store)
+    breaker = CircuitBreaker("no-block", failure_threshold=2, store=breaker_store)
+    holder = Bulkhead("no-block", max_concurrent=1, store=bulkhead_store)
+    waiting = Bulkhead(
+        "no-block", max_concurrent=1, max_queue=5, store=bulkhead_store, **other_process()
+    )
+    held = holder.acquire()  # set up from sync code, before the loop runs
+
+    def blocking(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"a blocking Redis call on the event loop: {args[:1]}")
+
+    async def main() -> None:
+        for store in (limiter_store, breaker_store, bulkhead_store):
+            store._conn.run = blocking  # every sync round trip goes through run()
+        await limiter.acquire_async()
+        sleeper = asyncio.ensure_future(limiter.acquire_async())  # reserves, then sleeps
+        await asyncio.sleep(0.01)
+        sleeper.cancel()  # the refund goes through the async client
+        await asyncio.gather(sleeper, return_exceptions=True)
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                async with breaker:
+                    raise ConnectionError("down")
+        with pytest.raises(CircuitOpenError):
+            await breaker.acquire_async()
+        poller = asyncio.ensure_future(waiting.acquire_async())  # polls the shared slots
+        await asyncio.sleep(0.03)
+        poller.cancel()
+        await asyncio.gather(poller, return_exceptions=True)
+        # Cancelled while its acquire script is in flight (it may have granted the slot):
+        # the slot is given back through the async client too.
+        real_arun, in_flight = bulkhead_store._conn.arun, asyncio.Event()
+        released: list[str] = []
+
+        async def slow_arun(script: str, key: str, *args: Any) -> Any:
+            if args and args[0] == "acquire":
+                in_flight.set()
+                await asyncio.sleep(10)
+            if args and args[0] == "release":
+                released.append(args[-1])
+            return await real_arun(script, key, *args)
+
+        bulkhead_store._conn.arun = slow_arun
+        stuck = asyncio.ensure_future(waiting.acquire_async())
+        await in_flight.wait()
+        stuck.cancel()
+        await asyncio.gather(stuck, return_exceptions=True)
+        await asyncio.sleep(0.01)  # the shielded give-back runs to its end
+        assert len(released) == 1
+        del bulkhead_store._conn.arun
+        for store in (limiter_store, breaker_store, bulkhead_store):
+            await store.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for store in (limiter_store, breaker_store, bulkhead_store):
+            del store._conn.run  # back to the class's method
+    held.release()
+    assert holder.snapshot()["shared_in_flight"] == 0
