@@ -324,6 +324,25 @@ def test_breaker_failed_probe_opens_the_circuit_again(impl: Impl, face: Face) ->
     assert status(a).state == "open"
 
 
+def test_breaker_outcome_of_a_probe_after_the_other_probe_decided_is_ignored(
+    impl: Impl, face: Face
+) -> None:
+    """With two probes out, the first outcome decides; the other probe's outcome is stale."""
+    reset = impl.short(10, 0.05)
+    a, b = breakers(impl, failure_threshold=1, reset_timeout=reset, half_open_max_calls=2)
+    face.fail(a)
+    impl.elapse(reset * 1.5)
+    first, second = face.acquire(a), face.acquire(b)
+    assert status(a).half_open_probes == 2
+    with pytest.raises(CircuitOpenError):
+        face.acquire(a)  # both probe slots are taken
+    face.success(first)
+    assert b.state == "closed"
+    face.failure(second)  # admitted while half-open: must not reopen the closed circuit
+    assert a.state == b.state == "closed"
+    assert status(b).consecutive_failures == 0
+
+
 def test_breaker_neutral_outcome_frees_a_half_open_probe_slot(impl: Impl, face: Face) -> None:
     """A probe settled as neutral gives its probe slot back to either breaker."""
     reset = impl.short(10, 0.05)
@@ -561,6 +580,38 @@ def test_bulkhead_short_wait_budget_rejects_as_wait_timeout(impl: Impl, face: Fa
     permit.release()
 
 
+def test_bulkhead_max_queue_as_documented(impl: Impl) -> None:
+    """FIFO stores count waiters against max_queue; the Redis store's polling waiters are not."""
+    budget = impl.short(5, 0.05)
+    a, b = bulkheads(impl, max_concurrent=1, max_queue=1, max_wait=budget)
+    held = a.try_acquire()
+    assert held is not None
+    if impl.fake:
+        impl.clock.autojump = False  # the first waiter waits until the test moves time
+
+    async def scenario() -> str:
+        first = asyncio.ensure_future(a.acquire_async())  # the one caller allowed to queue
+        await asyncio.sleep(0.01)
+        try:
+            await b.acquire_async()
+        except BulkheadFull as exc:
+            reason = exc.reason
+        while impl.fake and not first.done():
+            impl.clock.advance(budget)
+            await asyncio.sleep(0)
+        with pytest.raises(BulkheadFull):
+            await first
+        return reason
+
+    reason = impl.run(scenario)
+    if impl.name.startswith("redis"):  # docs/redis.md: waiters are not counted
+        assert reason == "bulkhead_wait_timeout"
+    else:
+        assert reason == "bulkhead_full"
+    assert a.binding.in_use() == 1
+    held.release()
+
+
 def test_bulkhead_waiter_gets_the_slot_the_other_frees(impl: Impl, face: Face) -> None:
     """A caller queued in one bulkhead gets the slot freed through the other (reported)."""
     a, b = bulkheads(impl, max_concurrent=1, max_queue=1)
@@ -722,6 +773,35 @@ def test_limiter_waits_for_its_turn_within_max_wait(impl: Impl, face: Face) -> N
     assert interval * 0.6 <= waits[0].waited <= interval * 1.5 + 0.2
     waited = b.binding.acquire(None, 1, 10)  # the binding returns the seconds it waited
     assert interval * 0.6 <= waited <= interval * 1.5 + 0.2
+
+
+def test_limiter_turn_of_a_waiter_counts_for_the_next_caller(impl: Impl) -> None:
+    """A caller waiting for its turn holds it: the next caller's turn comes after it."""
+    interval = impl.short(1.0, 0.2)
+    a, b = limiters(impl, rate=1, per=interval, burst=1)
+    if impl.fake:
+        impl.clock.autojump = False
+
+    async def scenario() -> float | None:
+        for limiter in (a, b):  # connected: each request reaches the store at once
+            await limiter.acquire_async(key=f"warm-up-{id(limiter)}")
+        await a.acquire_async()
+        waiter = asyncio.ensure_future(b.acquire_async())  # waits one interval
+        await asyncio.sleep(0.01)
+        try:
+            await a.acquire_async()  # no room for it within one and a half intervals
+        except RateLimited as exc:
+            retry_after = exc.retry_after
+        if impl.fake:
+            impl.clock.advance(interval)
+        await waiter
+        return retry_after
+
+    limiter_max_wait = interval * 1.5
+    a.max_wait = limiter_max_wait
+    retry_after = impl.run(scenario)
+    assert retry_after is not None
+    assert interval * 1.5 < retry_after <= interval * 2 + 0.01
 
 
 def test_limiter_tokens(impl: Impl) -> None:
