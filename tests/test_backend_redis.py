@@ -271,8 +271,7 @@ def test_a_transition_in_one_process_is_seen_by_the_others(stores: Stores) -> No
 
 
 def test_forcing_a_shared_breaker_emits_each_transition_once(stores: Stores) -> None:
-    """open() and close() emit one CircuitStateChanged each (not a second one from the
-    in-process fallback kept in step with Redis)."""
+    """open() and close() each emit one transition, none from the in-process fallback."""
     breaker = CircuitBreaker("forced", store=stores(RedisBreakerStore))
     with capture_events() as events:
         breaker.open()
