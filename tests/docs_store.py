@@ -328,18 +328,20 @@ class DocsLimiter:
             return False
         return True
 
-    def acquire(self, key: Hashable | None, weight: int, max_wait: float | None) -> float:
+    def acquire(self, key: Hashable | None, weight: int, max_wait: float | None) -> float | None:
         wait = self._reserve(key, weight, max_wait)
-        if wait:
-            self.clock.sleep(wait)
+        if not wait:
+            return None  # admitted at once
+        self.clock.sleep(wait)
         return wait
 
     async def acquire_async(
         self, key: Hashable | None, weight: int, max_wait: float | None
-    ) -> float:
+    ) -> float | None:
         wait = self._reserve(key, weight, max_wait)
-        if wait:
-            await self.clock.asleep(wait)
+        if not wait:
+            return None
+        await self.clock.asleep(wait)
         return wait
 
     def tokens(self, key: Hashable | None) -> float | None:

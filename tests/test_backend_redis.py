@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 
 import buttress
 from buttress import (
@@ -270,8 +271,7 @@ def test_a_transition_in_one_process_is_seen_by_the_others(stores: Stores) -> No
 
 
 def test_forcing_a_shared_breaker_emits_each_transition_once(stores: Stores) -> None:
-    """open() and close() emit one CircuitStateChanged each (not a second one from the
-    in-process fallback kept in step with Redis)."""
+    """open() and close() each emit one transition, none from the in-process fallback."""
     breaker = CircuitBreaker("forced", store=stores(RedisBreakerStore))
     with capture_events() as events:
         breaker.open()
@@ -588,6 +588,97 @@ def test_cancelled_async_waiter_leaves_no_slot_behind(stores: Stores) -> None:
     asyncio.run(main())
     held.release()
     assert a.snapshot()["shared_in_flight"] == 0
+
+
+class SwallowsCancellation(redis.asyncio.Redis):
+    """An asyncio client that, as redis-py's asyncio cluster client sometimes does,
+    swallows a cancellation landing during a command and returns the command's reply."""
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        command = asyncio.ensure_future(super().execute_command(*args, **options))
+        try:
+            return await asyncio.shield(command)
+        except asyncio.CancelledError:
+            return await command
+
+
+async def _cancel_during_first_command(acquire: Callable[[], Any]) -> asyncio.Task[Any]:
+    """Start ``acquire()``, cancel it while its first command is in flight, let it end."""
+    task = asyncio.ensure_future(acquire())
+    await asyncio.sleep(0)  # it is inside its first command now
+    task.cancel()
+    await asyncio.wait([task], timeout=2)
+    if not task.done():  # still polling, as if never cancelled: stop it for the assertion
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise AssertionError("the cancelled caller went on waiting")
+    return task
+
+
+swallowing = pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="Task.cancelling() (Python 3.11) tells a swallowed cancel"
+)
+
+
+@swallowing
+def test_a_cancel_the_client_swallows_still_stops_the_bulkhead_waiter(
+    redis_url: str, stores: Stores
+) -> None:
+    """A waiter whose cancellation the client swallowed stops, and holds no slot."""
+    a = Bulkhead("swallowed", max_concurrent=1, store=stores(RedisBulkheadStore))
+
+    async def main() -> None:
+        client = SwallowsCancellation.from_url(redis_url)
+        store = stores(RedisBulkheadStore, async_client=client)
+        b = Bulkhead("swallowed", max_concurrent=1, max_queue=1, store=store, **other_process())
+        held = a.acquire()
+        assert (await _cancel_during_first_command(b.acquire_async)).cancelled()
+        held.release()
+        assert (await _cancel_during_first_command(b.acquire_async)).cancelled()  # granted
+        assert b.binding.in_use() == 0
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+@swallowing
+def test_a_cancel_the_client_swallows_still_stops_the_limiter_caller(
+    redis_url: str, stores: Stores
+) -> None:
+    """A caller whose cancellation the client swallowed is not admitted: its unit is refunded."""
+
+    async def main() -> None:
+        client = SwallowsCancellation.from_url(redis_url)
+        store = stores(RedisRateLimiterStore, async_client=client)
+        limiter = RateLimiter("swallowed", rate=1, per=60, store=store)
+        assert (await _cancel_during_first_command(limiter.acquire_async)).cancelled()
+        await client.aclose()
+        assert limiter.try_acquire()  # the unit the cancelled caller was granted came back
+
+    asyncio.run(main())
+
+
+@swallowing
+def test_a_cancel_the_client_swallows_gives_the_probe_slot_back(
+    redis_url: str, stores: Stores
+) -> None:
+    """A probe whose cancellation the client swallowed gives its half-open slot back."""
+    settings: dict[str, Any] = {"failure_threshold": 1, "reset_timeout": 0.05}
+    here = CircuitBreaker("swallowed", store=stores(RedisBreakerStore), **settings)
+    with pytest.raises(ConnectionError), here:
+        raise ConnectionError("down")
+    time.sleep(0.08)  # half-open now
+
+    async def main() -> None:
+        client = SwallowsCancellation.from_url(redis_url)
+        store = stores(RedisBreakerStore, async_client=client)
+        there = CircuitBreaker("swallowed", store=store, **settings, **other_process())
+        assert (await _cancel_during_first_command(there.acquire_async)).cancelled()
+        await client.aclose()
+
+    asyncio.run(main())
+    here.acquire().success()  # the probe slot was free: this probe closes the circuit
+    assert here.state == "closed"
 
 
 # -- saga idempotency ------------------------------------------------------------------------

@@ -313,7 +313,7 @@ def test_breaker_half_open_probe_slots_are_shared(impl: Impl, face: Face) -> Non
 
 def test_breaker_failed_probe_opens_the_circuit_again(impl: Impl, face: Face) -> None:
     """A failed probe reopens the circuit for both, for a new reset timeout."""
-    reset = impl.short(10, 0.05)
+    reset = impl.short(10, 0.15)
     a, b = breakers(impl, failure_threshold=1, reset_timeout=reset, half_open_max_calls=1)
     face.fail(a)
     impl.elapse(reset * 1.5)
@@ -322,6 +322,25 @@ def test_breaker_failed_probe_opens_the_circuit_again(impl: Impl, face: Face) ->
         face.acquire(a)
     assert info.value.retry_after is not None and 0 < info.value.retry_after <= reset
     assert status(a).state == "open"
+
+
+def test_breaker_outcome_of_a_probe_after_the_other_probe_decided_is_ignored(
+    impl: Impl, face: Face
+) -> None:
+    """With two probes out, the first outcome decides; the other probe's outcome is stale."""
+    reset = impl.short(10, 0.05)
+    a, b = breakers(impl, failure_threshold=1, reset_timeout=reset, half_open_max_calls=2)
+    face.fail(a)
+    impl.elapse(reset * 1.5)
+    first, second = face.acquire(a), face.acquire(b)
+    assert status(a).half_open_probes == 2
+    with pytest.raises(CircuitOpenError):
+        face.acquire(a)  # both probe slots are taken
+    face.success(first)
+    assert b.state == "closed"
+    face.failure(second)  # admitted while half-open: must not reopen the closed circuit
+    assert a.state == b.state == "closed"
+    assert status(b).consecutive_failures == 0
 
 
 def test_breaker_neutral_outcome_frees_a_half_open_probe_slot(impl: Impl, face: Face) -> None:
@@ -545,8 +564,9 @@ def test_bulkhead_no_wait_budget_rejects_as_full(impl: Impl, face: Face) -> None
 
 def test_bulkhead_short_wait_budget_rejects_as_wait_timeout(impl: Impl, face: Face) -> None:
     """A caller whose budget runs out gets "bulkhead_wait_timeout" and takes nothing."""
-    budget = impl.short(5, 0.05)
+    budget = impl.short(5, 0.1)
     a, b = bulkheads(impl, max_concurrent=1, max_queue=1, max_wait=budget)
+    face.release(face.acquire(b))  # connected: its first attempt comes well within budget
     held = face.acquire(a)
     mark = impl.mark()
     with pytest.raises(BulkheadFull) as info:
@@ -559,6 +579,41 @@ def test_bulkhead_short_wait_budget_rejects_as_wait_timeout(impl: Impl, face: Fa
     permit = b.try_acquire()
     assert permit is not None
     permit.release()
+
+
+def test_bulkhead_max_queue_as_documented(impl: Impl) -> None:
+    """FIFO stores count waiters against max_queue; the Redis store's polling waiters are not."""
+    budget = impl.short(5, 0.1)
+    a, b = bulkheads(impl, max_concurrent=1, max_queue=1, max_wait=budget)
+    held = a.try_acquire()
+    assert held is not None
+    if impl.fake:
+        impl.clock.autojump = False  # the first waiter waits until the test moves time
+
+    async def scenario() -> str:
+        for bulkhead in (a, b):  # connected: each first attempt comes well within budget
+            with pytest.raises(BulkheadFull):
+                await bulkhead.binding.acquire_async(0)
+        first = asyncio.ensure_future(a.acquire_async())  # the one caller allowed to queue
+        await asyncio.sleep(0.01)
+        try:
+            await b.acquire_async()
+        except BulkheadFull as exc:
+            reason = exc.reason
+        while impl.fake and not first.done():
+            impl.clock.advance(budget)
+            await asyncio.sleep(0)
+        with pytest.raises(BulkheadFull):
+            await first
+        return reason
+
+    reason = impl.run(scenario)
+    if impl.name.startswith("redis"):  # docs/redis.md: waiters are not counted
+        assert reason == "bulkhead_wait_timeout"
+    else:
+        assert reason == "bulkhead_full"
+    assert a.binding.in_use() == 1
+    held.release()
 
 
 def test_bulkhead_waiter_gets_the_slot_the_other_frees(impl: Impl, face: Face) -> None:
@@ -635,17 +690,27 @@ def test_limiter_burst_then_spacing_holds_across_both(impl: Impl, face: Face) ->
     """Both limiters draw on one GCRA budget: the burst, then one admission per interval."""
     interval = impl.short(0.1, 0.25)
     a, b = limiters(impl, rate=1, per=interval, burst=3, max_wait=0)
-    face.admit(a)
-    face.admit(b)
-    face.admit(a)
-    for limiter in (a, b):
-        with pytest.raises(RateLimited):
+
+    def attempt(limiter: RateLimiter, use_face: bool) -> bool:
+        if not use_face:
+            return limiter.try_acquire()
+        try:
             face.admit(limiter)
-        assert not limiter.try_acquire()
+        except RateLimited:
+            return False
+        return True
+
+    mark = impl.mark()
+    burst = sum(attempt(limiter, True) for limiter in (a, b, a, b, a))
+    burst += sum(attempt(limiter, False) for limiter in (a, b))
     impl.elapse(interval * 1.2)
-    face.admit(b)  # one interval later: exactly one more
-    for limiter in (a, b):
-        assert not limiter.try_acquire()
+    spaced = sum(attempt(limiter, use) for limiter, use in ((b, True), (a, False), (b, False)))
+    # GCRA: at most burst + t / interval in any t seconds (on a loaded machine the real
+    # seconds these calls took may let one more turn come)
+    assert burst >= 3 and spaced >= 1
+    assert burst + spaced <= 3 + int(impl.waited_since(mark) / interval)
+    if impl.fake:
+        assert (burst, spaced) == (3, 1)
 
 
 def test_limiter_keys_have_independent_buckets(impl: Impl, face: Face) -> None:
@@ -719,9 +784,38 @@ def test_limiter_waits_for_its_turn_within_max_wait(impl: Impl, face: Face) -> N
     assert impl.waited_since(mark) >= interval * 0.8
     waits = [e for e in events if isinstance(e, AcquiredAfterWait)]
     assert len(waits) == 1
-    assert interval * 0.6 <= waits[0].waited <= interval * 1.5 + 0.2
+    assert interval * 0.6 <= waits[0].waited <= interval * 1.5 + 0.5
     waited = b.binding.acquire(None, 1, 10)  # the binding returns the seconds it waited
-    assert interval * 0.6 <= waited <= interval * 1.5 + 0.2
+    assert interval * 0.6 <= waited <= interval * 1.5 + 0.5
+
+
+def test_limiter_turn_of_a_waiter_counts_for_the_next_caller(impl: Impl) -> None:
+    """A caller waiting for its turn holds it: the next caller's turn comes after it."""
+    interval = impl.short(1.0, 0.2)
+    a, b = limiters(impl, rate=1, per=interval, burst=1)
+    if impl.fake:
+        impl.clock.autojump = False
+
+    async def scenario() -> float | None:
+        for limiter in (a, b):  # connected: each request reaches the store at once
+            await limiter.acquire_async(key=f"warm-up-{id(limiter)}")
+        await a.acquire_async()
+        waiter = asyncio.ensure_future(b.acquire_async())  # waits one interval
+        await asyncio.sleep(0.01)
+        try:
+            await a.acquire_async()  # no room for it within one and a half intervals
+        except RateLimited as exc:
+            retry_after = exc.retry_after
+        if impl.fake:
+            impl.clock.advance(interval)
+        await waiter
+        return retry_after
+
+    limiter_max_wait = interval * 1.5
+    a.max_wait = limiter_max_wait
+    retry_after = impl.run(scenario)
+    assert retry_after is not None
+    assert interval * 1.5 < retry_after <= interval * 2 + 0.01
 
 
 def test_limiter_tokens(impl: Impl) -> None:
@@ -752,21 +846,32 @@ def test_limiter_cancelled_async_waiter_never_over_admits(impl: Impl) -> None:
     if impl.fake:
         impl.clock.autojump = False  # time moves only when the test says so
 
-    async def scenario() -> None:
+    async def scenario() -> tuple[float, int]:
+        for limiter in (a, b):  # connected: each request reaches the store at once
+            await limiter.acquire_async(key=f"warm-up-{id(limiter)}")
+        mark = impl.mark()
         await a.acquire_async()
         waiter = asyncio.ensure_future(b.acquire_async())
         for _ in range(5):
             await asyncio.sleep(0.005)
-        assert not waiter.done()
+        if waiter.done():  # a stalled machine let its turn come first: then it counts
+            assert not impl.fake
+            return mark, 1
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
+        return mark, 0
 
-    impl.run(scenario)
-    assert not a.try_acquire()  # the turn it waited for has not come yet
+    mark, early = impl.run(scenario)
+    early += sum(limiter.try_acquire() for limiter in (a, b))  # b's turn has not come yet
     impl.elapse(interval * 1.2)
-    # at most one turn per interval: the cancelled turn given back (then one admission
-    # now), or left unused (then none until the next interval)
-    assert sum(limiter.try_acquire() for limiter in (a, b, a, b)) <= 1
+    # the cancelled turn was given back (then one admission now) or left unused (then
+    # none until the next interval): never more than one turn per interval
+    now = sum(limiter.try_acquire() for limiter in (a, b, a, b))
     impl.elapse(interval)
-    assert sum(limiter.try_acquire() for limiter in (a, b, a, b)) == 1
+    later = sum(limiter.try_acquire() for limiter in (a, b, a, b))
+    assert later >= 1
+    # with a's admission: at most burst (1) + t / interval in the t seconds since the mark
+    assert 1 + early + now + later <= 1 + int(impl.waited_since(mark) / interval)
+    if impl.fake:
+        assert early == 0 and now <= 1 and later == 1

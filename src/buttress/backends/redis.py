@@ -462,6 +462,7 @@ class RedisLimiterBinding(_RedisBinding):
     ) -> float | None:
         if self.gate.should_try():
             redis_key = self.key_of(key)
+            cancels = _cancels()
             try:
                 reply = await self.conn.arun(
                     scripts.LIMITER, redis_key, *self.args, weight, self._max_wait_us(max_wait), ""
@@ -472,12 +473,13 @@ class RedisLimiterBinding(_RedisBinding):
                     return None
             else:
                 wait = self._verdict(reply)
-                if wait > 0:
-                    try:
+                try:
+                    _reraise_swallowed(cancels)
+                    if wait > 0:
                         await self.clock.asleep(wait)
-                    except BaseException:
-                        await _shielded(self._arefund(redis_key, weight, reply[2]))
-                        raise
+                except BaseException:
+                    await _shielded(self._arefund(redis_key, weight, reply[2]))
+                    raise
                 return wait or None
         elif not self._degraded(None):
             return None
@@ -712,13 +714,18 @@ class RedisBreakerBinding(_RedisBinding):
         if not self.gate.should_try():
             return self._degraded()
         args = self._args("acquire")
+        cancels = _cancels()
         try:
             reply = await self.conn.arun(scripts.BREAKER, self.key, *args)
         except self.errors as exc:
             self._restore(args)
             self.gate.failed(exc)
             return self._degraded(exc)
-        return self._verdict(reply)
+        token = self._verdict(reply)
+        if _cancels() > cancels:  # cancelled, though the client swallowed it: give back
+            await _shielded(self.settle_async(token, "neutral"))
+            raise asyncio.CancelledError
+        return token
 
     def _defer(self, token: int) -> bool:
         """A success that can wait for the next round trip (True), or must be sent now."""
@@ -935,6 +942,20 @@ class _LocalLease:
 _background: set[asyncio.Task[Any]] = set()
 
 
+def _cancels() -> int:
+    """The current task's pending cancellation requests (Python 3.11+; 0 before)."""
+    count = getattr(asyncio.current_task(), "cancelling", None)
+    return 0 if count is None else int(count())
+
+
+def _reraise_swallowed(before: int) -> None:
+    """Raise CancelledError if the task was cancelled during a command whose client
+    swallowed the cancellation and returned the reply anyway (redis-py's asyncio
+    cluster client can): a cancelled caller must still stop, and give back what it got."""
+    if _cancels() > before:
+        raise asyncio.CancelledError
+
+
 async def _shielded(coro: Any) -> None:
     """Run ``coro`` to the end even if the caller is cancelled again meanwhile."""
     task = asyncio.ensure_future(coro)
@@ -1029,10 +1050,12 @@ class RedisBulkheadBinding(_RedisBinding):
             return self._degraded(None, _never)
         poll = _Poll(self, timeout)
         while True:
+            cancels = _cancels()
             try:
                 reply = await self.conn.arun(
                     scripts.BULKHEAD, self.key, "acquire", self.limit, self.lease_us, poll.token
                 )
+                _reraise_swallowed(cancels)
             except self.errors as exc:
                 self.gate.failed(exc)
                 if self.gate.mode == "local":
