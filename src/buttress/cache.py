@@ -105,7 +105,7 @@ class CacheInfo(NamedTuple):
 
 
 class CachedFunction(Protocol[P, R_co]):
-    """A function decorated by :func:`cache`: same signature, plus cache controls."""
+    """A function decorated by :class:`Cache`: same signature, plus cache controls."""
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
 
@@ -438,7 +438,27 @@ def _load_cachetools() -> Any:
 
 
 class Cache(Policy):
-    """Memoise sync or async functions. Build it with :func:`cache`."""
+    """Remember results for ``ttl`` seconds; concurrent callers of a missing key share one call.
+
+    Args:
+        ttl: seconds a value stays fresh (> 0, or a timedelta).
+        maxsize: values kept per decorated function; the least recently used goes first.
+        key: a function of the call's arguments returning the cache key (hashable).
+            Default: the positional and keyword arguments, as ``functools.lru_cache`` does.
+        typed: with the default key, cache arguments of different types separately
+            (``1`` and ``1.0``).
+        stale_while_revalidate: seconds after expiry during which the old value is still
+            served at once while one background refresh runs (default: none).
+        stale_if_error: seconds after expiry during which the old value is served when
+            loading a new one fails (default: none; the error propagates).
+        name: registers the policy for ``state()``.
+        listeners: event listeners for this policy only.
+        registry: registry to join instead of the default one.
+        clock: time source (default: the system clock).
+
+    Raises:
+        MissingExtraError: cachetools is not installed (``pip install 'buttress[cache]'``).
+    """
 
     kind = "cache"
 
@@ -626,49 +646,5 @@ class Cache(Policy):
         }
 
 
-def cache(
-    ttl: float | timedelta,
-    *,
-    maxsize: int = 1024,
-    key: Callable[..., Hashable] | None = None,
-    typed: bool = False,
-    stale_while_revalidate: float | timedelta | None = None,
-    stale_if_error: float | timedelta | None = None,
-    name: str | None = None,
-    listeners: Iterable[_events.Listener] | None = None,
-    registry: Registry | None = None,
-    clock: Clock | None = None,
-) -> Cache:
-    """Remember results for ``ttl`` seconds; concurrent callers of a missing key share one call.
-
-    Args:
-        ttl: seconds a value stays fresh (> 0, or a timedelta).
-        maxsize: values kept per decorated function; the least recently used goes first.
-        key: a function of the call's arguments returning the cache key (hashable).
-            Default: the positional and keyword arguments, as ``functools.lru_cache`` does.
-        typed: with the default key, cache arguments of different types separately
-            (``1`` and ``1.0``).
-        stale_while_revalidate: seconds after expiry during which the old value is still
-            served at once while one background refresh runs (default: none).
-        stale_if_error: seconds after expiry during which the old value is served when
-            loading a new one fails (default: none; the error propagates).
-        name: registers the policy for ``state()``.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source (default: the system clock).
-
-    Raises:
-        MissingExtraError: cachetools is not installed (``pip install 'buttress[cache]'``).
-    """
-    return Cache(
-        ttl,
-        maxsize=maxsize,
-        key=key,
-        typed=typed,
-        stale_while_revalidate=stale_while_revalidate,
-        stale_if_error=stale_if_error,
-        name=name,
-        listeners=listeners,
-        registry=registry,
-        clock=clock,
-    )
+cache = Cache
+"""``cache(ttl, maxsize=1024, ...)``: the same as :class:`Cache`."""
