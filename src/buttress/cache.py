@@ -153,6 +153,7 @@ class BoundCachedMethod(Protocol[P, R_co]):
 
 _VALUE, _ERROR, _STALE, _RETRY = 0, 1, 2, 3
 _CONTROLS = ("cache_clear", "cache_info", "invalidate")
+_AGAIN: Any = object()  # Store.deliver: the flight left nothing to share
 
 
 class _Entry:
@@ -283,6 +284,26 @@ class _Store:
                 policy.emit(CacheRefreshFailed, error=error)
             if stale_age >= 0:
                 policy.emit(CacheStaleServed, reason="error", age=stale_age, error=error)
+
+    def deliver(self, flight: _Flight) -> Any:
+        """What a caller of ``flight`` gets once it is over: its value, the stale value
+        served instead of its error, its error raised, or ``_AGAIN`` (it ended with nothing
+        to share: start over)."""
+        outcome = flight.outcome
+        assert outcome is not None
+        kind, value = outcome
+        if kind == _VALUE:
+            return value
+        if kind == _ERROR:
+            del flight, outcome  # see _reraise
+            try:
+                _reraise(value)
+            finally:
+                del value
+        if kind == _STALE:
+            self.stale.incr()
+            return value
+        return _AGAIN
 
     def join(self, flight: _Flight, future: asyncio.Future[tuple[int, Any]]) -> bool:
         """Wait for ``flight`` through ``future``; False if it is already over."""
@@ -529,7 +550,8 @@ class Cache(Policy):
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         store = self._new_store()
         make_key = self._key_function()
-        lookup, run, refresh = store.lookup, store.run_sync, store.refresh_in_thread
+        lookup, deliver = store.lookup, store.deliver
+        run, refresh = store.run_sync, store.refresh_in_thread
 
         def cached(*args: Any, **kwargs: Any) -> Any:
             key = make_key(*args, **kwargs)
@@ -539,25 +561,16 @@ class Cache(Policy):
                     if extra is not None:
                         refresh(extra, fn, args, kwargs)
                     return payload
-                flight: _Flight = payload
                 if extra:
-                    run(flight, fn, args, kwargs)
+                    run(payload, fn, args, kwargs)
                 else:
-                    flight.event.wait()
-                assert flight.outcome is not None
-                kind, value = flight.outcome
-                if kind == _VALUE:
-                    return value
-                if kind == _ERROR:
-                    del flight, payload  # see _reraise
-                    try:
-                        _reraise(value)
-                    finally:
-                        del value
-                if kind == _STALE:
-                    store.stale.incr()
-                    return value
-                # _RETRY: the execution ended with nothing to share; start over.
+                    payload.event.wait()
+                try:
+                    answer = deliver(payload)
+                finally:
+                    del payload  # see _reraise
+                if answer is not _AGAIN:
+                    return answer
 
         self._attach(cached, store, make_key)
         return cached
@@ -565,7 +578,8 @@ class Cache(Policy):
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         store = self._new_store()
         make_key = self._key_function()
-        lookup, join, leave, start = store.lookup, store.join, store.leave, store.start_task
+        lookup, deliver = store.lookup, store.deliver
+        join, leave, start = store.join, store.leave, store.start_task
 
         async def cached(*args: Any, **kwargs: Any) -> Any:
             key = make_key(*args, **kwargs)
@@ -575,28 +589,22 @@ class Cache(Policy):
                     if extra is not None:
                         start(extra, fn, args, kwargs)
                     return payload
-                flight: _Flight = payload
                 if extra:
-                    start(flight, fn, args, kwargs)
+                    start(payload, fn, args, kwargs)
                 future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
-                if join(flight, future):
+                if join(payload, future):
                     try:
                         await future
                     except asyncio.CancelledError:
-                        leave(flight, future)
+                        leave(payload, future)
                         raise
-                kind, value = future.result()
-                if kind == _VALUE:
-                    return value
-                if kind == _ERROR:
-                    del flight, payload, future  # see _reraise
-                    try:
-                        _reraise(value)
-                    finally:
-                        del value
-                if kind == _STALE:
-                    store.stale.incr()
-                    return value
+                del future  # it holds the outcome too: see _reraise
+                try:
+                    answer = deliver(payload)
+                finally:
+                    del payload
+                if answer is not _AGAIN:
+                    return answer
 
         self._attach(cached, store, make_key)
         return cached
