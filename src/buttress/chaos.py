@@ -94,15 +94,17 @@ _Epoch = tuple[str, int, Seed]
 
 
 class _Switch:
-    __slots__ = ("_env", "_state", "armed", "generation", "lock")
+    __slots__ = ("_arming", "_env", "_state", "armed", "generation", "lock")
 
     def __init__(self) -> None:
         # None: the environment decides. False: forced off. An epoch: on.
         self._state: _Epoch | Literal[False] | None = None
         # What the environment says (see read_environment).
         self._env: _Epoch | None = None
-        # Whether either says anything: the one attribute the wrappers read per call.
+        # Whether either says anything: the one attribute the wrappers read per call,
+        # recomputed under its own lock so that racing writes cannot leave it stale.
         self.armed = False
+        self._arming = threading.Lock()
         self.generation = 0
         self.lock = threading.Lock()
 
@@ -112,8 +114,9 @@ class _Switch:
 
     @state.setter
     def state(self, value: _Epoch | Literal[False] | None) -> None:
-        self._state = value
-        self.armed = value is not None or self._env is not None
+        with self._arming:
+            self._state = value
+            self.armed = value is not None or self._env is not None
 
     @property
     def env(self) -> _Epoch | None:
@@ -121,8 +124,9 @@ class _Switch:
 
     @env.setter
     def env(self, value: _Epoch | None) -> None:
-        self._env = value
-        self.armed = self._state is not None or value is not None
+        with self._arming:
+            self._env = value
+            self.armed = self._state is not None or value is not None
 
 
 _switch = _Switch()
@@ -139,7 +143,8 @@ def _epoch() -> _Epoch | None:
     """The current enabling, or None when chaos is off.
 
     The wrappers skip even this call in the usual production case, where neither
-    ``enable()``/``disable()`` nor the environment ever said anything: two attribute reads.
+    ``enable()``/``disable()`` nor the environment ever said anything: they read
+    ``_switch.armed`` alone.
     """
     state = _switch.state
     if state is None:
