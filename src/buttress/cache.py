@@ -472,10 +472,9 @@ class Cache(Policy):
             served at once while one background refresh runs (default: none).
         stale_if_error: seconds after expiry during which the old value is served when
             loading a new one fails (default: none; the error propagates).
-        name: registers the policy for ``state()``.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source (default: the system clock).
+
+    It also takes the options every primitive takes: ``name``, ``listeners``,
+    ``registry`` and ``clock`` (see "Every primitive" on the options page).
 
     Raises:
         MissingExtraError: cachetools is not installed (``pip install 'buttress[cache]'``).

@@ -245,7 +245,10 @@ def current_seed() -> Seed | None:
 
 
 class Chaos(Policy):
-    """Base of the chaos policies: decides, per call, whether to inject."""
+    """Base of the chaos policies: decides, per call, whether to inject.
+
+    A chaos policy's ``name`` also names its random stream (see the module docstring).
+    """
 
     kind = "chaos"
     mode: ClassVar[str] = "chaos"
@@ -355,10 +358,9 @@ class Fault(_BlockChaos):
         exc: an exception class (built with a message saying it was injected), an
             instance (a fresh copy is raised each time) or a function returning one.
             Default: :class:`InjectedFault`, a ``ConnectionError``.
-        name: registers the policy for ``state()`` and names its random stream.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source for event timestamps.
+
+    It also takes the options every primitive takes: ``name``, ``listeners``,
+    ``registry`` and ``clock`` (see "Every primitive" on the options page).
     """
 
     mode = "fault"
@@ -453,10 +455,9 @@ class Latency(_BlockChaos):
         rate: the fraction of calls to slow down, from 0 to 1.
         seconds: the added delay, or a ``(low, high)`` pair to draw it uniformly from.
             Sync calls sleep with ``clock.sleep``, async calls with ``await clock.asleep``.
-        name: registers the policy for ``state()`` and names its random stream.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source for the sleeps (default: the system clock).
+
+    It also takes the options every primitive takes: ``name``, ``listeners``,
+    ``registry`` and ``clock`` (see "Every primitive" on the options page).
     """
 
     mode = "latency"
@@ -514,10 +515,9 @@ class Result(Chaos):
     Args:
         rate: the fraction of calls to answer with ``value``, from 0 to 1.
         value: the substitute result (an empty list, ``None``, a degraded answer...).
-        name: registers the policy for ``state()`` and names its random stream.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source for event timestamps.
+
+    It also takes the options every primitive takes: ``name``, ``listeners``,
+    ``registry`` and ``clock`` (see "Every primitive" on the options page).
     """
 
     mode = "result"

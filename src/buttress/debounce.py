@@ -276,10 +276,6 @@ class Debounce(Policy):
         max_wait: longest a burst may postpone an execution (default: unbounded).
         leading: run on the first call of a burst (default False).
         trailing: run after the burst with the latest arguments (default True).
-        name: registers the policy for ``state()``.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source (default: the system clock).
     """
 
     kind: ClassVar[str] = "debounce"
@@ -405,10 +401,9 @@ class Throttle(Debounce):
         leading: run the first call at once (default True).
         trailing: run once more at the end of the interval with the latest arguments if
             calls arrived during it (default True).
-        name: registers the policy for ``state()``.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source (default: the system clock).
+
+    It also takes the options every primitive takes: ``name``, ``listeners``,
+    ``registry`` and ``clock`` (see "Every primitive" on the options page).
     """
 
     kind: ClassVar[str] = "throttle"

@@ -50,10 +50,9 @@ class Fallback(Policy):
             it may be async too.
         on: what to replace: an exception class, a predicate ``exc -> bool``, or a tuple
             or list mixing them, as retry's ``on`` (default ``Exception``).
-        name: registers the policy for ``state()``.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source for event timestamps.
+
+    It also takes the options every primitive takes: ``name``, ``listeners``,
+    ``registry`` and ``clock`` (see "Every primitive" on the options page).
     """
 
     kind = "fallback"

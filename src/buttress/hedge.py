@@ -32,10 +32,9 @@ class Hedge(Policy):
     Args:
         delay: seconds to wait for an attempt before starting another (>= 0).
         max_hedged: extra attempts allowed (default 1).
-        name: registers the policy for ``state()``.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source (default: the system clock).
+
+    It also takes the options every primitive takes: ``name``, ``listeners``,
+    ``registry`` and ``clock`` (see "Every primitive" on the options page).
     """
 
     kind = "hedge"
