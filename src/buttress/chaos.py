@@ -144,11 +144,12 @@ def _epoch() -> _Epoch | None:
 
     The wrappers skip even this call in the usual production case, where neither
     ``enable()``/``disable()`` nor the environment ever said anything: they read
-    ``_switch.armed`` alone.
+    ``_switch.armed`` alone. (The slots, not the properties: this runs on every call
+    while chaos is armed.)
     """
-    state = _switch.state
+    state = _switch._state
     if state is None:
-        return _switch.env
+        return _switch._env
     if state is False:
         return None
     return state
