@@ -1548,6 +1548,22 @@ def _rolling(
     return [percentile(b, q) or math.nan for b in bins]
 
 
+def _level(
+    ax: Any, y: float, label: str, color: str, *, ls: str, rise: float, alpha: float | None = None
+) -> None:
+    """A horizontal reference line across ``ax`` at ``y``, labelled at its left end."""
+    ax.axhline(y, color=color, lw=1, ls=ls, alpha=alpha)
+    ax.annotate(
+        label,
+        (0.0, y),
+        xytext=(4, rise),
+        textcoords="offset points",
+        color=color,
+        fontsize=8,
+        va="bottom",
+    )
+
+
 def plot_timeline(demo: Demo, path: str) -> None:
     """Draw one run of the demo as a PNG timeline: gateway and breaker state, throughput,
     retries and rejections, latency. Needs matplotlib (imported here, not before)."""
@@ -1670,16 +1686,7 @@ def plot_timeline(demo: Demo, path: str) -> None:
     failed = by_outcome.get("failed", [])
     if failed:
         flow.plot(mids, per_second(failed, edges), color=C_BAD, lw=1.5, label="checkouts failed")
-    flow.axhline(RATE, color=C_INFO, lw=1, ls="--", alpha=0.7)
-    flow.annotate(
-        f"limiter rate {RATE:g}/s",
-        (0.0, RATE),
-        xytext=(4, 3),
-        textcoords="offset points",
-        color=C_INFO,
-        fontsize=8,
-        va="bottom",
-    )
+    _level(flow, RATE, f"limiter rate {RATE:g}/s", C_INFO, ls="--", alpha=0.7, rise=3)
     flow.set_ylabel("per second")
     flow.set_ylim(bottom=0)
     flow.set_title("Throughput", loc="left", fontsize=10)
@@ -1750,16 +1757,8 @@ def plot_timeline(demo: Demo, path: str) -> None:
     latency.plot(
         mids, _rolling(answered, edges, 0.95), color="black", lw=1.2, ls="--", label="p95 answered"
     )
-    latency.axhline(TOTAL_TIMEOUT * 1000, color=C_BAD, lw=1, ls=":")
-    latency.annotate(
-        f"checkout timeout {TOTAL_TIMEOUT * 1000:.0f} ms",
-        (0.0, TOTAL_TIMEOUT * 1000),
-        xytext=(4, 2),
-        textcoords="offset points",
-        color=C_BAD,
-        fontsize=8,
-        va="bottom",
-    )
+    limit_ms = TOTAL_TIMEOUT * 1000
+    _level(latency, limit_ms, f"checkout timeout {limit_ms:.0f} ms", C_BAD, ls=":", rise=2)
     latency.set_yscale("log")
     latency.set_ylim(top=TOTAL_TIMEOUT * 1000 * 4)
     latency.set_ylabel("checkout latency (ms, log scale)")

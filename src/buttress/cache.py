@@ -105,7 +105,7 @@ class CacheInfo(NamedTuple):
 
 
 class CachedFunction(Protocol[P, R_co]):
-    """A function decorated by :func:`cache`: same signature, plus cache controls."""
+    """A function decorated by :class:`Cache`: same signature, plus cache controls."""
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
 
@@ -153,6 +153,7 @@ class BoundCachedMethod(Protocol[P, R_co]):
 
 _VALUE, _ERROR, _STALE, _RETRY = 0, 1, 2, 3
 _CONTROLS = ("cache_clear", "cache_info", "invalidate")
+_AGAIN: Any = object()  # Store.deliver: the flight left nothing to share
 
 
 class _Entry:
@@ -283,6 +284,26 @@ class _Store:
                 policy.emit(CacheRefreshFailed, error=error)
             if stale_age >= 0:
                 policy.emit(CacheStaleServed, reason="error", age=stale_age, error=error)
+
+    def deliver(self, flight: _Flight) -> Any:
+        """What a caller of ``flight`` gets once it is over: its value, the stale value
+        served instead of its error, its error raised, or ``_AGAIN`` (it ended with nothing
+        to share: start over)."""
+        outcome = flight.outcome
+        assert outcome is not None
+        kind, value = outcome
+        if kind == _VALUE:
+            return value
+        if kind == _ERROR:
+            del flight, outcome  # see _reraise
+            try:
+                _reraise(value)
+            finally:
+                del value
+        if kind == _STALE:
+            self.stale.incr()
+            return value
+        return _AGAIN
 
     def join(self, flight: _Flight, future: asyncio.Future[tuple[int, Any]]) -> bool:
         """Wait for ``flight`` through ``future``; False if it is already over."""
@@ -438,7 +459,26 @@ def _load_cachetools() -> Any:
 
 
 class Cache(Policy):
-    """Memoise sync or async functions. Build it with :func:`cache`."""
+    """Remember results for ``ttl`` seconds; concurrent callers of a missing key share one call.
+
+    Args:
+        ttl: seconds a value stays fresh (> 0, or a timedelta).
+        maxsize: values kept per decorated function; the least recently used goes first.
+        key: a function of the call's arguments returning the cache key (hashable).
+            Default: the positional and keyword arguments, as ``functools.lru_cache`` does.
+        typed: with the default key, cache arguments of different types separately
+            (``1`` and ``1.0``).
+        stale_while_revalidate: seconds after expiry during which the old value is still
+            served at once while one background refresh runs (default: none).
+        stale_if_error: seconds after expiry during which the old value is served when
+            loading a new one fails (default: none; the error propagates).
+
+    It also takes the options every primitive takes: ``name``, ``listeners``,
+    ``registry`` and ``clock`` (see "Every primitive" on the options page).
+
+    Raises:
+        MissingExtraError: cachetools is not installed (``pip install 'buttress[cache]'``).
+    """
 
     kind = "cache"
 
@@ -509,7 +549,8 @@ class Cache(Policy):
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         store = self._new_store()
         make_key = self._key_function()
-        lookup, run, refresh = store.lookup, store.run_sync, store.refresh_in_thread
+        lookup, deliver = store.lookup, store.deliver
+        run, refresh = store.run_sync, store.refresh_in_thread
 
         def cached(*args: Any, **kwargs: Any) -> Any:
             key = make_key(*args, **kwargs)
@@ -519,25 +560,16 @@ class Cache(Policy):
                     if extra is not None:
                         refresh(extra, fn, args, kwargs)
                     return payload
-                flight: _Flight = payload
                 if extra:
-                    run(flight, fn, args, kwargs)
+                    run(payload, fn, args, kwargs)
                 else:
-                    flight.event.wait()
-                assert flight.outcome is not None
-                kind, value = flight.outcome
-                if kind == _VALUE:
-                    return value
-                if kind == _ERROR:
-                    del flight, payload  # see _reraise
-                    try:
-                        _reraise(value)
-                    finally:
-                        del value
-                if kind == _STALE:
-                    store.stale.incr()
-                    return value
-                # _RETRY: the execution ended with nothing to share; start over.
+                    payload.event.wait()
+                try:
+                    answer = deliver(payload)
+                finally:
+                    del payload  # see _reraise
+                if answer is not _AGAIN:
+                    return answer
 
         self._attach(cached, store, make_key)
         return cached
@@ -545,7 +577,8 @@ class Cache(Policy):
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         store = self._new_store()
         make_key = self._key_function()
-        lookup, join, leave, start = store.lookup, store.join, store.leave, store.start_task
+        lookup, deliver = store.lookup, store.deliver
+        join, leave, start = store.join, store.leave, store.start_task
 
         async def cached(*args: Any, **kwargs: Any) -> Any:
             key = make_key(*args, **kwargs)
@@ -555,28 +588,22 @@ class Cache(Policy):
                     if extra is not None:
                         start(extra, fn, args, kwargs)
                     return payload
-                flight: _Flight = payload
                 if extra:
-                    start(flight, fn, args, kwargs)
+                    start(payload, fn, args, kwargs)
                 future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
-                if join(flight, future):
+                if join(payload, future):
                     try:
                         await future
                     except asyncio.CancelledError:
-                        leave(flight, future)
+                        leave(payload, future)
                         raise
-                kind, value = future.result()
-                if kind == _VALUE:
-                    return value
-                if kind == _ERROR:
-                    del flight, payload, future  # see _reraise
-                    try:
-                        _reraise(value)
-                    finally:
-                        del value
-                if kind == _STALE:
-                    store.stale.incr()
-                    return value
+                del future  # it holds the outcome too: see _reraise
+                try:
+                    answer = deliver(payload)
+                finally:
+                    del payload
+                if answer is not _AGAIN:
+                    return answer
 
         self._attach(cached, store, make_key)
         return cached
@@ -626,49 +653,5 @@ class Cache(Policy):
         }
 
 
-def cache(
-    ttl: float | timedelta,
-    *,
-    maxsize: int = 1024,
-    key: Callable[..., Hashable] | None = None,
-    typed: bool = False,
-    stale_while_revalidate: float | timedelta | None = None,
-    stale_if_error: float | timedelta | None = None,
-    name: str | None = None,
-    listeners: Iterable[_events.Listener] | None = None,
-    registry: Registry | None = None,
-    clock: Clock | None = None,
-) -> Cache:
-    """Remember results for ``ttl`` seconds; concurrent callers of a missing key share one call.
-
-    Args:
-        ttl: seconds a value stays fresh (> 0, or a timedelta).
-        maxsize: values kept per decorated function; the least recently used goes first.
-        key: a function of the call's arguments returning the cache key (hashable).
-            Default: the positional and keyword arguments, as ``functools.lru_cache`` does.
-        typed: with the default key, cache arguments of different types separately
-            (``1`` and ``1.0``).
-        stale_while_revalidate: seconds after expiry during which the old value is still
-            served at once while one background refresh runs (default: none).
-        stale_if_error: seconds after expiry during which the old value is served when
-            loading a new one fails (default: none; the error propagates).
-        name: registers the policy for ``state()``.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source (default: the system clock).
-
-    Raises:
-        MissingExtraError: cachetools is not installed (``pip install 'buttress[cache]'``).
-    """
-    return Cache(
-        ttl,
-        maxsize=maxsize,
-        key=key,
-        typed=typed,
-        stale_while_revalidate=stale_while_revalidate,
-        stale_if_error=stale_if_error,
-        name=name,
-        listeners=listeners,
-        registry=registry,
-        clock=clock,
-    )
+cache = Cache
+"""``cache(ttl, maxsize=1024, ...)``: the same as :class:`Cache`."""

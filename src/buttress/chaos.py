@@ -39,15 +39,19 @@ import random
 import secrets
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, Literal, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 from . import events as _events
+from ._drivers import Answer, Decision, intercept_async, intercept_sync
 from ._policy import ExcType, Policy, Traceback
 from ._validate import check_number, require_seconds
 from .clock import Clock
 from .events import ChaosInjected  # defined in buttress.events; importable here too
 from .exceptions import ButtressError, ConfigTypeError, ConfigValueError
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = [
     "ENV_SEED",
@@ -79,7 +83,7 @@ Seed = int | str
 
 
 class InjectedFault(ButtressError, ConnectionError):
-    """The default fault of :func:`fault`: a ``ConnectionError`` that buttress raised."""
+    """The default fault of :class:`Fault`: a ``ConnectionError`` that buttress raised."""
 
 
 # -- the process-wide switch ----------------------------------------------------------------------
@@ -90,15 +94,39 @@ _Epoch = tuple[str, int, Seed]
 
 
 class _Switch:
-    __slots__ = ("env", "generation", "lock", "state")
+    __slots__ = ("_arming", "_env", "_state", "armed", "generation", "lock")
 
     def __init__(self) -> None:
         # None: the environment decides. False: forced off. An epoch: on.
-        self.state: _Epoch | Literal[False] | None = None
+        self._state: _Epoch | Literal[False] | None = None
+        # What the environment says (see read_environment).
+        self._env: _Epoch | None = None
+        # Whether either says anything: the one attribute the wrappers read per call,
+        # recomputed under its own lock so that racing writes cannot leave it stale.
+        self.armed = False
+        self._arming = threading.Lock()
         self.generation = 0
         self.lock = threading.Lock()
-        # What the environment says (see read_environment).
-        self.env: _Epoch | None = None
+
+    @property
+    def state(self) -> _Epoch | Literal[False] | None:
+        return self._state
+
+    @state.setter
+    def state(self, value: _Epoch | Literal[False] | None) -> None:
+        with self._arming:
+            self._state = value
+            self.armed = value is not None or self._env is not None
+
+    @property
+    def env(self) -> _Epoch | None:
+        return self._env
+
+    @env.setter
+    def env(self, value: _Epoch | None) -> None:
+        with self._arming:
+            self._env = value
+            self.armed = self._state is not None or value is not None
 
 
 _switch = _Switch()
@@ -115,11 +143,13 @@ def _epoch() -> _Epoch | None:
     """The current enabling, or None when chaos is off.
 
     The wrappers skip even this call in the usual production case, where neither
-    ``enable()``/``disable()`` nor the environment ever said anything: two attribute reads.
+    ``enable()``/``disable()`` nor the environment ever said anything: they read
+    ``_switch.armed`` alone. (The slots, not the properties: this runs on every call
+    while chaos is armed.)
     """
-    state = _switch.state
+    state = _switch._state
     if state is None:
-        return _switch.env
+        return _switch._env
     if state is False:
         return None
     return state
@@ -216,7 +246,10 @@ def current_seed() -> Seed | None:
 
 
 class Chaos(Policy):
-    """Base of the chaos policies: decides, per call, whether to inject."""
+    """Base of the chaos policies: decides, per call, whether to inject.
+
+    A chaos policy's ``name`` also names its random stream (see the module docstring).
+    """
 
     kind = "chaos"
     mode: ClassVar[str] = "chaos"
@@ -246,6 +279,16 @@ class Chaos(Policy):
 
     def _detail(self) -> str:
         return ""
+
+    def _decide(self) -> Decision:
+        """What this call gets (see :func:`intercept_sync`); called only while armed."""
+        raise NotImplementedError
+
+    def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return intercept_sync(fn, _switch, self._decide, self._clock.sleep)
+
+    def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return intercept_async(fn, _switch, self._decide, self._clock.asleep)
 
     def _draw(self) -> random.Random | None:
         """The random stream if this call is to be injected, else None (thread-safe)."""
@@ -283,8 +326,43 @@ class Chaos(Policy):
         return "pass", None, ""
 
 
-class Fault(Chaos):
-    """Raise an exception instead of calling the function. Build it with :func:`fault`."""
+class _BlockChaos(Chaos):
+    """A chaos policy that also guards a block: ``with`` / ``async with`` inject on entry."""
+
+    def _decide(self) -> float | None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        delay = self._decide()
+        if delay is not None:
+            self._clock.sleep(delay)
+        return self
+
+    def __exit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
+        return None
+
+    async def __aenter__(self) -> Self:
+        delay = self._decide()
+        if delay is not None:
+            await self._clock.asleep(delay)
+        return self
+
+    async def __aexit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
+        return None
+
+
+class Fault(_BlockChaos):
+    """While chaos is enabled, raise ``exc`` instead of calling the function in ``rate`` of calls.
+
+    Args:
+        rate: the fraction of calls to fail, from 0 to 1.
+        exc: an exception class (built with a message saying it was injected), an
+            instance (a fresh copy is raised each time) or a function returning one.
+            Default: :class:`InjectedFault`, a ``ConnectionError``.
+
+    It also takes the options every primitive takes: ``name``, ``listeners``,
+    ``registry`` and ``clock`` (see "Every primitive" on the options page).
+    """
 
     mode = "fault"
 
@@ -330,10 +408,10 @@ class Fault(Chaos):
     def _detail(self) -> str:
         return self._label
 
-    def _fault(self) -> bool:
-        """Whether to inject; if so the exception to raise waits in ``_pending`` (per thread)."""
+    def _decide(self) -> None:
+        """Raise the injected exception if this call is to fail."""
         if self._draw() is None:
-            return False
+            return
         error = self._make()
         if not isinstance(error, BaseException):
             raise ConfigTypeError(
@@ -341,48 +419,15 @@ class Fault(Chaos):
             )
         self.emit(ChaosInjected, mode=self.mode, error=error)
         self._pending.error = error
-        return True
-
-    def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        inject, switch = self._fault, _switch
-
-        def faulty(*args: Any, **kwargs: Any) -> Any:
-            if (switch.state is not None or switch.env is not None) and inject():
-                _raise_injected(self)
-            return fn(*args, **kwargs)
-
-        return faulty
-
-    def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        inject, switch = self._fault, _switch
-
-        async def faulty(*args: Any, **kwargs: Any) -> Any:
-            if (switch.state is not None or switch.env is not None) and inject():
-                _raise_injected(self)
-            return await fn(*args, **kwargs)
-
-        return faulty
-
-    def __enter__(self) -> Fault:
-        if self._fault():
-            _raise_injected(self)
-        return self
-
-    def __exit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
-        return None
-
-    async def __aenter__(self) -> Fault:
-        return self.__enter__()
-
-    async def __aexit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
-        return None
+        del error  # no frame of the traceback may hold it: see _raise_injected
+        _raise_injected(self)
 
     def snapshot(self) -> dict[str, Any]:
         return {**super().snapshot(), "exc": self._label}
 
 
 def _raise_injected(policy: Fault) -> None:
-    """Raise the exception ``policy._fault()`` just made.
+    """Raise the exception ``policy._decide()`` just made.
 
     No frame keeps it in a local variable: a raised exception held by a frame of its own
     traceback is a reference cycle that would keep the policy alive until the next
@@ -404,8 +449,17 @@ def _fresh(template: BaseException) -> BaseException:
     return error.with_traceback(None)
 
 
-class Latency(Chaos):
-    """Sleep (on the policy's clock) before calling the function. Build it with :func:`latency`."""
+class Latency(_BlockChaos):
+    """While chaos is enabled, sleep ``seconds`` (on the policy's clock) before ``rate`` of calls.
+
+    Args:
+        rate: the fraction of calls to slow down, from 0 to 1.
+        seconds: the added delay, or a ``(low, high)`` pair to draw it uniformly from.
+            Sync calls sleep with ``clock.sleep``, async calls with ``await clock.asleep``.
+
+    It also takes the options every primitive takes: ``name``, ``listeners``,
+    ``registry`` and ``clock`` (see "Every primitive" on the options page).
+    """
 
     mode = "latency"
 
@@ -440,7 +494,7 @@ class Latency(Chaos):
     def _detail(self) -> str:
         return repr(self.seconds)
 
-    def _delay(self) -> float | None:
+    def _decide(self) -> float | None:
         rng = self._draw()
         if rng is None:
             return None
@@ -449,59 +503,22 @@ class Latency(Chaos):
         self.emit(ChaosInjected, mode=self.mode, delay=delay)
         return delay
 
-    def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        inject, sleep, switch = self._delay, self._clock.sleep, _switch
-
-        def slow(*args: Any, **kwargs: Any) -> Any:
-            if switch.state is None and switch.env is None:
-                return fn(*args, **kwargs)
-            delay = inject()
-            if delay is not None:
-                sleep(delay)
-            return fn(*args, **kwargs)
-
-        return slow
-
-    def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        inject, asleep, switch = self._delay, self._clock.asleep, _switch
-
-        async def slow(*args: Any, **kwargs: Any) -> Any:
-            if switch.state is None and switch.env is None:
-                return await fn(*args, **kwargs)
-            delay = inject()
-            if delay is not None:
-                await asleep(delay)
-            return await fn(*args, **kwargs)
-
-        return slow
-
-    def __enter__(self) -> Latency:
-        delay = self._delay()
-        if delay is not None:
-            self._clock.sleep(delay)
-        return self
-
-    def __exit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
-        return None
-
-    async def __aenter__(self) -> Latency:
-        delay = self._delay()
-        if delay is not None:
-            await self._clock.asleep(delay)
-        return self
-
-    async def __aexit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> None:
-        return None
-
     def snapshot(self) -> dict[str, Any]:
         low, high = self.seconds
         return {**super().snapshot(), "seconds": low if low == high else [low, high]}
 
 
 class Result(Chaos):
-    """Return a value instead of calling the function. Build it with :func:`result`.
+    """While chaos is enabled, return ``value`` in ``rate`` of calls, skipping the function.
 
     Decorator only: a block of code has no return value to replace.
+
+    Args:
+        rate: the fraction of calls to answer with ``value``, from 0 to 1.
+        value: the substitute result (an empty list, ``None``, a degraded answer...).
+
+    It also takes the options every primitive takes: ``name``, ``listeners``,
+    ``registry`` and ``clock`` (see "Every primitive" on the options page).
     """
 
     mode = "result"
@@ -523,106 +540,26 @@ class Result(Chaos):
     def _detail(self) -> str:
         return type(self.value).__qualname__
 
-    def _substitute(self) -> bool:
+    def _decide(self) -> Answer | None:
         if self._draw() is None:
-            return False
+            return None
         self.emit(ChaosInjected, mode=self.mode)
-        return True
-
-    def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        inject, value, switch = self._substitute, self.value, _switch
-
-        def substituted(*args: Any, **kwargs: Any) -> Any:
-            if (switch.state is not None or switch.env is not None) and inject():
-                return value
-            return fn(*args, **kwargs)
-
-        return substituted
-
-    def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        inject, value, switch = self._substitute, self.value, _switch
-
-        async def substituted(*args: Any, **kwargs: Any) -> Any:
-            if (switch.state is not None or switch.env is not None) and inject():
-                return value
-            return await fn(*args, **kwargs)
-
-        return substituted
+        return Answer(self.value)
 
     def snapshot(self) -> dict[str, Any]:
         return {**super().snapshot(), "value": repr(self.value)}
 
 
-# -- builders -------------------------------------------------------------------------------
+# -- builders: the classes themselves, under the names the docs use -------------------------
 
+fault = Fault
+"""``chaos.fault(rate, exc=InjectedFault)``: the same as :class:`Fault`."""
 
-def fault(
-    rate: float,
-    exc: type[BaseException] | BaseException | Callable[[], BaseException] = InjectedFault,
-    *,
-    name: str | None = None,
-    listeners: Iterable[_events.Listener] | None = None,
-    registry: Registry | None = None,
-    clock: Clock | None = None,
-) -> Fault:
-    """While chaos is enabled, raise ``exc`` instead of calling the function in ``rate`` of calls.
+latency = Latency
+"""``chaos.latency(rate, seconds)``: the same as :class:`Latency`."""
 
-    Args:
-        rate: the fraction of calls to fail, from 0 to 1.
-        exc: an exception class (built with a message saying it was injected), an
-            instance (a fresh copy is raised each time) or a function returning one.
-            Default: :class:`InjectedFault`, a ``ConnectionError``.
-        name: registers the policy for ``state()`` and names its random stream.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source for event timestamps.
-    """
-    return Fault(rate, exc, name=name, listeners=listeners, registry=registry, clock=clock)
-
-
-def latency(
-    rate: float,
-    seconds: float | tuple[float, float],
-    *,
-    name: str | None = None,
-    listeners: Iterable[_events.Listener] | None = None,
-    registry: Registry | None = None,
-    clock: Clock | None = None,
-) -> Latency:
-    """While chaos is enabled, sleep ``seconds`` before ``rate`` of calls.
-
-    Args:
-        rate: the fraction of calls to slow down, from 0 to 1.
-        seconds: the added delay, or a ``(low, high)`` pair to draw it uniformly from.
-            Sync calls sleep with ``clock.sleep``, async calls with ``await clock.asleep``.
-        name: registers the policy for ``state()`` and names its random stream.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source for the sleeps (default: the system clock).
-    """
-    return Latency(rate, seconds, name=name, listeners=listeners, registry=registry, clock=clock)
-
-
-def result(
-    rate: float,
-    value: Any,
-    *,
-    name: str | None = None,
-    listeners: Iterable[_events.Listener] | None = None,
-    registry: Registry | None = None,
-    clock: Clock | None = None,
-) -> Result:
-    """While chaos is enabled, return ``value`` in ``rate`` of calls, skipping the function.
-
-    Args:
-        rate: the fraction of calls to answer with ``value``, from 0 to 1.
-        value: the substitute result (an empty list, ``None``, a degraded answer...).
-        name: registers the policy for ``state()`` and names its random stream.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source for event timestamps.
-    """
-    return Result(rate, value, name=name, listeners=listeners, registry=registry, clock=clock)
+result = Result
+"""``chaos.result(rate, value)``: the same as :class:`Result`."""
 
 
 read_environment()

@@ -263,13 +263,19 @@ def _consume(future: asyncio.Future[Any]) -> None:
 
 
 class Debounce(Policy):
-    """A debounce policy. Build it with :func:`debounce` (or a :class:`Throttle` with
-    :func:`throttle`).
+    """Collapse calls closer than ``wait`` seconds into one execution with the latest arguments.
 
-    Each decorated function gets its own state; :meth:`flush` and :meth:`cancel` act
-    on every function this policy decorated. Like every policy it takes ``name=``
-    (and then appears in ``buttress.state()``), ``listeners=``, ``registry=`` and
-    ``clock=``, and it can be part of a :func:`~buttress.pipeline`.
+    ``debounce(...)`` builds one (a :class:`Throttle` with ``throttle(...)``). Each
+    decorated function gets its own state; :meth:`flush` and :meth:`cancel` act on every
+    function this policy decorated. Like every policy it takes ``name=`` (and then appears
+    in ``buttress.state()``), ``listeners=``, ``registry=`` and ``clock=``, and it can be
+    part of a :func:`~buttress.pipeline`.
+
+    Args:
+        wait: quiet time in seconds that ends a burst (> 0).
+        max_wait: longest a burst may postpone an execution (default: unbounded).
+        leading: run on the first call of a burst (default False).
+        trailing: run after the burst with the latest arguments (default True).
     """
 
     kind: ClassVar[str] = "debounce"
@@ -388,8 +394,17 @@ class Debounce(Policy):
 
 
 class Throttle(Debounce):
-    """A throttle policy: at most one execution per ``interval``. Build it with
-    :func:`throttle`."""
+    """Run at most once per ``interval`` seconds (``throttle(...)`` builds one).
+
+    Args:
+        interval: minimum seconds between executions (> 0).
+        leading: run the first call at once (default True).
+        trailing: run once more at the end of the interval with the latest arguments if
+            calls arrived during it (default True).
+
+    It also takes the options every primitive takes: ``name``, ``listeners``,
+    ``registry`` and ``clock`` (see "Every primitive" on the options page).
+    """
 
     kind: ClassVar[str] = "throttle"
     throttle: ClassVar[bool] = True
@@ -421,69 +436,8 @@ class Throttle(Debounce):
         return self.wait
 
 
-def debounce(
-    wait: float | timedelta,
-    *,
-    max_wait: float | timedelta | None = None,
-    leading: bool = False,
-    trailing: bool = True,
-    name: str | None = None,
-    listeners: Iterable[_events.Listener] | None = None,
-    registry: Registry | None = None,
-    clock: Clock | None = None,
-) -> Debounce:
-    """Collapse calls closer than ``wait`` seconds into one execution with the latest arguments.
+debounce = Debounce
+"""``debounce(wait, max_wait=None, leading=False, trailing=True)``: as :class:`Debounce`."""
 
-    Args:
-        wait: quiet time in seconds that ends a burst (> 0).
-        max_wait: longest a burst may postpone an execution (default: unbounded).
-        leading: run on the first call of a burst (default False).
-        trailing: run after the burst with the latest arguments (default True).
-        name: registers the policy for ``state()``.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source (default: the system clock).
-    """
-    return Debounce(
-        wait,
-        max_wait=max_wait,
-        leading=leading,
-        trailing=trailing,
-        name=name,
-        listeners=listeners,
-        registry=registry,
-        clock=clock,
-    )
-
-
-def throttle(
-    interval: float | timedelta,
-    *,
-    leading: bool = True,
-    trailing: bool = True,
-    name: str | None = None,
-    listeners: Iterable[_events.Listener] | None = None,
-    registry: Registry | None = None,
-    clock: Clock | None = None,
-) -> Throttle:
-    """Run at most once per ``interval`` seconds.
-
-    Args:
-        interval: minimum seconds between executions (> 0).
-        leading: run the first call at once (default True).
-        trailing: run once more at the end of the interval with the latest arguments if
-            calls arrived during it (default True).
-        name: registers the policy for ``state()``.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source (default: the system clock).
-    """
-    return Throttle(
-        interval,
-        leading=leading,
-        trailing=trailing,
-        name=name,
-        listeners=listeners,
-        registry=registry,
-        clock=clock,
-    )
+throttle = Throttle
+"""``throttle(interval, leading=True, trailing=True)``: the same as :class:`Throttle`."""

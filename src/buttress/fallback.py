@@ -6,12 +6,12 @@ and ``SystemExit`` are never swallowed, whatever ``on`` says.
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import events as _events
+from ._drivers import substitute_async, substitute_sync
 from ._policy import ExcType, Policy, Traceback, cm_pop, cm_push
 from ._validate import ExceptionFilter, check_callable, check_exception_filter
 from .clock import Clock
@@ -42,7 +42,18 @@ class FallbackOutcome:
 
 
 class Fallback(Policy):
-    """Replace matching failures by a value. Build it with :func:`fallback`."""
+    """Return ``value`` (or ``handler(exc)``) instead of raising an exception matching ``on``.
+
+    Args:
+        value: the replacement value.
+        handler: instead of ``value``, a function of the exception; for async functions
+            it may be async too.
+        on: what to replace: an exception class, a predicate ``exc -> bool``, or a tuple
+            or list mixing them, as retry's ``on`` (default ``Exception``).
+
+    It also takes the options every primitive takes: ``name``, ``listeners``,
+    ``registry`` and ``clock`` (see "Every primitive" on the options page).
+    """
 
     kind = "fallback"
 
@@ -84,33 +95,10 @@ class Fallback(Policy):
         return self.handler(exc)
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        matches, replacement = self._matches, self._replacement
-
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except BaseException as exc:
-                if not matches(exc):
-                    raise
-                return replacement(exc)
-
-        return guarded
+        return substitute_sync(fn, self._matches, self._replacement)
 
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        matches, replacement = self._matches, self._replacement
-
-        async def guarded(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return await fn(*args, **kwargs)
-            except BaseException as exc:
-                if not matches(exc):
-                    raise
-                value = replacement(exc)
-                if inspect.isawaitable(value):
-                    value = await value
-                return value
-
-        return guarded
+        return substitute_async(fn, self._matches, self._replacement)
 
     def __enter__(self) -> FallbackOutcome:
         outcome = FallbackOutcome()
@@ -135,35 +123,5 @@ class Fallback(Policy):
         return {"kind": self.kind, "name": self.name, "used": self._used}
 
 
-def fallback(
-    value: Any = _MISSING,
-    *,
-    handler: Callable[[BaseException], Any] | None = None,
-    on: _ExceptionSpec = Exception,
-    name: str | None = None,
-    listeners: Iterable[_events.Listener] | None = None,
-    registry: Registry | None = None,
-    clock: Clock | None = None,
-) -> Fallback:
-    """Return ``value`` (or ``handler(exc)``) instead of raising an exception matching ``on``.
-
-    Args:
-        value: the replacement value.
-        handler: instead of ``value``, a function of the exception; for async functions
-            it may be async too.
-        on: what to replace: an exception class, a predicate ``exc -> bool``, or a tuple
-            or list mixing them, as retry's ``on`` (default ``Exception``).
-        name: registers the policy for ``state()``.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source for event timestamps.
-    """
-    return Fallback(
-        value,
-        handler=handler,
-        on=on,
-        name=name,
-        listeners=listeners,
-        registry=registry,
-        clock=clock,
-    )
+fallback = Fallback
+"""``fallback(value)`` or ``fallback(handler=...)``: the same as :class:`Fallback`."""

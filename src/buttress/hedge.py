@@ -27,7 +27,15 @@ __all__ = ["Hedge", "hedge"]
 
 
 class Hedge(Policy):
-    """Hedge slow async calls. Build it with :func:`hedge`."""
+    """Start up to ``max_hedged`` extra attempts of a slow async call, ``delay`` seconds apart.
+
+    Args:
+        delay: seconds to wait for an attempt before starting another (>= 0).
+        max_hedged: extra attempts allowed (default 1).
+
+    It also takes the options every primitive takes: ``name``, ``listeners``,
+    ``registry`` and ``clock`` (see "Every primitive" on the options page).
+    """
 
     kind = "hedge"
 
@@ -138,30 +146,5 @@ class Hedge(Policy):
         }
 
 
-def hedge(
-    delay: float | timedelta,
-    *,
-    max_hedged: int = 1,
-    name: str | None = None,
-    listeners: Iterable[_events.Listener] | None = None,
-    registry: Registry | None = None,
-    clock: Clock | None = None,
-) -> Hedge:
-    """Start up to ``max_hedged`` extra attempts of a slow async call, ``delay`` seconds apart.
-
-    Args:
-        delay: seconds to wait for an attempt before starting another (>= 0).
-        max_hedged: extra attempts allowed (default 1).
-        name: registers the policy for ``state()``.
-        listeners: event listeners for this policy only.
-        registry: registry to join instead of the default one.
-        clock: time source (default: the system clock).
-    """
-    return Hedge(
-        delay,
-        max_hedged=max_hedged,
-        name=name,
-        listeners=listeners,
-        registry=registry,
-        clock=clock,
-    )
+hedge = Hedge
+"""``hedge(delay, max_hedged=1)``: the same as :class:`Hedge`."""
