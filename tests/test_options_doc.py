@@ -13,6 +13,7 @@ import pytest
 
 import buttress
 from buttress import adaptive, chaos
+from buttress._policy import PolicyOptions
 from buttress.saga import Saga
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "options.md"
@@ -63,10 +64,14 @@ def rows() -> list[tuple[str, str, str]]:
 
 def parameters(label: str) -> dict[str, inspect.Parameter]:
     builder, skipped = BUILDERS[label]
+    found = inspect.signature(builder).parameters
+    if "options" in found:  # **options: the common keyword options of every policy
+        assert found["options"].kind is inspect.Parameter.VAR_KEYWORD
+        assert set(PolicyOptions.__annotations__) | {"name"} == COMMON
     return {
         name: param
-        for name, param in inspect.signature(builder).parameters.items()
-        if name not in skipped and name not in COMMON
+        for name, param in found.items()
+        if name not in skipped and name not in COMMON and name != "options"
     }
 
 

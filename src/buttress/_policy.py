@@ -13,7 +13,7 @@ import inspect
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, ClassVar, ParamSpec, TypeVar
+from typing import Any, ClassVar, ParamSpec, TypedDict, TypeVar
 
 from . import events as _events
 from ._validate import check_decoratable, check_name
@@ -21,7 +21,7 @@ from .clock import Clock, resolve_clock
 from .exceptions import ConfigTypeError
 from .registry import Registry, default_registry
 
-__all__ = ["ExcType", "Policy", "Traceback", "is_async_callable"]
+__all__ = ["ExcType", "Policy", "PolicyOptions", "Traceback", "is_async_callable"]
 
 ExcType = type[BaseException] | None
 """The first argument of ``__exit__``: the block's exception type, or ``None``."""
@@ -40,6 +40,15 @@ def is_async_callable(obj: object) -> bool:
         return True
     call = getattr(obj, "__call__", None)  # noqa: B004 - we want the method itself
     return call is not None and not inspect.isfunction(obj) and inspect.iscoroutinefunction(call)
+
+
+class PolicyOptions(TypedDict, total=False):
+    """The keyword options every policy takes besides its own (``**options`` in their
+    signatures): see :class:`Policy`."""
+
+    listeners: Iterable[_events.Listener] | None
+    registry: Registry | None
+    clock: Clock | None
 
 
 class Policy:

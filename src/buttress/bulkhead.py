@@ -18,21 +18,22 @@ Two layers, one contract:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import events as _events
 from ._deadline import remaining
 from ._drivers import guard_async_io, guard_sync
-from ._policy import Policy
+from ._policy import Policy, PolicyOptions
 from ._validate import check_int, check_seconds
 from ._waiters import Waiter, WaiterQueue
 from .backends import BindingBase, BulkheadBinding, BulkheadStore, check_store
-from .clock import Clock
 from .exceptions import BulkheadFull
 from .permit import Permit, PermitGuard
-from .registry import Registry
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Bulkhead", "BulkheadPermit", "LocalBulkhead"]
 
@@ -207,11 +208,9 @@ class Bulkhead(PermitGuard, Policy):
         max_queue: int = 0,
         max_wait: float | timedelta | None = None,
         store: object = None,
-        listeners: Iterable[_events.Listener] | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
+        **options: Unpack[PolicyOptions],
     ) -> None:
-        super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
+        super().__init__(name=name, **options)
         self.max_concurrent = check_int("max_concurrent", max_concurrent)
         self.max_queue = check_int("max_queue", max_queue, min_value=0)
         self.max_wait = check_seconds("max_wait", max_wait, allow_zero=True, allow_none=True)

@@ -31,7 +31,7 @@ import contextvars
 import functools
 import threading
 import weakref
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable
 from datetime import timedelta
 from typing import (
     TYPE_CHECKING,
@@ -45,19 +45,16 @@ from typing import (
     overload,
 )
 
-from . import events as _events
 from ._counter import Counter
-from ._policy import Policy, is_async_callable
+from ._policy import Policy, PolicyOptions, is_async_callable
 from ._validate import check_bool, check_callable, check_decoratable, check_int, check_seconds
 from ._validate import require_seconds as _require_seconds
-from .clock import Clock
 from .events import CacheRefreshFailed, CacheStaleServed  # defined in buttress.events
 from .exceptions import ButtressError
-from .registry import Registry
 
 if TYPE_CHECKING:
     from cachetools import TTLCache
-    from typing_extensions import Self
+    from typing_extensions import Self, Unpack
 
 __all__ = [
     "BoundCachedMethod",
@@ -492,11 +489,9 @@ class Cache(Policy):
         stale_while_revalidate: float | timedelta | None = None,
         stale_if_error: float | timedelta | None = None,
         name: str | None = None,
-        listeners: Iterable[_events.Listener] | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
+        **options: Unpack[PolicyOptions],
     ) -> None:
-        super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
+        super().__init__(name=name, **options)
         self.ttl = _require_seconds("ttl", ttl)
         self.maxsize = check_int("maxsize", maxsize)
         self.key: Callable[..., Hashable] | None = check_callable("key", key, allow_none=True)

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 from . import events as _events
 from ._drivers import Answer, Decision, intercept_async, intercept_sync
-from ._policy import ExcType, Policy, Traceback
+from ._policy import ExcType, Policy, PolicyOptions, Traceback
 from ._validate import check_number, require_seconds
 from .clock import Clock
 from .events import ChaosInjected  # defined in buttress.events; importable here too
@@ -51,7 +51,7 @@ from .exceptions import ButtressError, ConfigTypeError, ConfigValueError
 from .registry import Registry
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing_extensions import Self, Unpack
 
 __all__ = [
     "ENV_SEED",
@@ -259,11 +259,9 @@ class Chaos(Policy):
         rate: float,
         *,
         name: str | None = None,
-        listeners: Iterable[_events.Listener] | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
+        **options: Unpack[PolicyOptions],
     ) -> None:
-        super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
+        super().__init__(name=name, **options)
         self.rate = check_number("rate", rate, min_value=0.0, max_value=1.0)
         self._lock = threading.Lock()
         self._rng = random.Random()

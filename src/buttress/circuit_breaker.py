@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import events as _events
 from ._counter import GIL_ENABLED, Counter
 from ._deadline import remaining
 from ._drivers import guard_async, guard_async_io, guard_sync
-from ._policy import Policy
+from ._policy import Policy, PolicyOptions
 from ._validate import (
     ExceptionFilter,
     ExceptionSpec,
@@ -47,10 +47,11 @@ from .backends import (
     Outcome,
     check_store,
 )
-from .clock import Clock
 from .exceptions import CircuitOpenError, ConfigValueError, RejectedError
 from .permit import Permit, PermitGuard
-from .registry import Registry
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["CLOSED", "HALF_OPEN", "OPEN", "BreakerPermit", "CircuitBreaker", "LocalBreaker"]
 
@@ -344,11 +345,9 @@ class CircuitBreaker(PermitGuard, Policy):
         exclude: ExceptionSpec = (),
         include: ExceptionSpec = Exception,
         store: object = None,
-        listeners: Iterable[_events.Listener] | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
+        **options: Unpack[PolicyOptions],
     ) -> None:
-        super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
+        super().__init__(name=name, **options)
         self.failure_threshold = check_int("failure_threshold", failure_threshold)
         self.reset_timeout = require_seconds("reset_timeout", reset_timeout)
         self.half_open_max_calls = check_int("half_open_max_calls", half_open_max_calls)

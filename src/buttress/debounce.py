@@ -26,14 +26,17 @@ import threading
 import weakref
 from collections.abc import Callable, Coroutine, Iterable
 from datetime import timedelta
-from typing import Any, ClassVar, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, ParamSpec, TypeVar, overload
 
 from . import events as _events
-from ._policy import Policy, is_async_callable
+from ._policy import Policy, PolicyOptions, is_async_callable
 from ._validate import check_bool, check_decoratable, check_seconds, require_seconds
 from .clock import Clock, TimerHandle
 from .exceptions import ConfigValueError
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Debounce", "Throttle", "debounce", "throttle"]
 
@@ -289,11 +292,9 @@ class Debounce(Policy):
         leading: bool = False,
         trailing: bool = True,
         name: str | None = None,
-        listeners: Iterable[_events.Listener] | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
+        **options: Unpack[PolicyOptions],
     ) -> None:
-        super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
+        super().__init__(name=name, **options)
         label = "interval" if self.throttle else "wait"
         self.wait = require_seconds(label, wait)
         self.max_wait = check_seconds("max_wait", max_wait, allow_none=True)

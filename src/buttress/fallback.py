@@ -7,16 +7,17 @@ and ``SystemExit`` are never swallowed, whatever ``on`` says.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from . import events as _events
 from ._drivers import substitute_async, substitute_sync
-from ._policy import ExcType, Policy, Traceback, cm_pop, cm_push
+from ._policy import ExcType, Policy, PolicyOptions, Traceback, cm_pop, cm_push
 from ._validate import ExceptionFilter, check_callable, check_exception_filter
-from .clock import Clock
 from .exceptions import ConfigValueError
-from .registry import Registry
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Fallback", "FallbackOutcome", "fallback"]
 
@@ -64,11 +65,9 @@ class Fallback(Policy):
         handler: Callable[[BaseException], Any] | None = None,
         on: _ExceptionSpec = Exception,
         name: str | None = None,
-        listeners: Iterable[_events.Listener] | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
+        **options: Unpack[PolicyOptions],
     ) -> None:
-        super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
+        super().__init__(name=name, **options)
         if (value is _MISSING) == (handler is None):
             raise ConfigValueError(
                 f"fallback needs exactly one of value= or handler=, got value={value!r} "

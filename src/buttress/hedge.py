@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import events as _events
-from ._policy import Policy
+from ._policy import Policy, PolicyOptions
 from ._validate import check_int, require_seconds
-from .clock import Clock
 from .exceptions import ConfigTypeError
-from .registry import Registry
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Hedge", "hedge"]
 
@@ -45,11 +46,9 @@ class Hedge(Policy):
         *,
         max_hedged: int = 1,
         name: str | None = None,
-        listeners: Iterable[_events.Listener] | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
+        **options: Unpack[PolicyOptions],
     ) -> None:
-        super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
+        super().__init__(name=name, **options)
         seconds = require_seconds("delay", delay, allow_zero=True)
         self.delay = seconds
         self.max_hedged = check_int("max_hedged", max_hedged)

@@ -24,21 +24,23 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import events as _events
 from ._counter import Counter
 from ._deadline import remaining
 from ._drivers import Plan, pump_async, pump_sync
-from ._policy import ExcType, Policy, Traceback
+from ._policy import ExcType, Policy, PolicyOptions, Traceback
 from ._validate import check_int, check_number, check_seconds, require_seconds
 from ._waiters import Waiter, WaiterQueue
 from .backends import BindingBase, LimiterBinding, LimiterStore, check_store
 from .clock import Clock
 from .exceptions import ConfigTypeError, ConfigValueError, RateLimited
-from .registry import Registry
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["LocalLimiter", "RateLimiter"]
 
@@ -333,11 +335,9 @@ class RateLimiter(Policy):
         max_wait: float | timedelta | None = None,
         store: object = None,
         max_keys: int = 100_000,
-        listeners: Iterable[_events.Listener] | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
+        **options: Unpack[PolicyOptions],
     ) -> None:
-        super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
+        super().__init__(name=name, **options)
         self.rate = check_number("rate", rate, min_value=0.0, min_inclusive=False)
         self.per = require_seconds("per", per)
         self.burst = 1 if burst is None else check_int("burst", burst)

@@ -14,12 +14,12 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import events as _events
 from ._config import config
 from ._deadline import remaining
-from ._policy import ExcType, Policy, Traceback
+from ._policy import ExcType, Policy, PolicyOptions, Traceback
 from ._validate import (
     ExceptionFilter,
     ExceptionSpec,
@@ -40,7 +40,9 @@ from .exceptions import (
     RejectedError,
     RetryExhausted,
 )
-from .registry import Registry
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Attempt", "Retry", "RetryBudget", "RetryState", "retry"]
 
@@ -317,11 +319,9 @@ class Retry(Policy):
         deadline: float | timedelta | None = None,
         budget: RetryBudget | None = None,
         name: str | None = None,
-        listeners: Iterable[_events.Listener] | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
+        **options: Unpack[PolicyOptions],
     ) -> None:
-        super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
+        super().__init__(name=name, **options)
         self.max_attempts = check_int("attempts", attempts)
         self.on: ExceptionFilter = check_exception_filter("on", on)
         # An open circuit is retried only when on= names CircuitOpenError or RejectedError

@@ -23,19 +23,21 @@ import asyncio
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextvars import Token
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import events as _events
 from ._counter import Counter
 from ._deadline import reset_deadline, set_deadline
-from ._policy import ExcType, Policy, Traceback, cm_pop, cm_push
+from ._policy import ExcType, Policy, PolicyOptions, Traceback, cm_pop, cm_push
 from ._validate import require_seconds
-from .clock import Clock, TimerHandle
+from .clock import TimerHandle
 from .exceptions import TimeoutExceeded
-from .registry import Registry
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Timeout", "timeout"]
 
@@ -205,11 +207,9 @@ class Timeout(Policy):
         seconds: float | timedelta,
         *,
         name: str | None = None,
-        listeners: Iterable[_events.Listener] | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
+        **options: Unpack[PolicyOptions],
     ) -> None:
-        super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
+        super().__init__(name=name, **options)
         value = require_seconds("seconds", seconds)
         self.seconds = value
         # Most timeouts never expire (and `async with timeout(5)` builds one per use),
