@@ -17,7 +17,14 @@ from typing import Any
 import pytest
 
 from buttress import Registry, Saga
-from buttress.backends import AsyncSagaStore, LogEntry, RunRecord, SagaStore
+from buttress.backends import (
+    AsyncIdempotencyStore,
+    AsyncSagaStore,
+    IdempotencyStore,
+    LogEntry,
+    RunRecord,
+    SagaStore,
+)
 from buttress.backends.memory import MemoryStore
 from buttress.backends.sqlite import SQLiteStore
 from buttress.exceptions import BackendError, ConfigTypeError, ConfigValueError
@@ -219,9 +226,11 @@ def test_claim_key_judges_the_holder(store):
 
 
 def test_every_store_meets_the_protocols(store):
-    """Every store is a SagaStore; PostgresStore also has the async twins."""
+    """Every shipped store is a SagaStore and an IdempotencyStore, with the async twins."""
     assert isinstance(store.store, SagaStore)
-    assert isinstance(store.store, AsyncSagaStore) == isinstance(store.store, PostgresStore)
+    assert isinstance(store.store, IdempotencyStore)
+    assert isinstance(store.store, AsyncSagaStore)
+    assert isinstance(store.store, AsyncIdempotencyStore)
 
 
 # -- PostgreSQL: the schema -------------------------------------------------------------------

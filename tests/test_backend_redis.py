@@ -34,6 +34,7 @@ from buttress import (
     pipeline,
     retry,
 )
+from buttress.backends import IdempotencyStore, SagaStore
 from buttress.backends.redis import (
     RedisBreakerStore,
     RedisBulkheadStore,
@@ -615,10 +616,17 @@ def test_failed_run_frees_its_key(stores: Stores) -> None:
 
 
 def test_idempotency_store_is_not_a_run_log(stores: Stores) -> None:
-    saga = Saga("orders", store=stores(RedisIdempotencyStore))
+    """RedisIdempotencyStore is refused as store= when the Saga is built, kept as
+    idempotency=, and is an IdempotencyStore but not a SagaStore."""
+    keys = stores(RedisIdempotencyStore)
+    assert isinstance(keys, IdempotencyStore)
+    assert not isinstance(keys, SagaStore)
+    with pytest.raises(buttress.ConfigTypeError, match=r"store= must be a saga run log") as info:
+        Saga("orders", store=keys)  # type: ignore[arg-type]
+    assert "pass it as idempotency=" in str(info.value)
+    saga = Saga("orders-ok", idempotency=keys)
     saga.step("noop")(lambda ctx: None)
-    with pytest.raises(TypeError, match="idempotency keys only"):
-        saga.run(None)
+    assert saga.run(None, key="k").status == "completed"
 
 
 @pytest.mark.slow

@@ -9,10 +9,20 @@ when that matters more than throughput.
 
 Several processes may share one database file: key claims and run take-overs run
 in ``BEGIN IMMEDIATE`` transactions, so exactly one process wins each.
+
+The async face (``acreate_run``, ``awrite``...: :class:`~buttress.backends.AsyncSagaStore`)
+runs the same sync methods on one thread the store owns. ``sqlite3`` has no
+non-blocking API, and SQLite admits one writer at a time anyway, so a single thread
+per store loses nothing: the event loop only waits for a future, and concurrent
+sagas queue on that thread instead of filling the loop's default executor with
+threads that wait on the same lock.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import json
 import sqlite3
 import threading
@@ -105,9 +115,33 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise BackendError(f"cannot open the SQLite store at {self.path!r}: {exc}") from exc
 
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+
     def close(self) -> None:
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
         with self._lock:
             self._db.close()
+
+    async def aclose(self) -> None:
+        """Async twin of :meth:`close` (waits for the store's thread off the loop)."""
+        await asyncio.to_thread(self.close)
+
+    async def _off_loop(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a sync method on the store's own thread and await it."""
+        executor = self._executor
+        if executor is None:
+            with self._executor_lock:
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(
+                        1, thread_name_prefix="buttress-sqlite"
+                    )
+                executor = self._executor
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -321,3 +355,69 @@ class SQLiteStore:
                 (*args, limit),
             ).fetchall()
         return [self._from_row(row) for row in rows]
+
+    # -- the async face: the sync methods on the store's own thread -------------------------
+
+    async def acreate_run(self, record: RunRecord) -> None:
+        await self._off_loop(self.create_run, record)
+
+    async def aclaim_key(self, record: RunRecord, *, now: float) -> KeyClaim:
+        claim: KeyClaim = await self._off_loop(self.claim_key, record, now=now)
+        return claim
+
+    async def awrite(
+        self,
+        run_id: str,
+        entries: list[LogEntry],
+        *,
+        lease_until: float | None = None,
+        status: str | None = None,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+        expires_at: float | None = None,
+    ) -> None:
+        await self._off_loop(
+            self.write,
+            run_id,
+            entries,
+            lease_until=lease_until,
+            status=status,
+            error=error,
+            result=result,
+            expires_at=expires_at,
+        )
+
+    async def aload(self, run_id: str) -> tuple[RunRecord, list[LogEntry]] | None:
+        loaded: tuple[RunRecord, list[LogEntry]] | None = await self._off_loop(self.load, run_id)
+        return loaded
+
+    async def aclaim_run(
+        self,
+        run_id: str,
+        owner: str,
+        *,
+        now: float,
+        lease_until: float,
+        expected_owner: str | None = None,
+    ) -> bool:
+        won: bool = await self._off_loop(
+            self.claim_run,
+            run_id,
+            owner,
+            now=now,
+            lease_until=lease_until,
+            expected_owner=expected_owner,
+        )
+        return won
+
+    async def aincomplete(self, saga: str) -> list[str]:
+        ids: list[str] = await self._off_loop(self.incomplete, saga)
+        return ids
+
+    async def aruns(
+        self, *, saga: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        found: list[RunRecord] = await self._off_loop(
+            self.runs, saga=saga, status=status, limit=limit
+        )
+        return found

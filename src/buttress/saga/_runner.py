@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import os
 import socket
 import time
@@ -49,7 +50,6 @@ from ._model import (
     StoredError,
     describe,
     jsonable,
-    wall_time,
 )
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ class _Run:
 
     def note(self, step: str, event: str, **fields: Any) -> None:
         self.seq += 1
-        self.pending.append(LogEntry(self.seq, step, event, at=wall_time(), **fields))
+        self.pending.append(LogEntry(self.seq, step, event, at=self.saga.wall(), **fields))
 
     def save(self, **final: Any) -> _Save:
         """The final write: everything noted since the last save, with how the run ended
@@ -293,7 +293,7 @@ class _Run:
                         saga.emit(_events.StepStarted, run_id=self.run_id, step=step.name)
                 entries, self.pending = self.pending, []
                 outcomes: list[_Outcome] = yield _Forward(
-                    self, entries, wall_time() + saga.lease, _NOT_FINAL, todo, self.ctx, deadline
+                    self, entries, saga.wall() + saga.lease, _NOT_FINAL, todo, self.ctx, deadline
                 )
                 for outcome in outcomes:
                     self._record(outcome)
@@ -318,7 +318,7 @@ class _Run:
             saga.emit(_events.CompensationStarted, run_id=self.run_id, step=name)
             entries, self.pending = self.pending, []
             undone: _Outcome = yield _Undo(
-                self, entries, wall_time() + saga.lease, _COMPENSATING, step, self.ctx
+                self, entries, saga.wall() + saga.lease, _COMPENSATING, step, self.ctx
             )
             result = self.results[name]
             self.compensated.add(name)
@@ -411,10 +411,12 @@ class _Run:
             outputs=dict(self.outputs),
             error=self.failure,
             duration=saga.clock.now() - self.started,
-            compensated=self.compensation_ok,
+            # "The run was rolled back": compensations ran and all of them succeeded (a
+            # completed run compensated nothing, so it is False there).
+            compensated=status != COMPLETED and self.compensation_ok,
             steps=[self.results[s.name] for s in saga.all_steps],
         )
-        expires = None if self.ttl is None else wall_time() + self.ttl
+        expires = None if self.ttl is None else saga.wall() + self.ttl
         # The stored report is read back by idempotent replays and by operators of a
         # durable store; an unkeyed run in memory has no reader, so it skips the cost.
         keep = self.key is not None or not saga.store_is_ephemeral
@@ -449,7 +451,7 @@ def attempt_sync(
     """One attempt of a sync step (or, with ``undo``, of its compensation): the innermost
     layer under the step's policies, recording the attempt in ``history``."""
     call = _begin_attempt(run, step, ctx, history, undo) or step.call_sync
-    started, t0 = wall_time(), run.saga.clock.now()
+    started, t0 = run.saga.wall(), run.saga.clock.now()
     try:
         value = call(ctx)
     except BaseException as exc:
@@ -466,7 +468,7 @@ async def attempt_async(
 ) -> Any:
     """Async twin of :func:`attempt_sync`."""
     call = _begin_attempt(run, step, ctx, history, undo) or step.call_async
-    started, t0 = wall_time(), run.saga.clock.now()
+    started, t0 = run.saga.wall(), run.saga.clock.now()
     try:
         value = await call(ctx)
     except BaseException as exc:
@@ -525,7 +527,7 @@ def _forward_one_sync(
     loop: asyncio.AbstractEventLoop | None,
 ) -> _Outcome:
     history: list[AttemptRecord] = []
-    outcome = _Outcome(step, history=history, started_at=wall_time())
+    outcome = _Outcome(step, history=history, started_at=run.saga.wall())
     t0 = run.saga.clock.now()
     token = None
     if deadline is not None:
@@ -552,13 +554,18 @@ def _forward_one_sync(
     return outcome
 
 
-def _undo_sync(run: _Run, step: Step, ctx: Context) -> _Outcome:
+def _undo_sync(
+    run: _Run, step: Step, ctx: Context, loop: asyncio.AbstractEventLoop | None
+) -> _Outcome:
     history: list[AttemptRecord] = []
     t0 = run.saga.clock.now()
-    outcome = _Outcome(step, history=history, started_at=wall_time())
+    outcome = _Outcome(step, history=history, started_at=run.saga.wall())
     try:
         if step.compensate_is_async:
-            outcome.value = asyncio.run(step.undo_async(run, step, ctx, history, undo=True))
+            assert loop is not None
+            outcome.value = loop.run_until_complete(
+                step.undo_async(run, step, ctx, history, undo=True)
+            )
         else:
             outcome.value = step.undo_sync(run, step, ctx, history, undo=True)
     except Exception as exc:
@@ -577,7 +584,12 @@ def _save_sync(save: _Save) -> None:
 
 
 def drive_sync(flow: Flow[T]) -> T:
-    """Execute a flow in this thread (parallel groups on a thread pool)."""
+    """Execute a flow in this thread (sync members of parallel groups on a thread pool).
+
+    One event loop, made when the first async step or compensation needs it, serves
+    every async step and compensation of the flow (so loop-bound clients keep working
+    from a step to its compensation), and is closed at the end.
+    """
     loop: asyncio.AbstractEventLoop | None = None
     try:
         instruction = next(flow)
@@ -587,10 +599,10 @@ def drive_sync(flow: Flow[T]) -> T:
                 _save_sync(instruction)
                 run = instruction.run
                 steps = instruction.steps
+                if any(step.is_async for step in steps) and loop is None:
+                    loop = asyncio.new_event_loop()
                 if len(steps) == 1:
                     step = steps[0]
-                    if step.is_async and loop is None:
-                        loop = asyncio.new_event_loop()
                     result = [
                         _forward_one_sync(
                             run,
@@ -600,6 +612,10 @@ def drive_sync(flow: Flow[T]) -> T:
                             loop,
                         )
                     ]
+                elif loop is not None:
+                    # A group with async members: the async driver's group, on this
+                    # run's loop (async members as tasks, sync ones on threads).
+                    result, _ = loop.run_until_complete(_forward_group_async(run, instruction))
                 else:
                     with concurrent.futures.ThreadPoolExecutor(len(steps)) as pool:
                         futures = [
@@ -623,10 +639,11 @@ def drive_sync(flow: Flow[T]) -> T:
                 result = None
             elif type(instruction) is _Undo:
                 _save_sync(instruction)
+                step = instruction.step
+                if step.compensate_is_async and loop is None:
+                    loop = asyncio.new_event_loop()
                 result = _undo_sync(
-                    instruction.run,
-                    instruction.step,
-                    instruction.ctx.for_step(instruction.step.name),
+                    instruction.run, step, instruction.ctx.for_step(step.name), loop
                 )
             else:
                 time.sleep(cast("Sleep", instruction).seconds)
@@ -648,65 +665,82 @@ async def _forward_one_async(
 ) -> _Outcome:
     history: list[AttemptRecord] = []
     t0 = run.saga.clock.now()
-    outcome = _Outcome(step, history=history, started_at=wall_time())
+    outcome = _Outcome(step, history=history, started_at=run.saga.wall())
     try:
-        if step.is_async:
-            call = step.run_async
-            if deadline is not None:
-                call = Timeout(max(deadline - t0, 1e-9), clock=run.saga.clock)(call)
-            outcome.value = await call(run, step, ctx, history)
-        else:
-            token = None
-            if deadline is not None:
-                _, token = set_deadline(max(deadline - t0, 0.0), run.saga.clock)
-            try:
-                outcome.value = step.run_sync(run, step, ctx, history)
-            finally:
-                if token is not None:
-                    reset_deadline(token)
+        call = step.run_async
+        if deadline is not None:
+            call = Timeout(max(deadline - t0, 1e-9), clock=run.saga.clock)(call)
+        outcome.value = await call(run, step, ctx, history)
     except (Exception, asyncio.CancelledError) as exc:
         outcome.error = exc
     outcome.duration = run.saga.clock.now() - t0
     return outcome
 
 
-async def _undo_async(run: _Run, step: Step, ctx: Context) -> _Outcome:
+async def _in_thread(fn: Callable[..., T], *args: Any) -> tuple[T, asyncio.CancelledError | None]:
+    """Run sync code on a worker thread (never on the loop); a cancellation of the
+    caller waits for the thread, which cannot be stopped, and is handed back with its
+    real result."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    interrupted: asyncio.CancelledError | None = None
+    while True:
+        try:
+            return await asyncio.shield(future), interrupted
+        except asyncio.CancelledError as exc:
+            if future.cancelled():
+                raise
+            interrupted = exc
+
+
+async def _undo_async(
+    run: _Run, step: Step, ctx: Context
+) -> tuple[_Outcome, asyncio.CancelledError | None]:
+    if not step.compensate_is_async:
+        return await _in_thread(_undo_sync, run, step, ctx, None)
     history: list[AttemptRecord] = []
     t0 = run.saga.clock.now()
-    outcome = _Outcome(step, history=history, started_at=wall_time())
+    outcome = _Outcome(step, history=history, started_at=run.saga.wall())
     try:
-        if step.compensate_is_async:
-            outcome.value = await step.undo_async(run, step, ctx, history, undo=True)
-        else:
-            outcome.value = step.undo_sync(run, step, ctx, history, undo=True)
+        outcome.value = await step.undo_async(run, step, ctx, history, undo=True)
     except Exception as exc:
         outcome.error = exc
     outcome.duration = run.saga.clock.now() - t0
-    return outcome
+    return outcome, None
+
+
+async def _store_call(store: Any, is_async: bool, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Await ``store.a<method>``, or run ``store.<method>`` on a worker thread."""
+    if is_async:
+        return await getattr(store, "a" + method)(*args, **kwargs)
+    return await asyncio.to_thread(functools.partial(getattr(store, method), *args, **kwargs))
 
 
 async def _save_async(save: _Save) -> None:
     run = save.run
     saga = run.saga
-    if saga.store_is_async:
-        await saga.store.awrite(  # type: ignore[attr-defined]
-            run.run_id, save.entries, lease_until=save.lease_until, **save.final
-        )
-    else:
-        saga.store.write(run.run_id, save.entries, lease_until=save.lease_until, **save.final)
+    await _store_call(
+        saga.store,
+        saga.store_is_async,
+        "write",
+        run.run_id,
+        save.entries,
+        lease_until=save.lease_until,
+        **save.final,
+    )
     if saga.keys is not saga.store and run.key is not None:
-        if saga.keys_is_async:
-            await saga.keys.awrite(  # type: ignore[attr-defined]
-                run.run_id, [], lease_until=save.lease_until, **save.final
-            )
-        else:
-            saga.keys.write(run.run_id, [], lease_until=save.lease_until, **save.final)
+        await _store_call(
+            saga.keys,
+            saga.keys_is_async,
+            "write",
+            run.run_id,
+            [],
+            lease_until=save.lease_until,
+            **save.final,
+        )
 
 
 async def _call_async(call: Call) -> Any:
-    if call.is_async:
-        return await getattr(call.store, "a" + call.method)(*call.args, **call.kwargs)
-    return getattr(call.store, call.method)(*call.args, **call.kwargs)
+    return await _store_call(call.store, call.is_async, call.method, *call.args, **call.kwargs)
 
 
 async def drive_async(flow: Flow[T]) -> T:
@@ -729,12 +763,21 @@ async def drive_async(flow: Flow[T]) -> T:
                 # the step, which reports it as its (uncertain) outcome; the run then
                 # compensates.
                 step = instruction.steps[0]
-                single = await _forward_one_async(
-                    run, step, instruction.ctx.for_step(step.name), instruction.deadline
-                )
-                if isinstance(single.error, asyncio.CancelledError):
-                    cancelled = single.error
-                    run.abort = single.error
+                ctx = instruction.ctx.for_step(step.name)
+                if step.is_async:
+                    single = await _forward_one_async(run, step, ctx, instruction.deadline)
+                    interrupted = (
+                        single.error if isinstance(single.error, asyncio.CancelledError) else None
+                    )
+                else:
+                    # A sync step (its retry backoff included) runs on a worker thread;
+                    # a cancellation waits for its real outcome, then compensates.
+                    single, interrupted = await _in_thread(
+                        _forward_one_sync, run, step, ctx, instruction.deadline, None
+                    )
+                if interrupted is not None:
+                    cancelled = interrupted
+                    run.abort = interrupted
                 result = [single]
             else:
                 result, group_cancelled = await _forward_group_async(run, instruction)
@@ -747,11 +790,13 @@ async def drive_async(flow: Flow[T]) -> T:
             result = None
         elif type(instruction) is _Undo:
             await _save_async(instruction)
-            result = await _undo_async(
+            result, interrupted = await _undo_async(
                 instruction.run,
                 instruction.step,
                 instruction.ctx.for_step(instruction.step.name),
             )
+            if interrupted is not None:
+                cancelled = interrupted
         else:
             await asyncio.sleep(cast("Sleep", instruction).seconds)
             result = None
@@ -777,7 +822,7 @@ async def _forward_group_async(
         task: asyncio.Future[_Outcome]
         if step.is_async:
             task = asyncio.ensure_future(_forward_one_async(run, step, ctx, instruction.deadline))
-        else:
+        else:  # on a thread, so that it really runs beside the others
             task = asyncio.ensure_future(
                 asyncio.to_thread(_forward_one_sync, run, step, ctx, instruction.deadline, None)
             )

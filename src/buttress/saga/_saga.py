@@ -18,7 +18,9 @@ from buttress.backends import (
     FAILED,
     INCOMPLETE,
     RUNNING,
+    AsyncIdempotencyStore,
     AsyncSagaStore,
+    IdempotencyStore,
     LogEntry,
     RunRecord,
     SagaStore,
@@ -29,7 +31,17 @@ from buttress.exceptions import ConfigTypeError, ConfigValueError, IdempotencyCo
 from buttress.registry import Registry
 from buttress.retry import Retry
 
-from ._model import SagaResult, Step, StepFn, StepResult, describe, wall_time
+from ._model import (
+    SagaResult,
+    Step,
+    StepFn,
+    StepResult,
+    check_input,
+    check_key,
+    check_storable_name,
+    describe,
+    wall_clock,
+)
 from ._runner import (
     Call,
     Flow,
@@ -83,7 +95,12 @@ class Saga(Policy):
         lease: seconds a process holds a run or key without writing to the log before
             another process may take it over (default 30; longer than your slowest step).
         registry: registry to join instead of the default one.
-        clock: time source for durations and timeouts (default: the system clock).
+        clock: time source for durations and timeouts and, through its ``wall()``
+            reading, for leases, TTLs and log times (default: the system clock;
+            :class:`~buttress.testing.FakeClock` drives both).
+        health_interval: seconds a ``health()`` answer about a durable store may be
+            old (default 5): the store is queried at most that often, on a background
+            thread (or by a recovery worker), never inside ``health()``.
     """
 
     kind = "saga"
@@ -100,22 +117,44 @@ class Saga(Policy):
         lease: float = 30.0,
         registry: Registry | None = None,
         clock: Clock | None = None,
+        health_interval: float = 5.0,
     ) -> None:
         if check_name(name) is None:
             raise ConfigTypeError("a saga needs a name, got None")
+        check_storable_name("name", name)
         super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
         self.name: str = name
-        for label, candidate in (("store", store), ("idempotency", idempotency)):
-            if candidate is not None and not isinstance(candidate, SagaStore):
-                raise ConfigTypeError(
-                    f"{label} must be a saga store (MemoryStore, SQLiteStore...), got {candidate!r}"
+        if store is not None and not isinstance(store, SagaStore):
+            raise ConfigTypeError(
+                f"store= must be a saga run log (a buttress.backends.SagaStore: create_run, "
+                f"claim_key, write, load, claim_run, incomplete, runs; e.g. MemoryStore, "
+                f"SQLiteStore, PostgresStore), got {store!r} ({type(store).__name__})"
+                + (
+                    "; it keeps idempotency keys only: pass it as idempotency="
+                    if isinstance(store, IdempotencyStore)
+                    else ""
                 )
+            )
+        if idempotency is not None and not isinstance(idempotency, IdempotencyStore):
+            raise ConfigTypeError(
+                f"idempotency= must be an idempotency store (a "
+                f"buttress.backends.IdempotencyStore: claim_key, write; e.g. "
+                f"RedisIdempotencyStore or any saga store), got {idempotency!r} "
+                f"({type(idempotency).__name__})"
+            )
         self.store: SagaStore = store if store is not None else MemoryStore()
-        self.keys: SagaStore = idempotency if idempotency is not None else self.store
+        self.keys: IdempotencyStore = idempotency if idempotency is not None else self.store
         self.store_is_ephemeral = isinstance(self.store, MemoryStore)
-        # Stores with async twins (a<method>) are awaited by the async face.
+        # Stores with async twins (a<method>) are awaited by the async face; the calls of
+        # the others run on a worker thread, never on the event loop.
         self.store_is_async = isinstance(self.store, AsyncSagaStore)
-        self.keys_is_async = isinstance(self.keys, AsyncSagaStore)
+        self.keys_is_async = isinstance(self.keys, AsyncIdempotencyStore)
+        self.wall = wall_clock(self.clock)
+        interval = check_seconds("health_interval", health_interval)
+        assert interval is not None
+        self.health_interval = interval
+        self._health: tuple[float, int, str | None] | None = None  # (checked at, stuck, error)
+        self._health_refreshing = False
         self.validate = check_callable("validate", validate, allow_none=True)
         self.timeout = check_seconds("timeout", timeout, allow_none=True)
         lease_value = check_seconds("lease", lease)
@@ -139,15 +178,17 @@ class Saga(Policy):
                 )
         for step in steps:
             step.build(self.clock)
+            # Each policy is applied through its public decorator, which picks the sync or
+            # the async wrapper from the function it is given.
             inner, outer = step.attempt_policy, step.retry_policy
-            step.call_sync = inner._wrap_sync(step.fn) if inner and not step.is_async else step.fn
-            step.call_async = inner._wrap_async(step.fn) if inner and step.is_async else step.fn
-            step.run_sync = outer._wrap_sync(attempt_sync) if outer else attempt_sync
-            step.run_async = outer._wrap_async(attempt_async) if outer else attempt_async
+            step.call_sync = inner(step.fn) if inner and not step.is_async else step.fn
+            step.call_async = inner(step.fn) if inner and step.is_async else step.fn
+            step.run_sync = outer(attempt_sync) if outer else attempt_sync
+            step.run_async = outer(attempt_async) if outer else attempt_async
             assert step.compensate_policy is not None
             # Compensations go through the same attempt recorder (called with undo=True).
-            step.undo_sync = step.compensate_policy._wrap_sync(attempt_sync)
-            step.undo_async = step.compensate_policy._wrap_async(attempt_async)
+            step.undo_sync = step.compensate_policy(attempt_sync)
+            step.undo_async = step.compensate_policy(attempt_async)
             self.step_by_name[step.name] = step
             self.all_steps.append(step)
         self.units.append(steps)
@@ -231,11 +272,8 @@ class Saga(Policy):
     def _begin(
         self, raw: Any, key: str | None, ttl: float | None, owner: str
     ) -> Flow[_Run | SagaResult | _Busy]:
-        if key is not None and not isinstance(key, str):
-            raise ConfigTypeError(f"key must be a string, got {key!r}")
-        ttl = check_seconds("ttl", ttl, allow_none=True)
         value, invalid = self._check_input(raw)
-        now = wall_time()
+        now = self.wall()
         record = RunRecord(
             ttl=ttl,
             run_id=os.urandom(16).hex(),
@@ -371,6 +409,17 @@ class Saga(Policy):
             yield Sleep(delay)
             delay = min(delay * 2, 0.2)
 
+    def _check_run(
+        self, raw: Any, key: str | None, ttl: float | None
+    ) -> tuple[str | None, float | None]:
+        """Refuse, before anything runs or is stored, what a run cannot start with."""
+        if not self.all_steps:
+            raise ConfigValueError(f"saga {self.name!r} has no steps: add one with saga.step()")
+        key = check_key(self.name, key)
+        ttl = check_seconds("ttl", ttl, allow_none=True)
+        check_input(self.name, raw)
+        return key, ttl
+
     def run(
         self, input: Any = None, *, key: str | None = None, ttl: float | None = None
     ) -> SagaResult:
@@ -382,6 +431,7 @@ class Saga(Policy):
                 returned without running any step; a concurrent run with it is joined.
             ttl: seconds a completed keyed run is remembered (default: forever).
         """
+        key, ttl = self._check_run(input, key, ttl)
         if self._needs_loop:
             try:
                 asyncio.get_running_loop()
@@ -400,8 +450,10 @@ class Saga(Policy):
     async def run_async(
         self, input: Any = None, *, key: str | None = None, ttl: float | None = None
     ) -> SagaResult:
-        """Run the saga from async code (sync steps run on the event loop's thread; an
-        async store is awaited)."""
+        """Run the saga from async code. It never blocks the event loop: sync steps,
+        sync compensations (with their retry backoffs) and the calls of a store without
+        async twins run on worker threads; an async store is awaited."""
+        key, ttl = self._check_run(input, key, ttl)
         begun = await drive_async(self._open(input, key, ttl))
         if isinstance(begun, SagaResult):
             return begun
@@ -416,7 +468,7 @@ class Saga(Policy):
             if loaded is None:
                 continue
             record, _ = loaded
-            now = wall_time()
+            now = self.wall()
             dead = owner_is_dead(record.owner)
             if (
                 yield self._store(
@@ -455,7 +507,7 @@ class Saga(Policy):
         yield self._store(
             "write",
             run_id,
-            [LogEntry(seq, "", "resolved", at=wall_time(), error=note)],
+            [LogEntry(seq, "", "resolved", at=self.wall(), error=note)],
             status=FAILED,
             error=record.error,
             result=record.result,
@@ -479,28 +531,71 @@ class Saga(Policy):
 
     # -- state ----------------------------------------------------------------------------------
 
-    def _stuck(self) -> int:
+    def _probe(self) -> Flow[int]:
+        stuck = yield self._store("runs", saga=self.name, status=COMPENSATION_FAILED, limit=1000)
+        return len(stuck)
+
+    def refresh_health(self) -> None:
+        """Query the store now for what ``health()`` reports (runs stuck in
+        ``compensation_failed``, or the store's error). A recovery worker calls it on
+        every pass; ``health()`` itself only reads the answer."""
+        stuck, error = 0, None
         try:
-            return len(self.store.runs(saga=self.name, status=COMPENSATION_FAILED, limit=1000))
-        except Exception:
-            return 0
+            stuck = drive_sync(self._probe())
+        except Exception as exc:
+            error = describe(exc)
+        finally:
+            self._health_refreshing = False
+        self._health = (self.clock.now(), stuck, error)
+
+    async def refresh_health_async(self) -> None:
+        """Async twin of :meth:`refresh_health` (off the loop for a sync store)."""
+        stuck, error = 0, None
+        try:
+            stuck = await drive_async(self._probe())
+        except Exception as exc:
+            error = describe(exc)
+        finally:
+            self._health_refreshing = False
+        self._health = (self.clock.now(), stuck, error)
+
+    def _cached_health(self) -> tuple[int, str | None] | None:
+        """The last answer; a stale or missing one is refreshed in the background (an
+        in-memory store, which does no I/O, is asked at once)."""
+        if self.store_is_ephemeral:
+            self.refresh_health()
+        cached = self._health
+        stale = cached is None or self.clock.now() - cached[0] >= self.health_interval
+        if stale and not self._health_refreshing:
+            self._health_refreshing = True
+            threading.Thread(
+                target=self.refresh_health, name=f"buttress-health-{self.name}", daemon=True
+            ).start()
+        return None if cached is None else (cached[1], cached[2])
 
     def snapshot(self) -> dict[str, Any]:
         with self._count_lock:
             counts = dict(self._counts)
             running = self._running
+        cached = self._cached_health()
         return {
             "kind": self.kind,
             "name": self.name,
             "steps": [step.name for step in self.all_steps],
             "running": running,
             **counts,
-            "stuck": self._stuck(),
+            "stuck": None if cached is None else cached[0],
             "store": type(self.store).__name__,
+            "store_error": None if cached is None else cached[1],
         }
 
     def health_check(self) -> tuple[str, Any, str]:
-        stuck = self._stuck()
+        cached = self._cached_health()
+        if cached is None:
+            return "warn", None, "the store has not been checked yet (a check is running)"
+        stuck, error = cached
+        if error is not None:
+            return "fail", None, f"the store is unreachable: {error}"
         if stuck:
             return "warn", stuck, f"{stuck} run(s) stuck in compensation_failed"
         return "pass", 0, ""
