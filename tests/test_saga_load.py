@@ -366,3 +366,28 @@ def test_run_uses_one_loop_for_every_async_step_and_compensation():
     assert result.status == "failed" and result.compensated
     assert len(loops) == 5  # a, b, c forward; b, a compensated
     assert len(set(loops)) == 1
+
+
+def test_sqlite_group_commit_isolates_a_failing_call(tmp_path):
+    """Concurrent async calls share a transaction; a failing one fails alone, the others
+    are committed (seen from a second connection) before their callers resume."""
+    store = SQLiteStore(tmp_path / "runs.db")
+
+    def record(run_id: str) -> RunRecord:
+        return RunRecord(run_id, "group", "running", {}, created_at=1.0, updated_at=1.0)
+
+    async def main() -> list[Any]:
+        store.create_run(record("taken"))
+        calls = [store.acreate_run(record(f"r{i}")) for i in range(20)]
+        calls.insert(7, store.acreate_run(record("taken")))  # a duplicate primary key
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert [type(o).__name__ for o in outcomes].count("BackendError") == 1
+    assert isinstance(outcomes[7], ButtressError)
+    other = SQLiteStore(tmp_path / "runs.db")
+    assert len(other.runs(saga="group", limit=100)) == 21
+    other.close()
+    store.close()
+    with pytest.raises(ButtressError, match="closed"):
+        asyncio.run(store.aload("r1"))
