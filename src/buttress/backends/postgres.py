@@ -18,8 +18,11 @@ in one locked transaction (or, with ``create_schema=False``, asks the operator t
 
 The store has sync methods (the :class:`~buttress.backends.SagaStore` protocol) and
 ``a``-prefixed async twins (:class:`~buttress.backends.AsyncSagaStore`), which
-``Saga.run_async()`` awaits. Each face holds one connection of its own, guarded by a
-lock and re-opened after a failure, unless it is given a pool or a connection factory.
+``Saga.run_async()`` awaits. Given ``conninfo``, each face draws its connections from a
+``psycopg_pool`` pool of at most ``pool_size`` connections (default 10), opened on first
+use, so concurrent sagas run their writes side by side; given a ``connect`` factory (or
+``async_connect``), that face holds one connection behind a lock instead; given a
+``pool`` (or ``async_pool``) of your own, it uses that.
 """
 
 from __future__ import annotations
@@ -37,13 +40,15 @@ from typing import Any, Protocol, TypeVar
 
 try:
     import psycopg
+    import psycopg_pool
     from psycopg import pq
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "buttress.backends.postgres needs psycopg 3: pip install 'buttress[postgres]'"
+        "buttress.backends.postgres needs psycopg 3 and psycopg_pool: "
+        "pip install 'buttress[postgres]'"
     ) from exc
 
-from buttress._validate import check_bool, require_seconds
+from buttress._validate import check_bool, check_int, require_seconds
 from buttress.exceptions import BackendError, ConfigTypeError, ConfigValueError
 
 from . import INCOMPLETE, KeyClaim, LogEntry, RunRecord, run_changes, run_row
@@ -233,6 +238,15 @@ def _entry(row: Any) -> LogEntry:
     )
 
 
+async def _close_with_loop(pool: psycopg_pool.AsyncConnectionPool[Any]) -> None:
+    """Keep ``pool`` open as long as its loop runs: ``asyncio.run`` cancels this task at
+    the end, and the pool closes its connections then (not left to a dead loop)."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await pool.close()
+
+
 class PostgresStore:
     """A :class:`~buttress.backends.SagaStore` (and
     :class:`~buttress.backends.AsyncSagaStore`) in a PostgreSQL schema.
@@ -258,6 +272,9 @@ class PostgresStore:
         pool: a pool lending sync connections (instead of ``conninfo``).
         async_connect: an async factory for the async connection.
         async_pool: a pool lending async connections.
+        pool_size: the most connections each face's own pool opens (default 10; with
+            ``conninfo`` only). Concurrent sagas beyond it wait for a connection; the
+            server needs ``max_connections`` above the sum over every process.
     """
 
     def __init__(
@@ -272,6 +289,7 @@ class PostgresStore:
         pool: _Pool | None = None,
         async_connect: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]] | None = None,
         async_pool: _AsyncPool | None = None,
+        pool_size: int = 10,
     ) -> None:
         if conninfo is not None and not isinstance(conninfo, str):
             raise ConfigTypeError(
@@ -308,6 +326,7 @@ class PostgresStore:
         self.create_schema = check_bool("create_schema", create_schema)
         self.statement_timeout = require_seconds("statement_timeout", statement_timeout)
         self.connect_timeout = require_seconds("connect_timeout", connect_timeout)
+        self.pool_size = check_int("pool_size", pool_size)
         self._connect = connect
         self._pool = pool
         self._async_connect = async_connect
@@ -323,6 +342,11 @@ class PostgresStore:
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._alock: asyncio.Lock | None = None
         self._configured: weakref.WeakSet[Any] = weakref.WeakSet()  # pooled connections
+        self._own_pool: psycopg_pool.ConnectionPool[Any] | None = None
+        self._own_apool: psycopg_pool.AsyncConnectionPool[Any] | None = None
+        self._own_apool_loop: asyncio.AbstractEventLoop | None = None
+        self._own_apool_open: asyncio.Future[None] | None = None
+        self._own_apool_guard: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"PostgresStore(schema={self.schema!r})"
@@ -365,10 +389,39 @@ class PostgresStore:
             raise
         return conn
 
+    def _pool_kwargs(self) -> dict[str, Any]:
+        return {
+            "conninfo": self.conninfo,
+            "min_size": 1,
+            "max_size": self.pool_size,
+            "kwargs": self._connect_kwargs(),
+            "timeout": self.connect_timeout,
+            "name": f"buttress-{self.schema}",
+        }
+
+    def _sync_pool(self) -> _Pool | None:
+        """The pool the sync face draws from: the one given, or the store's own (made on
+        first use from ``conninfo``); ``None`` for a ``connect`` factory."""
+        if self._pool is not None:
+            return self._pool
+        if self._connect is not None or self.conninfo is None:
+            return None
+        pool = self._own_pool
+        if pool is None:
+            with self._lock:
+                if self._own_pool is None:
+                    # One direct connection first: an unreachable server fails the call
+                    # at once (a pool would retry in the background until its timeout).
+                    psycopg.Connection.connect(self.conninfo, **self._connect_kwargs()).close()
+                    self._own_pool = psycopg_pool.ConnectionPool(**self._pool_kwargs(), open=True)
+                pool = self._own_pool
+        return pool
+
     @contextlib.contextmanager
     def _sync_connection(self) -> Iterator[psycopg.Connection[Any]]:
-        if self._pool is not None:
-            with self._pool.connection() as conn:
+        lender = self._sync_pool()
+        if lender is not None:
+            with lender.connection() as conn:
                 fresh = conn not in self._configured
                 if fresh:
                     conn.execute(*self._setup_sql())
@@ -420,10 +473,36 @@ class PostgresStore:
                     old.pgconn.finish()  # its loop may be gone: close without awaiting
             return self._alock
 
+    async def _async_pool_now(self) -> _AsyncPool | None:
+        """The pool the async face draws from: the one given, or the store's own for
+        the running loop (made and opened on first use; it closes when its loop shuts
+        down); ``None`` for an ``async_connect`` factory."""
+        if self._async_pool is not None:
+            return self._async_pool
+        if self._async_connect is not None:
+            return None
+        loop = asyncio.get_running_loop()
+        if self._own_apool is None or self._own_apool_loop is not loop:
+            # As for the sync pool: an unreachable server fails the first call at once.
+            assert self.conninfo is not None
+            probe = await psycopg.AsyncConnection.connect(self.conninfo, **self._connect_kwargs())
+            await probe.close()
+        with self._state:
+            if self._own_apool is None or self._own_apool_loop is not loop:
+                pool = psycopg_pool.AsyncConnectionPool(**self._pool_kwargs(), open=False)
+                self._own_apool, self._own_apool_loop = pool, loop
+                self._own_apool_open = asyncio.ensure_future(pool.open())
+                self._own_apool_guard = loop.create_task(_close_with_loop(pool))
+            pool, opening = self._own_apool, self._own_apool_open
+        assert opening is not None
+        await asyncio.shield(opening)
+        return pool
+
     @contextlib.asynccontextmanager
     async def _async_connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        if self._async_pool is not None:
-            async with self._async_pool.connection() as conn:
+        lender = await self._async_pool_now()
+        if lender is not None:
+            async with lender.connection() as conn:
                 fresh = conn not in self._configured
                 if fresh:
                     await conn.execute(*self._setup_sql())
@@ -453,19 +532,31 @@ class PostgresStore:
         )
 
     def close(self) -> None:
-        """Close the store's own connections (a pool given to it stays open)."""
+        """Close the store's own connections and pools (a pool given to it stays open;
+        the async pool of a running loop closes with :meth:`aclose` or its loop)."""
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            pool, self._own_pool = self._own_pool, None
+        if pool is not None:
+            pool.close()
         with self._state:
             if self._aconn is not None and not self._aconn.closed:
                 self._aconn.pgconn.finish()
             self._aconn = None
 
     async def aclose(self) -> None:
-        """Async twin of :meth:`close`."""
-        self.close()
+        """Async twin of :meth:`close`; also closes the async pool of this loop."""
+        with self._state:
+            apool, self._own_apool = self._own_apool, None
+            guard, self._own_apool_guard = self._own_apool_guard, None
+            self._own_apool_loop = self._own_apool_open = None
+        if apool is not None:
+            await apool.close()
+        if guard is not None:
+            guard.cancel()
+        await asyncio.to_thread(self.close)
 
     # -- running operations -----------------------------------------------------------------
 
