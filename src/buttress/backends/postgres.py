@@ -7,8 +7,10 @@ run survives its process, its machine and (with the server's default
 
 Several workers may share one schema: a key is bound in a transaction that locks its
 row (``INSERT ... ON CONFLICT DO NOTHING``, then ``SELECT ... FOR UPDATE``), and a run
-is taken over by one conditional ``UPDATE`` on a row locked with ``FOR UPDATE SKIP
-LOCKED``, so exactly one worker wins each key and each abandoned run.
+is taken over by one conditional ``UPDATE``, which waits (at most ``statement_timeout``)
+for a row another transaction holds and re-checks it as committed, so exactly one
+worker wins each key and each abandoned run, and a locked run is waited for (or
+reported by ``recover()`` as skipped), never passed over silently.
 
 The tables live in their own schema (``schema=``, default ``"buttress"``), created with
 its tables on first use. The schema's version is recorded in its ``buttress_schema``
@@ -152,12 +154,13 @@ _SQL = {
         "output, error) SELECT %s, * FROM unnest(%s::integer[], %s::text[], %s::text[], "
         "%s::integer[], %s::double precision[], %s::double precision[], %s::json[], %s::text[])"
     ),
+    # A plain conditional UPDATE: it waits for a row another transaction holds (bounded
+    # by statement_timeout) and then re-checks the condition on the row as committed,
+    # so exactly one claimant wins and a locked run is never skipped silently.
     "claim_run": (
-        "UPDATE {s}.buttress_runs SET owner = %s, lease_until = %s WHERE run_id = ("
-        "SELECT run_id FROM {s}.buttress_runs WHERE run_id = %s "
+        "UPDATE {s}.buttress_runs SET owner = %s, lease_until = %s WHERE run_id = %s "
         f"AND status IN {_INCOMPLETE_SQL} "
-        "AND (lease_until <= %s OR (%s::text IS NOT NULL AND owner = %s)) "
-        "FOR UPDATE SKIP LOCKED)"
+        "AND (lease_until <= %s OR (%s::text IS NOT NULL AND owner = %s))"
     ),
     # One statement, one snapshot: the record and its whole log.
     "load": (

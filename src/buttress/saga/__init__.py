@@ -2,15 +2,30 @@
 
 from buttress.exceptions import IdempotencyConflict, Permanent
 
-from ._model import AttemptRecord, Context, SagaResult, Step, StepResult, StoredError
+from ._model import (
+    AttemptRecord,
+    Context,
+    RecoveryReport,
+    RecoverySkipped,
+    SagaClosed,
+    SagaResult,
+    Step,
+    StepResult,
+    StoredError,
+)
 from ._saga import Saga
+from ._worker import RecoveryWorker
 
 __all__ = [
     "AttemptRecord",
     "Context",
     "IdempotencyConflict",
     "Permanent",
+    "RecoveryReport",
+    "RecoverySkipped",
+    "RecoveryWorker",
     "Saga",
+    "SagaClosed",
     "SagaResult",
     "Step",
     "StepResult",

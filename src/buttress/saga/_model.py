@@ -7,9 +7,10 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from buttress import backoff
+from buttress import events as _events
 from buttress._policy import Policy, is_async_callable
 from buttress._validate import (
     check_bool,
@@ -19,12 +20,21 @@ from buttress._validate import (
     check_seconds,
 )
 from buttress.clock import Clock
-from buttress.exceptions import ButtressError, ConfigTypeError, ConfigValueError
+from buttress.exceptions import ButtressError, ConfigTypeError, ConfigValueError, RejectedError
 from buttress.pipeline import Pipeline
 from buttress.retry import Retry, retry
 from buttress.timeout import Timeout, timeout
 
-__all__ = ["AttemptRecord", "Context", "SagaResult", "Step", "StepResult"]
+__all__ = [
+    "AttemptRecord",
+    "Context",
+    "RecoveryReport",
+    "RecoverySkipped",
+    "SagaClosed",
+    "SagaResult",
+    "Step",
+    "StepResult",
+]
 
 
 COMPENSATION_ATTEMPTS = 5
@@ -347,6 +357,40 @@ class SagaResult:
             steps=steps,
             replayed=True,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RecoverySkipped(_events.SagaEvent):
+    """``recover()`` could not take an incomplete run (its row stayed locked past the
+    store's bounded wait, or the store failed on it): it is left for the next pass.
+
+    .. note:: lives here until it joins :mod:`buttress.events`.
+    """
+
+    kind: ClassVar[str] = "recovery_skipped"
+    severity: ClassVar[_events.Severity] = _events.Severity.WARNING
+    error: str = ""
+
+
+class RecoveryReport(list[SagaResult]):
+    """What ``recover()`` returns: the results of the runs it finished (it is a list of
+    them), plus the runs it had to leave.
+
+    Attributes:
+        skipped: run id -> why it could not be taken (a lock that did not clear in
+            time, a store error); each was also announced as :class:`RecoverySkipped`.
+            The next ``recover()`` (or the recovery worker's next pass) tries again.
+        held: ids of runs another live holder is running (their lease is current).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped: dict[str, str] = {}
+        self.held: list[str] = []
+
+
+class SagaClosed(RejectedError):
+    """The saga is shutting down (``Saga.shutdown()``): it starts no new run."""
 
 
 class StoredError(ButtressError):

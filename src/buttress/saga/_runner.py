@@ -55,7 +55,7 @@ from ._model import (
 if TYPE_CHECKING:
     from ._saga import Saga
 
-__all__ = ["Call", "Sleep", "drive_async", "drive_sync", "new_owner", "owner_is_dead"]
+__all__ = ["Call", "Failed", "Sleep", "drive_async", "drive_sync", "new_owner", "owner_is_dead"]
 
 _HOST = socket.gethostname()
 
@@ -155,6 +155,14 @@ class Call:
     method: str
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    catch: bool = False  # send back a Failed instead of raising
+
+
+@dataclass(slots=True)
+class Failed:
+    """What a :class:`Call` with ``catch`` sends back when the store raised."""
+
+    error: Exception
 
 
 @dataclass(slots=True)
@@ -204,6 +212,7 @@ class _Run:
         self.pending: list[LogEntry] = []
         self.seq = 0
         self.started = saga.clock.now()
+        self.open = True  # counted among the saga's running runs
 
     # -- the log ----------------------------------------------------------------------------
 
@@ -263,6 +272,15 @@ class _Run:
     # -- the flow -----------------------------------------------------------------------------
 
     def flow(self) -> Flow[SagaResult]:
+        """The run, from where its log says it is to its final save."""
+        try:
+            return (yield from self._flow())
+        finally:
+            if self.open:  # ended by an exception (a store error, a cancellation...)
+                self.open = False
+                self.saga._finished(None)
+
+    def _flow(self) -> Flow[SagaResult]:
         saga = self.saga
         # The hot events are built only when someone listens (the check emit makes,
         # done here to skip the call and its arguments on the common path).
@@ -429,6 +447,7 @@ class _Run:
 
     def _announce(self, status: str, report: SagaResult) -> None:
         saga = self.saga
+        self.open = False
         saga._finished(status)
         if status == COMPLETED:
             if saga._listeners or _events.hub.listeners:
@@ -631,9 +650,14 @@ def drive_sync(flow: Flow[T]) -> T:
                         ]
                         result = [f.result() for f in concurrent.futures.as_completed(futures)]
             elif type(instruction) is Call:
-                result = getattr(instruction.store, instruction.method)(
-                    *instruction.args, **instruction.kwargs
-                )
+                try:
+                    result = getattr(instruction.store, instruction.method)(
+                        *instruction.args, **instruction.kwargs
+                    )
+                except Exception as exc:
+                    if not instruction.catch:
+                        raise
+                    result = Failed(exc)
             elif type(instruction) is _Save:
                 _save_sync(instruction)
                 result = None
@@ -740,7 +764,12 @@ async def _save_async(save: _Save) -> None:
 
 
 async def _call_async(call: Call) -> Any:
-    return await _store_call(call.store, call.is_async, call.method, *call.args, **call.kwargs)
+    try:
+        return await _store_call(call.store, call.is_async, call.method, *call.args, **call.kwargs)
+    except Exception as exc:
+        if not call.catch:
+            raise
+        return Failed(exc)
 
 
 async def drive_async(flow: Flow[T]) -> T:

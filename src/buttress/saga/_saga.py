@@ -8,6 +8,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from buttress import events as _events
@@ -32,6 +33,9 @@ from buttress.registry import Registry
 from buttress.retry import Retry
 
 from ._model import (
+    RecoveryReport,
+    RecoverySkipped,
+    SagaClosed,
     SagaResult,
     Step,
     StepFn,
@@ -44,6 +48,7 @@ from ._model import (
 )
 from ._runner import (
     Call,
+    Failed,
     Flow,
     Sleep,
     _Run,
@@ -166,6 +171,8 @@ class Saga(Policy):
         self._counts = {"completed": 0, "failed": 0, "compensation_failed": 0, "replayed": 0}
         self._running = 0
         self._count_lock = threading.Lock()
+        self._closed = False  # shutdown() was called: no new run starts
+        self._idle = threading.Event()  # set when closed and no run is active
         self._register()
 
     # -- building -----------------------------------------------------------------------------
@@ -370,10 +377,15 @@ class Saga(Policy):
     def _needs_loop(self) -> bool:
         return any(step.is_async or step.compensate_is_async for step in self.all_steps)
 
-    def _finished(self, status: str) -> None:
+    def _finished(self, status: str | None) -> None:
+        """A run of this process ended (``status=None``: cut off by an exception; its log
+        stays where it was, for recovery)."""
         with self._count_lock:
             self._running -= 1
-            self._counts[status if status in self._counts else "failed"] += 1
+            if status is not None:
+                self._counts[status if status in self._counts else "failed"] += 1
+            if self._closed and self._running <= 0:
+                self._idle.set()
 
     def _replayed(self, result: SagaResult) -> SagaResult:
         with self._count_lock:
@@ -415,6 +427,8 @@ class Saga(Policy):
         """Refuse, before anything runs or is stored, what a run cannot start with."""
         if not self.all_steps:
             raise ConfigValueError(f"saga {self.name!r} has no steps: add one with saga.step()")
+        if self._closed:
+            raise SagaClosed(f"saga {self.name!r} is shutting down: it starts no new run")
         key = check_key(self.name, key)
         ttl = check_seconds("ttl", ttl, allow_none=True)
         check_input(self.name, raw)
@@ -461,42 +475,93 @@ class Saga(Policy):
 
     # -- recovery and operators -----------------------------------------------------------------
 
-    def _claim_incomplete(self, owner: str) -> Flow[list[_Run]]:
-        runs = []
+    def _recover(self, owner: str, stop: Callable[[], bool] | None) -> Flow[RecoveryReport]:
+        """Take the incomplete runs one at a time (so that several recoverers share
+        them, and one told to stop claims nothing more) and finish each."""
+        report = RecoveryReport()
         for run_id in (yield self._store("incomplete", self.name)):
-            loaded = yield self._store("load", run_id)
+            if stop is not None and stop():
+                break
+            loaded = yield Call(self.store, self.store_is_async, "load", (run_id,), {}, True)
+            if isinstance(loaded, Failed):
+                self._skip(report, run_id, loaded.error)
+                continue
             if loaded is None:
                 continue
             record, _ = loaded
             now = self.wall()
             dead = owner_is_dead(record.owner)
-            if (
-                yield self._store(
-                    "claim_run",
-                    run_id,
-                    owner,
-                    now=now,
-                    lease_until=now + self.lease,
-                    expected_owner=record.owner if dead else None,
-                )
-            ):
-                runs.append((yield from self._resume(run_id, owner)))
-        return runs
+            claim = {
+                "now": now,
+                "lease_until": now + self.lease,
+                "expected_owner": record.owner if dead else None,
+            }
+            won = yield Call(
+                self.store, self.store_is_async, "claim_run", (run_id, owner), claim, True
+            )
+            if isinstance(won, Failed):  # e.g. its row stayed locked past the bounded wait
+                self._skip(report, run_id, won.error)
+                continue
+            if not won:
+                report.held.append(run_id)
+                continue
+            run = yield from self._resume(run_id, owner)
+            report.append((yield from run.flow()))
+        return report
 
-    def recover(self) -> list[SagaResult]:
+    def _skip(self, report: RecoveryReport, run_id: str, error: Exception) -> None:
+        text = describe(error) or ""
+        report.skipped[run_id] = text
+        self.emit(RecoverySkipped, run_id=run_id, error=text)
+
+    def recover(self, *, stop: Callable[[], bool] | None = None) -> RecoveryReport:
         """Finish every incomplete run whose holder is gone (crashed, or its lease expired).
 
         A run that was going forward resumes at the first step not recorded as completed
         (a step that started but did not record its completion runs again: steps are
-        at-least-once); a run that was compensating finishes its compensation.
-        """
-        claimed = drive_sync(self._claim_incomplete(new_owner()))
-        return [drive_sync(run.flow()) for run in claimed]
+        at-least-once); a run that was compensating finishes its compensation. Runs are
+        taken one at a time; ``stop`` (checked before each) ends the pass early.
 
-    async def recover_async(self) -> list[SagaResult]:
+        Returns the results, as a list, with ``.skipped`` (runs it could not take: a
+        row lock that did not clear within the store's bounded wait, a store error;
+        each also emits :class:`RecoverySkipped`) and ``.held`` (runs a live holder
+        is running).
+        """
+        return drive_sync(self._recover(new_owner(), stop))
+
+    async def recover_async(self, *, stop: Callable[[], bool] | None = None) -> RecoveryReport:
         """Async twin of :meth:`recover` (an async store is awaited)."""
-        claimed = await drive_async(self._claim_incomplete(new_owner()))
-        return [await drive_async(run.flow()) for run in claimed]
+        return await drive_async(self._recover(new_owner(), stop))
+
+    # -- shutting down --------------------------------------------------------------------------
+
+    def shutdown(self, timeout: float | timedelta = 30.0) -> int:
+        """Stop starting runs and wait up to ``timeout`` seconds for the active ones.
+
+        From now on ``run()``/``run_async()`` raise :class:`SagaClosed` (a
+        :class:`~buttress.RejectedError`: nothing ran). Returns how many runs of this
+        process were still active when the time was up (0: all finished). Those keep
+        their log where it is: once this process exits, a recovery worker (or
+        ``recover()``) finishes them after their lease (at once on the same host).
+        """
+        seconds = check_seconds("timeout", timeout)
+        assert seconds is not None
+        with self._count_lock:
+            self._closed = True
+            if self._running <= 0:
+                self._idle.set()
+        self.clock.wait(self._idle, seconds)
+        with self._count_lock:
+            return max(self._running, 0)
+
+    async def shutdown_async(self, timeout: float | timedelta = 30.0) -> int:
+        """Async twin of :meth:`shutdown` (the waiting happens off the loop)."""
+        return await asyncio.to_thread(self.shutdown, timeout)
+
+    @property
+    def closed(self) -> bool:
+        """``shutdown()`` was called: the saga starts no new run."""
+        return self._closed
 
     def _resolve(self, run_id: str, note: str) -> Flow[None]:
         loaded = yield self._store("load", run_id)
