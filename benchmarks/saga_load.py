@@ -256,9 +256,11 @@ def _percentile(values: list[float], q: float) -> float:
 # -- buttress ---------------------------------------------------------------------------------
 
 
-def measure_lag(report: LoadReport, seconds: float, folder: str) -> None:
+def measure_lag(
+    report: LoadReport, seconds: float, folder: str, counts: tuple[int, ...] = (8, 32)
+) -> None:
     for steps in ("async", "sync"):
-        for sagas in (8, 32):
+        for sagas in counts:
             store = SQLiteStore(os.path.join(folder, f"lag-{steps}-{sagas}.db"))
             saga = _saga(f"lag-{steps}-{sagas}", store, steps == "async")
             rate, lags = asyncio.run(
@@ -508,7 +510,7 @@ def measure(
     rows = (("async", 1), ("async", 32)) if quick else CONCURRENCY
     with isolated_registry():
         if "lag" in only:
-            measure_lag(report, 1.5 if quick else 5.0, folder)
+            measure_lag(report, 1.0 if quick else 5.0, folder, (32,) if quick else (8, 32))
         stores = tuple(s for s in ("postgres", "sqlite") if s in only)
         measure_buttress(report, seconds, folder, rows, stores)
     if "dbos" in only and not quick:

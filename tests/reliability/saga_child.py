@@ -6,8 +6,9 @@
   ``{"kind": "postgres", "url": ..., "schema": ...}``;
 - ``saga``: the saga's name (one per trial, so trials can share a store);
 - ``journal``: a file every side effect appends one JSON line to (fsynced first);
-- ``mode``: ``"run"`` (run ``runs``, a list of ``{"input": ..., "key": ...}``) or
-  ``"recover"``;
+- ``mode``: ``"run"`` (run ``runs``, a list of ``{"input": ..., "key": ...}``),
+  ``"recover"`` (``saga.recover()``) or ``"worker"`` (one pass of a
+  :class:`~buttress.saga.RecoveryWorker`, the code a ``runs worker`` sidecar runs);
 - ``kill``: ``{"at": N}`` to SIGKILL itself at the N-th checkpoint, ``{"after": S}`` to
   SIGKILL itself S seconds after it starts working (anywhere: inside a store write,
   between two bytecodes of the runner), or ``{}`` never.
@@ -32,6 +33,7 @@ from typing import Any
 from buttress import Permanent, Registry, Saga, retry
 from buttress.backends import KeyClaim, LogEntry, RunRecord, SagaStore
 from buttress.backends.sqlite import SQLiteStore
+from buttress.saga import RecoveryWorker
 from buttress.testing import isolated_registry
 
 STEPS = ("reserve", "charge", "ship", "notify")
@@ -165,6 +167,8 @@ def main(spec: dict[str, Any]) -> None:
             timer.start()
         if spec["mode"] == "recover":
             saga.recover()
+        elif spec["mode"] == "worker":
+            RecoveryWorker(saga, interval=1).run_once()
         else:
             for run in spec["runs"]:
                 saga.run(run["input"], key=run.get("key"))

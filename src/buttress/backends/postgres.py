@@ -149,10 +149,16 @@ _SQL = {
         "SELECT seq, step, event, attempt, at, duration, output, error "
         "FROM {s}.buttress_log WHERE run_id = %s ORDER BY seq"
     ),
+    # The entries travel as one JSON array (one parameter, dumped by the json module in
+    # C) rather than as eight typed arrays, which cost the client far more to adapt.
+    # Each output rides in it as JSON *text*: json_to_recordset turns strings into text,
+    # which cannot hold the \u0000 that a json value may.
     "insert_log": (
         "INSERT INTO {s}.buttress_log (run_id, seq, step, event, attempt, at, duration, "
-        "output, error) SELECT %s, * FROM unnest(%s::integer[], %s::text[], %s::text[], "
-        "%s::integer[], %s::double precision[], %s::double precision[], %s::json[], %s::text[])"
+        "output, error) SELECT %s, e.seq, e.step, e.event, e.attempt, e.at, e.duration, "
+        "e.output::json, e.error FROM json_to_recordset(%s::json) AS e(seq integer, "
+        "step text, event text, attempt integer, at double precision, "
+        "duration double precision, output text, error text)"
     ),
     # A plain conditional UPDATE: it waits for a row another transaction holds (bounded
     # by statement_timeout) and then re-checks the condition on the row as committed,
@@ -780,14 +786,21 @@ class PostgresStore:
             return
         log = (
             run_id,
-            [e.seq for e in entries],
-            [e.step for e in entries],
-            [e.event for e in entries],
-            [e.attempt for e in entries],
-            [e.at for e in entries],
-            [e.duration for e in entries],
-            [_dump(e.output) for e in entries],
-            [e.error for e in entries],
+            json.dumps(
+                [
+                    {
+                        "seq": e.seq,
+                        "step": e.step,
+                        "event": e.event,
+                        "attempt": e.attempt,
+                        "at": e.at,
+                        "duration": e.duration,
+                        "output": _dump(e.output),
+                        "error": e.error,
+                    }
+                    for e in entries
+                ]
+            ),
         )
         if not update:
             yield _Query(self._sql["insert_log"], log)
