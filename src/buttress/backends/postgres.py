@@ -247,15 +247,6 @@ def _entry(row: Any) -> LogEntry:
     )
 
 
-async def _close_with_loop(pool: psycopg_pool.AsyncConnectionPool[Any]) -> None:
-    """Keep ``pool`` open as long as its loop runs: ``asyncio.run`` cancels this task at
-    the end, and the pool closes its connections then (not left to a dead loop)."""
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await pool.close()
-
-
 class PostgresStore:
     """A :class:`~buttress.backends.SagaStore` (and
     :class:`~buttress.backends.AsyncSagaStore`) in a PostgreSQL schema.
@@ -352,10 +343,11 @@ class PostgresStore:
         self._alock: asyncio.Lock | None = None
         self._configured: weakref.WeakSet[Any] = weakref.WeakSet()  # pooled connections
         self._own_pool: psycopg_pool.ConnectionPool[Any] | None = None
-        self._own_apool: psycopg_pool.AsyncConnectionPool[Any] | None = None
-        self._own_apool_loop: asyncio.AbstractEventLoop | None = None
-        self._own_apool_open: asyncio.Future[None] | None = None
-        self._own_apool_guard: asyncio.Task[None] | None = None
+        # The async face's own pools, one per event loop using the store.
+        self._own_apools: dict[
+            asyncio.AbstractEventLoop,
+            tuple[psycopg_pool.AsyncConnectionPool[Any], asyncio.Future[None], asyncio.Task[None]],
+        ] = {}
 
     def __repr__(self) -> str:
         return f"PostgresStore(schema={self.schema!r})"
@@ -491,21 +483,37 @@ class PostgresStore:
         if self._async_connect is not None:
             return None
         loop = asyncio.get_running_loop()
-        if self._own_apool is None or self._own_apool_loop is not loop:
+        found = self._own_apools.get(loop)
+        if found is None:
             # As for the sync pool: an unreachable server fails the first call at once.
             assert self.conninfo is not None
             probe = await psycopg.AsyncConnection.connect(self.conninfo, **self._connect_kwargs())
             await probe.close()
-        with self._state:
-            if self._own_apool is None or self._own_apool_loop is not loop:
-                pool = psycopg_pool.AsyncConnectionPool(**self._pool_kwargs(), open=False)
-                self._own_apool, self._own_apool_loop = pool, loop
-                self._own_apool_open = asyncio.ensure_future(pool.open())
-                self._own_apool_guard = loop.create_task(_close_with_loop(pool))
-            pool, opening = self._own_apool, self._own_apool_open
-        assert opening is not None
-        await asyncio.shield(opening)
-        return pool
+            with self._state:
+                found = self._own_apools.get(loop)
+                if found is None:
+                    made = psycopg_pool.AsyncConnectionPool(**self._pool_kwargs(), open=False)
+                    found = self._own_apools[loop] = (
+                        made,
+                        asyncio.ensure_future(made.open()),
+                        loop.create_task(self._close_with_loop(loop, made)),
+                    )
+        await asyncio.shield(found[1])
+        return found[0]
+
+    async def _close_with_loop(
+        self, loop: asyncio.AbstractEventLoop, pool: psycopg_pool.AsyncConnectionPool[Any]
+    ) -> None:
+        """Keep a loop's pool open as long as the loop runs: ``asyncio.run`` cancels this
+        task at the end, and the pool closes its connections then (not left to a dead
+        loop)."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            with self._state:
+                if self._own_apools.get(loop, (None,))[0] is pool:
+                    del self._own_apools[loop]
+            await pool.close()
 
     @contextlib.asynccontextmanager
     async def _async_connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -557,13 +565,12 @@ class PostgresStore:
 
     async def aclose(self) -> None:
         """Async twin of :meth:`close`; also closes the async pool of this loop."""
+        loop = asyncio.get_running_loop()
         with self._state:
-            apool, self._own_apool = self._own_apool, None
-            guard, self._own_apool_guard = self._own_apool_guard, None
-            self._own_apool_loop = self._own_apool_open = None
-        if apool is not None:
-            await apool.close()
-        if guard is not None:
+            found = self._own_apools.pop(loop, None)
+        if found is not None:
+            pool, _, guard = found
+            await pool.close()
             guard.cancel()
         await asyncio.to_thread(self.close)
 

@@ -173,7 +173,7 @@ class SQLiteStore:
             if self._closing:
                 raise BackendError(f"SQLite store {self.path!r} is closed")
             self._pending.append(_Request(functools.partial(fn, *args, **kwargs), loop, future))
-            if self._writer is None:
+            if self._writer is None or not self._writer.is_alive():  # first use, or a fork
                 self._writer = threading.Thread(
                     target=self._drain, name="buttress-sqlite-writer", daemon=True
                 )
