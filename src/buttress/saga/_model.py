@@ -19,7 +19,7 @@ from buttress._validate import (
     check_name,
     check_seconds,
 )
-from buttress.clock import Clock
+from buttress.clock import Clock, SystemClock
 from buttress.exceptions import ButtressError, ConfigTypeError, ConfigValueError, RejectedError
 from buttress.pipeline import Pipeline
 from buttress.retry import Retry, retry
@@ -489,5 +489,7 @@ def wall_clock(clock: Clock) -> Callable[[], float]:
     """The wall-clock reading of ``clock`` (epoch seconds): its ``wall()`` method when
     it has one (:class:`~buttress.clock.SystemClock`, :class:`~buttress.testing.FakeClock`),
     else ``time.time``. Leases, TTLs and log times use it, so a fake clock drives them."""
+    if type(clock) is SystemClock:
+        return time.time  # the C function itself: no Python frame on the hot path
     wall = getattr(clock, "wall", None)
     return wall if callable(wall) else time.time

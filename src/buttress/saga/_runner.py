@@ -151,11 +151,16 @@ class Call:
     its result."""
 
     store: Any
-    is_async: bool
+    face: str  # ASYNC, INLINE or THREAD: how drive_async calls the store
     method: str
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     catch: bool = False  # send back a Failed instead of raising
+
+
+ASYNC = "async"  # await the store's a<method> twin
+INLINE = "inline"  # call the sync method on the loop (a store that waits on no I/O)
+THREAD = "thread"  # call the sync method on a worker thread
 
 
 @dataclass(slots=True)
@@ -732,10 +737,12 @@ async def _undo_async(
     return outcome, None
 
 
-async def _store_call(store: Any, is_async: bool, method: str, *args: Any, **kwargs: Any) -> Any:
-    """Await ``store.a<method>``, or run ``store.<method>`` on a worker thread."""
-    if is_async:
+async def _store_call(store: Any, face: str, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Await ``store.a<method>``, or call ``store.<method>`` inline or on a worker thread."""
+    if face is ASYNC:
         return await getattr(store, "a" + method)(*args, **kwargs)
+    if face is INLINE:
+        return getattr(store, method)(*args, **kwargs)
     return await asyncio.to_thread(functools.partial(getattr(store, method), *args, **kwargs))
 
 
@@ -744,7 +751,7 @@ async def _save_async(save: _Save) -> None:
     saga = run.saga
     await _store_call(
         saga.store,
-        saga.store_is_async,
+        saga.store_face,
         "write",
         run.run_id,
         save.entries,
@@ -754,7 +761,7 @@ async def _save_async(save: _Save) -> None:
     if saga.keys is not saga.store and run.key is not None:
         await _store_call(
             saga.keys,
-            saga.keys_is_async,
+            saga.keys_face,
             "write",
             run.run_id,
             [],
@@ -765,7 +772,7 @@ async def _save_async(save: _Save) -> None:
 
 async def _call_async(call: Call) -> Any:
     try:
-        return await _store_call(call.store, call.is_async, call.method, *call.args, **call.kwargs)
+        return await _store_call(call.store, call.face, call.method, *call.args, **call.kwargs)
     except Exception as exc:
         if not call.catch:
             raise

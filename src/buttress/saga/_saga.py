@@ -47,6 +47,9 @@ from ._model import (
     wall_clock,
 )
 from ._runner import (
+    ASYNC,
+    INLINE,
+    THREAD,
     Call,
     Failed,
     Flow,
@@ -63,6 +66,12 @@ from ._runner import (
 __all__ = ["Saga"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _face(store: object, protocol: type) -> str:
+    if isinstance(store, MemoryStore):
+        return INLINE
+    return ASYNC if isinstance(store, protocol) else THREAD
 
 
 class _Busy:
@@ -152,8 +161,11 @@ class Saga(Policy):
         self.store_is_ephemeral = isinstance(self.store, MemoryStore)
         # Stores with async twins (a<method>) are awaited by the async face; the calls of
         # the others run on a worker thread, never on the event loop.
-        self.store_is_async = isinstance(self.store, AsyncSagaStore)
-        self.keys_is_async = isinstance(self.keys, AsyncIdempotencyStore)
+        # How the async face calls each store: awaiting its async twins, inline (the
+        # in-memory store waits on no I/O, and a coroutine per call would only add
+        # cost), or on a worker thread (a store without async twins).
+        self.store_face = _face(self.store, AsyncSagaStore)
+        self.keys_face = _face(self.keys, AsyncIdempotencyStore)
         self.wall = wall_clock(self.clock)
         interval = check_seconds("health_interval", health_interval)
         assert interval is not None
@@ -271,10 +283,10 @@ class Saga(Policy):
         return (value if checked is None else checked), None
 
     def _store(self, method: str, *args: Any, **kwargs: Any) -> Call:
-        return Call(self.store, self.store_is_async, method, args, kwargs)
+        return Call(self.store, self.store_face, method, args, kwargs)
 
     def _keys(self, method: str, *args: Any, **kwargs: Any) -> Call:
-        return Call(self.keys, self.keys_is_async, method, args, kwargs)
+        return Call(self.keys, self.keys_face, method, args, kwargs)
 
     def _begin(
         self, raw: Any, key: str | None, ttl: float | None, owner: str
@@ -295,7 +307,7 @@ class Saga(Policy):
             lease_until=now + self.lease,
         )
         if key is None:
-            yield Call(self.store, self.store_is_async, "create_run", (record,), {})
+            yield Call(self.store, self.store_face, "create_run", (record,), {})
         else:
             claim = yield self._keys("claim_key", record, now=now)
             if claim.outcome == "busy" and claim.record is not None:
@@ -482,7 +494,7 @@ class Saga(Policy):
         for run_id in (yield self._store("incomplete", self.name)):
             if stop is not None and stop():
                 break
-            loaded = yield Call(self.store, self.store_is_async, "load", (run_id,), {}, True)
+            loaded = yield Call(self.store, self.store_face, "load", (run_id,), {}, True)
             if isinstance(loaded, Failed):
                 self._skip(report, run_id, loaded.error)
                 continue
@@ -496,9 +508,7 @@ class Saga(Policy):
                 "lease_until": now + self.lease,
                 "expected_owner": record.owner if dead else None,
             }
-            won = yield Call(
-                self.store, self.store_is_async, "claim_run", (run_id, owner), claim, True
-            )
+            won = yield Call(self.store, self.store_face, "claim_run", (run_id, owner), claim, True)
             if isinstance(won, Failed):  # e.g. its row stayed locked past the bounded wait
                 self._skip(report, run_id, won.error)
                 continue
