@@ -283,14 +283,13 @@ class _Run:
         finally:
             if self.open:  # ended by an exception (a store error, a cancellation...)
                 self.open = False
-                self.saga._finished(None)
+                self.saga.finished_run(None)
 
     def _flow(self) -> Flow[SagaResult]:
         saga = self.saga
         # The hot events are built only when someone listens (the check emit makes,
         # done here to skip the call and its arguments on the common path).
-        hub = _events.hub
-        if saga._listeners or hub.listeners:
+        if saga.listening:
             saga.emit(_events.RunStarted, run_id=self.run_id, resumed=self.resumed)
         deadline = None if saga.timeout is None else saga.clock.now() + saga.timeout
         status = None
@@ -312,7 +311,7 @@ class _Run:
                     break
                 for step in todo:
                     self.note(step.name, "started")
-                    if saga._listeners or hub.listeners:
+                    if saga.listening:
                         saga.emit(_events.StepStarted, run_id=self.run_id, step=step.name)
                 entries, self.pending = self.pending, []
                 outcomes: list[_Outcome] = yield _Forward(
@@ -390,7 +389,7 @@ class _Run:
                 output=jsonable(outcome.value),
             )
             saga = self.saga
-            if saga._listeners or _events.hub.listeners:
+            if saga.listening:
                 saga.emit(
                     _events.StepCompleted,
                     run_id=self.run_id,
@@ -453,9 +452,9 @@ class _Run:
     def _announce(self, status: str, report: SagaResult) -> None:
         saga = self.saga
         self.open = False
-        saga._finished(status)
+        saga.finished_run(status)
         if status == COMPLETED:
-            if saga._listeners or _events.hub.listeners:
+            if saga.listening:
                 saga.emit(_events.RunCompleted, run_id=self.run_id, duration=report.duration)
         else:
             saga.emit(

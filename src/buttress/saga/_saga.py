@@ -389,7 +389,13 @@ class Saga(Policy):
     def _needs_loop(self) -> bool:
         return any(step.is_async or step.compensate_is_async for step in self.all_steps)
 
-    def _finished(self, status: str | None) -> None:
+    @property
+    def listening(self) -> bool:
+        """Someone listens to this saga's events: its own listeners or global ones (the
+        runner builds its hot events only then)."""
+        return bool(self._listeners or _events.hub.listeners)
+
+    def finished_run(self, status: str | None) -> None:
         """A run of this process ended (``status=None``: cut off by an exception; its log
         stays where it was, for recovery)."""
         with self._count_lock:
