@@ -18,7 +18,7 @@ A run's input says which step fails for good (``fail_at``: its index), which ste
 and compensations fail on their first attempt (``flaky``, ``flaky_undo``) and which
 compensations always fail (``broken_undo``). Steps fail *before* their side effect, as
 a declined payment would. On a normal exit the child prints how many checkpoints it
-passed.
+passed and how many seconds its work took.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 from buttress import Permanent, Registry, Saga, retry
@@ -165,6 +166,7 @@ def main(spec: dict[str, Any]) -> None:
             timer = threading.Timer(kill["after"], os.kill, (os.getpid(), signal.SIGKILL))
             timer.daemon = True
             timer.start()
+        started = time.perf_counter()
         if spec["mode"] == "recover":
             saga.recover()
         elif spec["mode"] == "worker":
@@ -173,7 +175,7 @@ def main(spec: dict[str, Any]) -> None:
             for run in spec["runs"]:
                 saga.run(run["input"], key=run.get("key"))
         close_store(store)
-    print(json.dumps({"checkpoints": checkpoint.hits}))
+    print(json.dumps({"checkpoints": checkpoint.hits, "seconds": time.perf_counter() - started}))
 
 
 if __name__ == "__main__":

@@ -141,6 +141,7 @@ class Tally:
     random_time_kills: int = 0
     checkpoint_kills: int = 0
     killed_worker_recoveries: int = 0
+    per_run: float = 0.02  # seconds a child takes per run (measured as trials go)
     statuses: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
@@ -149,7 +150,7 @@ def trial(rng: random.Random, number: int, spec: dict[str, Any], tmp: Path, tall
     journal = Journal(tmp / f"journal-{number}.log")
     runs = [plan_run(rng, i) for i in range(rng.randint(1, 3))]
     base = {"store": spec, "saga": saga_name, "journal": str(journal.path)}
-    kill = random_kill(rng, checkpoints=6 + 18 * len(runs), seconds=0.03 * len(runs))
+    kill = random_kill(rng, checkpoints=6 + 18 * len(runs), seconds=tally.per_run * len(runs))
     first = child({**base, "mode": "run", "runs": runs, "kill": kill})
     tally.trials += 1
     store = saga_child.open_store(spec)
@@ -157,6 +158,9 @@ def trial(rng: random.Random, number: int, spec: dict[str, Any], tmp: Path, tall
     try:
         if first.returncode == 0:
             tally.not_killed += 1
+            # How long a child's runs take here: random kills are drawn within that.
+            took = json.loads(first.stdout.strip().splitlines()[-1])["seconds"]
+            tally.per_run = 0.8 * tally.per_run + 0.2 * took / len(runs)
         else:
             assert first.returncode == -signal.SIGKILL, first.stderr
             count_kill(tally, kill)
@@ -165,7 +169,7 @@ def trial(rng: random.Random, number: int, spec: dict[str, Any], tmp: Path, tall
                 # Recovery crashes too (by recover() or by a worker's pass); the next
                 # recovery picks up after it.
                 mode = rng.choice(["recover", "worker"])
-                again = random_kill(rng, checkpoints=12, seconds=0.02 * len(runs))
+                again = random_kill(rng, checkpoints=12, seconds=tally.per_run * len(runs))
                 second = child({**base, "mode": mode, "kill": again})
                 if second.returncode != 0:
                     assert second.returncode == -signal.SIGKILL, second.stderr
