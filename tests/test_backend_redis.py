@@ -599,6 +599,26 @@ def test_idempotency_key_replays_the_stored_result(stores: Stores) -> None:
         saga.run({"order": 2}, key="order-1")
 
 
+def test_idempotency_keys_work_under_run_async(stores: Stores) -> None:
+    """run_async calls the sync-only Redis key store off the loop, with the same result."""
+    runs = []
+    saga = Saga("orders-async", idempotency=stores(RedisIdempotencyStore))
+
+    @saga.step("charge")
+    async def charge(ctx: Any) -> int:
+        runs.append(ctx.input)
+        return 42
+
+    async def main() -> None:
+        first = await saga.run_async({"order": 1}, key="order-1", ttl=60)
+        again = await saga.run_async({"order": 1}, key="order-1", ttl=60)
+        assert first.status == again.status == "completed"
+        assert again.replayed and again.outputs == {"charge": 42}
+
+    asyncio.run(main())
+    assert runs == [{"order": 1}]
+
+
 def test_failed_run_frees_its_key(stores: Stores) -> None:
     attempts = []
     saga = Saga("orders", idempotency=stores(RedisIdempotencyStore))
