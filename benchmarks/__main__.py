@@ -51,7 +51,12 @@ CONFIRMATIONS = 3  # re-measurements of a group above the guard before it fails 
 QUICK_SECTION_BUDGET = 10.0  # seconds; a plug-in section slower in --quick is flagged
 QUICK_TOTAL_BUDGET = 60.0
 BUILTIN = ("overhead", "accuracy", "fairness", "memory", "sagas")
-PLUGINS = ("integrations", "adaptive", "redis_backends")  # run when benchmarks/<name>.py exists
+PLUGINS = (  # run when benchmarks/<name>.py exists
+    "integrations",
+    "adaptive",
+    "redis_backends",
+    "saga_load",
+)
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 IMAGES = DOCS.parent / "img" / "benchmarks"
 

@@ -35,6 +35,7 @@ from buttress import (
     pipeline,
     retry,
 )
+from buttress.backends import IdempotencyStore, SagaStore
 from buttress.backends.redis import (
     RedisBreakerStore,
     RedisBulkheadStore,
@@ -702,6 +703,26 @@ def test_idempotency_key_replays_the_stored_result(stores: Stores) -> None:
         saga.run({"order": 2}, key="order-1")
 
 
+def test_idempotency_keys_work_under_run_async(stores: Stores) -> None:
+    """run_async calls the sync-only Redis key store off the loop, with the same result."""
+    runs = []
+    saga = Saga("orders-async", idempotency=stores(RedisIdempotencyStore))
+
+    @saga.step("charge")
+    async def charge(ctx: Any) -> int:
+        runs.append(ctx.input)
+        return 42
+
+    async def main() -> None:
+        first = await saga.run_async({"order": 1}, key="order-1", ttl=60)
+        again = await saga.run_async({"order": 1}, key="order-1", ttl=60)
+        assert first.status == again.status == "completed"
+        assert again.replayed and again.outputs == {"charge": 42}
+
+    asyncio.run(main())
+    assert runs == [{"order": 1}]
+
+
 def test_failed_run_frees_its_key(stores: Stores) -> None:
     attempts = []
     saga = Saga("orders", idempotency=stores(RedisIdempotencyStore))
@@ -719,10 +740,17 @@ def test_failed_run_frees_its_key(stores: Stores) -> None:
 
 
 def test_idempotency_store_is_not_a_run_log(stores: Stores) -> None:
-    saga = Saga("orders", store=stores(RedisIdempotencyStore))
+    """RedisIdempotencyStore is refused as store= when the Saga is built, kept as
+    idempotency=, and is an IdempotencyStore but not a SagaStore."""
+    keys = stores(RedisIdempotencyStore)
+    assert isinstance(keys, IdempotencyStore)
+    assert not isinstance(keys, SagaStore)
+    with pytest.raises(buttress.ConfigTypeError, match=r"store= must be a saga run log") as info:
+        Saga("orders", store=keys)  # type: ignore[arg-type]
+    assert "pass it as idempotency=" in str(info.value)
+    saga = Saga("orders-ok", idempotency=keys)
     saga.step("noop")(lambda ctx: None)
-    with pytest.raises(TypeError, match="idempotency keys only"):
-        saga.run(None)
+    assert saga.run(None, key="k").status == "completed"
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from buttress import (
     Registry,
     Saga,
 )
+from buttress.backends import IdempotencyStore, SagaStore
 from buttress.backends.redis import (
     RedisBreakerStore,
     RedisBulkheadStore,
@@ -212,6 +213,19 @@ def test_saga_idempotency_key_replays_across_instances(stores: Stores) -> None:
     assert first.status == again.status == "completed"
     assert again.outputs == {"charge": 42}
     assert runs == [{"order": 1}]
+
+
+def test_saga_refuses_the_idempotency_store_as_its_run_log(stores: Stores) -> None:
+    """On a Cluster too, Saga(store=RedisIdempotencyStore) is refused when built and
+    Saga(idempotency=...) works."""
+    keys = stores(RedisIdempotencyStore)
+    assert isinstance(keys, IdempotencyStore)
+    assert not isinstance(keys, SagaStore)
+    with pytest.raises(ConfigTypeError, match=r"store= must be a saga run log"):
+        Saga("orders", store=keys)  # type: ignore[arg-type]
+    saga = Saga("orders", idempotency=keys)
+    saga.step("noop")(lambda ctx: 7)
+    assert saga.run(None, key="k").outputs == {"noop": 7}
 
 
 def test_a_client_of_another_kind_is_refused() -> None:

@@ -387,7 +387,7 @@ def test_context_and_store_defaults():
     ("build_it", "message"),
     [
         (lambda: Saga(None), "needs a name"),  # type: ignore[arg-type]
-        (lambda: Saga("s", store=object()), "store must be a saga store"),  # type: ignore[arg-type]
+        (lambda: Saga("s", store=object()), "store= must be a saga run log"),  # type: ignore[arg-type]
         (lambda: Saga("s", timeout=-1), "timeout must be"),
         (lambda: Step("a/b", lambda ctx: 1), "must not contain '/'"),
         (lambda: Step("a", 42), "fn must be callable"),  # type: ignore[arg-type]
@@ -539,7 +539,11 @@ def test_default_compensation_retry_uses_the_saga_clock():
     saga.step("b", lambda ctx: (_ for _ in ()).throw(Declined()))
     result = saga.run({})
     assert result.compensated is False
-    assert len(clock.sleeps) == 2  # three attempts, two backoff sleeps, all virtual
+    # five attempts, four backoff sleeps, all virtual, spread over seconds (issue 12)
+    assert len(clock.sleeps) == 4
+    bounds = zip(clock.sleeps, [0.25, 0.5, 1, 2], [0.5, 1, 2, 4], strict=True)
+    assert all(low <= slept <= high for slept, low, high in bounds)
+    assert sum(clock.sleeps) >= 3.75
 
 
 def test_replays_are_announced_and_counted():

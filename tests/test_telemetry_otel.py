@@ -575,5 +575,7 @@ def test_instrument_with_the_global_providers():
     """Without providers, the global ones (no-op until configured) are used."""
     with otel.instrument() as handle:
         measured("api")(lambda: None)()
-        Saga("plain").run({})
+        plain = Saga("plain")
+        plain.step("noop", lambda ctx: None)
+        plain.run({})
     assert not handle.installed

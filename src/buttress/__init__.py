@@ -31,6 +31,7 @@ from .exceptions import DuplicateNameError as DuplicateNameError
 from .exceptions import RateLimited as RateLimited
 from .exceptions import RejectedError as RejectedError
 from .exceptions import RetryExhausted as RetryExhausted
+from .exceptions import SagaClosed as SagaClosed
 from .exceptions import TimeoutExceeded as TimeoutExceeded
 from .fallback import Fallback as Fallback
 from .fallback import fallback as fallback
@@ -86,6 +87,7 @@ __all__ = [
     "RetryExhausted",
     "RetryState",
     "Saga",
+    "SagaClosed",
     "SagaResult",
     "Step",
     "StepResult",

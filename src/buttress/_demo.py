@@ -1877,6 +1877,9 @@ async def _main(settings: Settings, stream: TextIO) -> int:
         try:
             if checkout is not None:
                 await _play_saga(checkout, view, screen, interrupted)
+                # health() reads a cached look at the run log (it never queries it
+                # itself); refresh it now, as a recovery worker does on each pass.
+                await checkout.saga.refresh_health_async()
             screen.print(["", *view.json_block("registry.health()", demo.registry.health())])
             screen.print(["", *view.json_block("registry.state()", demo.registry.state())])
             if checkout is not None:

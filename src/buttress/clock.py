@@ -77,6 +77,12 @@ class SystemClock:
         # costs no Python frame on the hot paths.
         self.now: Callable[[], float] = time.monotonic
 
+    def wall(self) -> float:
+        """Wall-clock time in epoch seconds (``time.time``): what leases, TTLs and log
+        times shared between processes are measured in. Not part of :class:`Clock`; a
+        clock without it gets ``time.time``."""
+        return time.time()
+
     def sleep(self, seconds: float) -> None:
         if seconds > 0:
             time.sleep(seconds)

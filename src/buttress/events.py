@@ -33,6 +33,7 @@ __all__ = [
     "HedgeLaunched",
     "LimitChanged",
     "Listener",
+    "RecoverySkipped",
     "RetryGaveUp",
     "RetryRecovered",
     "RetryScheduled",
@@ -346,6 +347,16 @@ class RunReplayed(SagaEvent):
     kind: ClassVar[str] = "run_replayed"
     key: str = ""
     status: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RecoverySkipped(SagaEvent):
+    """``recover()`` could not take an incomplete run (its row stayed locked past the
+    store's bounded wait, or the store failed on it): it is left for the next pass."""
+
+    kind: ClassVar[str] = "recovery_skipped"
+    severity: ClassVar[Severity] = Severity.WARNING
+    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)

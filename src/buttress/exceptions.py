@@ -10,7 +10,8 @@ The hierarchy::
     ├── RejectedError               the call never ran; ``retry_after`` says when to retry
     │   ├── CircuitOpenError        the circuit breaker is open (or its half-open probes are taken)
     │   ├── BulkheadFull            no slot and no room (or no time) to queue for one
-    │   └── RateLimited             no permit within ``max_wait`` or the enclosing deadline
+    │   ├── RateLimited             no permit within ``max_wait`` or the enclosing deadline
+    │   └── SagaClosed              the saga is shutting down and starts no new run
     ├── TimeoutExceeded             (also the built-in TimeoutError) the call ran too long
     ├── RetryExhausted              every result was rejected by ``retry_if_result``
     ├── Permanent                   raised by a step (or wrapping its error): never retry
@@ -42,6 +43,7 @@ __all__ = [
     "RateLimited",
     "RejectedError",
     "RetryExhausted",
+    "SagaClosed",
     "TimeoutExceeded",
 ]
 
@@ -122,6 +124,12 @@ class BulkheadFull(RejectedError):
     ``"bulkhead_full"``) or waited too long (``"bulkhead_wait_timeout"``)."""
 
     reason = "bulkhead_full"
+
+
+class SagaClosed(RejectedError):
+    """The saga is shutting down (``Saga.shutdown()``): it starts no new run."""
+
+    reason = "saga_closed"
 
 
 class RateLimited(RejectedError):

@@ -14,6 +14,7 @@ import asyncio
 import heapq
 import itertools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -79,6 +80,8 @@ class FakeClock:
             (async: after the other ready tasks have run; sync: after ``grace`` real
             seconds). When False, time moves only through :meth:`advance`.
         grace: real seconds a sync waiter gives other threads before jumping (default 0.05).
+        wall: the :meth:`wall` reading (epoch seconds) at ``start`` (default: the real
+            time when the clock is made).
 
     Timers scheduled with :meth:`call_later` fire, in order, while time moves. A timer
     scheduled from a running event loop fires on that loop (as soon as it gets control,
@@ -88,8 +91,19 @@ class FakeClock:
         sleeps: every duration passed to ``sleep``/``asleep``, in order.
     """
 
-    def __init__(self, start: float = 0.0, *, autojump: bool = True, grace: float = 0.05) -> None:
+    def __init__(
+        self,
+        start: float = 0.0,
+        *,
+        autojump: bool = True,
+        grace: float = 0.05,
+        wall: float | None = None,
+    ) -> None:
         self._now = check_number("start", start)
+        # The wall-clock reading at ``start``: it moves with the fake time.
+        self._wall_offset = (
+            time.time() if wall is None else check_number("wall", wall)
+        ) - self._now
         self.autojump = autojump
         self.grace = check_number("grace", grace, min_value=0.0)
         self._timers: list[tuple[float, int, _FakeTimer]] = []
@@ -105,6 +119,12 @@ class FakeClock:
 
     def monotonic(self) -> float:
         return self._now
+
+    def wall(self) -> float:
+        """Wall-clock time (epoch seconds): ``wall`` (default: the real time when the
+        clock was made) plus the fake time elapsed since. Sagas read leases and TTLs
+        from it, so lease expiry is tested by advancing the clock."""
+        return self._wall_offset + self._now
 
     # -- moving time ------------------------------------------------------------------------
 

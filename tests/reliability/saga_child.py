@@ -6,8 +6,9 @@
   ``{"kind": "postgres", "url": ..., "schema": ...}``;
 - ``saga``: the saga's name (one per trial, so trials can share a store);
 - ``journal``: a file every side effect appends one JSON line to (fsynced first);
-- ``mode``: ``"run"`` (run ``runs``, a list of ``{"input": ..., "key": ...}``) or
-  ``"recover"``;
+- ``mode``: ``"run"`` (run ``runs``, a list of ``{"input": ..., "key": ...}``),
+  ``"recover"`` (``saga.recover()``) or ``"worker"`` (one pass of a
+  :class:`~buttress.saga.RecoveryWorker`, the code a ``runs worker`` sidecar runs);
 - ``kill``: ``{"at": N}`` to SIGKILL itself at the N-th checkpoint, ``{"after": S}`` to
   SIGKILL itself S seconds after it starts working (anywhere: inside a store write,
   between two bytecodes of the runner), or ``{}`` never.
@@ -17,7 +18,7 @@ A run's input says which step fails for good (``fail_at``: its index), which ste
 and compensations fail on their first attempt (``flaky``, ``flaky_undo``) and which
 compensations always fail (``broken_undo``). Steps fail *before* their side effect, as
 a declined payment would. On a normal exit the child prints how many checkpoints it
-passed.
+passed and how many seconds its work took.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 from buttress import Permanent, Registry, Saga, retry
 from buttress.backends import KeyClaim, LogEntry, RunRecord, SagaStore
 from buttress.backends.sqlite import SQLiteStore
+from buttress.saga import RecoveryWorker
 from buttress.testing import isolated_registry
 
 STEPS = ("reserve", "charge", "ship", "notify")
@@ -163,13 +166,16 @@ def main(spec: dict[str, Any]) -> None:
             timer = threading.Timer(kill["after"], os.kill, (os.getpid(), signal.SIGKILL))
             timer.daemon = True
             timer.start()
+        started = time.perf_counter()
         if spec["mode"] == "recover":
             saga.recover()
+        elif spec["mode"] == "worker":
+            RecoveryWorker(saga, interval=1).run_once()
         else:
             for run in spec["runs"]:
                 saga.run(run["input"], key=run.get("key"))
         close_store(store)
-    print(json.dumps({"checkpoints": checkpoint.hits}))
+    print(json.dumps({"checkpoints": checkpoint.hits, "seconds": time.perf_counter() - started}))
 
 
 if __name__ == "__main__":

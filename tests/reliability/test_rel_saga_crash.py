@@ -5,8 +5,9 @@ sagas of four steps, with random plans: a step that fails for good (so the run
 compensates), steps and compensations that fail once (retried), compensations that
 always fail. The child SIGKILLs itself at a random checkpoint (before or after any
 store write or side effect) or after a random delay (anywhere at all, inside a store
-transaction included). Sometimes the recovery is itself run in a child that is killed
-too. Then this process recovers whatever is left, and checks:
+transaction included), half of each. In 40% of the killed trials the recovery is itself
+run in a child (``recover()``, or one pass of a ``RecoveryWorker``) that is killed the
+same way. Then this process recovers whatever is left, and checks:
 
 - every run is finished: completed, failed and fully compensated, or (only when a
   compensation is broken for good) ``compensation_failed``; nothing is left running;
@@ -46,7 +47,7 @@ from buttress import IdempotencyConflict
 from buttress.testing import isolated_registry
 
 HERE = Path(__file__).resolve().parent
-KILLS = scaled(60, 500)
+KILLS = scaled(60, 500)  # in long mode: at random times, beside the checkpoint kills
 STEPS = saga_child.STEPS
 HAS_POSTGRES = importlib.util.find_spec("buttress.backends.postgres") is not None
 
@@ -137,6 +138,10 @@ class Tally:
     runs_checked: int = 0
     reexecuted_after_crash: int = 0
     compensations: int = 0
+    random_time_kills: int = 0
+    checkpoint_kills: int = 0
+    killed_worker_recoveries: int = 0
+    per_run: float = 0.02  # seconds a child takes per run (measured as trials go)
     statuses: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
@@ -145,10 +150,7 @@ def trial(rng: random.Random, number: int, spec: dict[str, Any], tmp: Path, tall
     journal = Journal(tmp / f"journal-{number}.log")
     runs = [plan_run(rng, i) for i in range(rng.randint(1, 3))]
     base = {"store": spec, "saga": saga_name, "journal": str(journal.path)}
-    if rng.random() < 0.7:
-        kill: dict[str, Any] = {"at": rng.randint(1, 6 + 18 * len(runs))}
-    else:
-        kill = {"after": rng.uniform(0.0, 0.03 * len(runs))}
+    kill = random_kill(rng, checkpoints=6 + 18 * len(runs), seconds=tally.per_run * len(runs))
     first = child({**base, "mode": "run", "runs": runs, "kill": kill})
     tally.trials += 1
     store = saga_child.open_store(spec)
@@ -156,17 +158,24 @@ def trial(rng: random.Random, number: int, spec: dict[str, Any], tmp: Path, tall
     try:
         if first.returncode == 0:
             tally.not_killed += 1
+            # How long a child's runs take here: random kills are drawn within that.
+            took = json.loads(first.stdout.strip().splitlines()[-1])["seconds"]
+            tally.per_run = 0.8 * tally.per_run + 0.2 * took / len(runs)
         else:
             assert first.returncode == -signal.SIGKILL, first.stderr
-            tally.kills += 1
+            count_kill(tally, kill)
             boundaries.append((len(journal.read()), logged(store, saga_name)))
-            if rng.random() < 0.25:
-                # Recovery crashes too; the next recovery picks up after it.
-                second = child({**base, "mode": "recover", "kill": {"at": rng.randint(1, 12)}})
+            if rng.random() < 0.4:
+                # Recovery crashes too (by recover() or by a worker's pass); the next
+                # recovery picks up after it.
+                mode = rng.choice(["recover", "worker"])
+                again = random_kill(rng, checkpoints=12, seconds=tally.per_run * len(runs))
+                second = child({**base, "mode": mode, "kill": again})
                 if second.returncode != 0:
                     assert second.returncode == -signal.SIGKILL, second.stderr
-                    tally.kills += 1
+                    count_kill(tally, again)
                     tally.killed_recoveries += 1
+                    tally.killed_worker_recoveries += mode == "worker"
                     boundaries.append((len(journal.read()), logged(store, saga_name)))
             with isolated_registry():
                 saga = saga_child.make_saga(saga_name, store, str(journal.path))
@@ -181,6 +190,22 @@ def trial(rng: random.Random, number: int, spec: dict[str, Any], tmp: Path, tall
         )
     finally:
         saga_child.close_store(store)
+
+
+def random_kill(rng: random.Random, *, checkpoints: int, seconds: float) -> dict[str, Any]:
+    """Half the kills at a checkpoint (a store write or side effect boundary), half at a
+    random moment (inside a store transaction, between two bytecodes...)."""
+    if rng.random() < 0.5:
+        return {"at": rng.randint(1, checkpoints)}
+    return {"after": rng.uniform(0.0, seconds)}
+
+
+def count_kill(tally: Tally, kill: dict[str, Any]) -> None:
+    tally.kills += 1
+    if "after" in kill:
+        tally.random_time_kills += 1
+    else:
+        tally.checkpoint_kills += 1
 
 
 def check(
@@ -268,16 +293,17 @@ def check(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(scaled(240, 3600))
+@pytest.mark.timeout(scaled(240, 7200))
 def test_sigkill_at_random_points_then_recover(store_spec, tmp_path, figures):
     """Hundreds of random kill points (60 in bounded mode): recovery always ends clean."""
     seed = int(os.environ.get("BUTTRESS_RELIABILITY_SEED", "20240611"))
     rng = random.Random(f"{seed}-{store_spec['kind']}")
     tally = Tally()
     attempts = 0
-    while tally.kills < KILLS:
+    # Long mode: at least KILLS kills at random moments (and the checkpoint kills beside).
+    while (tally.random_time_kills if LONG else tally.kills) < KILLS:
         attempts += 1
-        assert attempts < KILLS * 3, "the children were too seldom killed"
+        assert attempts < KILLS * 6, "the children were too seldom killed"
         trial(rng, attempts, store_spec, tmp_path, tally)
     figures.add(
         f"saga_sigkill_{store_spec['kind']}",
@@ -286,6 +312,9 @@ def test_sigkill_at_random_points_then_recover(store_spec, tmp_path, figures):
         trials=tally.trials,
         kills_survived=tally.kills,
         killed_recoveries=tally.killed_recoveries,
+        killed_worker_recoveries=tally.killed_worker_recoveries,
+        random_time_kills=tally.random_time_kills,
+        checkpoint_kills=tally.checkpoint_kills,
         trials_not_killed=tally.not_killed,
         runs_checked=tally.runs_checked,
         steps_rerun_after_crash=tally.reexecuted_after_crash,

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NO_REPORT",
+    "AsyncIdempotencyStore",
     "AsyncSagaStore",
     "BackendError",
     "BindingBase",
@@ -45,6 +46,7 @@ __all__ = [
     "BreakerStore",
     "BulkheadBinding",
     "BulkheadStore",
+    "IdempotencyStore",
     "KeyClaim",
     "LimiterBinding",
     "LimiterStore",
@@ -410,6 +412,55 @@ class SagaStore(Protocol):
         self, *, saga: str | None = None, status: str | None = None, limit: int = 100
     ) -> list[RunRecord]:
         """The most recent runs, newest first."""
+
+
+@runtime_checkable
+class IdempotencyStore(Protocol):
+    """What the saga runner needs from ``Saga(idempotency=...)``: binding a key to a run,
+    and learning the run's lease and how it ended.
+
+    Every :class:`SagaStore` is one; so is
+    :class:`~buttress.backends.redis.RedisIdempotencyStore`, which is *only* one (it
+    keeps no run log, so it cannot be a saga's ``store=``).
+    """
+
+    def claim_key(self, record: RunRecord, *, now: float) -> KeyClaim:
+        """Atomically bind ``record.key`` to ``record`` unless a run already holds it."""
+
+    def write(
+        self,
+        run_id: str,
+        entries: list[LogEntry],
+        *,
+        lease_until: float | None = None,
+        status: str | None = None,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+        expires_at: float | None = None,
+    ) -> None:
+        """Record the lease of ``run_id`` and, with a final status, its outcome (the
+        runner passes no ``entries``: the log lives in the saga's ``store``)."""
+
+
+@runtime_checkable
+class AsyncIdempotencyStore(Protocol):
+    """The async twins an :class:`IdempotencyStore` may also offer."""
+
+    async def aclaim_key(self, record: RunRecord, *, now: float) -> KeyClaim:
+        """Async :meth:`IdempotencyStore.claim_key`."""
+
+    async def awrite(
+        self,
+        run_id: str,
+        entries: list[LogEntry],
+        *,
+        lease_until: float | None = None,
+        status: str | None = None,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+        expires_at: float | None = None,
+    ) -> None:
+        """Async :meth:`IdempotencyStore.write`."""
 
 
 @runtime_checkable

@@ -258,6 +258,60 @@ class MemoryStore:
             ]
         return found[:limit]
 
+    # -- the async face: the same methods, called on the loop (they wait on no I/O and
+    # hold the lock for microseconds)
+
+    async def acreate_run(self, record: RunRecord) -> None:
+        self.create_run(record)
+
+    async def aclaim_key(self, record: RunRecord, *, now: float) -> KeyClaim:
+        return self.claim_key(record, now=now)
+
+    async def awrite(
+        self,
+        run_id: str,
+        entries: list[LogEntry],
+        *,
+        lease_until: float | None = None,
+        status: str | None = None,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+        expires_at: float | None = None,
+    ) -> None:
+        self.write(
+            run_id,
+            entries,
+            lease_until=lease_until,
+            status=status,
+            error=error,
+            result=result,
+            expires_at=expires_at,
+        )
+
+    async def aload(self, run_id: str) -> tuple[RunRecord, list[LogEntry]] | None:
+        return self.load(run_id)
+
+    async def aclaim_run(
+        self,
+        run_id: str,
+        owner: str,
+        *,
+        now: float,
+        lease_until: float,
+        expected_owner: str | None = None,
+    ) -> bool:
+        return self.claim_run(
+            run_id, owner, now=now, lease_until=lease_until, expected_owner=expected_owner
+        )
+
+    async def aincomplete(self, saga: str) -> list[str]:
+        return self.incomplete(saga)
+
+    async def aruns(
+        self, *, saga: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        return self.runs(saga=saga, status=status, limit=limit)
+
 
 def _judge(existing: RunRecord, wanted: RunRecord, now: float) -> KeyClaim | None:
     """What an existing run holding the key means for a new claim (``None``: run anew)."""

@@ -7,8 +7,10 @@ run survives its process, its machine and (with the server's default
 
 Several workers may share one schema: a key is bound in a transaction that locks its
 row (``INSERT ... ON CONFLICT DO NOTHING``, then ``SELECT ... FOR UPDATE``), and a run
-is taken over by one conditional ``UPDATE`` on a row locked with ``FOR UPDATE SKIP
-LOCKED``, so exactly one worker wins each key and each abandoned run.
+is taken over by one conditional ``UPDATE``, which waits (at most ``statement_timeout``)
+for a row another transaction holds and re-checks it as committed, so exactly one
+worker wins each key and each abandoned run, and a locked run is waited for (or
+reported by ``recover()`` as skipped), never passed over silently.
 
 The tables live in their own schema (``schema=``, default ``"buttress"``), created with
 its tables on first use. The schema's version is recorded in its ``buttress_schema``
@@ -18,8 +20,11 @@ in one locked transaction (or, with ``create_schema=False``, asks the operator t
 
 The store has sync methods (the :class:`~buttress.backends.SagaStore` protocol) and
 ``a``-prefixed async twins (:class:`~buttress.backends.AsyncSagaStore`), which
-``Saga.run_async()`` awaits. Each face holds one connection of its own, guarded by a
-lock and re-opened after a failure, unless it is given a pool or a connection factory.
+``Saga.run_async()`` awaits. Given ``conninfo``, each face draws its connections from a
+``psycopg_pool`` pool of at most ``pool_size`` connections (default 10), opened on first
+use, so concurrent sagas run their writes side by side; given a ``connect`` factory (or
+``async_connect``), that face holds one connection behind a lock instead; given a
+``pool`` (or ``async_pool``) of your own, it uses that.
 """
 
 from __future__ import annotations
@@ -37,13 +42,15 @@ from typing import Any, Protocol, TypeVar
 
 try:
     import psycopg
+    import psycopg_pool
     from psycopg import pq
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "buttress.backends.postgres needs psycopg 3: pip install 'buttress[postgres]'"
+        "buttress.backends.postgres needs psycopg 3 and psycopg_pool: "
+        "pip install 'buttress[postgres]'"
     ) from exc
 
-from buttress._validate import check_bool, require_seconds
+from buttress._validate import check_bool, check_int, require_seconds
 from buttress.exceptions import BackendError, ConfigTypeError, ConfigValueError
 
 from . import INCOMPLETE, KeyClaim, LogEntry, RunRecord, run_changes, run_row
@@ -142,17 +149,24 @@ _SQL = {
         "SELECT seq, step, event, attempt, at, duration, output, error "
         "FROM {s}.buttress_log WHERE run_id = %s ORDER BY seq"
     ),
+    # The entries travel as one JSON array (one parameter, dumped by the json module in
+    # C) rather than as eight typed arrays, which cost the client far more to adapt.
+    # Each output rides in it as JSON *text*: json_to_recordset turns strings into text,
+    # which cannot hold the \u0000 that a json value may.
     "insert_log": (
         "INSERT INTO {s}.buttress_log (run_id, seq, step, event, attempt, at, duration, "
-        "output, error) SELECT %s, * FROM unnest(%s::integer[], %s::text[], %s::text[], "
-        "%s::integer[], %s::double precision[], %s::double precision[], %s::json[], %s::text[])"
+        "output, error) SELECT %s, e.seq, e.step, e.event, e.attempt, e.at, e.duration, "
+        "e.output::json, e.error FROM json_to_recordset(%s::json) AS e(seq integer, "
+        "step text, event text, attempt integer, at double precision, "
+        "duration double precision, output text, error text)"
     ),
+    # A plain conditional UPDATE: it waits for a row another transaction holds (bounded
+    # by statement_timeout) and then re-checks the condition on the row as committed,
+    # so exactly one claimant wins and a locked run is never skipped silently.
     "claim_run": (
-        "UPDATE {s}.buttress_runs SET owner = %s, lease_until = %s WHERE run_id = ("
-        "SELECT run_id FROM {s}.buttress_runs WHERE run_id = %s "
+        "UPDATE {s}.buttress_runs SET owner = %s, lease_until = %s WHERE run_id = %s "
         f"AND status IN {_INCOMPLETE_SQL} "
-        "AND (lease_until <= %s OR (%s::text IS NOT NULL AND owner = %s)) "
-        "FOR UPDATE SKIP LOCKED)"
+        "AND (lease_until <= %s OR (%s::text IS NOT NULL AND owner = %s))"
     ),
     # One statement, one snapshot: the record and its whole log.
     "load": (
@@ -258,6 +272,9 @@ class PostgresStore:
         pool: a pool lending sync connections (instead of ``conninfo``).
         async_connect: an async factory for the async connection.
         async_pool: a pool lending async connections.
+        pool_size: the most connections each face's own pool opens (default 10; with
+            ``conninfo`` only). Concurrent sagas beyond it wait for a connection; the
+            server needs ``max_connections`` above the sum over every process.
     """
 
     def __init__(
@@ -272,6 +289,7 @@ class PostgresStore:
         pool: _Pool | None = None,
         async_connect: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]] | None = None,
         async_pool: _AsyncPool | None = None,
+        pool_size: int = 10,
     ) -> None:
         if conninfo is not None and not isinstance(conninfo, str):
             raise ConfigTypeError(
@@ -308,6 +326,7 @@ class PostgresStore:
         self.create_schema = check_bool("create_schema", create_schema)
         self.statement_timeout = require_seconds("statement_timeout", statement_timeout)
         self.connect_timeout = require_seconds("connect_timeout", connect_timeout)
+        self.pool_size = check_int("pool_size", pool_size)
         self._connect = connect
         self._pool = pool
         self._async_connect = async_connect
@@ -323,6 +342,12 @@ class PostgresStore:
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._alock: asyncio.Lock | None = None
         self._configured: weakref.WeakSet[Any] = weakref.WeakSet()  # pooled connections
+        self._own_pool: psycopg_pool.ConnectionPool[Any] | None = None
+        # The async face's own pools, one per event loop using the store.
+        self._own_apools: dict[
+            asyncio.AbstractEventLoop,
+            tuple[psycopg_pool.AsyncConnectionPool[Any], asyncio.Future[None], asyncio.Task[None]],
+        ] = {}
 
     def __repr__(self) -> str:
         return f"PostgresStore(schema={self.schema!r})"
@@ -365,10 +390,39 @@ class PostgresStore:
             raise
         return conn
 
+    def _pool_kwargs(self) -> dict[str, Any]:
+        return {
+            "conninfo": self.conninfo,
+            "min_size": 1,
+            "max_size": self.pool_size,
+            "kwargs": self._connect_kwargs(),
+            "timeout": self.connect_timeout,
+            "name": f"buttress-{self.schema}",
+        }
+
+    def _sync_pool(self) -> _Pool | None:
+        """The pool the sync face draws from: the one given, or the store's own (made on
+        first use from ``conninfo``); ``None`` for a ``connect`` factory."""
+        if self._pool is not None:
+            return self._pool
+        if self._connect is not None or self.conninfo is None:
+            return None
+        pool = self._own_pool
+        if pool is None:
+            with self._lock:
+                if self._own_pool is None:
+                    # One direct connection first: an unreachable server fails the call
+                    # at once (a pool would retry in the background until its timeout).
+                    psycopg.Connection.connect(self.conninfo, **self._connect_kwargs()).close()
+                    self._own_pool = psycopg_pool.ConnectionPool(**self._pool_kwargs(), open=True)
+                pool = self._own_pool
+        return pool
+
     @contextlib.contextmanager
     def _sync_connection(self) -> Iterator[psycopg.Connection[Any]]:
-        if self._pool is not None:
-            with self._pool.connection() as conn:
+        lender = self._sync_pool()
+        if lender is not None:
+            with lender.connection() as conn:
                 fresh = conn not in self._configured
                 if fresh:
                     conn.execute(*self._setup_sql())
@@ -420,10 +474,52 @@ class PostgresStore:
                     old.pgconn.finish()  # its loop may be gone: close without awaiting
             return self._alock
 
+    async def _async_pool_now(self) -> _AsyncPool | None:
+        """The pool the async face draws from: the one given, or the store's own for
+        the running loop (made and opened on first use; it closes when its loop shuts
+        down); ``None`` for an ``async_connect`` factory."""
+        if self._async_pool is not None:
+            return self._async_pool
+        if self._async_connect is not None:
+            return None
+        loop = asyncio.get_running_loop()
+        found = self._own_apools.get(loop)
+        if found is None:
+            # As for the sync pool: an unreachable server fails the first call at once.
+            assert self.conninfo is not None
+            probe = await psycopg.AsyncConnection.connect(self.conninfo, **self._connect_kwargs())
+            await probe.close()
+            with self._state:
+                found = self._own_apools.get(loop)
+                if found is None:
+                    made = psycopg_pool.AsyncConnectionPool(**self._pool_kwargs(), open=False)
+                    found = self._own_apools[loop] = (
+                        made,
+                        asyncio.ensure_future(made.open()),
+                        loop.create_task(self._close_with_loop(loop, made)),
+                    )
+        await asyncio.shield(found[1])
+        return found[0]
+
+    async def _close_with_loop(
+        self, loop: asyncio.AbstractEventLoop, pool: psycopg_pool.AsyncConnectionPool[Any]
+    ) -> None:
+        """Keep a loop's pool open as long as the loop runs: ``asyncio.run`` cancels this
+        task at the end, and the pool closes its connections then (not left to a dead
+        loop)."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            with self._state:
+                if self._own_apools.get(loop, (None,))[0] is pool:
+                    del self._own_apools[loop]
+            await pool.close()
+
     @contextlib.asynccontextmanager
     async def _async_connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        if self._async_pool is not None:
-            async with self._async_pool.connection() as conn:
+        lender = await self._async_pool_now()
+        if lender is not None:
+            async with lender.connection() as conn:
                 fresh = conn not in self._configured
                 if fresh:
                     await conn.execute(*self._setup_sql())
@@ -453,19 +549,30 @@ class PostgresStore:
         )
 
     def close(self) -> None:
-        """Close the store's own connections (a pool given to it stays open)."""
+        """Close the store's own connections and pools (a pool given to it stays open;
+        the async pool of a running loop closes with :meth:`aclose` or its loop)."""
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            pool, self._own_pool = self._own_pool, None
+        if pool is not None:
+            pool.close()
         with self._state:
             if self._aconn is not None and not self._aconn.closed:
                 self._aconn.pgconn.finish()
             self._aconn = None
 
     async def aclose(self) -> None:
-        """Async twin of :meth:`close`."""
-        self.close()
+        """Async twin of :meth:`close`; also closes the async pool of this loop."""
+        loop = asyncio.get_running_loop()
+        with self._state:
+            found = self._own_apools.pop(loop, None)
+        if found is not None:
+            pool, _, guard = found
+            await pool.close()
+            guard.cancel()
+        await asyncio.to_thread(self.close)
 
     # -- running operations -----------------------------------------------------------------
 
@@ -686,14 +793,21 @@ class PostgresStore:
             return
         log = (
             run_id,
-            [e.seq for e in entries],
-            [e.step for e in entries],
-            [e.event for e in entries],
-            [e.attempt for e in entries],
-            [e.at for e in entries],
-            [e.duration for e in entries],
-            [_dump(e.output) for e in entries],
-            [e.error for e in entries],
+            json.dumps(
+                [
+                    {
+                        "seq": e.seq,
+                        "step": e.step,
+                        "event": e.event,
+                        "attempt": e.attempt,
+                        "at": e.at,
+                        "duration": e.duration,
+                        "output": _dump(e.output),
+                        "error": e.error,
+                    }
+                    for e in entries
+                ]
+            ),
         )
         if not update:
             yield _Query(self._sql["insert_log"], log)

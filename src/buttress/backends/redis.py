@@ -1166,7 +1166,9 @@ class RedisIdempotencyStore(_RedisStore):
     """Idempotency keys of :class:`~buttress.Saga` runs, shared through Redis.
 
     Pass it as ``Saga(..., idempotency=RedisIdempotencyStore(url))`` next to a durable run
-    log (``store=``). Claiming a key is one atomic script: of two processes running the
+    log (``store=``). It is an :class:`~buttress.backends.IdempotencyStore` only (it keeps
+    no run log), so ``Saga(store=RedisIdempotencyStore(...))`` is refused when the saga
+    is built. Claiming a key is one atomic script: of two processes running the
     same key at once, one runs the steps and the other is told the key is busy (or, once
     the first finished, gets its stored result). A completed run's key lives for the run's
     ``ttl`` (or ``default_ttl``); a failed, compensated run frees its key.
@@ -1179,6 +1181,8 @@ class RedisIdempotencyStore(_RedisStore):
             (keys claimed in this process only, with an in-memory store).
         default_ttl: seconds a completed key is remembered when the run sets no ``ttl``
             (default ``None``: until it is deleted).
+        clock: whose ``wall()`` reading turns a run's expiry into a Redis TTL (default:
+            the system clock; pass the saga's clock when it is a ``FakeClock``).
     """
 
     def __init__(
@@ -1186,21 +1190,30 @@ class RedisIdempotencyStore(_RedisStore):
         url: str | None = None,
         *,
         default_ttl: float | None = None,
+        clock: Any = None,
         **options: Any,
     ) -> None:
         super().__init__(url, **options)
+        wall = getattr(clock, "wall", None)
+        if clock is not None and not callable(wall):
+            raise ConfigTypeError(
+                f"clock must have a wall() reading (SystemClock, FakeClock), got {clock!r}"
+            )
+        self._wall = wall if wall is not None else _wall
         self.default_ttl = check_seconds("default_ttl", default_ttl, allow_none=True)
         from .memory import MemoryStore
 
         self._local = MemoryStore()
         self._claimed: dict[str, str] = {}  # run id -> its key, for runs claimed here
         self._gate_impl = Gate(
-            self.backend, self.on_backend_error, self.retry_interval or 0.0, _wall, self.emit
+            self.backend, self.on_backend_error, self.retry_interval or 0.0, self._wall, self.emit
         )
 
     def emit(self, event_type: type[_events.Event], **fields: Any) -> None:
         if _events.hub.listeners:
-            event = event_type(source="saga_idempotency", name=self.prefix, time=_wall(), **fields)
+            event = event_type(
+                source="saga_idempotency", name=self.prefix, time=self._wall(), **fields
+            )
             _events.dispatch((), event)
 
     def _key(self, saga: str, key: str) -> str:
@@ -1209,13 +1222,7 @@ class RedisIdempotencyStore(_RedisStore):
     def _run_key(self, run_id: str) -> str:
         return self.key("idem-run", run_id)
 
-    # -- the SagaStore protocol (only the idempotency part is meaningful) -------------------
-
-    def create_run(self, record: RunRecord) -> None:
-        raise ConfigTypeError(
-            "RedisIdempotencyStore keeps idempotency keys only: pass it as idempotency= and a "
-            "run log (MemoryStore, SQLiteStore, PostgresStore) as store="
-        )
+    # -- the IdempotencyStore protocol -----------------------------------------------------
 
     def claim_key(self, record: RunRecord, *, now: float) -> KeyClaim:
         assert record.key is not None
@@ -1314,10 +1321,10 @@ class RedisIdempotencyStore(_RedisStore):
             key = key.decode()
         ttl_ms = 0
         if status == COMPLETED:
-            ttl = None if expires_at is None else expires_at - _wall()
+            ttl = None if expires_at is None else expires_at - self._wall()
             if ttl is None and self.default_ttl is not None:
                 ttl = self.default_ttl
-                expires_at = _wall() + ttl
+                expires_at = self._wall() + ttl
             if ttl is not None:
                 ttl_ms = max(int(ttl * 1000), 1)
         self._conn.run(
@@ -1333,28 +1340,6 @@ class RedisIdempotencyStore(_RedisStore):
         )
         if final:
             self._conn.sync().delete(self._run_key(run_id))
-
-    def load(self, run_id: str) -> tuple[RunRecord, list[LogEntry]] | None:
-        return None
-
-    def claim_run(
-        self,
-        run_id: str,
-        owner: str,
-        *,
-        now: float,
-        lease_until: float,
-        expected_owner: str | None = None,
-    ) -> bool:
-        return False
-
-    def incomplete(self, saga: str) -> list[str]:
-        return []
-
-    def runs(
-        self, *, saga: str | None = None, status: str | None = None, limit: int = 100
-    ) -> list[RunRecord]:
-        return []
 
 
 def _wall() -> float:

@@ -9,15 +9,30 @@ when that matters more than throughput.
 
 Several processes may share one database file: key claims and run take-overs run
 in ``BEGIN IMMEDIATE`` transactions, so exactly one process wins each.
+
+The async face (``acreate_run``, ``awrite``...: :class:`~buttress.backends.AsyncSagaStore`)
+runs the same sync methods on one writer thread the store owns. ``sqlite3`` has no
+non-blocking API, and SQLite admits one writer at a time anyway, so a single thread
+per store loses nothing: the event loop only waits for a future, and concurrent
+sagas queue on that thread instead of filling the loop's default executor with
+threads that wait on the same lock. The writer runs everything queued so far in one
+transaction (a group commit, each call in its own savepoint) and answers each caller
+only once that transaction committed: every write is as durable as on the sync face,
+and with ``synchronous="FULL"`` concurrent sagas share each fsync.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +83,30 @@ CREATE TABLE IF NOT EXISTS buttress_log (
 """
 SCHEMA_VERSION = 1
 
+_BATCH = 256  # requests of the async face committed together, at most
+_SLICE = 0.001  # seconds of work the writer thread does before it lets the loop in
+_PAUSE = 0.00005  # and how long it steps aside then
+
+
+@dataclass(slots=True)
+class _Request:
+    """One call of the async face, waiting for the writer thread."""
+
+    call: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
+def _settle(answers: list[tuple[_Request, bool, Any]]) -> None:
+    """On the caller's loop: hand each request its result (a cancelled waiter is gone)."""
+    for request, ok, value in answers:
+        if request.future.done():
+            continue
+        if ok:
+            request.future.set_result(value)
+        else:
+            request.future.set_exception(value)
+
 
 class SQLiteStore:
     """A :class:`~buttress.backends.SagaStore` in one SQLite file.
@@ -105,15 +144,109 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise BackendError(f"cannot open the SQLite store at {self.path!r}: {exc}") from exc
 
+        # The async face: requests queued for the store's writer thread (see _drain).
+        self._pending: list[_Request] = []
+        self._wake = threading.Condition(threading.Lock())
+        self._writer: threading.Thread | None = None
+        self._closing = False
+        self._local = threading.local()  # .batch: this thread is inside a group commit
+
     def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            writer = self._writer
+            self._wake.notify_all()
+        if writer is not None and writer is not threading.current_thread():
+            writer.join()
         with self._lock:
             self._db.close()
+
+    async def aclose(self) -> None:
+        """Async twin of :meth:`close` (waits for the store's thread off the loop)."""
+        await asyncio.to_thread(self.close)
+
+    async def _off_loop(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Queue a sync method for the store's writer thread and await its result."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._wake:
+            if self._closing:
+                raise BackendError(f"SQLite store {self.path!r} is closed")
+            self._pending.append(_Request(functools.partial(fn, *args, **kwargs), loop, future))
+            if self._writer is None or not self._writer.is_alive():  # first use, or a fork
+                self._writer = threading.Thread(
+                    target=self._drain, name="buttress-sqlite-writer", daemon=True
+                )
+                self._writer.start()
+            self._wake.notify()
+        return await future
+
+    def _drain(self) -> None:
+        """The writer thread: runs the queued requests, everything queued so far in one
+        transaction (a group commit: each request in its own savepoint, so a failing
+        one is rolled back alone), then hands every result back to its loop. A request
+        is answered only after the transaction holding it committed."""
+        while True:
+            with self._wake:
+                while not self._pending and not self._closing:
+                    self._wake.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
+            outcomes: list[tuple[bool, Any]] = []
+            with self._lock:
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._local.batch = True
+                    try:
+                        mark = time.perf_counter()
+                        for request in batch:
+                            try:
+                                outcomes.append((True, request.call()))
+                            except Exception as exc:
+                                outcomes.append((False, exc))
+                            if time.perf_counter() - mark > _SLICE:
+                                # CPython hands the GIL to a waiting thread (the event
+                                # loop) only after its switch interval, 5 ms, unless the
+                                # holder blocks: block briefly after every slice of work
+                                # so that the loop is never starved for longer.
+                                time.sleep(_PAUSE)
+                                mark = time.perf_counter()
+                    finally:
+                        self._local.batch = False
+                    self._db.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    if self._db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
+                    failure = BackendError(f"SQLite store {self.path!r} failed: {exc}")
+                    outcomes = [(False, failure)] * len(batch)
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, bool, Any]]] = {}
+            for request, (ok, value) in zip(batch, outcomes, strict=True):
+                by_loop.setdefault(request.loop, []).append((request, ok, value))
+            for loop, answers in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_settle, answers)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
 
     @contextmanager
     def _tx(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
+        if getattr(self._local, "batch", False):
+            # Inside the writer thread's group commit: a savepoint of its transaction.
+            try:
+                self._db.execute("SAVEPOINT buttress_op")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK TO buttress_op")
+                    self._db.execute("RELEASE buttress_op")
+                    raise
+                self._db.execute("RELEASE buttress_op")
+            except sqlite3.Error as exc:
+                raise BackendError(f"SQLite store {self.path!r} failed: {exc}") from exc
+            return
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
@@ -321,3 +454,69 @@ class SQLiteStore:
                 (*args, limit),
             ).fetchall()
         return [self._from_row(row) for row in rows]
+
+    # -- the async face: the sync methods on the store's own thread -------------------------
+
+    async def acreate_run(self, record: RunRecord) -> None:
+        await self._off_loop(self.create_run, record)
+
+    async def aclaim_key(self, record: RunRecord, *, now: float) -> KeyClaim:
+        claim: KeyClaim = await self._off_loop(self.claim_key, record, now=now)
+        return claim
+
+    async def awrite(
+        self,
+        run_id: str,
+        entries: list[LogEntry],
+        *,
+        lease_until: float | None = None,
+        status: str | None = None,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+        expires_at: float | None = None,
+    ) -> None:
+        await self._off_loop(
+            self.write,
+            run_id,
+            entries,
+            lease_until=lease_until,
+            status=status,
+            error=error,
+            result=result,
+            expires_at=expires_at,
+        )
+
+    async def aload(self, run_id: str) -> tuple[RunRecord, list[LogEntry]] | None:
+        loaded: tuple[RunRecord, list[LogEntry]] | None = await self._off_loop(self.load, run_id)
+        return loaded
+
+    async def aclaim_run(
+        self,
+        run_id: str,
+        owner: str,
+        *,
+        now: float,
+        lease_until: float,
+        expected_owner: str | None = None,
+    ) -> bool:
+        won: bool = await self._off_loop(
+            self.claim_run,
+            run_id,
+            owner,
+            now=now,
+            lease_until=lease_until,
+            expected_owner=expected_owner,
+        )
+        return won
+
+    async def aincomplete(self, saga: str) -> list[str]:
+        ids: list[str] = await self._off_loop(self.incomplete, saga)
+        return ids
+
+    async def aruns(
+        self, *, saga: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        found: list[RunRecord] = await self._off_loop(
+            self.runs, saga=saga, status=status, limit=limit
+        )
+        return found

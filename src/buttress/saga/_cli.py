@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,30 @@ def add_runs_parser(commands: Any) -> None:
         "Saga when called with the --db path or URL (and schema=NAME, for PostgreSQL, "
         "when it takes a schema parameter), or a Saga object (which then uses its own "
         "store, not --db)",
+    )
+    worker = actions.add_parser(
+        "worker",
+        help="keep recovering the saga's abandoned runs until SIGTERM/SIGINT",
+        description=(
+            "Every --interval seconds, take the saga's incomplete runs whose lease has "
+            "expired (on any host) or whose process is gone (on this host) and finish "
+            "them. On SIGTERM or SIGINT it claims nothing more, gives the recovery in "
+            "progress --grace seconds, and exits; a run it did not finish keeps its log "
+            "for the next worker. Any number of workers may share one store."
+        ),
+    )
+    worker.add_argument("--app", required=True, help="as for recover")
+    worker.add_argument(
+        "--interval", type=float, default=5.0, help="seconds between passes (default 5)"
+    )
+    worker.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds a recovery in progress gets to finish after a stop signal (default 30)",
+    )
+    worker.add_argument(
+        "--once", action="store_true", help="make one pass and exit (for cron or a test)"
     )
     runs.set_defaults(handler=run_runs)
 
@@ -194,7 +219,8 @@ def _build(target: Any, db: str, schema: str | None) -> Any:
     return target(db)
 
 
-def _recover(db: str, schema: str | None, args: argparse.Namespace, out: TextIO) -> int:
+def _load_saga(db: str, schema: str | None, args: argparse.Namespace) -> Saga | int:
+    """The saga ``--app`` names (built on ``--db``), or an exit status after saying why."""
     module_name, _, attribute = args.app.partition(":")
     if not module_name or not attribute:
         sys.stderr.write(f"--app must look like module:attribute, got {args.app!r}\n")
@@ -214,10 +240,61 @@ def _recover(db: str, schema: str | None, args: argparse.Namespace, out: TextIO)
             "give --schema the schema it uses, or let it take a schema parameter\n"
         )
         return 2
+    return saga
+
+
+def _recover(db: str, schema: str | None, args: argparse.Namespace, out: TextIO) -> int:
+    saga = _load_saga(db, schema, args)
+    if not isinstance(saga, Saga):
+        return saga
     results = saga.recover()
     for result in results:
         out.write(f"{result.run_id}  {result.status}  compensated={result.compensated}\n")
-    out.write(f"recovered {len(results)} run(s) of saga {saga.name!r}\n")
+    for run_id, why in results.skipped.items():
+        out.write(f"{run_id}  skipped  {why}\n")
+    out.write(f"recovered {len(results)} run(s) of saga {saga.name!r}")
+    if results.skipped:
+        out.write(f", skipped {len(results.skipped)} (try again)")
+    out.write("\n")
+    return 0 if not results.skipped else 3
+
+
+def _worker(db: str, schema: str | None, args: argparse.Namespace, out: TextIO) -> int:
+    from ._worker import RecoveryWorker
+
+    saga = _load_saga(db, schema, args)
+    if not isinstance(saga, Saga):
+        return saga
+    worker = RecoveryWorker(saga, interval=args.interval, grace=args.grace)
+    if args.once:
+        done = worker.run_once()
+        out.write(f"recovered {done} run(s) of saga {saga.name!r}\n")
+        return 0 if worker.last_error is None else 1
+    stop_signal: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop_signal.append(signum)
+        worker.stop(wait=False)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    out.write(f"worker for saga {saga.name!r}: a pass every {args.interval:g}s\n")
+    out.flush()
+    thread = worker.start()
+    try:
+        while thread.is_alive() and not stop_signal:
+            thread.join(0.2)
+        deadline = time.monotonic() + args.grace
+        while thread.is_alive() and time.monotonic() < deadline:
+            thread.join(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    left = "" if not thread.is_alive() else " (a recovery was still going: left to the next worker)"
+    out.write(
+        f"worker stopped after {worker.passes} pass(es): recovered {worker.recovered} "
+        f"run(s), skipped {worker.skipped}{left}\n"
+    )
+    out.flush()
     return 0
 
 
@@ -253,6 +330,8 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         return 2
     if args.action == "recover":
         return _recover(args.db, schema, args, out)
+    if args.action == "worker":
+        return _worker(args.db, schema, args, out)
     store = _open(args.db, schema)
     if store is None:
         return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,18 +18,37 @@ from buttress._validate import (
     check_name,
     check_seconds,
 )
-from buttress.clock import Clock
-from buttress.exceptions import ConfigTypeError, ConfigValueError
+from buttress.clock import Clock, SystemClock
+from buttress.exceptions import ButtressError, ConfigTypeError, ConfigValueError
 from buttress.pipeline import Pipeline
 from buttress.retry import Retry, retry
 from buttress.timeout import Timeout, timeout
 
-__all__ = ["AttemptRecord", "Context", "SagaResult", "Step", "StepResult"]
+__all__ = [
+    "AttemptRecord",
+    "Context",
+    "RecoveryReport",
+    "SagaResult",
+    "Step",
+    "StepResult",
+]
+
+
+COMPENSATION_ATTEMPTS = 5
+"""Attempts of the default compensation retry."""
 
 
 def default_compensation_retry(clock: Clock | None) -> Retry:
-    """A compensation that raises is retried with this unless the step names its own."""
-    return retry(3, backoff=backoff.exponential(0.05, 2.0, 1.0, "full"), clock=clock)
+    """A compensation that raises is retried with this unless the step names its own.
+
+    Five attempts, waiting 0.5, 1, 2 and 4 s between them (each with "equal" jitter: half
+    of the delay fixed, half random), so the attempts span about 4 to 7.5 seconds: long
+    enough to ride out a restarting upstream or a brief network partition, where the
+    old 50 ms schedule spent all its attempts within a few tens of milliseconds.
+    """
+    return retry(
+        COMPENSATION_ATTEMPTS, backoff=backoff.exponential(0.5, 2.0, 4.0, "equal"), clock=clock
+    )
 
 
 class Context:
@@ -108,8 +128,8 @@ class Step:
         compensate_uncertain: also compensate this step when its outcome is unknown
             (it timed out or was cancelled, so its side effect may have happened).
         permanent: exception types that fail the step at once, without retrying.
-        compensate_retry: the policy for the compensation (default: 3 attempts with
-            exponential backoff).
+        compensate_retry: the policy for the compensation (default: 5 attempts, 0.5 s,
+            1 s, 2 s and 4 s apart, with jitter).
     """
 
     def __init__(
@@ -130,7 +150,7 @@ class Step:
             raise ConfigTypeError("step name must be a string, got None")
         if "/" in checked:
             raise ConfigValueError(f"step name must not contain '/', got {name!r}")
-        self.name = checked
+        self.name = check_storable_name("step name", checked)
         self.fn: StepFn = check_callable("fn", fn)
         self.compensate: StepFn | None = check_callable("compensate", compensate, allow_none=True)
         self.compensate_uncertain = check_bool("compensate_uncertain", compensate_uncertain)
@@ -187,8 +207,23 @@ class AttemptRecord:
         return {"started_at": self.started_at, "duration": self.duration, "error": self.error}
 
 
+def storable_text(text: str) -> str:
+    """``text`` with what no store can hold escaped: NUL characters become ``\\x00`` and
+    lone surrogates ``\\udxxx`` (PostgreSQL text cannot hold either)."""
+    if text.isascii():
+        return text if "\x00" not in text else text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
 def describe(error: BaseException | None) -> str | None:
-    return None if error is None else f"{type(error).__name__}: {error}"
+    """An error as the log keeps it: ``"Type: message"``, storable on every store."""
+    if error is None:
+        return None
+    try:
+        text = f"{type(error).__name__}: {error}"
+    except Exception:  # an exception whose __str__ raises
+        text = f"{type(error).__name__}: <unprintable>"
+    return storable_text(text)
 
 
 @dataclass
@@ -238,7 +273,9 @@ class SagaResult:
         outputs: every completed step's output, by name.
         error: the exception that failed the run (``None`` when completed).
         duration: seconds the run took (this process's part of it).
-        compensated: every compensation that had to run succeeded.
+        compensated: the run was rolled back: it failed, and every compensation that had
+            to run succeeded (``False`` on a completed run, which compensated nothing, and
+            when a compensation failed).
         steps: one :class:`StepResult` per step, in definition order.
         replayed: True when an idempotency key returned a stored result.
     """
@@ -313,29 +350,126 @@ class SagaResult:
             outputs=dict(data.get("outputs", {})),
             error=StoredError(data["error"]) if data.get("error") else None,
             duration=data.get("duration", 0.0),
-            compensated=data.get("compensated", True),
+            compensated=data.get("compensated", data.get("status") != "completed"),
             steps=steps,
             replayed=True,
         )
 
 
-class StoredError(Exception):
-    """An error recorded by an earlier run, as its ``"Type: message"`` text."""
+class RecoveryReport(list[SagaResult]):
+    """What ``recover()`` returns: the results of the runs it finished (it is a list of
+    them), plus the runs it had to leave.
+
+    Attributes:
+        skipped: run id -> why it could not be taken (a lock that did not clear in
+            time, a store error); each was also announced as :class:`RecoverySkipped`.
+            The next ``recover()`` (or the recovery worker's next pass) tries again.
+        held: ids of runs another live holder is running (their lease is current).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped: dict[str, str] = {}
+        self.held: list[str] = []
 
 
-_SCALARS = (str, int, float, bool, type(None))
+class StoredError(ButtressError):
+    """An error recorded by an earlier run, as its ``"Type: message"`` text.
+
+    .. versionchanged:: 0.2 derives from :class:`~buttress.ButtressError`.
+    """
+
+
+def _strict_json(value: Any) -> str | None:
+    """``value`` as strict JSON text (RFC 8259: no NaN or infinities), else ``None``."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` if JSON can hold it, else its ``repr``."""
-    if type(value) in _SCALARS:
+    """What the log stores of a step's output: the one rule of every store.
+
+    A value strict JSON can hold (``None``, booleans, integers, finite floats, strings,
+    lists and dicts of those) is stored as its JSON form, i.e. what a JSON round trip
+    gives back (tuples become lists, dict keys strings). Anything else (NaN, infinities,
+    sets, other objects, or a container holding one) is stored as its ``repr()`` string.
+    The memory store keeps exactly what the SQL stores read back.
+    """
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
         return value
+    if kind is float:
+        return value if math.isfinite(value) else repr(value)
+    text = _strict_json(value)
+    if text is not None:
+        return json.loads(text)
     try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
-    return value
+        shown = repr(value)
+    except Exception:
+        shown = f"<{type(value).__name__} object>"
+    return storable_text(shown)
 
 
-def wall_time() -> float:
-    return time.time()
+def check_input(saga: str, value: Any) -> None:
+    """Refuse a run input that the log could not store (before any step runs)."""
+    if value is None or _strict_json(value) is not None:
+        return
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, RecursionError) as exc:
+        raise ConfigTypeError(
+            f"input of saga {saga!r} must be JSON-serialisable (it is stored in the run "
+            f"log), got {_short(value)} ({type(value).__name__}): {exc}"
+        ) from None
+    except ValueError as exc:
+        raise ConfigValueError(
+            f"input of saga {saga!r} must be strict JSON (no NaN or infinity), got "
+            f"{_short(value)}: {exc}"
+        ) from None
+
+
+def check_key(saga: str, key: object) -> str | None:
+    """Validate an idempotency key: a string every store can hold (or ``None``)."""
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        raise ConfigTypeError(f"key must be a string, got {key!r} ({type(key).__name__})")
+    if "\x00" in key:
+        raise ConfigValueError(f"key of saga {saga!r} must not contain NUL, got {key!r}")
+    if not key.isascii():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigValueError(
+                f"key of saga {saga!r} must be valid Unicode (no lone surrogates), got {key!r}"
+            ) from None
+    return key
+
+
+def check_storable_name(label: str, name: str) -> str:
+    """A saga or step name every store can hold (no NUL, no lone surrogate)."""
+    if "\x00" in name or storable_text(name) != name:
+        raise ConfigValueError(
+            f"{label} must not contain NUL characters or lone surrogates, got {name!r}"
+        )
+    return name
+
+
+def _short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def wall_clock(clock: Clock) -> Callable[[], float]:
+    """The wall-clock reading of ``clock`` (epoch seconds): its ``wall()`` method when
+    it has one (:class:`~buttress.clock.SystemClock`, :class:`~buttress.testing.FakeClock`),
+    else ``time.time``. Leases, TTLs and log times use it, so a fake clock drives them."""
+    if type(clock) is SystemClock:
+        return time.time  # the C function itself: no Python frame on the hot path
+    wall = getattr(clock, "wall", None)
+    return wall if callable(wall) else time.time

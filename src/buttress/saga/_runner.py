@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import os
 import socket
 import time
@@ -49,13 +50,12 @@ from ._model import (
     StoredError,
     describe,
     jsonable,
-    wall_time,
 )
 
 if TYPE_CHECKING:
     from ._saga import Saga
 
-__all__ = ["Call", "Sleep", "drive_async", "drive_sync", "new_owner", "owner_is_dead"]
+__all__ = ["Call", "Failed", "Sleep", "drive_async", "drive_sync", "new_owner", "owner_is_dead"]
 
 _HOST = socket.gethostname()
 
@@ -151,10 +151,23 @@ class Call:
     its result."""
 
     store: Any
-    is_async: bool
+    face: str  # ASYNC, INLINE or THREAD: how drive_async calls the store
     method: str
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    catch: bool = False  # send back a Failed instead of raising
+
+
+ASYNC = "async"  # await the store's a<method> twin
+INLINE = "inline"  # call the sync method on the loop (a store that waits on no I/O)
+THREAD = "thread"  # call the sync method on a worker thread
+
+
+@dataclass(slots=True)
+class Failed:
+    """What a :class:`Call` with ``catch`` sends back when the store raised."""
+
+    error: Exception
 
 
 @dataclass(slots=True)
@@ -204,12 +217,13 @@ class _Run:
         self.pending: list[LogEntry] = []
         self.seq = 0
         self.started = saga.clock.now()
+        self.open = True  # counted among the saga's running runs
 
     # -- the log ----------------------------------------------------------------------------
 
     def note(self, step: str, event: str, **fields: Any) -> None:
         self.seq += 1
-        self.pending.append(LogEntry(self.seq, step, event, at=wall_time(), **fields))
+        self.pending.append(LogEntry(self.seq, step, event, at=self.saga.wall(), **fields))
 
     def save(self, **final: Any) -> _Save:
         """The final write: everything noted since the last save, with how the run ended
@@ -263,11 +277,19 @@ class _Run:
     # -- the flow -----------------------------------------------------------------------------
 
     def flow(self) -> Flow[SagaResult]:
+        """The run, from where its log says it is to its final save."""
+        try:
+            return (yield from self._flow())
+        finally:
+            if self.open:  # ended by an exception (a store error, a cancellation...)
+                self.open = False
+                self.saga.finished_run(None)
+
+    def _flow(self) -> Flow[SagaResult]:
         saga = self.saga
         # The hot events are built only when someone listens (the check emit makes,
         # done here to skip the call and its arguments on the common path).
-        hub = _events.hub
-        if saga._listeners or hub.listeners:
+        if saga.listening:
             saga.emit(_events.RunStarted, run_id=self.run_id, resumed=self.resumed)
         deadline = None if saga.timeout is None else saga.clock.now() + saga.timeout
         status = None
@@ -289,11 +311,11 @@ class _Run:
                     break
                 for step in todo:
                     self.note(step.name, "started")
-                    if saga._listeners or hub.listeners:
+                    if saga.listening:
                         saga.emit(_events.StepStarted, run_id=self.run_id, step=step.name)
                 entries, self.pending = self.pending, []
                 outcomes: list[_Outcome] = yield _Forward(
-                    self, entries, wall_time() + saga.lease, _NOT_FINAL, todo, self.ctx, deadline
+                    self, entries, saga.wall() + saga.lease, _NOT_FINAL, todo, self.ctx, deadline
                 )
                 for outcome in outcomes:
                     self._record(outcome)
@@ -318,7 +340,7 @@ class _Run:
             saga.emit(_events.CompensationStarted, run_id=self.run_id, step=name)
             entries, self.pending = self.pending, []
             undone: _Outcome = yield _Undo(
-                self, entries, wall_time() + saga.lease, _COMPENSATING, step, self.ctx
+                self, entries, saga.wall() + saga.lease, _COMPENSATING, step, self.ctx
             )
             result = self.results[name]
             self.compensated.add(name)
@@ -367,7 +389,7 @@ class _Run:
                 output=jsonable(outcome.value),
             )
             saga = self.saga
-            if saga._listeners or _events.hub.listeners:
+            if saga.listening:
                 saga.emit(
                     _events.StepCompleted,
                     run_id=self.run_id,
@@ -411,10 +433,12 @@ class _Run:
             outputs=dict(self.outputs),
             error=self.failure,
             duration=saga.clock.now() - self.started,
-            compensated=self.compensation_ok,
+            # "The run was rolled back": compensations ran and all of them succeeded (a
+            # completed run compensated nothing, so it is False there).
+            compensated=status != COMPLETED and self.compensation_ok,
             steps=[self.results[s.name] for s in saga.all_steps],
         )
-        expires = None if self.ttl is None else wall_time() + self.ttl
+        expires = None if self.ttl is None else saga.wall() + self.ttl
         # The stored report is read back by idempotent replays and by operators of a
         # durable store; an unkeyed run in memory has no reader, so it skips the cost.
         keep = self.key is not None or not saga.store_is_ephemeral
@@ -427,9 +451,10 @@ class _Run:
 
     def _announce(self, status: str, report: SagaResult) -> None:
         saga = self.saga
-        saga._finished(status)
+        self.open = False
+        saga.finished_run(status)
         if status == COMPLETED:
-            if saga._listeners or _events.hub.listeners:
+            if saga.listening:
                 saga.emit(_events.RunCompleted, run_id=self.run_id, duration=report.duration)
         else:
             saga.emit(
@@ -449,7 +474,7 @@ def attempt_sync(
     """One attempt of a sync step (or, with ``undo``, of its compensation): the innermost
     layer under the step's policies, recording the attempt in ``history``."""
     call = _begin_attempt(run, step, ctx, history, undo) or step.call_sync
-    started, t0 = wall_time(), run.saga.clock.now()
+    started, t0 = run.saga.wall(), run.saga.clock.now()
     try:
         value = call(ctx)
     except BaseException as exc:
@@ -466,7 +491,7 @@ async def attempt_async(
 ) -> Any:
     """Async twin of :func:`attempt_sync`."""
     call = _begin_attempt(run, step, ctx, history, undo) or step.call_async
-    started, t0 = wall_time(), run.saga.clock.now()
+    started, t0 = run.saga.wall(), run.saga.clock.now()
     try:
         value = await call(ctx)
     except BaseException as exc:
@@ -525,7 +550,7 @@ def _forward_one_sync(
     loop: asyncio.AbstractEventLoop | None,
 ) -> _Outcome:
     history: list[AttemptRecord] = []
-    outcome = _Outcome(step, history=history, started_at=wall_time())
+    outcome = _Outcome(step, history=history, started_at=run.saga.wall())
     t0 = run.saga.clock.now()
     token = None
     if deadline is not None:
@@ -552,13 +577,18 @@ def _forward_one_sync(
     return outcome
 
 
-def _undo_sync(run: _Run, step: Step, ctx: Context) -> _Outcome:
+def _undo_sync(
+    run: _Run, step: Step, ctx: Context, loop: asyncio.AbstractEventLoop | None
+) -> _Outcome:
     history: list[AttemptRecord] = []
     t0 = run.saga.clock.now()
-    outcome = _Outcome(step, history=history, started_at=wall_time())
+    outcome = _Outcome(step, history=history, started_at=run.saga.wall())
     try:
         if step.compensate_is_async:
-            outcome.value = asyncio.run(step.undo_async(run, step, ctx, history, undo=True))
+            assert loop is not None
+            outcome.value = loop.run_until_complete(
+                step.undo_async(run, step, ctx, history, undo=True)
+            )
         else:
             outcome.value = step.undo_sync(run, step, ctx, history, undo=True)
     except Exception as exc:
@@ -577,7 +607,12 @@ def _save_sync(save: _Save) -> None:
 
 
 def drive_sync(flow: Flow[T]) -> T:
-    """Execute a flow in this thread (parallel groups on a thread pool)."""
+    """Execute a flow in this thread (sync members of parallel groups on a thread pool).
+
+    One event loop, made when the first async step or compensation needs it, serves
+    every async step and compensation of the flow (so loop-bound clients keep working
+    from a step to its compensation), and is closed at the end.
+    """
     loop: asyncio.AbstractEventLoop | None = None
     try:
         instruction = next(flow)
@@ -587,10 +622,10 @@ def drive_sync(flow: Flow[T]) -> T:
                 _save_sync(instruction)
                 run = instruction.run
                 steps = instruction.steps
+                if any(step.is_async for step in steps) and loop is None:
+                    loop = asyncio.new_event_loop()
                 if len(steps) == 1:
                     step = steps[0]
-                    if step.is_async and loop is None:
-                        loop = asyncio.new_event_loop()
                     result = [
                         _forward_one_sync(
                             run,
@@ -600,6 +635,10 @@ def drive_sync(flow: Flow[T]) -> T:
                             loop,
                         )
                     ]
+                elif loop is not None:
+                    # A group with async members: the async driver's group, on this
+                    # run's loop (async members as tasks, sync ones on threads).
+                    result, _ = loop.run_until_complete(_forward_group_async(run, instruction))
                 else:
                     with concurrent.futures.ThreadPoolExecutor(len(steps)) as pool:
                         futures = [
@@ -615,18 +654,24 @@ def drive_sync(flow: Flow[T]) -> T:
                         ]
                         result = [f.result() for f in concurrent.futures.as_completed(futures)]
             elif type(instruction) is Call:
-                result = getattr(instruction.store, instruction.method)(
-                    *instruction.args, **instruction.kwargs
-                )
+                try:
+                    result = getattr(instruction.store, instruction.method)(
+                        *instruction.args, **instruction.kwargs
+                    )
+                except Exception as exc:
+                    if not instruction.catch:
+                        raise
+                    result = Failed(exc)
             elif type(instruction) is _Save:
                 _save_sync(instruction)
                 result = None
             elif type(instruction) is _Undo:
                 _save_sync(instruction)
+                step = instruction.step
+                if step.compensate_is_async and loop is None:
+                    loop = asyncio.new_event_loop()
                 result = _undo_sync(
-                    instruction.run,
-                    instruction.step,
-                    instruction.ctx.for_step(instruction.step.name),
+                    instruction.run, step, instruction.ctx.for_step(step.name), loop
                 )
             else:
                 time.sleep(cast("Sleep", instruction).seconds)
@@ -648,65 +693,89 @@ async def _forward_one_async(
 ) -> _Outcome:
     history: list[AttemptRecord] = []
     t0 = run.saga.clock.now()
-    outcome = _Outcome(step, history=history, started_at=wall_time())
+    outcome = _Outcome(step, history=history, started_at=run.saga.wall())
     try:
-        if step.is_async:
-            call = step.run_async
-            if deadline is not None:
-                call = Timeout(max(deadline - t0, 1e-9), clock=run.saga.clock)(call)
-            outcome.value = await call(run, step, ctx, history)
-        else:
-            token = None
-            if deadline is not None:
-                _, token = set_deadline(max(deadline - t0, 0.0), run.saga.clock)
-            try:
-                outcome.value = step.run_sync(run, step, ctx, history)
-            finally:
-                if token is not None:
-                    reset_deadline(token)
+        call = step.run_async
+        if deadline is not None:
+            call = Timeout(max(deadline - t0, 1e-9), clock=run.saga.clock)(call)
+        outcome.value = await call(run, step, ctx, history)
     except (Exception, asyncio.CancelledError) as exc:
         outcome.error = exc
     outcome.duration = run.saga.clock.now() - t0
     return outcome
 
 
-async def _undo_async(run: _Run, step: Step, ctx: Context) -> _Outcome:
+async def _in_thread(fn: Callable[..., T], *args: Any) -> tuple[T, asyncio.CancelledError | None]:
+    """Run sync code on a worker thread (never on the loop); a cancellation of the
+    caller waits for the thread, which cannot be stopped, and is handed back with its
+    real result."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    interrupted: asyncio.CancelledError | None = None
+    while True:
+        try:
+            return await asyncio.shield(future), interrupted
+        except asyncio.CancelledError as exc:
+            if future.cancelled():
+                raise
+            interrupted = exc
+
+
+async def _undo_async(
+    run: _Run, step: Step, ctx: Context
+) -> tuple[_Outcome, asyncio.CancelledError | None]:
+    if not step.compensate_is_async:
+        return await _in_thread(_undo_sync, run, step, ctx, None)
     history: list[AttemptRecord] = []
     t0 = run.saga.clock.now()
-    outcome = _Outcome(step, history=history, started_at=wall_time())
+    outcome = _Outcome(step, history=history, started_at=run.saga.wall())
     try:
-        if step.compensate_is_async:
-            outcome.value = await step.undo_async(run, step, ctx, history, undo=True)
-        else:
-            outcome.value = step.undo_sync(run, step, ctx, history, undo=True)
+        outcome.value = await step.undo_async(run, step, ctx, history, undo=True)
     except Exception as exc:
         outcome.error = exc
     outcome.duration = run.saga.clock.now() - t0
-    return outcome
+    return outcome, None
+
+
+async def _store_call(store: Any, face: str, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Await ``store.a<method>``, or call ``store.<method>`` inline or on a worker thread."""
+    if face is ASYNC:
+        return await getattr(store, "a" + method)(*args, **kwargs)
+    if face is INLINE:
+        return getattr(store, method)(*args, **kwargs)
+    return await asyncio.to_thread(functools.partial(getattr(store, method), *args, **kwargs))
 
 
 async def _save_async(save: _Save) -> None:
     run = save.run
     saga = run.saga
-    if saga.store_is_async:
-        await saga.store.awrite(  # type: ignore[attr-defined]
-            run.run_id, save.entries, lease_until=save.lease_until, **save.final
-        )
-    else:
-        saga.store.write(run.run_id, save.entries, lease_until=save.lease_until, **save.final)
+    await _store_call(
+        saga.store,
+        saga.store_face,
+        "write",
+        run.run_id,
+        save.entries,
+        lease_until=save.lease_until,
+        **save.final,
+    )
     if saga.keys is not saga.store and run.key is not None:
-        if saga.keys_is_async:
-            await saga.keys.awrite(  # type: ignore[attr-defined]
-                run.run_id, [], lease_until=save.lease_until, **save.final
-            )
-        else:
-            saga.keys.write(run.run_id, [], lease_until=save.lease_until, **save.final)
+        await _store_call(
+            saga.keys,
+            saga.keys_face,
+            "write",
+            run.run_id,
+            [],
+            lease_until=save.lease_until,
+            **save.final,
+        )
 
 
 async def _call_async(call: Call) -> Any:
-    if call.is_async:
-        return await getattr(call.store, "a" + call.method)(*call.args, **call.kwargs)
-    return getattr(call.store, call.method)(*call.args, **call.kwargs)
+    try:
+        return await _store_call(call.store, call.face, call.method, *call.args, **call.kwargs)
+    except Exception as exc:
+        if not call.catch:
+            raise
+        return Failed(exc)
 
 
 async def drive_async(flow: Flow[T]) -> T:
@@ -729,12 +798,21 @@ async def drive_async(flow: Flow[T]) -> T:
                 # the step, which reports it as its (uncertain) outcome; the run then
                 # compensates.
                 step = instruction.steps[0]
-                single = await _forward_one_async(
-                    run, step, instruction.ctx.for_step(step.name), instruction.deadline
-                )
-                if isinstance(single.error, asyncio.CancelledError):
-                    cancelled = single.error
-                    run.abort = single.error
+                ctx = instruction.ctx.for_step(step.name)
+                if step.is_async:
+                    single = await _forward_one_async(run, step, ctx, instruction.deadline)
+                    interrupted = (
+                        single.error if isinstance(single.error, asyncio.CancelledError) else None
+                    )
+                else:
+                    # A sync step (its retry backoff included) runs on a worker thread;
+                    # a cancellation waits for its real outcome, then compensates.
+                    single, interrupted = await _in_thread(
+                        _forward_one_sync, run, step, ctx, instruction.deadline, None
+                    )
+                if interrupted is not None:
+                    cancelled = interrupted
+                    run.abort = interrupted
                 result = [single]
             else:
                 result, group_cancelled = await _forward_group_async(run, instruction)
@@ -747,11 +825,13 @@ async def drive_async(flow: Flow[T]) -> T:
             result = None
         elif type(instruction) is _Undo:
             await _save_async(instruction)
-            result = await _undo_async(
+            result, interrupted = await _undo_async(
                 instruction.run,
                 instruction.step,
                 instruction.ctx.for_step(instruction.step.name),
             )
+            if interrupted is not None:
+                cancelled = interrupted
         else:
             await asyncio.sleep(cast("Sleep", instruction).seconds)
             result = None
@@ -777,7 +857,7 @@ async def _forward_group_async(
         task: asyncio.Future[_Outcome]
         if step.is_async:
             task = asyncio.ensure_future(_forward_one_async(run, step, ctx, instruction.deadline))
-        else:
+        else:  # on a thread, so that it really runs beside the others
             task = asyncio.ensure_future(
                 asyncio.to_thread(_forward_one_sync, run, step, ctx, instruction.deadline, None)
             )

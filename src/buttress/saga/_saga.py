@@ -8,6 +8,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from buttress import events as _events
@@ -18,20 +19,38 @@ from buttress.backends import (
     FAILED,
     INCOMPLETE,
     RUNNING,
+    AsyncIdempotencyStore,
     AsyncSagaStore,
+    IdempotencyStore,
     LogEntry,
     RunRecord,
     SagaStore,
 )
 from buttress.backends.memory import MemoryStore
 from buttress.clock import Clock
-from buttress.exceptions import ConfigTypeError, ConfigValueError, IdempotencyConflict
+from buttress.events import RecoverySkipped
+from buttress.exceptions import ConfigTypeError, ConfigValueError, IdempotencyConflict, SagaClosed
 from buttress.registry import Registry
 from buttress.retry import Retry
 
-from ._model import SagaResult, Step, StepFn, StepResult, describe, wall_time
+from ._model import (
+    RecoveryReport,
+    SagaResult,
+    Step,
+    StepFn,
+    StepResult,
+    check_input,
+    check_key,
+    check_storable_name,
+    describe,
+    wall_clock,
+)
 from ._runner import (
+    ASYNC,
+    INLINE,
+    THREAD,
     Call,
+    Failed,
     Flow,
     Sleep,
     _Run,
@@ -46,6 +65,12 @@ from ._runner import (
 __all__ = ["Saga"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _face(store: object, protocol: type) -> str:
+    if type(store) is MemoryStore:  # a subclass may give its twins real work
+        return INLINE
+    return ASYNC if isinstance(store, protocol) else THREAD
 
 
 class _Busy:
@@ -83,7 +108,12 @@ class Saga(Policy):
         lease: seconds a process holds a run or key without writing to the log before
             another process may take it over (default 30; longer than your slowest step).
         registry: registry to join instead of the default one.
-        clock: time source for durations and timeouts (default: the system clock).
+        clock: time source for durations and timeouts and, through its ``wall()``
+            reading, for leases, TTLs and log times (default: the system clock;
+            :class:`~buttress.testing.FakeClock` drives both).
+        health_interval: seconds a ``health()`` answer about a durable store may be
+            old (default 5): the store is queried at most that often, on a background
+            thread (or by a recovery worker), never inside ``health()``.
     """
 
     kind = "saga"
@@ -100,22 +130,47 @@ class Saga(Policy):
         lease: float = 30.0,
         registry: Registry | None = None,
         clock: Clock | None = None,
+        health_interval: float | timedelta = 5.0,
     ) -> None:
         if check_name(name) is None:
             raise ConfigTypeError("a saga needs a name, got None")
+        check_storable_name("name", name)
         super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
         self.name: str = name
-        for label, candidate in (("store", store), ("idempotency", idempotency)):
-            if candidate is not None and not isinstance(candidate, SagaStore):
-                raise ConfigTypeError(
-                    f"{label} must be a saga store (MemoryStore, SQLiteStore...), got {candidate!r}"
+        if store is not None and not isinstance(store, SagaStore):
+            raise ConfigTypeError(
+                f"store= must be a saga run log (a buttress.backends.SagaStore: create_run, "
+                f"claim_key, write, load, claim_run, incomplete, runs; e.g. MemoryStore, "
+                f"SQLiteStore, PostgresStore), got {store!r} ({type(store).__name__})"
+                + (
+                    "; it keeps idempotency keys only: pass it as idempotency="
+                    if isinstance(store, IdempotencyStore)
+                    else ""
                 )
+            )
+        if idempotency is not None and not isinstance(idempotency, IdempotencyStore):
+            raise ConfigTypeError(
+                f"idempotency= must be an idempotency store (a "
+                f"buttress.backends.IdempotencyStore: claim_key, write; e.g. "
+                f"RedisIdempotencyStore or any saga store), got {idempotency!r} "
+                f"({type(idempotency).__name__})"
+            )
         self.store: SagaStore = store if store is not None else MemoryStore()
-        self.keys: SagaStore = idempotency if idempotency is not None else self.store
+        self.keys: IdempotencyStore = idempotency if idempotency is not None else self.store
         self.store_is_ephemeral = isinstance(self.store, MemoryStore)
-        # Stores with async twins (a<method>) are awaited by the async face.
-        self.store_is_async = isinstance(self.store, AsyncSagaStore)
-        self.keys_is_async = isinstance(self.keys, AsyncSagaStore)
+        # Stores with async twins (a<method>) are awaited by the async face; the calls of
+        # the others run on a worker thread, never on the event loop.
+        # How the async face calls each store: awaiting its async twins, inline (the
+        # in-memory store waits on no I/O, and a coroutine per call would only add
+        # cost), or on a worker thread (a store without async twins).
+        self.store_face = _face(self.store, AsyncSagaStore)
+        self.keys_face = _face(self.keys, AsyncIdempotencyStore)
+        self.wall = wall_clock(self.clock)
+        interval = check_seconds("health_interval", health_interval)
+        assert interval is not None
+        self.health_interval = interval
+        self._health: tuple[float, int, str | None] | None = None  # (checked at, stuck, error)
+        self._health_refreshing = False
         self.validate = check_callable("validate", validate, allow_none=True)
         self.timeout = check_seconds("timeout", timeout, allow_none=True)
         lease_value = check_seconds("lease", lease)
@@ -127,6 +182,8 @@ class Saga(Policy):
         self._counts = {"completed": 0, "failed": 0, "compensation_failed": 0, "replayed": 0}
         self._running = 0
         self._count_lock = threading.Lock()
+        self._closed = False  # shutdown() was called: no new run starts
+        self._idle = threading.Event()  # set when closed and no run is active
         self._register()
 
     # -- building -----------------------------------------------------------------------------
@@ -139,15 +196,17 @@ class Saga(Policy):
                 )
         for step in steps:
             step.build(self.clock)
+            # Each policy is applied through its public decorator, which picks the sync or
+            # the async wrapper from the function it is given.
             inner, outer = step.attempt_policy, step.retry_policy
-            step.call_sync = inner._wrap_sync(step.fn) if inner and not step.is_async else step.fn
-            step.call_async = inner._wrap_async(step.fn) if inner and step.is_async else step.fn
-            step.run_sync = outer._wrap_sync(attempt_sync) if outer else attempt_sync
-            step.run_async = outer._wrap_async(attempt_async) if outer else attempt_async
+            step.call_sync = inner(step.fn) if inner and not step.is_async else step.fn
+            step.call_async = inner(step.fn) if inner and step.is_async else step.fn
+            step.run_sync = outer(attempt_sync) if outer else attempt_sync
+            step.run_async = outer(attempt_async) if outer else attempt_async
             assert step.compensate_policy is not None
             # Compensations go through the same attempt recorder (called with undo=True).
-            step.undo_sync = step.compensate_policy._wrap_sync(attempt_sync)
-            step.undo_async = step.compensate_policy._wrap_async(attempt_async)
+            step.undo_sync = step.compensate_policy(attempt_sync)
+            step.undo_async = step.compensate_policy(attempt_async)
             self.step_by_name[step.name] = step
             self.all_steps.append(step)
         self.units.append(steps)
@@ -223,19 +282,16 @@ class Saga(Policy):
         return (value if checked is None else checked), None
 
     def _store(self, method: str, *args: Any, **kwargs: Any) -> Call:
-        return Call(self.store, self.store_is_async, method, args, kwargs)
+        return Call(self.store, self.store_face, method, args, kwargs)
 
     def _keys(self, method: str, *args: Any, **kwargs: Any) -> Call:
-        return Call(self.keys, self.keys_is_async, method, args, kwargs)
+        return Call(self.keys, self.keys_face, method, args, kwargs)
 
     def _begin(
         self, raw: Any, key: str | None, ttl: float | None, owner: str
     ) -> Flow[_Run | SagaResult | _Busy]:
-        if key is not None and not isinstance(key, str):
-            raise ConfigTypeError(f"key must be a string, got {key!r}")
-        ttl = check_seconds("ttl", ttl, allow_none=True)
         value, invalid = self._check_input(raw)
-        now = wall_time()
+        now = self.wall()
         record = RunRecord(
             ttl=ttl,
             run_id=os.urandom(16).hex(),
@@ -250,7 +306,7 @@ class Saga(Policy):
             lease_until=now + self.lease,
         )
         if key is None:
-            yield Call(self.store, self.store_is_async, "create_run", (record,), {})
+            yield Call(self.store, self.store_face, "create_run", (record,), {})
         else:
             claim = yield self._keys("claim_key", record, now=now)
             if claim.outcome == "busy" and claim.record is not None:
@@ -332,10 +388,21 @@ class Saga(Policy):
     def _needs_loop(self) -> bool:
         return any(step.is_async or step.compensate_is_async for step in self.all_steps)
 
-    def _finished(self, status: str) -> None:
+    @property
+    def listening(self) -> bool:
+        """Someone listens to this saga's events: its own listeners or global ones (the
+        runner builds its hot events only then)."""
+        return bool(self._listeners or _events.hub.listeners)
+
+    def finished_run(self, status: str | None) -> None:
+        """A run of this process ended (``status=None``: cut off by an exception; its log
+        stays where it was, for recovery)."""
         with self._count_lock:
             self._running -= 1
-            self._counts[status if status in self._counts else "failed"] += 1
+            if status is not None:
+                self._counts[status if status in self._counts else "failed"] += 1
+            if self._closed and self._running <= 0:
+                self._idle.set()
 
     def _replayed(self, result: SagaResult) -> SagaResult:
         with self._count_lock:
@@ -371,6 +438,19 @@ class Saga(Policy):
             yield Sleep(delay)
             delay = min(delay * 2, 0.2)
 
+    def _check_run(
+        self, raw: Any, key: str | None, ttl: float | None
+    ) -> tuple[str | None, float | None]:
+        """Refuse, before anything runs or is stored, what a run cannot start with."""
+        if not self.all_steps:
+            raise ConfigValueError(f"saga {self.name!r} has no steps: add one with saga.step()")
+        if self._closed:
+            raise SagaClosed(f"saga {self.name!r} is shutting down: it starts no new run")
+        key = check_key(self.name, key)
+        ttl = check_seconds("ttl", ttl, allow_none=True)
+        check_input(self.name, raw)
+        return key, ttl
+
     def run(
         self, input: Any = None, *, key: str | None = None, ttl: float | None = None
     ) -> SagaResult:
@@ -382,6 +462,7 @@ class Saga(Policy):
                 returned without running any step; a concurrent run with it is joined.
             ttl: seconds a completed keyed run is remembered (default: forever).
         """
+        key, ttl = self._check_run(input, key, ttl)
         if self._needs_loop:
             try:
                 asyncio.get_running_loop()
@@ -400,8 +481,10 @@ class Saga(Policy):
     async def run_async(
         self, input: Any = None, *, key: str | None = None, ttl: float | None = None
     ) -> SagaResult:
-        """Run the saga from async code (sync steps run on the event loop's thread; an
-        async store is awaited)."""
+        """Run the saga from async code. It never blocks the event loop: sync steps,
+        sync compensations (with their retry backoffs) and the calls of a store without
+        async twins run on worker threads; an async store is awaited."""
+        key, ttl = self._check_run(input, key, ttl)
         begun = await drive_async(self._open(input, key, ttl))
         if isinstance(begun, SagaResult):
             return begun
@@ -409,42 +492,91 @@ class Saga(Policy):
 
     # -- recovery and operators -----------------------------------------------------------------
 
-    def _claim_incomplete(self, owner: str) -> Flow[list[_Run]]:
-        runs = []
+    def _recover(self, owner: str, stop: Callable[[], bool] | None) -> Flow[RecoveryReport]:
+        """Take the incomplete runs one at a time (so that several recoverers share
+        them, and one told to stop claims nothing more) and finish each."""
+        report = RecoveryReport()
         for run_id in (yield self._store("incomplete", self.name)):
-            loaded = yield self._store("load", run_id)
+            if stop is not None and stop():
+                break
+            loaded = yield Call(self.store, self.store_face, "load", (run_id,), {}, True)
+            if isinstance(loaded, Failed):
+                self._skip(report, run_id, loaded.error)
+                continue
             if loaded is None:
                 continue
             record, _ = loaded
-            now = wall_time()
+            now = self.wall()
             dead = owner_is_dead(record.owner)
-            if (
-                yield self._store(
-                    "claim_run",
-                    run_id,
-                    owner,
-                    now=now,
-                    lease_until=now + self.lease,
-                    expected_owner=record.owner if dead else None,
-                )
-            ):
-                runs.append((yield from self._resume(run_id, owner)))
-        return runs
+            claim = {
+                "now": now,
+                "lease_until": now + self.lease,
+                "expected_owner": record.owner if dead else None,
+            }
+            won = yield Call(self.store, self.store_face, "claim_run", (run_id, owner), claim, True)
+            if isinstance(won, Failed):  # e.g. its row stayed locked past the bounded wait
+                self._skip(report, run_id, won.error)
+                continue
+            if not won:
+                report.held.append(run_id)
+                continue
+            run = yield from self._resume(run_id, owner)
+            report.append((yield from run.flow()))
+        return report
 
-    def recover(self) -> list[SagaResult]:
+    def _skip(self, report: RecoveryReport, run_id: str, error: Exception) -> None:
+        text = describe(error) or ""
+        report.skipped[run_id] = text
+        self.emit(RecoverySkipped, run_id=run_id, error=text)
+
+    def recover(self, *, stop: Callable[[], bool] | None = None) -> RecoveryReport:
         """Finish every incomplete run whose holder is gone (crashed, or its lease expired).
 
         A run that was going forward resumes at the first step not recorded as completed
         (a step that started but did not record its completion runs again: steps are
-        at-least-once); a run that was compensating finishes its compensation.
-        """
-        claimed = drive_sync(self._claim_incomplete(new_owner()))
-        return [drive_sync(run.flow()) for run in claimed]
+        at-least-once); a run that was compensating finishes its compensation. Runs are
+        taken one at a time; ``stop`` (checked before each) ends the pass early.
 
-    async def recover_async(self) -> list[SagaResult]:
+        Returns the results, as a list, with ``.skipped`` (runs it could not take: a
+        row lock that did not clear within the store's bounded wait, a store error;
+        each also emits :class:`RecoverySkipped`) and ``.held`` (runs a live holder
+        is running).
+        """
+        return drive_sync(self._recover(new_owner(), stop))
+
+    async def recover_async(self, *, stop: Callable[[], bool] | None = None) -> RecoveryReport:
         """Async twin of :meth:`recover` (an async store is awaited)."""
-        claimed = await drive_async(self._claim_incomplete(new_owner()))
-        return [await drive_async(run.flow()) for run in claimed]
+        return await drive_async(self._recover(new_owner(), stop))
+
+    # -- shutting down --------------------------------------------------------------------------
+
+    def shutdown(self, timeout: float | timedelta = 30.0) -> int:
+        """Stop starting runs and wait up to ``timeout`` seconds for the active ones.
+
+        From now on ``run()``/``run_async()`` raise :class:`SagaClosed` (a
+        :class:`~buttress.RejectedError`: nothing ran). Returns how many runs of this
+        process were still active when the time was up (0: all finished). Those keep
+        their log where it is: once this process exits, a recovery worker (or
+        ``recover()``) finishes them after their lease (at once on the same host).
+        """
+        seconds = check_seconds("timeout", timeout)
+        assert seconds is not None
+        with self._count_lock:
+            self._closed = True
+            if self._running <= 0:
+                self._idle.set()
+        self.clock.wait(self._idle, seconds)
+        with self._count_lock:
+            return max(self._running, 0)
+
+    async def shutdown_async(self, timeout: float | timedelta = 30.0) -> int:
+        """Async twin of :meth:`shutdown` (the waiting happens off the loop)."""
+        return await asyncio.to_thread(self.shutdown, timeout)
+
+    @property
+    def closed(self) -> bool:
+        """``shutdown()`` was called: the saga starts no new run."""
+        return self._closed
 
     def _resolve(self, run_id: str, note: str) -> Flow[None]:
         loaded = yield self._store("load", run_id)
@@ -455,7 +587,7 @@ class Saga(Policy):
         yield self._store(
             "write",
             run_id,
-            [LogEntry(seq, "", "resolved", at=wall_time(), error=note)],
+            [LogEntry(seq, "", "resolved", at=self.wall(), error=note)],
             status=FAILED,
             error=record.error,
             result=record.result,
@@ -479,28 +611,71 @@ class Saga(Policy):
 
     # -- state ----------------------------------------------------------------------------------
 
-    def _stuck(self) -> int:
+    def _probe(self) -> Flow[int]:
+        stuck = yield self._store("runs", saga=self.name, status=COMPENSATION_FAILED, limit=1000)
+        return len(stuck)
+
+    def refresh_health(self) -> None:
+        """Query the store now for what ``health()`` reports (runs stuck in
+        ``compensation_failed``, or the store's error). A recovery worker calls it on
+        every pass; ``health()`` itself only reads the answer."""
+        stuck, error = 0, None
         try:
-            return len(self.store.runs(saga=self.name, status=COMPENSATION_FAILED, limit=1000))
-        except Exception:
-            return 0
+            stuck = drive_sync(self._probe())
+        except Exception as exc:
+            error = describe(exc)
+        finally:
+            self._health_refreshing = False
+        self._health = (self.clock.now(), stuck, error)
+
+    async def refresh_health_async(self) -> None:
+        """Async twin of :meth:`refresh_health` (off the loop for a sync store)."""
+        stuck, error = 0, None
+        try:
+            stuck = await drive_async(self._probe())
+        except Exception as exc:
+            error = describe(exc)
+        finally:
+            self._health_refreshing = False
+        self._health = (self.clock.now(), stuck, error)
+
+    def _cached_health(self) -> tuple[int, str | None] | None:
+        """The last answer; a stale or missing one is refreshed in the background (an
+        in-memory store, which does no I/O, is asked at once)."""
+        if self.store_is_ephemeral:
+            self.refresh_health()
+        cached = self._health
+        stale = cached is None or self.clock.now() - cached[0] >= self.health_interval
+        if stale and not self._health_refreshing:
+            self._health_refreshing = True
+            threading.Thread(
+                target=self.refresh_health, name=f"buttress-health-{self.name}", daemon=True
+            ).start()
+        return None if cached is None else (cached[1], cached[2])
 
     def snapshot(self) -> dict[str, Any]:
         with self._count_lock:
             counts = dict(self._counts)
             running = self._running
+        cached = self._cached_health()
         return {
             "kind": self.kind,
             "name": self.name,
             "steps": [step.name for step in self.all_steps],
             "running": running,
             **counts,
-            "stuck": self._stuck(),
+            "stuck": None if cached is None else cached[0],
             "store": type(self.store).__name__,
+            "store_error": None if cached is None else cached[1],
         }
 
     def health_check(self) -> tuple[str, Any, str]:
-        stuck = self._stuck()
+        cached = self._cached_health()
+        if cached is None:
+            return "warn", None, "the store has not been checked yet (a check is running)"
+        stuck, error = cached
+        if error is not None:
+            return "fail", None, f"the store is unreachable: {error}"
         if stuck:
             return "warn", stuck, f"{stuck} run(s) stuck in compensation_failed"
         return "pass", 0, ""

@@ -54,6 +54,7 @@ _MESSAGES: dict[str, str] = {
     "limit_changed": "limit {old} -> {new} ({reason})",
     "run_started": "run {run_id} started",
     "run_replayed": "run {run_id} replayed for key {key!r} ({status})",
+    "recovery_skipped": "run {run_id} left for the next recovery: {error}",
     "run_completed": "run {run_id} completed in {duration:.3g}s",
     "run_failed": "run {run_id} failed: {error}",
     "step_started": "run {run_id}: step {step!r} started",
