@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from . import events as _events
 from ._deadline import remaining
 from ._drivers import guard_async_io, guard_sync
+from ._policy import PolicyOptions
 from ._validate import (
     ExceptionSpec,
     check_bool,
@@ -47,12 +47,13 @@ from ._validate import (
     check_seconds,
 )
 from .bulkhead import Bulkhead, BulkheadPermit, LocalBulkhead
-from .clock import Clock
 from .events import LimitChanged  # defined in buttress.events; importable here too
 from .exceptions import ConfigTypeError, ConfigValueError, RejectedError
-from .registry import Registry
 
 __all__ = ["AIMD", "AdaptiveBulkhead", "AdaptivePermit", "Gradient", "LimitChanged", "Sample"]
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 # -- events --------------------------------------------------------------------------------
@@ -319,9 +320,7 @@ class AdaptiveBulkhead(Bulkhead):
         include: ExceptionSpec = Exception,
         exclude: ExceptionSpec = (),
         timeouts_are_errors: bool = True,
-        listeners: Iterable[_events.Listener] | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
+        **options: Unpack[PolicyOptions],
     ) -> None:
         lowest = check_int("min", min)
         highest = check_int("max", max)
@@ -355,9 +354,7 @@ class AdaptiveBulkhead(Bulkhead):
             max_concurrent=start,
             max_queue=max_queue,
             max_wait=max_wait,
-            listeners=listeners,
-            registry=registry,
-            clock=clock,
+            **options,
         )
         self._built = True
 

@@ -38,17 +38,14 @@ import os
 import random
 import secrets
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
-from . import events as _events
 from ._drivers import Answer, Decision, intercept_async, intercept_sync
 from ._policy import ExcType, Policy, PolicyOptions, Traceback
 from ._validate import check_number, require_seconds
-from .clock import Clock
 from .events import ChaosInjected  # defined in buttress.events; importable here too
 from .exceptions import ButtressError, ConfigTypeError, ConfigValueError
-from .registry import Registry
 
 if TYPE_CHECKING:
     from typing_extensions import Self, Unpack
@@ -370,11 +367,9 @@ class Fault(_BlockChaos):
         exc: type[BaseException] | BaseException | Callable[[], BaseException] = InjectedFault,
         *,
         name: str | None = None,
-        listeners: Iterable[_events.Listener] | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
+        **options: Unpack[PolicyOptions],
     ) -> None:
-        super().__init__(rate, name=name, listeners=listeners, registry=registry, clock=clock)
+        super().__init__(rate, name=name, **options)
         self.exc = exc
         self._pending = threading.local()
         self._make: Callable[[], BaseException]
@@ -467,11 +462,9 @@ class Latency(_BlockChaos):
         seconds: float | tuple[float, float],
         *,
         name: str | None = None,
-        listeners: Iterable[_events.Listener] | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
+        **options: Unpack[PolicyOptions],
     ) -> None:
-        super().__init__(rate, name=name, listeners=listeners, registry=registry, clock=clock)
+        super().__init__(rate, name=name, **options)
         if isinstance(seconds, tuple):
             if len(seconds) != 2:
                 raise ConfigValueError(
@@ -527,11 +520,9 @@ class Result(Chaos):
         value: Any,
         *,
         name: str | None = None,
-        listeners: Iterable[_events.Listener] | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
+        **options: Unpack[PolicyOptions],
     ) -> None:
-        super().__init__(rate, name=name, listeners=listeners, registry=registry, clock=clock)
+        super().__init__(rate, name=name, **options)
         self.value = value
         self._register()
 

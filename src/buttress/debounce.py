@@ -24,16 +24,14 @@ import functools
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, ParamSpec, TypeVar, overload
 
-from . import events as _events
 from ._policy import Policy, PolicyOptions, is_async_callable
 from ._validate import check_bool, check_decoratable, check_seconds, require_seconds
 from .clock import Clock, TimerHandle
 from .exceptions import ConfigValueError
-from .registry import Registry
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -417,19 +415,9 @@ class Throttle(Debounce):
         leading: bool = True,
         trailing: bool = True,
         name: str | None = None,
-        listeners: Iterable[_events.Listener] | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
+        **options: Unpack[PolicyOptions],
     ) -> None:
-        super().__init__(
-            interval,
-            leading=leading,
-            trailing=trailing,
-            name=name,
-            listeners=listeners,
-            registry=registry,
-            clock=clock,
-        )
+        super().__init__(interval, leading=leading, trailing=trailing, name=name, **options)
 
     @property
     def interval(self) -> float:
