@@ -253,6 +253,34 @@ def test_decorator_keeps_the_signature_and_metadata():
     assert parse("abc") == 3
 
 
+def test_decorator_keeps_default_values():
+    """__defaults__ and __kwdefaults__ survive every policy's decorator, sync and async."""
+    import buttress
+
+    def parse(text: str, base: int = 10, *, strict: bool = False) -> int:
+        return int(text, base)
+
+    async def fetch(url: str, retries: int = 2, *, verb: str = "GET") -> str:
+        return url
+
+    policies = [
+        retry(2),
+        buttress.CircuitBreaker(),
+        buttress.timeout(1),
+        buttress.Bulkhead(max_concurrent=1),
+        buttress.fallback(0),
+        buttress.cache(60),
+        buttress.debounce(0.5),
+        buttress.pipeline(retry(2), buttress.timeout(1)),
+    ]
+    for policy in policies:
+        for fn in (parse, fetch):
+            wrapped = policy(fn)  # type: ignore[operator]
+            assert wrapped.__defaults__ == fn.__defaults__, policy
+            assert wrapped.__kwdefaults__ == fn.__kwdefaults__, policy
+    assert retry(2)(parse)("ff", 16) == 255
+
+
 def test_decorating_methods_binds_self():
     """A decorated method receives self like an undecorated one."""
 

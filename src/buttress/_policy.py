@@ -12,7 +12,7 @@ import functools
 import inspect
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
-from types import TracebackType
+from types import FunctionType, TracebackType
 from typing import Any, ClassVar, ParamSpec, TypedDict, TypeVar
 
 from . import events as _events
@@ -105,7 +105,24 @@ class Policy:
         """Decorate ``fn`` (sync or async); the wrapper keeps its signature."""
         check_decoratable(fn)
         wrapper = self._wrap_async(fn) if is_async_callable(fn) else self._wrap_sync(fn)
-        return functools.wraps(fn)(wrapper)
+        return self.wraps(wrapper, fn)
+
+    @staticmethod
+    def wraps(wrapper: Callable[..., Any], fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Give ``wrapper`` the identity of ``fn`` and return it: what ``functools.wraps``
+        copies (name, doc, module, ``__dict__``, ``__wrapped__``), and the default values
+        (``__defaults__``, ``__kwdefaults__``), which it leaves behind, so that tools that
+        read them (``click``, test frameworks, documentation) see the decorated function's.
+
+        Every policy's decorator uses it; a decorator of your own can too.
+        """
+        functools.update_wrapper(wrapper, fn)
+        if isinstance(wrapper, FunctionType):
+            # The wrappers take (*args, **kwargs) only, so these values are informational
+            # there: Python applies defaults to named parameters, and a wrapper has none.
+            wrapper.__defaults__ = getattr(fn, "__defaults__", None)
+            wrapper.__kwdefaults__ = getattr(fn, "__kwdefaults__", None)
+        return wrapper
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         raise ConfigTypeError(f"{type(self).__name__} cannot protect the sync function {fn!r}")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import threading
 import weakref
 from collections.abc import Callable, Hashable
@@ -512,7 +511,7 @@ class Cache(Policy):
         check_decoratable(fn)
         wrapper = self._wrap_async(fn) if is_async_callable(fn) else self._wrap_sync(fn)
         controls = {name: getattr(wrapper, name) for name in _CONTROLS}
-        functools.update_wrapper(wrapper, fn)
+        self.wraps(wrapper, fn)
         wrapper.__dict__.update(controls)  # not the controls of a cached function we wrap
         return cast("CachedFunction[P, R]", wrapper)
 

@@ -323,8 +323,8 @@ class Debounce(Policy):
         check_decoratable(fn)
         wrapper = self._wrap_async(fn) if is_async_callable(fn) else self._wrap_sync(fn)
         gate = wrapper.__buttress_gate__  # type: ignore[attr-defined]
-        functools.wraps(fn)(wrapper)
-        # functools.wraps copied fn's __dict__: an already debounced fn brought its own gate.
+        self.wraps(wrapper, fn)
+        # wraps() copied fn's __dict__: an already debounced fn brought its own gate.
         wrapper.__buttress_gate__ = gate  # type: ignore[attr-defined]
         return wrapper
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from typing_extensions import assert_type
@@ -272,3 +273,34 @@ def stores_usage() -> None:
     CircuitBreaker("typed-custom-store", store=custom)
     buttress.Bulkhead("typed-store", max_concurrent=1, store=bulkhead_store)
     RateLimiter("typed-store", rate=1, store=limiter_store)
+
+
+# -- sagas: the decorator form keeps the step's type; pydantic models validate input --------
+
+
+def saga_usage() -> None:
+    from datetime import timedelta
+
+    from pydantic import BaseModel
+
+    from buttress.saga import Context, Saga
+
+    class Order(BaseModel):
+        sku: str
+        qty: int
+
+    checkout = Saga("typed-checkout", validate=Order, timeout=timedelta(seconds=30))
+
+    @checkout.step("reserve", timeout=timedelta(seconds=2))
+    def reserve(ctx: Context) -> int:
+        return 1
+
+    @checkout.step("charge")
+    async def charge(ctx: Context) -> str:
+        return "ok"
+
+    typed_step: Callable[[Context], int] = reserve  # not Any: the decorator keeps the type
+    typed_async: Callable[[Context], Coroutine[Any, Any, str]] = charge
+    del typed_step, typed_async
+    assert_type(checkout.step("ship", lambda ctx: None), buttress.Step)
+    Saga("typed-callable", validate=lambda value: value)

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from buttress import backoff
@@ -139,7 +140,7 @@ class Step:
         *,
         compensate: StepFn | None = None,
         retry: Retry | None = None,
-        timeout: float | None = None,
+        timeout: float | timedelta | None = None,
         policy: Policy | None = None,
         compensate_uncertain: bool = False,
         permanent: type[BaseException] | tuple[type[BaseException], ...] = (),

@@ -9,7 +9,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, overload
 
 from buttress import events as _events
 from buttress._policy import Policy
@@ -64,7 +64,15 @@ from ._runner import (
 
 __all__ = ["Saga"]
 
-F = TypeVar("F", bound=Callable[..., Any])
+# The decorator form returns the function it is given, with its exact type.
+StepF = TypeVar("StepF", bound=StepFn)
+
+
+class ModelClass(Protocol):
+    """A pydantic model class (anything with a ``model_validate`` class method), as
+    ``Saga(validate=...)`` takes it."""
+
+    def model_validate(self, obj: Any, /) -> Any: ...
 
 
 def _face(store: object, protocol: type) -> str:
@@ -124,8 +132,8 @@ class Saga(Policy):
         *,
         store: SagaStore | None = None,
         idempotency: SagaStore | None = None,
-        validate: Callable[[Any], Any] | None = None,
-        timeout: float | None = None,
+        validate: Callable[[Any], Any] | type[ModelClass] | ModelClass | None = None,
+        timeout: float | timedelta | None = None,
         listeners: Iterable[_events.Listener] = (),
         lease: float = 30.0,
         registry: Registry | None = None,
@@ -211,6 +219,36 @@ class Saga(Policy):
             self.all_steps.append(step)
         self.units.append(steps)
 
+    @overload
+    def step(
+        self,
+        name: str,
+        fn: None = None,
+        *,
+        compensate: StepFn | None = None,
+        retry: Retry | None = None,
+        timeout: float | timedelta | None = None,
+        policy: Policy | None = None,
+        compensate_uncertain: bool = False,
+        permanent: type[BaseException] | tuple[type[BaseException], ...] = (),
+        compensate_retry: Retry | None = None,
+    ) -> Callable[[StepF], StepF]: ...
+
+    @overload
+    def step(
+        self,
+        name: str,
+        fn: StepFn,
+        *,
+        compensate: StepFn | None = None,
+        retry: Retry | None = None,
+        timeout: float | timedelta | None = None,
+        policy: Policy | None = None,
+        compensate_uncertain: bool = False,
+        permanent: type[BaseException] | tuple[type[BaseException], ...] = (),
+        compensate_retry: Retry | None = None,
+    ) -> Step: ...
+
     def step(
         self,
         name: str,
@@ -218,12 +256,12 @@ class Saga(Policy):
         *,
         compensate: StepFn | None = None,
         retry: Retry | None = None,
-        timeout: float | None = None,
+        timeout: float | timedelta | None = None,
         policy: Policy | None = None,
         compensate_uncertain: bool = False,
         permanent: type[BaseException] | tuple[type[BaseException], ...] = (),
         compensate_retry: Retry | None = None,
-    ) -> Any:
+    ) -> Step | Callable[[StepF], StepF]:
         """Add a step (see :class:`Step` for the options).
 
         Called with ``fn``, it adds the step and returns the :class:`Step`; without,
@@ -240,7 +278,7 @@ class Saga(Policy):
         }
         if fn is None:
 
-            def decorator(function: F) -> F:
+            def decorator(function: StepF) -> StepF:
                 self._add([Step(name, function, **options)])
                 return function
 
