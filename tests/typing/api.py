@@ -304,3 +304,19 @@ def saga_usage() -> None:
     del typed_step, typed_async
     assert_type(checkout.step("ship", lambda ctx: None), buttress.Step)
     Saga("typed-callable", validate=lambda value: value)
+
+
+# -- backoff: floors, new schedules, sums ------------------------------------------------------
+
+
+def backoff_usage() -> None:
+    from datetime import timedelta
+
+    from buttress import backoff
+
+    floored = backoff.exponential(0.5, 2.0, 8.0, min=0.25)
+    assert_type(backoff.fibonacci(0.1, timedelta(seconds=5), min=0.05), backoff.Fibonacci)
+    assert_type(backoff.random(0.1, timedelta(seconds=1)), backoff.Random)
+    assert_type(floored + backoff.random(0, 0.5), backoff.Sum)
+    assert_type(backoff.constant(1) + [0.1, 0.2] + 0.5, backoff.Sum)
+    retry(5, backoff=backoff.constant(timedelta(seconds=1)) + backoff.random(0, 0.5))
