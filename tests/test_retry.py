@@ -563,3 +563,230 @@ def test_retry_state_follows_the_schedule_then_gives_up(attempts, schedule, hint
         planned = schedule[min(index, len(schedule) - 1)]
         hint = hints[index]
         assert delay == (planned if hint is None else max(planned, hint))
+
+
+# -- issue 14: results that say how long to wait, TryAgain, hooks, retry_with, the loop ------
+
+
+def test_retry_after_reads_the_wait_from_a_rejected_result(face, flaky, clock):
+    """retry_after(result) lengthens the wait; None keeps the backoff's; timedelta works."""
+    from datetime import timedelta
+
+    hints = {429: 3.0, 503: timedelta(seconds=2), 500: None}
+    behaviour = flaky(429, 503, 500, value=200)
+    policy = retry(
+        4,
+        retry_if_result=lambda status: status != 200,
+        retry_after=lambda status: hints[status],
+        backoff=[0.5],
+        clock=clock,
+    )
+    assert face.wrap(policy, behaviour)() == 200
+    assert clock.sleeps == [3.0, 2.0, 0.5]
+
+
+def test_retry_after_never_crosses_the_deadline(face, flaky, clock):
+    """A result's hint longer than the time left gives up, raising RetryExhausted."""
+    policy = retry(
+        5,
+        retry_if_result=lambda r: r == "busy",
+        retry_after=lambda r: 60.0,
+        deadline=10,
+        clock=clock,
+    )
+    behaviour = flaky("busy", value="free")
+    with pytest.raises(RetryExhausted):
+        face.wrap(policy, behaviour)()
+    assert behaviour.calls == 1 and clock.sleeps == []
+
+
+def test_retry_after_is_validated():
+    """retry_after must be callable and needs retry_if_result."""
+    with pytest.raises(buttress.ConfigTypeError, match="retry_after"):
+        retry(3, retry_if_result=bool, retry_after=3.0)  # type: ignore[arg-type]
+    with pytest.raises(buttress.ConfigValueError, match="needs retry_if_result"):
+        retry(3, retry_after=lambda r: 1.0)
+
+
+def test_try_again_is_retried_whatever_on_says(face, flaky, clock):
+    """TryAgain is retried even outside on=, honouring its retry_after."""
+    behaviour = flaky(buttress.TryAgain(), buttress.TryAgain(retry_after=2.0))
+    policy = retry(3, on=KeyError, backoff=[0.5], clock=clock)
+    assert face.wrap(policy, behaviour)() == "ok"
+    assert clock.sleeps == [0.5, 2.0]
+
+
+def test_try_again_propagates_when_attempts_run_out(face, flaky, clock):
+    """Out of attempts, the last TryAgain itself propagates with the note."""
+    last = buttress.TryAgain("still not ready")
+    behaviour = flaky(buttress.TryAgain(), last)
+    with pytest.raises(buttress.TryAgain) as info:
+        face.wrap(retry(2, clock=clock), behaviour)()
+    assert info.value is last
+    assert "gave up after 2 attempt(s)" in info.value.__notes__[0]
+    assert isinstance(last, buttress.ButtressError)
+    from buttress.exceptions import TryAgain
+
+    assert TryAgain is buttress.TryAgain
+
+
+def test_hooks_see_each_call_its_own_statistics(face, flaky, clock):
+    """before_attempt runs before every attempt, after_call once, with the same state."""
+    seen: list[tuple[str, int, float]] = []
+    policy = retry(
+        3,
+        on=Transient,
+        backoff=[0.25],
+        before_attempt=lambda s: seen.append(("before", s.attempt, s.waited)),
+        after_call=lambda s: seen.append(("after", s.attempt, s.elapsed)),
+        clock=clock,
+    )
+    assert face.wrap(policy, flaky(Transient()))() == "ok"
+    assert seen == [("before", 1, 0.0), ("before", 2, 0.25), ("after", 2, 0.25)]
+    seen.clear()
+    with pytest.raises(Fatal):
+        face.wrap(policy, flaky(Fatal()))()
+    assert seen == [("before", 1, 0.0), ("after", 1, 0.0)]
+
+
+def test_a_failing_hook_propagates(face, flaky, clock):
+    """An exception a hook raises reaches the caller; the function is not called."""
+
+    def refuse(state: buttress.RetryState) -> None:
+        raise RuntimeError("hook")
+
+    behaviour = flaky()
+    with pytest.raises(RuntimeError, match="hook"):
+        face.wrap(retry(3, before_attempt=refuse, clock=clock), behaviour)()
+    assert behaviour.calls == 0
+
+
+def test_statistics_stay_per_call_under_concurrent_calls():
+    """Threads sharing one decorated function each see only their own attempts."""
+    import threading
+
+    finished: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def record(state: buttress.RetryState) -> None:
+        with lock:
+            finished.append((threading.current_thread().name, state.attempt))
+
+    @retry(10, backoff=[0], after_call=record)
+    def work(failures: int, counter: list[int]) -> str:
+        if counter[0] == 0:
+            barrier.wait(timeout=10)  # all threads are inside the same function at once
+        counter[0] += 1
+        if counter[0] <= failures:
+            raise Transient()
+        return "ok"
+
+    threads = [threading.Thread(target=work, args=(n, [0]), name=f"t{n}") for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(finished) == sorted((f"t{n}", n + 1) for n in range(8))
+
+
+def test_hooks_run_in_the_loop_form(face, clock):
+    """attempts() calls before_attempt per attempt and after_call once."""
+    seen: list[tuple[str, int]] = []
+    policy = retry(
+        3,
+        backoff=[0.1],
+        before_attempt=lambda s: seen.append(("before", s.attempt)),
+        after_call=lambda s: seen.append(("after", s.attempt)),
+        clock=clock,
+    )
+
+    def block() -> None:
+        for attempt in policy.attempts():
+            with attempt:
+                if attempt.number == 1:
+                    raise Transient()
+
+    async def ablock() -> None:
+        async for attempt in policy.attempts():
+            async with attempt:
+                if attempt.number == 1:
+                    raise Transient()
+
+    face.run(ablock if face.is_async else block)
+    assert seen == [("before", 1), ("before", 2), ("after", 2)]
+
+
+def test_next_wait_is_the_wait_that_follows_a_failure(face, clock):
+    """attempt.next_wait, drawn with jitter, is the sleep taken; None on the last attempt."""
+    policy = retry(3, backoff=backoff.exponential(1.0, 2.0, 8.0), clock=clock)
+    waits: list[float | None] = []
+
+    def block() -> None:
+        for attempt in policy.attempts():
+            with attempt:
+                waits.append(attempt.next_wait)
+                assert attempt.next_wait == waits[-1]  # kept, not drawn again
+                raise Transient()
+
+    async def ablock() -> None:
+        async for attempt in policy.attempts():
+            async with attempt:
+                waits.append(attempt.next_wait)
+                raise Transient()
+
+    with pytest.raises(Transient):
+        face.run(ablock if face.is_async else block)
+    assert waits[2] is None
+    assert clock.sleeps == waits[:2]
+    assert 0 <= waits[0] <= 1.0 and 0 <= waits[1] <= 2.0  # type: ignore[operator]
+
+
+def test_async_with_attempt_swallows_and_propagates_like_with():
+    """async with attempt: a failure is retried; the last one propagates with the note."""
+    clock = FakeClock()
+
+    async def main() -> list[int]:
+        numbers = []
+        async for attempt in retry(2, backoff=[1.0], clock=clock).attempts():
+            async with attempt:
+                numbers.append(attempt.number)
+                raise Transient()
+        return numbers
+
+    with pytest.raises(Transient) as info:
+        asyncio.run(main())
+    assert "gave up after 2 attempt(s)" in info.value.__notes__[0]
+    assert clock.sleeps == [1.0]
+
+
+def test_retry_with_derives_a_policy_with_changed_options(face, flaky, clock):
+    """retry_with keeps every option but the changed ones and the name; unknown keys refused."""
+    budget = RetryBudget(clock=clock)
+    base = retry(2, on=Transient, backoff=[0.5], budget=budget, name="base", clock=clock)
+    derived = base.retry_with(attempts=4)
+    assert (derived.max_attempts, derived.budget, derived.name) == (4, budget, None)
+    assert base.max_attempts == 2
+    behaviour = flaky(Transient(), Transient(), Transient())
+    assert face.wrap(derived, behaviour)() == "ok"
+    assert clock.sleeps == [0.5, 0.5, 0.5]
+    with pytest.raises(Fatal):
+        face.wrap(derived, flaky(Fatal()))()
+    assert base.retry_with(name="derived").name == "derived"
+    with pytest.raises(buttress.ConfigTypeError, match="unknown option"):
+        base.retry_with(attemps=3)  # type: ignore[call-arg]
+    with pytest.raises(buttress.ConfigValueError, match="attempts"):
+        base.retry_with(attempts=0)
+
+
+def test_is_testing_follows_set_testing():
+    """is_testing() reports the switch, and set_testing's context manager restores it."""
+    from buttress.testing import is_testing
+
+    assert is_testing() is False
+    with set_testing(True):
+        assert is_testing() is True
+        with set_testing(False):
+            assert is_testing() is False
+        assert is_testing() is True
+    assert is_testing() is False

@@ -33,6 +33,7 @@ from .exceptions import RejectedError as RejectedError
 from .exceptions import RetryExhausted as RetryExhausted
 from .exceptions import SagaClosed as SagaClosed
 from .exceptions import TimeoutExceeded as TimeoutExceeded
+from .exceptions import TryAgain as TryAgain
 from .fallback import Fallback as Fallback
 from .fallback import fallback as fallback
 from .hedge import Hedge as Hedge
@@ -95,6 +96,7 @@ __all__ = [
     "Throttle",
     "Timeout",
     "TimeoutExceeded",
+    "TryAgain",
     "backoff",
     "cache",
     "chaos",

@@ -15,6 +15,7 @@ The hierarchy::
     ├── TimeoutExceeded             (also the built-in TimeoutError) the call ran too long
     ├── RetryExhausted              every result was rejected by ``retry_if_result``
     ├── Permanent                   raised by a step (or wrapping its error): never retry
+    ├── TryAgain                    raised by a retried function to ask for another attempt
     ├── IdempotencyConflict         a saga key is taken by another input or needs an operator
     └── BackendError                a store (SQLite, Redis, PostgreSQL) failed
         └── BackendUnavailable      (also a RejectedError) the shared backend is down and the
@@ -26,6 +27,7 @@ unchanged, with a note saying how many attempts were made; it never wraps it.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "RetryExhausted",
     "SagaClosed",
     "TimeoutExceeded",
+    "TryAgain",
 ]
 
 
@@ -174,6 +177,21 @@ class Permanent(ButtressError):
     def __init__(self, message: str = "", *, error: BaseException | None = None) -> None:
         super().__init__(message or (str(error) if error is not None else "permanent failure"))
         self.error = error
+
+
+class TryAgain(ButtressError):
+    """Raised by a function under :func:`~buttress.retry` to ask for another attempt.
+
+    It is retried whatever the policy's ``on=`` says (the function asked for it), within
+    the same attempts, deadline and budget; when those run out, it propagates like any
+    last error. ``retry_after`` (seconds) lengthens the wait before the next attempt.
+    """
+
+    def __init__(self, message: str = "", *, retry_after: float | timedelta | None = None) -> None:
+        super().__init__(message or "try again")
+        self.retry_after: float | None = (
+            retry_after.total_seconds() if isinstance(retry_after, timedelta) else retry_after
+        )
 
 
 class IdempotencyConflict(ButtressError):

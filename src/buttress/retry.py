@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from . import events as _events
 from ._config import config
@@ -39,12 +39,14 @@ from .exceptions import (
     Permanent,
     RejectedError,
     RetryExhausted,
+    TryAgain,
 )
+from .registry import Registry
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["Attempt", "Retry", "RetryBudget", "RetryState", "retry"]
+__all__ = ["Attempt", "Retry", "RetryBudget", "RetryOptions", "RetryState", "retry"]
 
 _DEFAULT_BACKOFF = exponential()
 
@@ -150,11 +152,26 @@ class RetryState:
     to wait before the next attempt, or ``None`` when there is no next attempt. The
     state never sleeps and never calls anything: the waiting is the driver's.
 
+    It is also the call's statistics, its own and no other call's (the
+    ``before_attempt`` and ``after_call`` hooks receive it).
+
     Attributes:
         attempt: the attempt under way (1 for the first, 2 for the first retry...).
+        waited: seconds of backoff handed out so far (the sum of the delays returned).
+        started: the policy clock's reading when the call started.
+        settled: whether the call ended well (:meth:`on_success` ran).
     """
 
-    __slots__ = ("attempt", "delays", "last_delay", "policy", "settled", "started")
+    __slots__ = (
+        "attempt",
+        "delays",
+        "last_delay",
+        "peeked",
+        "policy",
+        "settled",
+        "started",
+        "waited",
+    )
 
     def __init__(self, policy: Retry, started: float | None = None) -> None:
         self.policy = policy
@@ -163,6 +180,43 @@ class RetryState:
         self.delays: Iterator[float] | None = None
         self.last_delay = 0.0
         self.settled = False
+        self.waited = 0.0
+        self.peeked: float | None = None
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the call started, on the policy's clock (0 if its start is unknown)."""
+        return 0.0 if self.started is None else self.policy._clock.now() - self.started
+
+    def next_delay(self) -> float | None:
+        """The backoff delay before the next attempt should the current one fail, or
+        ``None`` when the current attempt is the last one. It is drawn now (jitter
+        included) and kept, so the wait that follows a failure is this one, unless
+        a ``retry_after`` hint lengthens it or the deadline or budget ends the call."""
+        if self.attempt >= self._max_attempts():
+            return None
+        if config.testing:
+            return 0.0
+        if self.peeked is None:
+            self.peeked = self._draw()
+        return self.peeked
+
+    def _max_attempts(self) -> int:
+        attempts = self.policy.max_attempts
+        if config.testing and config.testing_attempts is not None:
+            # The testing switch caps attempts, it never raises them: a policy built
+            # with attempts=1 (a call that must not be repeated) stays at one.
+            attempts = min(attempts, config.testing_attempts)
+        return attempts
+
+    def _draw(self) -> float:
+        if self.delays is None:
+            self.delays = iter(self.policy.backoff)
+        delay = next(self.delays, None)
+        if delay is None:  # a finite schedule ran out: its last delay repeats
+            delay = self.last_delay
+        self.last_delay = delay
+        return delay
 
     def on_error(self, exc: BaseException) -> float | None:
         """The attempt raised ``exc``: the delay before the next attempt, or ``None``
@@ -170,11 +224,11 @@ class RetryState:
         exhausted; a note on ``exc`` and a ``RetryGaveUp`` event say which)."""
         policy = self.policy
         # Cancellation, KeyboardInterrupt and SystemExit are never retried, whatever `on`
-        # says, and neither is an error its raiser declared Permanent.
-        if (
-            not isinstance(exc, Exception)
-            or isinstance(exc, Permanent)
-            or not policy._retryable(exc)
+        # says, and neither is an error its raiser declared Permanent. TryAgain always is:
+        # the function asked for another attempt.
+        if not isinstance(exc, Exception) or (
+            not isinstance(exc, TryAgain)
+            and (isinstance(exc, Permanent) or not policy._retryable(exc))
         ):
             if self.attempt > 1:
                 _add_note(exc, f"buttress: not retryable, raised on attempt {self.attempt}")
@@ -216,7 +270,8 @@ class RetryState:
 
     def _rejected(self, result: object) -> float:
         """``retry_if_result`` rejected ``result``: the delay, or RetryExhausted."""
-        delay = self._next(None, result, None)
+        hint = self.policy.retry_after
+        delay = self._next(None, result, None if hint is None else hint(result))
         if delay is None:
             raise RetryExhausted(
                 f"result {result!r} still rejected by retry_if_result after "
@@ -230,20 +285,16 @@ class RetryState:
         self, error: BaseException | None, result: object, retry_after: object
     ) -> float | None:
         policy = self.policy
-        attempts = policy.max_attempts
-        if config.testing and config.testing_attempts is not None:
-            # The testing switch caps attempts, it never raises them: a policy built
-            # with attempts=1 (a call that must not be repeated) stays at one.
-            attempts = min(attempts, config.testing_attempts)
-        if self.attempt >= attempts:
+        if self.attempt >= self._max_attempts():
             self._give_up("attempts", error, result)
             return None
-        if self.delays is None:
-            self.delays = iter(policy.backoff)
-        delay = next(self.delays, None)
-        if delay is None:  # a finite schedule ran out: its last delay repeats
-            delay = self.last_delay
-        self.last_delay = delay
+        delay = self.peeked
+        if delay is None:
+            delay = self._draw()
+        else:
+            self.peeked = None
+        if isinstance(retry_after, timedelta):
+            retry_after = retry_after.total_seconds()
         if (
             isinstance(retry_after, (int, float))
             and not isinstance(retry_after, bool)
@@ -265,6 +316,7 @@ class RetryState:
             return None
         policy._count_retry(self.attempt, delay, error, result)
         self.attempt += 1
+        self.waited += delay
         return delay
 
     def _give_up(self, reason: str, error: BaseException | None, result: object) -> None:
@@ -285,6 +337,28 @@ class RetryState:
         return f"<RetryState attempt={self.attempt} of {self.policy!r}>"
 
 
+Hook = Callable[[RetryState], object]
+"""A retry hook: called with the call's :class:`RetryState`."""
+
+
+class RetryOptions(TypedDict, total=False):
+    """The options of :class:`Retry`, as :meth:`Retry.retry_with` takes them."""
+
+    attempts: int
+    on: ExceptionSpec
+    retry_if_result: Callable[[Any], bool] | None
+    retry_after: Callable[[Any], float | timedelta | None] | None
+    backoff: Iterable[float] | None
+    deadline: float | timedelta | None
+    budget: RetryBudget | None
+    before_attempt: Hook | None
+    after_call: Hook | None
+    name: str | None
+    listeners: Iterable[_events.Listener] | None
+    registry: Registry | None
+    clock: Clock | None
+
+
 class Retry(Policy):
     """Retry a call that fails with a transient error (``retry(...)`` builds one).
 
@@ -299,10 +373,18 @@ class Retry(Policy):
             it. When named, the wait honours its ``retry_after``.
         retry_if_result: predicate on a returned value; true means "retry". On the last
             attempt a rejected result raises :class:`RetryExhausted` carrying it.
+        retry_after: for a result that ``retry_if_result`` rejected, the least wait in
+            seconds before the next attempt, read from the result (a 429 response's
+            Retry-After header, say), or ``None`` for the backoff's delay alone.
         backoff: iterable of delays in seconds, at least one (default
             ``backoff.exponential(0.1, 2.0, 10.0, "full")``); its last delay repeats.
         deadline: total seconds for all attempts and sleeps; no sleep crosses it.
         budget: a shared :class:`RetryBudget`.
+        before_attempt: called before every attempt with the call's :class:`RetryState`
+            (its attempt number, ``waited`` and ``elapsed``: per-call statistics).
+        after_call: called once when the call ends, whichever way, with its
+            :class:`RetryState`. The hooks run in the caller's thread or task; an
+            exception they raise propagates. Without hooks, nothing is built for them.
         name: registers the policy for ``state()``.
         listeners, registry, clock: as for every policy (:class:`~buttress.Policy`).
     """
@@ -315,13 +397,29 @@ class Retry(Policy):
         *,
         on: ExceptionSpec = Exception,
         retry_if_result: Callable[[Any], bool] | None = None,
+        retry_after: Callable[[Any], float | timedelta | None] | None = None,
         backoff: Iterable[float] | None = None,
         deadline: float | timedelta | None = None,
         budget: RetryBudget | None = None,
+        before_attempt: Hook | None = None,
+        after_call: Hook | None = None,
         name: str | None = None,
         **options: Unpack[PolicyOptions],
     ) -> None:
         super().__init__(name=name, **options)
+        # What retry_with() starts from (the name is not inherited: names are unique).
+        self._given: dict[str, Any] = {
+            "attempts": attempts,
+            "on": on,
+            "retry_if_result": retry_if_result,
+            "retry_after": retry_after,
+            "backoff": backoff,
+            "deadline": deadline,
+            "budget": budget,
+            "before_attempt": before_attempt,
+            "after_call": after_call,
+            **options,
+        }
         self.max_attempts = check_int("attempts", attempts)
         self.on: ExceptionFilter = check_exception_filter("on", on)
         # An open circuit is retried only when on= names CircuitOpenError or RejectedError
@@ -330,6 +428,18 @@ class Retry(Policy):
             issubclass(CircuitOpenError, t) and issubclass(t, RejectedError) for t in self.on.types
         )
         self.retry_if_result = check_callable("retry_if_result", retry_if_result, allow_none=True)
+        self.retry_after: Callable[[Any], float | timedelta | None] | None = check_callable(
+            "retry_after", retry_after, allow_none=True
+        )
+        if retry_after is not None and retry_if_result is None:
+            raise ConfigValueError(
+                f"retry_after reads the wait from a rejected result, so it needs "
+                f"retry_if_result, got retry_after={retry_after!r} and retry_if_result=None"
+            )
+        self.before_attempt: Hook | None = check_callable(
+            "before_attempt", before_attempt, allow_none=True
+        )
+        self.after_call: Hook | None = check_callable("after_call", after_call, allow_none=True)
         if backoff is None:
             backoff = _DEFAULT_BACKOFF
         elif not isinstance(backoff, Iterable) or isinstance(backoff, (str, bytes)):
@@ -383,7 +493,22 @@ class Retry(Policy):
         """Begin one call: its :class:`RetryState` (deposits into the budget and starts
         the deadline clock). For drivers that run their own loop, as the httpx
         transport does; the decorators and ``attempts()`` use it internally."""
-        return self._start() or RetryState(self)
+        return self._start() or RetryState(self, self._clock.now())
+
+    def retry_with(self, **changes: Unpack[RetryOptions]) -> Retry:
+        """A new policy with this one's options, except ``changes``.
+
+        ``policy.retry_with(attempts=5)`` keeps ``on``, the backoff, the hooks, the
+        listeners, the budget (the same shared object) and the clock. The name is not
+        inherited (names are unique per kind): pass ``name=`` to register the new one.
+        """
+        unknown = sorted(set(changes) - set(RetryOptions.__annotations__))
+        if unknown:
+            raise ConfigTypeError(
+                f"retry_with() takes Retry's options, got unknown option(s) "
+                f"{', '.join(unknown)} (valid: {', '.join(RetryOptions.__annotations__)})"
+            )
+        return Retry(**{**self._given, **changes})
 
     def _start(self) -> RetryState | None:
         """Per-call setup; ``None`` means "build the state lazily on the first failure"
@@ -397,6 +522,8 @@ class Retry(Policy):
     # -- the two drivers --------------------------------------------------------------------
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if self.before_attempt is not None or self.after_call is not None:
+            return self._wrap_sync_hooked(fn)
         start, sleep, check = self._start, self._clock.sleep, self.retry_if_result
 
         def retrying(*args: Any, **kwargs: Any) -> Any:
@@ -424,6 +551,8 @@ class Retry(Policy):
         return retrying
 
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if self.before_attempt is not None or self.after_call is not None:
+            return self._wrap_async_hooked(fn)
         start, check = self._start, self.retry_if_result
         asleep = self._clock.asleep
 
@@ -451,11 +580,73 @@ class Retry(Policy):
 
         return retrying
 
+    # The hooked drivers: picked at decoration time when a hook is set, so that the
+    # plain ones above stay as lean as they were (no state built for a call that works).
+
+    def _wrap_sync_hooked(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        sleep, check = self._clock.sleep, self.retry_if_result
+        before, after = self.before_attempt, self.after_call
+
+        def retrying(*args: Any, **kwargs: Any) -> Any:
+            state = self.start()
+            try:
+                while True:
+                    if before is not None:
+                        before(state)
+                    try:
+                        result = fn(*args, **kwargs)
+                    except BaseException as exc:
+                        delay = state.on_error(exc)
+                        if delay is None:
+                            raise
+                    else:
+                        if check is None or not check(result):
+                            state.on_success()
+                            return result
+                        delay = state._rejected(result)
+                    if delay > 0:
+                        sleep(delay)
+            finally:
+                if after is not None:
+                    after(state)
+
+        return retrying
+
+    def _wrap_async_hooked(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        asleep, check = self._clock.asleep, self.retry_if_result
+        before, after = self.before_attempt, self.after_call
+
+        async def retrying(*args: Any, **kwargs: Any) -> Any:
+            state = self.start()
+            try:
+                while True:
+                    if before is not None:
+                        before(state)
+                    try:
+                        result = await fn(*args, **kwargs)
+                    except BaseException as exc:
+                        delay = state.on_error(exc)
+                        if delay is None:
+                            raise
+                    else:
+                        if check is None or not check(result):
+                            state.on_success()
+                            return result
+                        delay = state._rejected(result)
+                    if delay > 0:
+                        await asleep(delay)
+            finally:
+                if after is not None:
+                    after(state)
+
+        return retrying
+
     def attempts(self) -> _Attempts:
         """The loop form, for blocks of code rather than functions.
 
         ``for attempt in policy.attempts(): with attempt: ...`` in sync code and
-        ``async for attempt in policy.attempts(): with attempt: ...`` in async code.
+        ``async for attempt in policy.attempts(): async with attempt: ...`` (or
+        ``with attempt:``) in async code. The hooks run as in the decorators.
         """
         return _Attempts(self)
 
@@ -487,6 +678,12 @@ class Attempt:
 
     __slots__ = ("_loop", "number")
 
+    @property
+    def next_wait(self) -> float | None:
+        """Seconds the loop will wait before the next attempt if this one fails, or
+        ``None`` if this is the last attempt (see :meth:`RetryState.next_delay`)."""
+        return self._loop._state.next_delay()
+
     def __init__(self, loop: _Attempts, number: int) -> None:
         self._loop = loop
         self.number = number
@@ -500,13 +697,23 @@ class Attempt:
         if exc is None:
             loop._finished = True
             loop._state.on_success()
+            loop._after()
             return False
         delay = loop._state.on_error(exc)
         if delay is None:
             loop._finished = True
+            loop._after()
             return False
         loop._pending = delay
         return True
+
+    # ``async with attempt:`` does the same: entering and leaving an attempt never waits
+    # (the loop's ``__anext__`` does the sleeping).
+    async def __aenter__(self) -> Attempt:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: ExcType, exc: BaseException | None, tb: Traceback) -> bool:
+        return self.__exit__(exc_type, exc, tb)
 
     def __repr__(self) -> str:
         return f"<Attempt {self.number}>"
@@ -528,7 +735,15 @@ class _Attempts:
         if self._finished or not self._entered:
             raise StopIteration
         self._entered = False
+        before = self._policy.before_attempt
+        if before is not None:
+            before(self._state)
         return Attempt(self, self._state.attempt)
+
+    def _after(self) -> None:
+        after = self._policy.after_call
+        if after is not None:
+            after(self._state)
 
     def __iter__(self) -> Iterator[Attempt]:
         return self

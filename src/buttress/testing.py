@@ -24,7 +24,7 @@ from ._config import config
 from ._validate import check_int, check_number
 from .registry import Registry, set_default_registry
 
-__all__ = ["FakeClock", "capture_events", "isolated_registry", "set_testing"]
+__all__ = ["FakeClock", "capture_events", "is_testing", "isolated_registry", "set_testing"]
 
 
 class _FakeTimer:
@@ -301,6 +301,11 @@ def set_testing(testing: bool = True, *, attempts: int | None = None) -> _Restor
     config.testing = testing
     config.testing_attempts = attempts if testing else None
     return _Restore(previous)
+
+
+def is_testing() -> bool:
+    """Whether :func:`set_testing` has turned testing mode on (retry waits are zero)."""
+    return config.testing
 
 
 @contextmanager

@@ -320,3 +320,41 @@ def backoff_usage() -> None:
     assert_type(floored + backoff.random(0, 0.5), backoff.Sum)
     assert_type(backoff.constant(1) + [0.1, 0.2] + 0.5, backoff.Sum)
     retry(5, backoff=backoff.constant(timedelta(seconds=1)) + backoff.random(0, 0.5))
+
+
+# -- retry: results that carry the wait, TryAgain, hooks, retry_with, the loop form ----------
+
+
+def retry_features_usage() -> None:
+    from datetime import timedelta
+
+    from buttress.testing import is_testing
+
+    def hint(reply: int) -> float | timedelta | None:
+        return 3.0 if reply == 429 else None
+
+    def before(state: buttress.RetryState) -> None:
+        assert_type(state.waited, float)
+        assert_type(state.elapsed, float)
+        assert_type(state.next_delay(), float | None)
+
+    policy = retry(
+        3,
+        retry_if_result=lambda reply: reply == 429,
+        retry_after=hint,
+        before_attempt=before,
+        after_call=lambda state: print(state.attempt, state.settled),
+    )
+    assert_type(policy.retry_with(attempts=5, deadline=timedelta(seconds=30)), buttress.Retry)
+    assert_type(is_testing(), bool)
+    error = buttress.TryAgain("not yet", retry_after=timedelta(seconds=1))
+    assert_type(error.retry_after, float | None)
+    for attempt in policy.attempts():
+        with attempt:
+            assert_type(attempt.next_wait, float | None)
+
+
+async def retry_async_loop() -> None:
+    async for attempt in retry(3).attempts():
+        async with attempt:
+            assert_type(attempt.next_wait, float | None)
