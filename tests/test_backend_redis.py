@@ -1165,3 +1165,10 @@ def test_async_paths_never_make_a_blocking_redis_call(stores: Stores) -> None:
             del store._conn.run  # back to the class's method
     held.release()
     assert holder.snapshot()["shared_in_flight"] == 0
+
+
+def test_success_threshold_above_one_is_refused_with_a_redis_store(stores: Stores) -> None:
+    """The shared Lua state machine closes on one probe: success_threshold=2 is refused."""
+    with pytest.raises(buttress.ConfigValueError, match="success_threshold must be 1"):
+        CircuitBreaker("dep", store=stores(RedisBreakerStore), success_threshold=2)
+    CircuitBreaker("dep", store=stores(RedisBreakerStore), success_threshold=1)

@@ -402,3 +402,158 @@ def test_half_open_exactly_at_the_reset_deadline(clock):
     clock.advance(30)
     assert breaker.state == "half_open"
     assert breaker(lambda: "probe")() == "probe"
+
+
+# -- issue 14: success_threshold, call(), listeners added and removed later --------------------
+
+
+def test_success_threshold_needs_that_many_successful_probes(face, clock):
+    """Half-open closes only after success_threshold successful probes, one slot at a time."""
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=5, success_threshold=3, clock=clock)
+    call = face.wrap(breaker, behaviour)
+    fail(call, 1)
+    clock.advance(5)
+    assert call() == "ok" and breaker.state == "half_open"
+    assert call() == "ok" and breaker.state == "half_open"
+    assert call() == "ok" and breaker.state == "closed"
+    # once closed, the count starts afresh for the next half-open period
+    fail(call, 1)
+    clock.advance(5)
+    assert call() == "ok" and breaker.state == "half_open"
+
+
+def test_a_failed_probe_reopens_whatever_successes_came_before(face, clock):
+    """With success_threshold=2, success then failure re-opens; the count restarts."""
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=5, success_threshold=2, clock=clock)
+    call = face.wrap(breaker, behaviour)
+    fail(call, 1)
+    clock.advance(5)
+    assert call() == "ok"
+    fail(call, 1)
+    assert breaker.state == "open"
+    clock.advance(5)
+    assert call() == "ok" and breaker.state == "half_open"
+    assert call() == "ok" and breaker.state == "closed"
+
+
+def test_success_threshold_keeps_the_probe_limit(clock):
+    """Concurrent probes stay at half_open_max_calls while successes accumulate."""
+    breaker = CircuitBreaker(
+        failure_threshold=1,
+        reset_timeout=5,
+        half_open_max_calls=1,
+        success_threshold=2,
+        clock=clock,
+    )
+    breaker.acquire().failure(Boom())
+    clock.advance(5)
+    probe = breaker.acquire()
+    with pytest.raises(CircuitOpenError, match="probe slots"):
+        breaker.acquire()
+    probe.success()
+    assert breaker.state == "half_open"
+    breaker.acquire().success()
+    assert breaker.state == "closed"
+
+
+def test_success_threshold_is_validated():
+    """success_threshold must be an integer >= 1, named in the error."""
+    with pytest.raises(buttress.ConfigValueError, match="success_threshold"):
+        CircuitBreaker(success_threshold=0)
+    with pytest.raises(buttress.ConfigTypeError, match="success_threshold"):
+        CircuitBreaker(success_threshold=1.5)  # type: ignore[arg-type]
+
+
+def test_memory_store_sharers_must_agree_on_success_threshold():
+    """Breakers sharing a MemoryBreakerStore name must have the same success_threshold."""
+    from buttress.backends.memory import MemoryBreakerStore
+
+    store = MemoryBreakerStore()
+    CircuitBreaker("shared", store=store, success_threshold=2)
+    with pytest.raises(buttress.ConfigValueError, match="other settings"):
+        CircuitBreaker("shared", store=store, success_threshold=3, registry=buttress.Registry())
+
+
+def test_call_runs_a_function_through_the_breaker(clock):
+    """call() returns the result, counts failures, and rejects without calling when open."""
+    breaker = CircuitBreaker(failure_threshold=2, clock=clock)
+    assert breaker.call(behaviour) == "ok"
+    assert breaker.call(behaviour, should_fail=False) == "ok"
+    for _ in range(2):
+        with pytest.raises(Boom):
+            breaker.call(behaviour, True)
+    calls = []
+    with pytest.raises(CircuitOpenError):
+        breaker.call(calls.append, 1)
+    assert calls == []
+    snap = breaker.snapshot()
+    assert (snap["successes"], snap["failures"], snap["rejections"]) == (2, 2, 1)
+
+
+def test_call_async_awaits_through_the_breaker(clock):
+    """call_async() is the async face of call(); call() refuses coroutine functions."""
+    breaker = CircuitBreaker(failure_threshold=1, clock=clock)
+
+    async def fetch(url: str, *, fail: bool = False) -> str:
+        if fail:
+            raise Boom
+        return url
+
+    async def main() -> None:
+        assert await breaker.call_async(fetch, "u") == "u"
+        with pytest.raises(Boom):
+            await breaker.call_async(fetch, "u", fail=True)
+        with pytest.raises(CircuitOpenError):
+            await breaker.call_async(fetch, "u")
+
+    asyncio.run(main())
+    with pytest.raises(buttress.ConfigTypeError, match="call_async"):
+        breaker.call(fetch, "u")  # type: ignore[arg-type]
+
+
+def test_listeners_can_be_added_and_removed_after_construction(face, clock):
+    """add_listener starts delivery at once (only once per listener); remove_listener stops it."""
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=5, clock=clock)
+    call = face.wrap(breaker, behaviour)
+    seen: list[events.Event] = []
+    breaker.add_listener(seen.append)
+    breaker.add_listener(seen.append)
+    fail(call, 1)
+    assert [type(e).__name__ for e in seen] == ["CircuitStateChanged"]
+    assert breaker.remove_listener(seen.append) is True
+    assert breaker.remove_listener(seen.append) is False
+    clock.advance(5)
+    call()
+    assert len(seen) == 1
+    with pytest.raises(buttress.ConfigTypeError, match="listener must be callable"):
+        breaker.add_listener("not callable")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: buttress.retry(2),
+        lambda: buttress.timeout(1),
+        lambda: buttress.Bulkhead(max_concurrent=1),
+        lambda: buttress.RateLimiter(rate=1),
+        lambda: buttress.fallback(0),
+        lambda: buttress.cache(60),
+        lambda: buttress.debounce(1),
+        lambda: buttress.hedge(0.1),
+        lambda: buttress.pipeline(buttress.retry(2)),
+        lambda: buttress.Saga("s"),
+    ],
+    ids=lambda build: "policy",
+)
+def test_every_policy_takes_listeners_after_construction(build):
+    """add_listener and remove_listener exist on every policy and feed Policy.emit."""
+    policy = build()
+    seen: list[events.Event] = []
+    policy.add_listener(seen.append)
+    assert policy.listening
+    policy.emit(events.RetryRecovered, attempts=2)
+    assert len(seen) == 1 and seen[0].source == policy.kind
+    assert policy.remove_listener(seen.append)
+    assert not policy.listening
+    policy.emit(events.RetryRecovered, attempts=2)
+    assert len(seen) == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from types import FunctionType, TracebackType
@@ -40,6 +41,11 @@ def is_async_callable(obj: object) -> bool:
         return True
     call = getattr(obj, "__call__", None)  # noqa: B004 - we want the method itself
     return call is not None and not inspect.isfunction(obj) and inspect.iscoroutinefunction(call)
+
+
+# Guards the rare changes to a policy's listeners. Emitting reads the tuple without it:
+# a change replaces the tuple whole, so an event goes to the old or the new listeners.
+_listeners_lock = threading.Lock()
 
 
 class PolicyOptions(TypedDict, total=False):
@@ -131,6 +137,27 @@ class Policy:
         raise ConfigTypeError(f"{type(self).__name__} cannot protect the async function {fn!r}")
 
     # -- events -----------------------------------------------------------------------------
+
+    def add_listener(self, listener: _events.Listener) -> None:
+        """Send this policy's events to ``listener`` too, from now on (once, however many
+        times it is added)."""
+        if not callable(listener):
+            raise ConfigTypeError(
+                f"listener must be callable, got {listener!r} ({type(listener).__name__})"
+            )
+        with _listeners_lock:
+            if listener not in self._listeners:
+                self._listeners = (*self._listeners, listener)
+
+    def remove_listener(self, listener: _events.Listener) -> bool:
+        """Stop sending this policy's events to ``listener``; ``False`` if it was not one
+        of this policy's listeners (a global one is removed with the function that
+        ``buttress.events.subscribe`` returned)."""
+        with _listeners_lock:
+            kept = tuple(item for item in self._listeners if item != listener)
+            removed = len(kept) != len(self._listeners)
+            self._listeners = kept
+        return removed
 
     @property
     def listening(self) -> bool:

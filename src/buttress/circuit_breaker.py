@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 from . import events as _events
 from ._counter import GIL_ENABLED, Counter
 from ._deadline import remaining
 from ._drivers import guard_async, guard_async_io, guard_sync
-from ._policy import Policy, PolicyOptions
+from ._policy import Policy, PolicyOptions, is_async_callable
 from ._validate import (
     ExceptionFilter,
     ExceptionSpec,
@@ -47,13 +47,16 @@ from .backends import (
     Outcome,
     check_store,
 )
-from .exceptions import CircuitOpenError, ConfigValueError, RejectedError
+from .exceptions import CircuitOpenError, ConfigTypeError, ConfigValueError, RejectedError
 from .permit import Permit, PermitGuard
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 __all__ = ["CLOSED", "HALF_OPEN", "OPEN", "BreakerPermit", "CircuitBreaker", "LocalBreaker"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 CLOSED = "closed"
 OPEN = "open"
@@ -82,6 +85,7 @@ class LocalBreaker(BindingBase):
         "gen",
         "half_open_at",
         "half_open_max_calls",
+        "half_open_successes",
         "lock",
         "minimum_calls",
         "probes",
@@ -91,6 +95,7 @@ class LocalBreaker(BindingBase):
         "ring_len",
         "ring_pos",
         "state",
+        "success_threshold",
         "window",
     )
 
@@ -99,6 +104,8 @@ class LocalBreaker(BindingBase):
         self.failure_threshold = breaker.failure_threshold
         self.reset_timeout = breaker.reset_timeout
         self.half_open_max_calls = breaker.half_open_max_calls
+        self.success_threshold = breaker.success_threshold
+        self.half_open_successes = 0
         self.failure_rate = breaker.failure_rate
         self.window = breaker.window
         self.minimum_calls = breaker.minimum_calls
@@ -245,6 +252,12 @@ class LocalBreaker(BindingBase):
         if self.state == HALF_OPEN:
             if failed:
                 return self._transition(OPEN, "probe failed")
+            self.half_open_successes += 1
+            if self.half_open_successes < self.success_threshold:
+                # Not enough successful probes yet: free this probe's slot for the next one.
+                if self.probes > 0:
+                    self.probes -= 1
+                return None
             return self._transition(CLOSED, "probe succeeded")
         return None
 
@@ -255,6 +268,7 @@ class LocalBreaker(BindingBase):
         self.state = new
         self.gen += 1
         self.probes = 0
+        self.half_open_successes = 0
         if new == OPEN:
             # The deadline itself, not "now - opened_at >= reset_timeout": that difference
             # can round to just below reset_timeout when the clock reads exactly the deadline.
@@ -312,6 +326,9 @@ class CircuitBreaker(PermitGuard, Policy):
             when ``failure_rate`` is ``None``.
         reset_timeout: seconds the circuit stays open before half-open probes (default 30).
         half_open_max_calls: concurrent probes allowed while half-open (default 1).
+        success_threshold: successful probes needed to close a half-open circuit
+            (default 1); any failed probe opens it again. A breaker with a Redis store
+            supports only 1 (``ConfigValueError`` otherwise).
         failure_rate: if given (0 < rate <= 1), open when the failure rate over the last
             ``window`` calls reaches it, once ``minimum_calls`` calls were recorded.
         window: number of most recent calls in the failure-rate window (default 100).
@@ -338,6 +355,7 @@ class CircuitBreaker(PermitGuard, Policy):
         failure_threshold: int = 5,
         reset_timeout: float | timedelta = 30.0,
         half_open_max_calls: int = 1,
+        success_threshold: int = 1,
         failure_rate: float | None = None,
         window: int = 100,
         minimum_calls: int = 10,
@@ -351,6 +369,7 @@ class CircuitBreaker(PermitGuard, Policy):
         self.failure_threshold = check_int("failure_threshold", failure_threshold)
         self.reset_timeout = require_seconds("reset_timeout", reset_timeout)
         self.half_open_max_calls = check_int("half_open_max_calls", half_open_max_calls)
+        self.success_threshold = check_int("success_threshold", success_threshold)
         self.failure_rate = (
             None
             if failure_rate is None
@@ -474,6 +493,27 @@ class CircuitBreaker(PermitGuard, Policy):
         with self._lock:
             self._failures += 1
         return "failure"
+
+    # -- calling through the breaker ----------------------------------------------------------
+
+    def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call ``fn(*args, **kwargs)`` through the breaker, as the decorator would: its
+        result, or :class:`CircuitOpenError` without calling it. For a coroutine
+        function, use :meth:`call_async`."""
+        if is_async_callable(fn):
+            raise ConfigTypeError(
+                f"call() runs sync functions; await breaker.call_async() for the coroutine "
+                f"function {fn!r}"
+            )
+        with self.acquire():
+            return fn(*args, **kwargs)
+
+    async def call_async(
+        self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        """Await ``fn(*args, **kwargs)`` through the breaker, as the decorator would."""
+        async with await self.acquire_async():
+            return await fn(*args, **kwargs)
 
     # -- operator controls ------------------------------------------------------------------
 

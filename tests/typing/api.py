@@ -358,3 +358,28 @@ async def retry_async_loop() -> None:
     async for attempt in retry(3).attempts():
         async with attempt:
             assert_type(attempt.next_wait, float | None)
+
+
+# -- breaker: success_threshold, call(), listeners on every policy ----------------------------
+
+
+def breaker_features_usage() -> None:
+    def lookup(key: str, *, default: str = "") -> str:
+        return key or default
+
+    breaker = CircuitBreaker("typed-threshold", success_threshold=3)
+    assert_type(breaker.call(lookup, "a", default="b"), str)
+
+    def listener(event: buttress.events.Event) -> None:
+        pass
+
+    for policy in (breaker, retry(2), timeout(1), RateLimiter(rate=1), pipeline(retry(2))):
+        policy.add_listener(listener)
+        assert_type(policy.remove_listener(listener), bool)
+
+
+async def breaker_call_async() -> None:
+    async def price(sku: str) -> float:
+        return 1.0
+
+    assert_type(await CircuitBreaker().call_async(price, "kettle"), float)

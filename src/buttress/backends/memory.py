@@ -88,6 +88,7 @@ class MemoryBreakerStore(_ByName):
             breaker.failure_threshold,
             breaker.reset_timeout,
             breaker.half_open_max_calls,
+            breaker.success_threshold,
             breaker.failure_rate,
             breaker.window,
             breaker.minimum_calls,

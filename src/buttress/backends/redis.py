@@ -565,6 +565,12 @@ class RedisBreakerBinding(_RedisBinding):
     def __init__(self, store: RedisBreakerStore, breaker: CircuitBreaker) -> None:
         from buttress.circuit_breaker import LocalBreaker
 
+        if breaker.success_threshold != 1:
+            # The shared Lua state machine closes on the first successful probe.
+            raise ConfigValueError(
+                f"success_threshold must be 1 with a RedisBreakerStore (the shared circuit "
+                f"closes on its first successful probe), got {breaker.success_threshold!r}"
+            )
         super().__init__(store, breaker)
         self.failure_rate = breaker.failure_rate
         self.key = store.key("cb", _needs_name(breaker, "CircuitBreaker"))
