@@ -790,3 +790,21 @@ def test_is_testing_follows_set_testing():
             assert is_testing() is False
         assert is_testing() is True
     assert is_testing() is False
+
+
+def test_no_attempt_limit_when_a_deadline_bounds_the_call(face, flaky, clock):
+    """attempts=None retries until the deadline; without a deadline it is refused."""
+    behaviour = flaky(*[Transient()] * 50)
+    policy = retry(None, backoff=[1.0], deadline=10.5, clock=clock)
+    with pytest.raises(Transient) as info:
+        face.wrap(policy, behaviour)()
+    assert behaviour.calls == 11
+    assert "deadline exhausted" in info.value.__notes__[0]
+    assert policy.snapshot()["attempts"] is None
+    with set_testing(True, attempts=3):
+        capped = flaky(*[Transient()] * 5)
+        with pytest.raises(Transient):
+            face.wrap(policy, capped)()
+        assert capped.calls == 3
+    with pytest.raises(buttress.ConfigValueError, match="needs a deadline"):
+        retry(None)

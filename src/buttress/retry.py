@@ -203,6 +203,8 @@ class RetryState:
 
     def _max_attempts(self) -> int:
         attempts = self.policy.max_attempts
+        if attempts is None:  # no limit: the deadline bounds the call
+            attempts = sys.maxsize
         if config.testing and config.testing_attempts is not None:
             # The testing switch caps attempts, it never raises them: a policy built
             # with attempts=1 (a call that must not be repeated) stays at one.
@@ -344,7 +346,7 @@ Hook = Callable[[RetryState], object]
 class RetryOptions(TypedDict, total=False):
     """The options of :class:`Retry`, as :meth:`Retry.retry_with` takes them."""
 
-    attempts: int
+    attempts: int | None
     on: ExceptionSpec
     retry_if_result: Callable[[Any], bool] | None
     retry_after: Callable[[Any], float | timedelta | None] | None
@@ -363,7 +365,8 @@ class Retry(Policy):
     """Retry a call that fails with a transient error (``retry(...)`` builds one).
 
     Args:
-        attempts: total attempts including the first (default 3, >= 1).
+        attempts: total attempts including the first (default 3, >= 1), or ``None`` for
+            no limit when a ``deadline`` bounds the call.
         on: what to retry: an exception class, a predicate ``exc -> bool``, or a tuple or
             list mixing them (default ``Exception``); an error is retried when it is an
             instance of one of the classes or a predicate returns true for it.
@@ -393,7 +396,7 @@ class Retry(Policy):
 
     def __init__(
         self,
-        attempts: int = 3,
+        attempts: int | None = 3,
         *,
         on: ExceptionSpec = Exception,
         retry_if_result: Callable[[Any], bool] | None = None,
@@ -420,7 +423,14 @@ class Retry(Policy):
             "after_call": after_call,
             **options,
         }
-        self.max_attempts = check_int("attempts", attempts)
+        self.max_attempts: int | None = (
+            None if attempts is None else check_int("attempts", attempts)
+        )
+        if attempts is None and deadline is None:
+            raise ConfigValueError(
+                "attempts=None (no attempt limit) needs a deadline to bound the call, "
+                "got attempts=None and deadline=None"
+            )
         self.on: ExceptionFilter = check_exception_filter("on", on)
         # An open circuit is retried only when on= names CircuitOpenError or RejectedError
         # by class (not a broader class such as Exception, and not a predicate).

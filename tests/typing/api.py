@@ -383,3 +383,9 @@ async def breaker_call_async() -> None:
         return 1.0
 
     assert_type(await CircuitBreaker().call_async(price, "kettle"), float)
+
+
+def retry_without_attempt_limit() -> None:
+    from datetime import timedelta
+
+    assert_type(retry(None, deadline=timedelta(minutes=1)).max_attempts, int | None)
