@@ -1172,3 +1172,18 @@ def test_success_threshold_above_one_is_refused_with_a_redis_store(stores: Store
     with pytest.raises(buttress.ConfigValueError, match="success_threshold must be 1"):
         CircuitBreaker("dep", store=stores(RedisBreakerStore), success_threshold=2)
     CircuitBreaker("dep", store=stores(RedisBreakerStore), success_threshold=1)
+
+
+def test_half_open_by_hand_reaches_every_process(stores: Stores) -> None:
+    """half_open() in one process lets the shared circuit probe in all of them."""
+    options = {"failure_threshold": 1, "reset_timeout": 60}
+    a = CircuitBreaker("dep", store=stores(RedisBreakerStore), **options)
+    b = CircuitBreaker("dep", store=stores(RedisBreakerStore), **options, **other_process())
+    with pytest.raises(ConnectionError):
+        _call(a, _fail)
+    assert b.state == "open"
+    a.open()
+    b.half_open()
+    assert a.state == "half_open"
+    assert _call(a, lambda: "ok") == "ok"
+    assert b.state == "closed"

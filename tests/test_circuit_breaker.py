@@ -557,3 +557,24 @@ def test_every_policy_takes_listeners_after_construction(build):
     assert not policy.listening
     policy.emit(events.RetryRecovered, attempts=2)
     assert len(seen) == 1
+
+
+def test_half_open_by_hand_lets_probes_through_now(face, clock):
+    """half_open() probes before the reset timeout, ends a forced open, and is an event."""
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=60, clock=clock)
+    call = face.wrap(breaker, behaviour)
+    fail(call, 1)
+    with capture_events() as captured:
+        breaker.half_open()
+    assert breaker.state == "half_open"
+    assert [(e.old, e.new, e.reason) for e in captured] == [
+        ("open", "half_open", "forced half-open")
+    ]
+    fail(call, 1)  # the probe fails: open again for a full reset_timeout
+    assert breaker.state == "open"
+    breaker.open()
+    breaker.half_open()
+    assert breaker.state == "half_open" and not breaker.snapshot()["forced"]
+    assert call() == "ok" and breaker.state == "closed"
+    breaker.half_open()  # from closed too
+    assert breaker.state == "half_open"

@@ -199,9 +199,12 @@ class LocalBreaker(BindingBase):
                 half_open_probes=self.probes,
             )
 
-    def force(self, state: Literal["open", "closed"]) -> None:
+    def force(self, state: Literal["open", "closed", "half_open"]) -> None:
         with self.lock:
-            if state == "open":
+            if state == "half_open":
+                self.forced = False
+                changed = self._transition(HALF_OPEN, "forced half-open")
+            elif state == "open":
                 changed = self._transition(OPEN, "forced open")
                 self.forced = True
             else:
@@ -533,6 +536,12 @@ class CircuitBreaker(PermitGuard, Policy):
     def close(self) -> None:
         """Close the circuit and forget the recent outcomes (in every process, with a store)."""
         self.binding.force("closed")
+
+    def half_open(self) -> None:
+        """Let probes through now, as if the reset timeout had elapsed (also ends a forced
+        open): the next ``half_open_max_calls`` calls are probes, whose outcomes close or
+        re-open the circuit. In every process, with a shared store."""
+        self.binding.force("half_open")
 
     def reset(self) -> None:
         """Close the circuit and zero every counter."""

@@ -389,3 +389,9 @@ def retry_without_attempt_limit() -> None:
     from datetime import timedelta
 
     assert_type(retry(None, deadline=timedelta(minutes=1)).max_attempts, int | None)
+
+
+def breaker_half_open_by_hand() -> None:
+    breaker = CircuitBreaker("typed-half-open")
+    breaker.half_open()
+    buttress.circuit_breaker.LocalBreaker(breaker).force("half_open")

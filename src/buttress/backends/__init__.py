@@ -141,9 +141,10 @@ class BreakerBinding(Protocol):
     def status(self) -> BreakerStatus:
         """The current state (a store may read it from its server)."""
 
-    def force(self, state: Literal["open", "closed"]) -> None:
+    def force(self, state: Literal["open", "closed", "half_open"]) -> None:
         """``"open"``: open the circuit until forced closed (no probes). ``"closed"``:
-        close it and forget the failure streak and window. Seen by every sharer."""
+        close it and forget the failure streak and window. ``"half_open"``: let probes
+        through now, as if the reset timeout had elapsed. Seen by every sharer."""
 
     def snapshot(self) -> dict[str, Any]:
         """Facts about the store for ``state()`` (backend, key...); may be empty."""

@@ -58,8 +58,8 @@ return {1, string.format('%.0f', wait), reserved}
 # Fields: s state (c/o/h), g generation, oa opened at (us), f forced (0/1),
 # cf consecutive failures, p probes in flight, pa probes granted at (us),
 # r ring of recent outcomes ('0'/'1'), rp ring position, rl ring length, rf failures in ring.
-# ARGV: op (acquire | record | peek | open | close), reset_us, max_probes, probe_lease_us,
-#       threshold, rate (-1: consecutive mode), window, minimum_calls,
+# ARGV: op (acquire | record | peek | open | close | half_open), reset_us, max_probes,
+#       probe_lease_us, threshold, rate (-1: consecutive mode), window, minimum_calls,
 #       pending_successes, pending_gen, gen, outcome (s success, f failure, n neutral).
 # Returns {verdict, state, gen, consecutive, retry_after_us, transitions...} where verdict is
 # 1 (admitted / recorded) or 0 (rejected) and transitions is a flat list of old,new,reason.
@@ -210,6 +210,13 @@ elseif op == 'close' then
   rl = 0
   rf = 0
   dirty = true
+elseif op == 'half_open' then
+  -- probe now: the next calls are probes, as if the reset timeout had elapsed
+  if forced == '1' then
+    forced = '0'
+    dirty = true
+  end
+  move('h', 'forced half-open')
 end
 
 if dirty then

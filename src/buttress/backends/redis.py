@@ -786,8 +786,8 @@ class RedisBreakerBinding(_RedisBinding):
             return
         self._read(reply)
 
-    def force(self, state: Literal["open", "closed"]) -> None:
-        op = "open" if state == "open" else "close"
+    def force(self, state: Literal["open", "closed", "half_open"]) -> None:
+        op = {"open": "open", "closed": "close", "half_open": "half_open"}[state]
         args = self._args(op)
         try:
             reply = self.conn.run(scripts.BREAKER, self.key, *args)
