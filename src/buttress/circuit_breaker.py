@@ -32,6 +32,7 @@ from ._policy import Policy, PolicyOptions, is_async_callable
 from ._validate import (
     ExceptionFilter,
     ExceptionSpec,
+    check_bool,
     check_exception_filter,
     check_int,
     check_number,
@@ -343,6 +344,9 @@ class CircuitBreaker(PermitGuard, Policy):
             ``exclude``); others are neutral. Rejections by other buttress primitives
             (:class:`RejectedError`) and cancellation are always neutral: those calls
             never reached the dependency.
+        call_events: emit a :class:`~buttress.events.CallCompleted` event for every call
+            (its outcome, duration and error; default ``False``: a breaker without it
+            does no per-call work for events).
         store: where the state lives: a :class:`~buttress.backends.BreakerStore` such as
             :class:`~buttress.backends.redis.RedisBreakerStore` (the breaker then needs a
             name); ``None`` (default) keeps it in this breaker.
@@ -365,6 +369,7 @@ class CircuitBreaker(PermitGuard, Policy):
         slow_call_duration: float | timedelta | None = None,
         exclude: ExceptionSpec = (),
         include: ExceptionSpec = Exception,
+        call_events: bool = False,
         store: object = None,
         **options: Unpack[PolicyOptions],
     ) -> None:
@@ -391,6 +396,11 @@ class CircuitBreaker(PermitGuard, Policy):
         )
         self.exclude: ExceptionFilter = check_exception_filter("exclude", exclude, allow_empty=True)
         self.include: ExceptionFilter = check_exception_filter("include", include)
+        self.call_events = check_bool("call_events", call_events)
+        if self.call_events:
+            # Only such a breaker pays for the per-call event: the others keep the plain
+            # classification (and the lock-free success path below).
+            self.outcome = self._outcome_reported  # type: ignore[method-assign]
         self._lock = threading.Lock()
         self._fast_successes = Counter()  # successes: one atomic increment each, no lock
         self._failures = 0
@@ -411,6 +421,7 @@ class CircuitBreaker(PermitGuard, Policy):
             and self._local is not None
             and self.failure_rate is None
             and not self._timed
+            and not self.call_events
         )
         self._register()
 
@@ -517,6 +528,18 @@ class CircuitBreaker(PermitGuard, Policy):
         """Await ``fn(*args, **kwargs)`` through the breaker, as the decorator would."""
         async with await self.acquire_async():
             return await fn(*args, **kwargs)
+
+    def _outcome_reported(
+        self, exc: BaseException | None, duration: float = 0.0, *, failed: bool | None = None
+    ) -> Outcome:
+        verdict = CircuitBreaker.outcome(self, exc, duration, failed=failed)
+        self.emit(
+            _events.CallCompleted,
+            outcome=verdict,
+            duration=duration,
+            error=None if exc is Permit.NEUTRAL else exc,
+        )
+        return verdict
 
     # -- operator controls ------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ __all__ = [
     "BackendRecovered",
     "CacheRefreshFailed",
     "CacheStaleServed",
+    "CallCompleted",
     "CallRejected",
     "ChaosInjected",
     "CircuitStateChanged",
@@ -133,6 +134,19 @@ class CircuitStateChanged(Event):
     old: str
     new: str
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallCompleted(Event):
+    """A call through a breaker built with ``call_events=True`` ended: ``outcome`` is
+    ``"success"``, ``"failure"`` or ``"neutral"``, ``duration`` its seconds (0 when not
+    timed), ``error`` its exception, if any."""
+
+    kind: ClassVar[str] = "call_completed"
+    severity: ClassVar[Severity] = Severity.DEBUG
+    outcome: str
+    duration: float
+    error: BaseException | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -395,3 +395,13 @@ def breaker_half_open_by_hand() -> None:
     breaker = CircuitBreaker("typed-half-open")
     breaker.half_open()
     buttress.circuit_breaker.LocalBreaker(breaker).force("half_open")
+
+
+def breaker_call_events() -> None:
+    def on_call(event: buttress.events.Event) -> None:
+        if isinstance(event, buttress.events.CallCompleted):
+            assert_type(event.outcome, str)
+            assert_type(event.duration, float)
+            assert_type(event.error, BaseException | None)
+
+    CircuitBreaker("typed-call-events", call_events=True, listeners=[on_call])

@@ -41,6 +41,7 @@ _MESSAGES: dict[str, str] = {
     "retry_gave_up": "gave up after {attempts} attempt(s) ({reason} exhausted): {error}",
     "retry_recovered": "succeeded after {attempts} attempts",
     "circuit_state_changed": "circuit {old} -> {new} ({reason})",
+    "call_completed": "call ended: {outcome} in {duration:.3g}s",
     "call_rejected": "call rejected ({reason})",
     "acquired_after_wait": "acquired after waiting {waited:.3g}s",
     "timeout_fired": "timed out after {timeout:g}s",
