@@ -808,3 +808,28 @@ def test_no_attempt_limit_when_a_deadline_bounds_the_call(face, flaky, clock):
         assert capped.calls == 3
     with pytest.raises(buttress.ConfigValueError, match="needs a deadline"):
         retry(None)
+
+
+def test_event_details_carry_elapsed_and_the_call_arguments(face, flaky, clock):
+    """event_details=True: the three retry events carry elapsed, args and kwargs."""
+    behaviour = flaky(Transient())
+    policy = retry(3, backoff=[1.5], event_details=True, clock=clock)
+    with capture_events() as captured:
+        assert face.wrap(policy, behaviour)("a", 1) == "ok"
+    assert [(type(e).__name__, e.elapsed, e.args, e.kwargs) for e in captured] == [
+        ("RetryScheduled", 0.0, ("a", 1), {}),
+        ("RetryRecovered", 1.5, ("a", 1), {}),
+    ]
+    gave_up = retry(1, event_details=True, clock=clock)
+    with capture_events() as captured, pytest.raises(Transient):
+        face.wrap(gave_up, flaky(Transient()))("k")
+    assert [(type(e).__name__, e.args) for e in captured] == [("RetryGaveUp", ("k",))]
+
+
+def test_events_carry_no_arguments_by_default(face, flaky, clock):
+    """Without event_details the retry events leave elapsed, args and kwargs as None."""
+    with capture_events() as captured:
+        face.wrap(retry(3, clock=clock), flaky(Transient()))("secret")
+    assert captured and all((e.elapsed, e.args, e.kwargs) == (None, None, None) for e in captured)
+    with pytest.raises(buttress.ConfigTypeError, match="event_details"):
+        retry(3, event_details=1)  # type: ignore[arg-type]

@@ -94,6 +94,11 @@ class Event:
         return out
 
 
+# The three retry events carry ``elapsed`` (seconds since the call started), ``args`` and
+# ``kwargs`` (the call's arguments) only from a policy built with ``event_details=True``:
+# arguments may hold secrets, so they are never sent by default.
+
+
 @dataclass(frozen=True, slots=True)
 class RetryScheduled(Event):
     """An attempt failed (or returned a result to retry) and another one will follow."""
@@ -103,6 +108,9 @@ class RetryScheduled(Event):
     delay: float
     error: BaseException | None
     result: object = None
+    elapsed: float | None = None
+    args: tuple[object, ...] | None = None
+    kwargs: dict[str, object] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +123,9 @@ class RetryGaveUp(Event):
     reason: str
     error: BaseException | None
     result: object = None
+    elapsed: float | None = None
+    args: tuple[object, ...] | None = None
+    kwargs: dict[str, object] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +134,9 @@ class RetryRecovered(Event):
 
     kind: ClassVar[str] = "retry_recovered"
     attempts: int
+    elapsed: float | None = None
+    args: tuple[object, ...] | None = None
+    kwargs: dict[str, object] | None = None
 
 
 @dataclass(frozen=True, slots=True)

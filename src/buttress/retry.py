@@ -23,6 +23,7 @@ from ._policy import ExcType, Policy, PolicyOptions, Traceback
 from ._validate import (
     ExceptionFilter,
     ExceptionSpec,
+    check_bool,
     check_callable,
     check_exception_filter,
     check_int,
@@ -164,6 +165,7 @@ class RetryState:
 
     __slots__ = (
         "attempt",
+        "call",
         "delays",
         "last_delay",
         "peeked",
@@ -182,6 +184,15 @@ class RetryState:
         self.settled = False
         self.waited = 0.0
         self.peeked: float | None = None
+        # (args, kwargs) of the call, kept for the events of an event_details policy only
+        self.call: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+
+    def details(self) -> dict[str, Any]:
+        """The events' optional fields: empty unless the policy has ``event_details``."""
+        if not self.policy.event_details:
+            return {}
+        args, kwargs = self.call if self.call is not None else ((), {})
+        return {"elapsed": self.elapsed, "args": args, "kwargs": dict(kwargs)}
 
     @property
     def elapsed(self) -> float:
@@ -268,7 +279,7 @@ class RetryState:
             policy = self.policy
             with policy._lock:
                 policy._recovered += 1
-            policy.emit(_events.RetryRecovered, attempts=self.attempt)
+            policy.emit(_events.RetryRecovered, attempts=self.attempt, **self.details())
 
     def _rejected(self, result: object) -> float:
         """``retry_if_result`` rejected ``result``: the delay, or RetryExhausted."""
@@ -316,7 +327,7 @@ class RetryState:
         if budget is not None and not budget.try_withdraw():
             self._give_up("budget", error, result)
             return None
-        policy._count_retry(self.attempt, delay, error, result)
+        policy._count_retry(self, delay, error, result)
         self.attempt += 1
         self.waited += delay
         return delay
@@ -331,9 +342,15 @@ class RetryState:
                 error,
                 f"buttress: gave up after {self.attempt} attempt(s) ({what[reason]} exhausted)",
             )
-        policy.emit(
-            _events.RetryGaveUp, attempts=self.attempt, reason=reason, error=error, result=result
-        )
+        if policy.listening:
+            policy.emit(
+                _events.RetryGaveUp,
+                attempts=self.attempt,
+                reason=reason,
+                error=error,
+                result=result,
+                **self.details(),
+            )
 
     def __repr__(self) -> str:
         return f"<RetryState attempt={self.attempt} of {self.policy!r}>"
@@ -355,6 +372,7 @@ class RetryOptions(TypedDict, total=False):
     budget: RetryBudget | None
     before_attempt: Hook | None
     after_call: Hook | None
+    event_details: bool
     name: str | None
     listeners: Iterable[_events.Listener] | None
     registry: Registry | None
@@ -388,6 +406,9 @@ class Retry(Policy):
         after_call: called once when the call ends, whichever way, with its
             :class:`RetryState`. The hooks run in the caller's thread or task; an
             exception they raise propagates. Without hooks, nothing is built for them.
+        event_details: the retry events also carry ``elapsed`` (seconds since the call
+            started) and the call's ``args`` and ``kwargs`` (default ``False``: arguments
+            may hold secrets).
         name: registers the policy for ``state()``.
         listeners, registry, clock: as for every policy (:class:`~buttress.Policy`).
     """
@@ -406,6 +427,7 @@ class Retry(Policy):
         budget: RetryBudget | None = None,
         before_attempt: Hook | None = None,
         after_call: Hook | None = None,
+        event_details: bool = False,
         name: str | None = None,
         **options: Unpack[PolicyOptions],
     ) -> None:
@@ -421,6 +443,7 @@ class Retry(Policy):
             "budget": budget,
             "before_attempt": before_attempt,
             "after_call": after_call,
+            "event_details": event_details,
             **options,
         }
         self.max_attempts: int | None = (
@@ -450,6 +473,11 @@ class Retry(Policy):
             "before_attempt", before_attempt, allow_none=True
         )
         self.after_call: Hook | None = check_callable("after_call", after_call, allow_none=True)
+        self.event_details = check_bool("event_details", event_details)
+        # Hooks and event details need the call's state (and start time) from the outset.
+        self._hooked = (
+            self.before_attempt is not None or self.after_call is not None or self.event_details
+        )
         if backoff is None:
             backoff = _DEFAULT_BACKOFF
         elif not isinstance(backoff, Iterable) or isinstance(backoff, (str, bytes)):
@@ -493,11 +521,19 @@ class Retry(Policy):
         return self.on(exc)
 
     def _count_retry(
-        self, attempt: int, delay: float, error: BaseException | None, result: object
+        self, state: RetryState, delay: float, error: BaseException | None, result: object
     ) -> None:
         with self._lock:
             self._retries += 1
-        self.emit(_events.RetryScheduled, attempt=attempt, delay=delay, error=error, result=result)
+        if self.listening:
+            self.emit(
+                _events.RetryScheduled,
+                attempt=state.attempt,
+                delay=delay,
+                error=error,
+                result=result,
+                **state.details(),
+            )
 
     def start(self) -> RetryState:
         """Begin one call: its :class:`RetryState` (deposits into the budget and starts
@@ -532,7 +568,7 @@ class Retry(Policy):
     # -- the two drivers --------------------------------------------------------------------
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        if self.before_attempt is not None or self.after_call is not None:
+        if self._hooked:
             return self._wrap_sync_hooked(fn)
         start, sleep, check = self._start, self._clock.sleep, self.retry_if_result
 
@@ -561,7 +597,7 @@ class Retry(Policy):
         return retrying
 
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        if self.before_attempt is not None or self.after_call is not None:
+        if self._hooked:
             return self._wrap_async_hooked(fn)
         start, check = self._start, self.retry_if_result
         asleep = self._clock.asleep
@@ -595,10 +631,12 @@ class Retry(Policy):
 
     def _wrap_sync_hooked(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         sleep, check = self._clock.sleep, self.retry_if_result
-        before, after = self.before_attempt, self.after_call
+        before, after, details = self.before_attempt, self.after_call, self.event_details
 
         def retrying(*args: Any, **kwargs: Any) -> Any:
             state = self.start()
+            if details:
+                state.call = (args, kwargs)
             try:
                 while True:
                     if before is not None:
@@ -624,10 +662,12 @@ class Retry(Policy):
 
     def _wrap_async_hooked(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         asleep, check = self._clock.asleep, self.retry_if_result
-        before, after = self.before_attempt, self.after_call
+        before, after, details = self.before_attempt, self.after_call, self.event_details
 
         async def retrying(*args: Any, **kwargs: Any) -> Any:
             state = self.start()
+            if details:
+                state.call = (args, kwargs)
             try:
                 while True:
                     if before is not None:

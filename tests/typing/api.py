@@ -405,3 +405,13 @@ def breaker_call_events() -> None:
             assert_type(event.error, BaseException | None)
 
     CircuitBreaker("typed-call-events", call_events=True, listeners=[on_call])
+
+
+def retry_event_details() -> None:
+    def on_event(event: buttress.events.Event) -> None:
+        if isinstance(event, buttress.events.RetryScheduled):
+            assert_type(event.elapsed, float | None)
+            assert_type(event.args, tuple[object, ...] | None)
+            assert_type(event.kwargs, dict[str, object] | None)
+
+    retry(3, event_details=True, listeners=[on_event])
