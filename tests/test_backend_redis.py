@@ -682,6 +682,43 @@ def test_a_cancel_the_client_swallows_gives_the_probe_slot_back(
     assert here.state == "closed"
 
 
+@swallowing
+def test_a_cancel_the_client_swallows_during_settle_or_release_still_stops_the_caller(
+    redis_url: str, stores: Stores
+) -> None:
+    """Cancelled while its outcome or its slot goes back to Redis, a worker still stops
+    (and the outcome and the slot were recorded)."""
+
+    async def main() -> None:
+        client = SwallowsCancellation.from_url(redis_url)
+        breaker = CircuitBreaker(
+            "settle-swallowed",
+            failure_threshold=1000,
+            store=stores(RedisBreakerStore, async_client=client),
+        )
+        bulkhead = Bulkhead(
+            "release-swallowed",
+            max_concurrent=1,
+            store=stores(RedisBulkheadStore, async_client=client),
+        )
+        for settle in ("breaker", "bulkhead"):
+            permit = await (breaker if settle == "breaker" else bulkhead).acquire_async()
+            task = asyncio.ensure_future(
+                permit.failure_async(ConnectionError())
+                if settle == "breaker"
+                else permit.release_async()
+            )
+            await asyncio.sleep(0)  # inside its command now
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            assert task.cancelled(), settle
+        assert bulkhead.binding.in_use() == 0
+        assert breaker.snapshot()["store"]["consecutive_failures"] == 1
+        await client.aclose()
+
+    asyncio.run(main())
+
+
 # -- saga idempotency ------------------------------------------------------------------------
 
 
@@ -1187,3 +1224,16 @@ def test_half_open_by_hand_reaches_every_process(stores: Stores) -> None:
     assert a.state == "half_open"
     assert _call(a, lambda: "ok") == "ok"
     assert b.state == "closed"
+
+
+def test_an_interval_that_is_not_whole_microseconds_admits_an_idle_bucket(stores: Stores) -> None:
+    """rate=3/s (333,333.3 us apart): a fresh bucket admits at once, with no wait counted."""
+    for rate in (3, 7):
+        limiter = RateLimiter(f"thirds-{rate}", rate=rate, store=stores(RedisRateLimiterStore))
+        assert limiter.try_acquire()
+        assert not limiter.try_acquire()
+        other = RateLimiter(
+            f"thirds-{rate}-b", rate=rate, max_wait=0, store=stores(RedisRateLimiterStore)
+        )
+        other.acquire()  # max_wait=0: no wait allowed, and none needed
+        assert other.snapshot()["waited"] == 0

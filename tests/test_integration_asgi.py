@@ -384,3 +384,62 @@ def test_mounted_in_starlette_over_http():
         assert state.headers["content-type"] == "application/json"
         assert state.json()["circuit_breaker"]["db"]["state"] == "open"
     assert bulkhead.in_flight == 0
+
+
+class _SlowStatusStore:
+    """A breaker store whose status() takes a blocking round trip (a hung server)."""
+
+    def bind_breaker(self, breaker: CircuitBreaker) -> _SlowStatusStore:
+        from buttress.circuit_breaker import LocalBreaker
+
+        self.inner = LocalBreaker(breaker)
+        return self
+
+    def acquire(self) -> int:
+        return self.inner.acquire()
+
+    async def acquire_async(self) -> int:
+        return self.inner.acquire()
+
+    def settle(self, token: int, outcome: Any) -> None:
+        self.inner.settle(token, outcome)
+
+    async def settle_async(self, token: int, outcome: Any) -> None:
+        self.inner.settle(token, outcome)
+
+    def status(self) -> Any:
+        time.sleep(0.2)
+        return self.inner.status()
+
+    def force(self, state: Any) -> None:
+        self.inner.force(state)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {}
+
+
+def test_the_health_app_never_blocks_the_event_loop_on_a_slow_store():
+    """A report that waits on a store is built off the loop: a 1 ms ticker keeps ticking."""
+    registry = buttress.Registry()
+    CircuitBreaker("slow-store", store=_SlowStatusStore(), registry=registry)
+
+    async def main() -> float:
+        worst = 0.0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal worst
+            while not stop.is_set():
+                started = time.perf_counter()
+                await asyncio.sleep(0.001)
+                worst = max(worst, time.perf_counter() - started)
+
+        ticking = asyncio.ensure_future(ticker())
+        transport = httpx.ASGITransport(app=health_app(registry))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            assert (await http.get("/")).status_code == 200
+        stop.set()
+        await ticking
+        return worst
+
+    assert asyncio.run(main()) < 0.1  # the report took 0.2 s, on another thread

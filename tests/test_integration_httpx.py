@@ -27,6 +27,7 @@ from buttress import (
     Bulkhead,
     BulkheadFull,
     ButtressError,
+    CircuitBreaker,
     CircuitOpenError,
     RateLimited,
     RateLimiter,
@@ -920,3 +921,82 @@ def test_real_server_sync_timeout_option(server):
         with pytest.raises(TimeoutExceeded):
             http.get("/slow")
         assert time.monotonic() - started < 0.9
+
+
+# -- a breaker store that fails while settling: nothing the attempt holds is left behind ----
+
+
+class _SettleFails:
+    """A breaker store whose settlement fails (a store error) or hangs (async I/O)."""
+
+    def __init__(self, *, hang: bool = False) -> None:
+        self.hang = hang
+
+    def bind_breaker(self, breaker: CircuitBreaker) -> _SettleFails:
+        from buttress.circuit_breaker import LocalBreaker
+
+        self.inner = LocalBreaker(breaker)
+        return self
+
+    def acquire(self) -> int:
+        return self.inner.acquire()
+
+    async def acquire_async(self) -> int:
+        return self.inner.acquire()
+
+    def settle(self, token: int, outcome: str) -> None:
+        raise buttress.BackendError("the store is down")
+
+    async def settle_async(self, token: int, outcome: str) -> None:
+        if self.hang:
+            await asyncio.sleep(10)  # a slow round trip, cut off by the transport's timeout
+        raise buttress.BackendError("the store is down")
+
+    def status(self) -> object:
+        return self.inner.status()
+
+    def force(self, state: str) -> None:
+        self.inner.force(state)  # type: ignore[arg-type]
+
+    def snapshot(self) -> dict[str, object]:
+        return {}
+
+
+def test_a_failing_breaker_settlement_frees_the_bulkhead_slot() -> None:
+    """A store error while settling the breaker still gives the bulkhead slot back."""
+    bulkhead = Bulkhead(max_concurrent=1)
+    transport = ResilientTransport(
+        httpx.MockTransport(lambda request: httpx.Response(500)),
+        retry=None,
+        breaker=CircuitBreaker("settle-fails", store=_SettleFails(), registry=buttress.Registry()),
+        bulkhead=bulkhead,
+    )
+    with httpx.Client(transport=transport) as client:
+        for _ in range(3):
+            with pytest.raises(buttress.BackendError):
+                client.get("http://partner.test/")
+            assert bulkhead.in_flight == 0
+
+
+def test_a_timeout_during_an_async_settlement_frees_the_bulkhead_slot() -> None:
+    """The transport's timeout landing while the breaker's outcome is sent frees the slot."""
+    bulkhead = Bulkhead(max_concurrent=1)
+    breaker = CircuitBreaker(
+        "settle-hangs", store=_SettleFails(hang=True), registry=buttress.Registry()
+    )
+
+    async def main() -> None:
+        transport = AsyncResilientTransport(
+            httpx.MockTransport(lambda request: httpx.Response(500)),
+            retry=None,
+            breaker=breaker,
+            bulkhead=bulkhead,
+            timeout=0.05,
+        )
+        async with httpx.AsyncClient(transport=transport) as client:
+            for _ in range(2):
+                with pytest.raises(buttress.TimeoutExceeded):
+                    await client.get("http://partner.test/")
+                assert bulkhead.in_flight == 0
+
+    asyncio.run(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -379,3 +380,51 @@ def test_memory_stores_share_state_by_name_and_refuse_other_settings() -> None:
         CircuitBreaker("dep", failure_threshold=3, store=store, registry=buttress.Registry())
     with pytest.raises(buttress.ConfigValueError, match="needs a name"):
         CircuitBreaker(store=store)
+
+
+def test_a_predicate_that_raises_does_not_match_and_leaks_no_probe(clock: FakeClock) -> None:
+    """exclude=[lambda e: e.status < 500] given an error without status: not excluded, so
+    the probe fails and reopens the circuit instead of holding its slot for good."""
+    breaker = CircuitBreaker(
+        failure_threshold=1,
+        reset_timeout=5,
+        exclude=[lambda e: e.status < 500],  # type: ignore[attr-defined]
+        clock=clock,
+    )
+    breaker.acquire().failure(ConnectionError("down"))
+    assert breaker.state == "open"
+    clock.advance(5)
+    with pytest.raises(ConnectionError), breaker:
+        raise ConnectionError("still down")
+    assert breaker.state == "open"  # the probe counted as a failure
+    clock.advance(5)
+    breaker.acquire().success()  # a new probe is admitted: nothing was left holding one
+    assert breaker.state == "closed"
+
+
+def test_with_bulkhead_in_interleaved_generators_frees_each_ones_own_lease() -> None:
+    """Two generators inside `with bulkhead:`, advanced in turn in one thread: the first to
+    finish frees its own lease, not the other's."""
+    store = RecordingBulkheadStore()
+    bulkhead = Bulkhead("pool", max_concurrent=2, store=store)
+
+    def stream() -> Iterator[int]:
+        with bulkhead:
+            yield 1
+            yield 2
+
+    first, second = stream(), stream()
+    next(first)  # takes lease-1
+    next(second)  # takes lease-2
+    assert list(first) == [2]  # first leaves its block
+    assert store.released == ["lease-1"]
+    assert list(second) == [2]
+    assert store.released == ["lease-1", "lease-2"]
+
+
+def test_a_store_class_instead_of_a_store_is_refused_naming_store() -> None:
+    """store=RedisBreakerStore (the class, not built) is a ConfigTypeError naming store=."""
+    with pytest.raises(buttress.ConfigTypeError, match="store must be a store instance"):
+        CircuitBreaker("x", store=RedisBreakerStore)
+    with pytest.raises(buttress.ConfigTypeError, match="MemoryLimiterStore"):
+        RateLimiter("y", rate=1, store=MemoryLimiterStore)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
@@ -192,7 +193,7 @@ class Policy:
         return f"<{type(self).__name__}{label}>"
 
 
-_cm_entries: ContextVar[tuple[tuple[object, Any], ...]] = ContextVar(
+_cm_entries: ContextVar[tuple[tuple[object, Any, object], ...]] = ContextVar(
     "buttress_cm_entries", default=()
 )
 
@@ -200,19 +201,32 @@ _cm_entries: ContextVar[tuple[tuple[object, Any], ...]] = ContextVar(
 def cm_push(owner: object, value: Any) -> None:
     """Remember ``value`` for ``owner``'s ``__exit__`` in the current task or thread.
 
-    A shared policy may be entered concurrently by many threads and tasks and
-    nested in itself; each entry lives in its own context. All policies share one
-    ContextVar: a variable per policy would grow every task's context by one entry
-    per policy ever entered (``async with timeout(5)`` builds a new policy each time).
+    Call it from ``__enter__`` / ``__aenter__`` directly. A shared policy may be entered
+    concurrently by many threads and tasks and nested in itself; each entry lives in its
+    own context and remembers the frame of its ``with`` statement, so that entries that
+    do not nest (two generators inside ``with bulkhead:``, interleaved in one thread)
+    still get their own value back. All policies share one ContextVar: a variable per
+    policy would grow every task's context by one entry per policy ever entered
+    (``async with timeout(5)`` builds a new policy each time).
     """
-    _cm_entries.set((*_cm_entries.get(), (owner, value)))
+    _cm_entries.set((*_cm_entries.get(), (owner, value, sys._getframe(2))))
 
 
 def cm_pop(owner: object) -> Any:
-    """The value of ``owner``'s innermost open entry, forgotten."""
+    """The value of ``owner``'s innermost open entry made by the same ``with`` statement's
+    frame (or, failing that, its innermost open entry), forgotten. Call it from
+    ``__exit__`` / ``__aexit__`` directly."""
     entries = _cm_entries.get()
+    frame = sys._getframe(2)
+    found = -1
     for index in range(len(entries) - 1, -1, -1):
         if entries[index][0] is owner:
-            _cm_entries.set(entries[:index] + entries[index + 1 :])
-            return entries[index][1]
-    raise RuntimeError("context manager exited without being entered")
+            if entries[index][2] is frame:
+                found = index
+                break
+            if found < 0:
+                found = index
+    if found < 0:
+        raise RuntimeError("context manager exited without being entered")
+    _cm_entries.set(entries[:found] + entries[found + 1 :])
+    return entries[found][1]

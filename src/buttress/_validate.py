@@ -184,7 +184,9 @@ class ExceptionFilter:
     Built by :func:`check_exception_filter` from an exception class, a predicate
     ``exc -> bool``, or a tuple or list mixing both. Calling it answers whether an
     exception matches: an instance of one of the classes, or one for which a predicate
-    returns true. The classes are checked first, with one ``isinstance`` call.
+    returns true. The classes are checked first, with one ``isinstance`` call. A predicate
+    that raises (``lambda e: e.status < 500`` given an error without ``status``) does not
+    match: the primitive's bookkeeping never depends on a predicate working.
     """
 
     __slots__ = ("predicates", "types")
@@ -200,7 +202,13 @@ class ExceptionFilter:
     def __call__(self, exc: BaseException) -> bool:
         if isinstance(exc, self.types):
             return True
-        return any(predicate(exc) for predicate in self.predicates)
+        for predicate in self.predicates:
+            try:
+                if predicate(exc):
+                    return True
+            except Exception:
+                continue
+        return False
 
     def __bool__(self) -> bool:
         return bool(self.types or self.predicates)

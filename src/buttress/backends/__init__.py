@@ -245,6 +245,11 @@ def check_store(kind: Literal["breaker", "bulkhead", "limiter"], store: object) 
     """``store`` if it is a store of ``kind``, else :class:`~buttress.ConfigTypeError`
     naming ``store=`` and the kind expected."""
     _protocol, method, expected = _STORE_KINDS[kind]
+    if isinstance(store, type):
+        raise ConfigTypeError(
+            f"store must be a store instance, got the class {store.__name__}: "
+            f"build it first, e.g. store={store.__name__}(...)"
+        )
     if not callable(getattr(store, method, None)):
         offers = [
             name for name, (_, m, _) in _STORE_KINDS.items() if callable(getattr(store, m, None))

@@ -43,7 +43,9 @@ if ARGV[5] ~= '' then
 end
 local new_tat = math.ceil(tat + weight * interval)
 local wait = new_tat - now - tolerance
-if wait < 0 then wait = 0 end
+-- new_tat is rounded up to a whole microsecond while the tolerance is fractional: a
+-- request that conforms exactly must not be told to wait that rounding (1 us at most).
+if wait <= 1 then wait = 0 end
 wait = math.ceil(wait)
 local max_wait = tonumber(ARGV[4])
 if max_wait >= 0 and wait > max_wait then

@@ -778,6 +778,7 @@ class RedisBreakerBinding(_RedisBinding):
         args = self._report(token, outcome)
         if args is None:
             return
+        cancels = _cancels()
         try:
             reply = await self.conn.arun(scripts.BREAKER, self.key, *args)
         except self.errors as exc:
@@ -785,6 +786,7 @@ class RedisBreakerBinding(_RedisBinding):
             self.gate.failed(exc)
             return
         self._read(reply)
+        _reraise_swallowed(cancels)  # the outcome is recorded: the caller still stops
 
     def force(self, state: Literal["open", "closed", "half_open"]) -> None:
         op = {"open": "open", "closed": "close", "half_open": "half_open"}[state]
@@ -1097,10 +1099,13 @@ class RedisBulkheadBinding(_RedisBinding):
             return
         assert isinstance(lease, str)
         self.store._renew_loop().discard(self.key, lease)
+        cancels = _cancels()
         try:
             await self.conn.arun(scripts.BULKHEAD, self.key, "release", 0, 0, lease)
         except self.soft_errors as exc:
             self.gate.failed(exc)
+            return
+        _reraise_swallowed(cancels)  # the slot is back: the caller still stops
 
     def in_use(self) -> int | None:
         """Slots held across every process (None when Redis cannot be reached)."""

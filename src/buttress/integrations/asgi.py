@@ -14,6 +14,7 @@ Litestar or a bare ASGI server.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Awaitable, Callable, Hashable, Iterable, MutableMapping
@@ -260,7 +261,9 @@ class _ReportApp:
             )
             return
         registry = self.registry if self.registry is not None else default_registry()
-        status, content_type, report = self.report(registry)
+        # Off the event loop: a primitive on a shared store answers health() and state()
+        # with a round trip, which must not stall every other request while it lasts.
+        status, content_type, report = await asyncio.to_thread(self.report, registry)
         body = json.dumps(report, default=str, separators=(",", ":")).encode("utf-8")
         await _respond(send, status, body, content_type, head=method == "HEAD")
 

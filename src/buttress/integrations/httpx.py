@@ -346,26 +346,37 @@ class _Resilience(Generic[T]):
         breaker = host.breaker
         clock = self.retry.clock if self.retry is not None else None
         while True:
+            response: httpx.Response | None = None
+            error: BaseException | None = None
             try:
                 exchange.start_attempt()
                 if breaker is not None:
                     exchange.permit = yield (breaker.acquire, breaker.acquire_async, ())
                 if host.limiter is not None or host.bulkhead is not None:
                     yield from _queue(exchange)
-                try:
-                    response: httpx.Response = yield (*send, (request,))
-                except BaseException:
-                    slot = exchange.take_slot()
-                    if slot is not None:
-                        yield (slot.release, slot.release_async, ())
-                    raise
+                response = yield (*send, (request,))
             except BaseException as exc:
-                yield from _settle(exchange.verdict(exc, None))
-                delay = exchange.on_error(exc)
+                error = exc
+            try:
+                yield from _settle(exchange.verdict(error, response))
+            except BaseException:
+                # Settling failed (a cancellation, a store error): free what the attempt
+                # holds before the error goes on, so no slot or connection is left behind.
+                if response is not None:
+                    yield (_close, _aclose, (response,))
+                slot = exchange.take_slot()
+                if slot is not None:
+                    yield (slot.release, slot.release_async, ())
+                raise
+            if error is not None:
+                slot = exchange.take_slot()
+                if slot is not None:
+                    yield (slot.release, slot.release_async, ())
+                delay = exchange.on_error(error)
                 if delay is None:
-                    raise
+                    raise error
             else:
-                yield from _settle(exchange.verdict(None, response))
+                assert response is not None
                 slot = exchange.hold(response)
                 if slot is not None:
                     yield (slot.release, slot.release_async, ())
@@ -625,6 +636,14 @@ class _ReleasingStream(httpx.SyncByteStream, httpx.AsyncByteStream):
             slot = self._take()
             if slot is not None:
                 await slot.release_async()
+
+
+def _close(response: httpx.Response) -> None:
+    response.close()
+
+
+async def _aclose(response: httpx.Response) -> None:
+    await response.aclose()
 
 
 def _discard(response: httpx.Response) -> None:
