@@ -33,6 +33,7 @@ import asyncio
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._deadline import remaining
@@ -316,7 +317,7 @@ class AdaptiveBulkhead(Bulkhead):
         max: int = 200,
         algorithm: str | AIMD | Gradient = "gradient",
         max_queue: int = 0,
-        max_wait: float | None = None,
+        max_wait: float | timedelta | None = None,
         include: ExceptionSpec = Exception,
         exclude: ExceptionSpec = (),
         timeouts_are_errors: bool = True,

@@ -415,3 +415,25 @@ def retry_event_details() -> None:
             assert_type(event.kwargs, dict[str, object] | None)
 
     retry(3, event_details=True, listeners=[on_event])
+
+
+def stores_take_timedelta() -> None:
+    from datetime import timedelta
+
+    from buttress.backends.redis import RedisBreakerStore, RedisBulkheadStore
+    from buttress.integrations.asgi import LoadSheddingMiddleware
+
+    RedisBreakerStore(
+        "redis://127.0.0.1:6379/0",
+        timeout=timedelta(milliseconds=300),
+        retry_interval=timedelta(seconds=2),
+        max_staleness=timedelta(milliseconds=250),
+        probe_lease=timedelta(minutes=1),
+    )
+    RedisBulkheadStore("redis://127.0.0.1:6379/0", lease=timedelta(seconds=20))
+    buttress.AdaptiveBulkhead(max_wait=timedelta(seconds=1))
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    LoadSheddingMiddleware(app, max_wait=timedelta(milliseconds=50))

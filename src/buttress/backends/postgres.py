@@ -38,6 +38,7 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
 try:
@@ -283,8 +284,8 @@ class PostgresStore:
         *,
         schema: str = "buttress",
         create_schema: bool = True,
-        statement_timeout: float = 5.0,
-        connect_timeout: float = 5.0,
+        statement_timeout: float | timedelta = 5.0,
+        connect_timeout: float | timedelta = 5.0,
         connect: Callable[[], psycopg.Connection[Any]] | None = None,
         pool: _Pool | None = None,
         async_connect: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]] | None = None,

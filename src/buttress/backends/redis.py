@@ -30,6 +30,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Hashable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from buttress import events as _events
@@ -264,9 +265,9 @@ class _RedisStore:
         client: Any = None,
         async_client: Any = None,
         prefix: str = _DEFAULT_PREFIX,
-        timeout: float = 0.5,
+        timeout: float | timedelta = 0.5,
         on_backend_error: str = "fail_closed",
-        retry_interval: float = 1.0,
+        retry_interval: float | timedelta = 1.0,
         cluster: bool = False,
     ) -> None:
         if not isinstance(prefix, str):
@@ -539,8 +540,8 @@ class RedisBreakerStore(_RedisStore):
         self,
         url: str | None = None,
         *,
-        max_staleness: float | None = None,
-        probe_lease: float = 60.0,
+        max_staleness: float | timedelta | None = None,
+        probe_lease: float | timedelta = 60.0,
         **options: Any,
     ) -> None:
         super().__init__(url, **options)
@@ -864,8 +865,8 @@ class RedisBulkheadStore(_RedisStore):
         self,
         url: str | None = None,
         *,
-        lease: float = 30.0,
-        poll_interval: float = 0.01,
+        lease: float | timedelta = 30.0,
+        poll_interval: float | timedelta = 0.01,
         **options: Any,
     ) -> None:
         super().__init__(url, **options)
@@ -1200,7 +1201,7 @@ class RedisIdempotencyStore(_RedisStore):
         self,
         url: str | None = None,
         *,
-        default_ttl: float | None = None,
+        default_ttl: float | timedelta | None = None,
         clock: Any = None,
         **options: Any,
     ) -> None:

@@ -18,6 +18,7 @@ import asyncio
 import json
 import math
 from collections.abc import Awaitable, Callable, Hashable, Iterable, MutableMapping
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from buttress._deadline import reset_deadline, set_deadline
@@ -144,8 +145,8 @@ class LoadSheddingMiddleware:
         limiter: RateLimiter | None = None,
         key: str | KeyFunction = "client",
         bulkhead: Bulkhead | None = None,
-        max_wait: float | None = 0.0,
-        busy_retry_after: float | None = None,
+        max_wait: float | timedelta | None = 0.0,
+        busy_retry_after: float | timedelta | None = None,
         exempt: Iterable[str] = (),
     ) -> None:
         if not callable(app):

@@ -135,7 +135,7 @@ class Saga(Policy):
         validate: Callable[[Any], Any] | type[ModelClass] | ModelClass | None = None,
         timeout: float | timedelta | None = None,
         listeners: Iterable[_events.Listener] = (),
-        lease: float = 30.0,
+        lease: float | timedelta = 30.0,
         registry: Registry | None = None,
         clock: Clock | None = None,
         health_interval: float | timedelta = 5.0,
