@@ -204,3 +204,15 @@ class Cluster:
         for process in self.processes:
             process.kill()
             process.wait()
+
+
+class BindingStore:
+    """A breaker store that binds each breaker to ``binding(breaker)``: a ``LocalBreaker``
+    subclass that changes one behaviour (a slow status, a failing settlement) and
+    inherits the rest of the state machine."""
+
+    def __init__(self, binding: Any) -> None:
+        self.binding = binding
+
+    def bind_breaker(self, breaker: Any) -> Any:
+        return self.binding(breaker)

@@ -428,3 +428,24 @@ def test_a_store_class_instead_of_a_store_is_refused_naming_store() -> None:
         CircuitBreaker("x", store=RedisBreakerStore)
     with pytest.raises(buttress.ConfigTypeError, match="MemoryLimiterStore"):
         RateLimiter("y", rate=1, store=MemoryLimiterStore)
+
+
+def test_a_subclass_of_the_in_process_breaker_hears_every_outcome() -> None:
+    """The lock-free path (which skips settle() on a plain success) is LocalBreaker's own:
+    a binding that subclasses it to add behaviour is settled on every call."""
+    from buttress.circuit_breaker import LocalBreaker
+    from services import BindingStore
+
+    heard: list[str] = []
+
+    class Recording(LocalBreaker):
+        def settle(self, token: int, outcome: Any) -> None:
+            heard.append(outcome)
+            super().settle(token, outcome)
+
+    breaker = CircuitBreaker(
+        "recorded", store=BindingStore(Recording), registry=buttress.Registry()
+    )
+    guarded = breaker(lambda: "ok")
+    assert [guarded() for _ in range(3)] == ["ok"] * 3
+    assert heard == ["success"] * 3

@@ -413,7 +413,9 @@ class CircuitBreaker(PermitGuard, Policy):
         self.binding: BreakerBinding = (
             LocalBreaker(self) if self.store is None else self.store.bind_breaker(self)
         )
-        self._local = self.binding if isinstance(self.binding, LocalBreaker) else None
+        # The fast paths inline LocalBreaker's own state (and skip settle() on a plain
+        # success): only the class itself qualifies, never a subclass that overrides it.
+        self._local = self.binding if type(self.binding) is LocalBreaker else None
         # A closed, consecutive-mode local breaker with no failure streak records a success
         # with one atomic increment and no lock (see _counter); anything else takes the lock.
         self._lock_free_success = (

@@ -362,7 +362,9 @@ class RateLimiter(Policy):
         self.binding: LimiterBinding = (
             LocalLimiter(self) if self.store is None else self.store.bind_limiter(self)
         )
-        self._local = self.binding if isinstance(self.binding, LocalLimiter) else None
+        # The hot path inlines LocalLimiter's unkeyed bucket: only the class itself
+        # qualifies, never a subclass that overrides try_acquire() or acquire().
+        self._local = self.binding if type(self.binding) is LocalLimiter else None
         self._fast: Callable[[], bool] = (
             _never if self._local is None else self._local.make_fast(self._admitted.incr)
         )
