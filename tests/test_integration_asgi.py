@@ -22,6 +22,7 @@ import uvicorn
 
 import buttress
 from buttress import Bulkhead, ButtressError, CircuitBreaker, RateLimiter
+from buttress.circuit_breaker import LocalBreaker
 from buttress.integrations.asgi import (
     LoadSheddingMiddleware,
     Receive,
@@ -33,6 +34,7 @@ from buttress.integrations.asgi import (
     state_app,
 )
 from buttress.testing import FakeClock
+from services import BindingStore
 
 
 @contextlib.contextmanager
@@ -386,42 +388,18 @@ def test_mounted_in_starlette_over_http():
     assert bulkhead.in_flight == 0
 
 
-class _SlowStatusStore:
-    """A breaker store whose status() takes a blocking round trip (a hung server)."""
-
-    def bind_breaker(self, breaker: CircuitBreaker) -> _SlowStatusStore:
-        from buttress.circuit_breaker import LocalBreaker
-
-        self.inner = LocalBreaker(breaker)
-        return self
-
-    def acquire(self) -> int:
-        return self.inner.acquire()
-
-    async def acquire_async(self) -> int:
-        return self.inner.acquire()
-
-    def settle(self, token: int, outcome: Any) -> None:
-        self.inner.settle(token, outcome)
-
-    async def settle_async(self, token: int, outcome: Any) -> None:
-        self.inner.settle(token, outcome)
+class _SlowStatus(LocalBreaker):
+    """A breaker binding whose status() takes a blocking round trip (a hung server)."""
 
     def status(self) -> Any:
         time.sleep(0.2)
-        return self.inner.status()
-
-    def force(self, state: Any) -> None:
-        self.inner.force(state)
-
-    def snapshot(self) -> dict[str, Any]:
-        return {}
+        return super().status()
 
 
 def test_the_health_app_never_blocks_the_event_loop_on_a_slow_store():
     """A report that waits on a store is built off the loop: a 1 ms ticker keeps ticking."""
     registry = buttress.Registry()
-    CircuitBreaker("slow-store", store=_SlowStatusStore(), registry=registry)
+    CircuitBreaker("slow-store", store=BindingStore(_SlowStatus), registry=registry)
 
     async def main() -> float:
         worst = 0.0

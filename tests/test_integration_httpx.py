@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
@@ -34,6 +35,7 @@ from buttress import (
     TimeoutExceeded,
     retry,
 )
+from buttress.circuit_breaker import LocalBreaker
 from buttress.integrations.httpx import (
     IDEMPOTENT_METHODS,
     AsyncResilientTransport,
@@ -41,6 +43,7 @@ from buttress.integrations.httpx import (
     parse_retry_after,
 )
 from buttress.testing import FakeClock
+from services import BindingStore
 
 # -- a real server that fails on demand ---------------------------------------------------------
 
@@ -926,40 +929,22 @@ def test_real_server_sync_timeout_option(server):
 # -- a breaker store that fails while settling: nothing the attempt holds is left behind ----
 
 
-class _SettleFails:
-    """A breaker store whose settlement fails (a store error) or hangs (async I/O)."""
+class _SettleFails(LocalBreaker):
+    """A breaker binding whose settlement fails (a store error)."""
 
-    def __init__(self, *, hang: bool = False) -> None:
-        self.hang = hang
-
-    def bind_breaker(self, breaker: CircuitBreaker) -> _SettleFails:
-        from buttress.circuit_breaker import LocalBreaker
-
-        self.inner = LocalBreaker(breaker)
-        return self
-
-    def acquire(self) -> int:
-        return self.inner.acquire()
-
-    async def acquire_async(self) -> int:
-        return self.inner.acquire()
-
-    def settle(self, token: int, outcome: str) -> None:
+    def settle(self, token: int, outcome: Any) -> None:
         raise buttress.BackendError("the store is down")
 
-    async def settle_async(self, token: int, outcome: str) -> None:
-        if self.hang:
-            await asyncio.sleep(10)  # a slow round trip, cut off by the transport's timeout
+    async def settle_async(self, token: int, outcome: Any) -> None:
         raise buttress.BackendError("the store is down")
 
-    def status(self) -> object:
-        return self.inner.status()
 
-    def force(self, state: str) -> None:
-        self.inner.force(state)  # type: ignore[arg-type]
+class _SettleHangs(_SettleFails):
+    """... or hangs first (a slow round trip, cut off by the transport's timeout)."""
 
-    def snapshot(self) -> dict[str, object]:
-        return {}
+    async def settle_async(self, token: int, outcome: Any) -> None:
+        await asyncio.sleep(10)
+        await super().settle_async(token, outcome)
 
 
 def test_a_failing_breaker_settlement_frees_the_bulkhead_slot() -> None:
@@ -968,7 +953,9 @@ def test_a_failing_breaker_settlement_frees_the_bulkhead_slot() -> None:
     transport = ResilientTransport(
         httpx.MockTransport(lambda request: httpx.Response(500)),
         retry=None,
-        breaker=CircuitBreaker("settle-fails", store=_SettleFails(), registry=buttress.Registry()),
+        breaker=CircuitBreaker(
+            "settle-fails", store=BindingStore(_SettleFails), registry=buttress.Registry()
+        ),
         bulkhead=bulkhead,
     )
     with httpx.Client(transport=transport) as client:
@@ -982,7 +969,7 @@ def test_a_timeout_during_an_async_settlement_frees_the_bulkhead_slot() -> None:
     """The transport's timeout landing while the breaker's outcome is sent frees the slot."""
     bulkhead = Bulkhead(max_concurrent=1)
     breaker = CircuitBreaker(
-        "settle-hangs", store=_SettleFails(hang=True), registry=buttress.Registry()
+        "settle-hangs", store=BindingStore(_SettleHangs), registry=buttress.Registry()
     )
 
     async def main() -> None:

@@ -213,10 +213,6 @@ class ExceptionFilter:
     def __bool__(self) -> bool:
         return bool(self.types or self.predicates)
 
-    def names(self, exc_type: type[BaseException]) -> bool:
-        """True when one of the classes is ``exc_type`` or a base of it (predicates aside)."""
-        return any(issubclass(exc_type, t) for t in self.types)
-
     def __repr__(self) -> str:
         items = [t.__name__ for t in self.types] + [repr(p) for p in self.predicates]
         return f"ExceptionFilter({', '.join(items)})"

@@ -234,17 +234,18 @@ class LimiterStore(Protocol):
         """The binding that holds ``limiter``'s buckets (called once, when it is built)."""
 
 
-_STORE_KINDS: dict[str, tuple[type[Any], str, str]] = {
-    "breaker": (BreakerStore, "bind_breaker", "a breaker store (BreakerStore)"),
-    "bulkhead": (BulkheadStore, "bind_bulkhead", "a bulkhead store (BulkheadStore)"),
-    "limiter": (LimiterStore, "bind_limiter", "a rate-limiter store (LimiterStore)"),
+_STORE_KINDS: dict[str, tuple[str, str, str]] = {
+    # kind: (the binding method, what the message calls it, the shipped example)
+    "breaker": ("bind_breaker", "a breaker store (BreakerStore)", "RedisBreakerStore"),
+    "bulkhead": ("bind_bulkhead", "a bulkhead store (BulkheadStore)", "RedisBulkheadStore"),
+    "limiter": ("bind_limiter", "a rate-limiter store (LimiterStore)", "RedisRateLimiterStore"),
 }
 
 
 def check_store(kind: Literal["breaker", "bulkhead", "limiter"], store: object) -> Any:
     """``store`` if it is a store of ``kind``, else :class:`~buttress.ConfigTypeError`
     naming ``store=`` and the kind expected."""
-    _protocol, method, expected = _STORE_KINDS[kind]
+    method, expected, example = _STORE_KINDS[kind]
     if isinstance(store, type):
         raise ConfigTypeError(
             f"store must be a store instance, got the class {store.__name__}: "
@@ -252,21 +253,15 @@ def check_store(kind: Literal["breaker", "bulkhead", "limiter"], store: object) 
         )
     if not callable(getattr(store, method, None)):
         offers = [
-            name for name, (_, m, _) in _STORE_KINDS.items() if callable(getattr(store, m, None))
+            name for name, (m, _, _) in _STORE_KINDS.items() if callable(getattr(store, m, None))
         ]
         found = f"; it is a {offers[0]} store" if offers else ""
         raise ConfigTypeError(
-            f"store must be {expected} such as buttress.backends.redis."
-            f"{_EXAMPLES[kind]}, got {store!r} ({type(store).__name__}){found}"
+            f"store must be {expected} such as buttress.backends.redis.{example}, "
+            f"got {store!r} ({type(store).__name__}){found}"
         )
     return store
 
-
-_EXAMPLES = {
-    "breaker": "RedisBreakerStore",
-    "bulkhead": "RedisBulkheadStore",
-    "limiter": "RedisRateLimiterStore",
-}
 
 # -- saga stores ----------------------------------------------------------------------------
 
