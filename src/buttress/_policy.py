@@ -109,9 +109,15 @@ class Policy:
     # -- decoration -------------------------------------------------------------------------
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """Decorate ``fn`` (sync or async); the wrapper keeps its signature."""
-        check_decoratable(fn)
-        wrapper = self._wrap_async(fn) if is_async_callable(fn) else self._wrap_sync(fn)
+        """Decorate ``fn`` (sync or async, or a generator function where the policy
+        supports one); the wrapper keeps its signature."""
+        if inspect.isgeneratorfunction(fn):
+            wrapper = self._wrap_generator(fn)
+        elif inspect.isasyncgenfunction(fn):
+            wrapper = self._wrap_async_generator(fn)
+        else:
+            check_decoratable(fn)
+            wrapper = self._wrap_async(fn) if is_async_callable(fn) else self._wrap_sync(fn)
         return self.wraps(wrapper, fn)
 
     @staticmethod
@@ -136,6 +142,16 @@ class Policy:
 
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         raise ConfigTypeError(f"{type(self).__name__} cannot protect the async function {fn!r}")
+
+    def _wrap_generator(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        raise ConfigTypeError(
+            f"{type(self).__name__} cannot decorate the generator function {fn!r}: retry, "
+            f"CircuitBreaker, Bulkhead, RateLimiter and timeout can (see the generators "
+            f"section of their guides); otherwise wrap the code that consumes the generator"
+        )
+
+    def _wrap_async_generator(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return self._wrap_generator(fn)
 
     # -- events -----------------------------------------------------------------------------
 

@@ -25,11 +25,14 @@ over this protocol.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from ._generators import PermitSession, Session, wrap_async_generator, wrap_generator
 from ._policy import ExcType, Traceback, cm_pop, cm_push
 from ._validate import require_seconds
+from .clock import Clock
 
 __all__ = ["Permit", "PermitGuard"]
 
@@ -138,11 +141,27 @@ class PermitGuard:
     so concurrent and nested entries never mix them up) and each exit settles it from the
     block's outcome."""
 
+    clock: Clock
+
     def acquire(self) -> Permit:
         raise NotImplementedError
 
     async def acquire_async(self) -> Permit:
         raise NotImplementedError
+
+    # A decorated generator function holds one permit for its whole iteration.
+
+    def _wrap_generator(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        now = self.clock.now
+        return wrap_generator(fn, lambda: PermitSession(self.acquire(), now))
+
+    def _wrap_async_generator(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        now = self.clock.now
+
+        async def open_session() -> Session:
+            return PermitSession(await self.acquire_async(), now)
+
+        return wrap_async_generator(fn, open_session)
 
     def __enter__(self: G) -> G:
         cm_push(self, self.acquire())

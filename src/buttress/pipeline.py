@@ -53,6 +53,16 @@ class Pipeline(Policy):
             fn = policy._wrap_async(fn)
         return fn
 
+    def _wrap_generator(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        for policy in reversed(self.policies):
+            fn = policy._wrap_generator(fn)
+        return fn
+
+    def _wrap_async_generator(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        for policy in reversed(self.policies):
+            fn = policy._wrap_async_generator(fn)
+        return fn
+
     def _context_policies(self, method: str) -> tuple[Any, ...]:
         for policy in self.policies:
             if policy.kind == "fallback":

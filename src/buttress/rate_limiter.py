@@ -32,6 +32,7 @@ from . import events as _events
 from ._counter import Counter
 from ._deadline import remaining
 from ._drivers import Plan, pump_async, pump_sync
+from ._generators import NO_SESSION, Session, wrap_async_generator, wrap_generator
 from ._policy import ExcType, Policy, PolicyOptions, Traceback
 from ._validate import check_int, check_number, check_seconds, require_seconds
 from ._waiters import Waiter, WaiterQueue
@@ -531,6 +532,22 @@ class RateLimiter(Policy):
             return await fn(*args, **kwargs)
 
         return limited
+
+    # A decorated generator function takes one unit when its first item is asked for.
+
+    def _wrap_generator(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def open_session() -> Session:
+            self.acquire()
+            return NO_SESSION
+
+        return wrap_generator(fn, open_session)
+
+    def _wrap_async_generator(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        async def open_session() -> Session:
+            await self.acquire_async()
+            return NO_SESSION
+
+        return wrap_async_generator(fn, open_session)
 
     def __enter__(self) -> RateLimiter:
         self.acquire()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from . import events as _events
 from ._config import config
 from ._deadline import remaining
+from ._generators import NO_SESSION, NOTHING, Session, async_driver, delegate
 from ._policy import ExcType, Policy, PolicyOptions, Traceback
 from ._validate import (
     ExceptionFilter,
@@ -690,6 +691,83 @@ class Retry(Policy):
                     after(state)
 
         return retrying
+
+    # Generator functions: retried until the first item arrives; after it, an error
+    # reaches the consumer (the items it already has cannot be taken back).
+
+    def _check_generator(self, fn: Callable[..., Any]) -> None:
+        if self.retry_if_result is not None:
+            raise ConfigTypeError(
+                f"retry_if_result cannot apply to the generator function {fn!r}: a "
+                f"generator's items are not a result (retry on exceptions instead)"
+            )
+
+    def _wrap_generator(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        self._check_generator(fn)
+        sleep = self._clock.sleep
+        before, after = self.before_attempt, self.after_call
+
+        def retrying(*args: Any, **kwargs: Any) -> Any:
+            state = self.start()
+            try:
+                while True:
+                    if before is not None:
+                        before(state)
+                    gen = fn(*args, **kwargs)
+                    try:
+                        first = next(gen)
+                    except StopIteration as stop:
+                        state.on_success()
+                        return stop.value
+                    except BaseException as exc:
+                        delay = state.on_error(exc)
+                        if delay is None:
+                            raise
+                    else:
+                        state.on_success()
+                        break
+                    if delay > 0:
+                        sleep(delay)
+            finally:
+                if after is not None:
+                    after(state)
+            return (yield from delegate(gen, NO_SESSION, first))
+
+        return retrying
+
+    def _wrap_async_generator(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        self._check_generator(fn)
+        asleep = self._clock.asleep
+        before, after = self.before_attempt, self.after_call
+
+        async def first_item(
+            args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[Any, Session, Any]:
+            state = self.start()
+            try:
+                while True:
+                    if before is not None:
+                        before(state)
+                    agen = fn(*args, **kwargs)
+                    try:
+                        first = await agen.__anext__()
+                    except StopAsyncIteration:
+                        state.on_success()
+                        return None, NO_SESSION, NOTHING
+                    except BaseException as exc:
+                        delay = state.on_error(exc)
+                        if delay is None:
+                            raise
+                    else:
+                        state.on_success()
+                        return agen, NO_SESSION, first
+                    if delay > 0:
+                        await asleep(delay)
+            finally:
+                if after is not None:
+                    after(state)
+
+        return async_driver(first_item)
 
     def attempts(self) -> _Attempts:
         """The loop form, for blocks of code rather than functions.

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import events as _events
 from ._counter import Counter
-from ._deadline import reset_deadline, set_deadline
+from ._deadline import remaining, reset_deadline, set_deadline
+from ._generators import Session, wrap_async_generator, wrap_generator
 from ._policy import ExcType, Policy, PolicyOptions, Traceback, cm_pop, cm_push
 from ._validate import require_seconds
 from .clock import TimerHandle
@@ -316,6 +317,17 @@ class Timeout(Policy):
         if exc is None and self._clock.now() - started > seconds:
             raise self._expired(seconds)
 
+    # -- generator functions: one deadline for the whole iteration ---------------------------
+
+    def _wrap_generator(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return wrap_generator(fn, lambda: _DeadlineSession(self))
+
+    def _wrap_async_generator(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        async def open_session() -> Session:
+            return _ScopeSession(self)
+
+        return wrap_async_generator(fn, open_session)
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
@@ -323,6 +335,61 @@ class Timeout(Policy):
             "seconds": self.seconds,
             "timeouts": 0 if self._timeouts is None else self._timeouts.value,
         }
+
+
+class _DeadlineSession(Session):
+    """A decorated sync generator's deadline: set when its first item is asked for, in
+    force (``remaining()``) while its code runs, checked after each item (a late item is
+    discarded, as a late result is)."""
+
+    __slots__ = ("clock", "deadline", "policy")
+
+    def __init__(self, policy: Timeout) -> None:
+        self.policy = policy
+        self.clock = policy.clock
+        seconds = policy.seconds
+        left = remaining()
+        if left is not None and left < seconds:
+            seconds = left
+        self.deadline = self.clock.now() + seconds
+
+    def _left(self) -> float:
+        left = self.deadline - self.clock.now()
+        if left <= 0.0:
+            raise self.policy.expired()
+        return left
+
+    def before(self) -> object:
+        return set_deadline(self._left(), self.clock)[1]
+
+    def after(self, token: object, exc: BaseException | None) -> BaseException | None:
+        reset_deadline(token)  # type: ignore[arg-type]
+        if exc is None and self.clock.now() > self.deadline:
+            return self.policy.expired()
+        return None
+
+
+class _ScopeSession(_DeadlineSession):
+    """The async twin: each resumption runs under a cancel scope that ends at the deadline."""
+
+    __slots__ = ()
+
+    def before(self) -> object:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("an async timeout must run inside an asyncio task")
+        seconds, token = set_deadline(self._left(), self.clock)
+        scope = _Scope(task, seconds, token, _NO_TIMER)
+        scope.handle = self.clock.call_later(seconds, scope.fire)
+        return scope
+
+    def after(self, token: object, exc: BaseException | None) -> BaseException | None:
+        scope: _Scope = token  # type: ignore[assignment]
+        scope.handle.cancel()
+        reset_deadline(scope.token)
+        if scope.fired and scope.settle(exc):
+            return self.policy.expired(exc)
+        return None
 
 
 timeout = Timeout
