@@ -326,7 +326,7 @@ class _Setup:
         self.prefix = prefix
         self.limiter_store = RedisRateLimiterStore(url, prefix=prefix)
         self.client: Any = self.limiter_store._conn.sync()  # the store's own client
-        self.options = self.limiter_store._conn._options()
+        self.options = self.limiter_store._conn._options(asynchronous=False)
         self.closers: list[Callable[[], object]] = []
         self.limiter: Any = None  # the buttress limiter, once its case is built
 

@@ -160,9 +160,15 @@ class _Connection:
         self._lock = threading.Lock()
         self._shas: dict[str, str] = {}
 
-    def _options(self) -> dict[str, Any]:
-        redis = _import_redis()
+    def _options(self, asynchronous: bool) -> dict[str, Any]:
         from redis.backoff import NoBackoff
+
+        # Each face takes its own Retry class (redis-py 6+ warns, and drops a custom
+        # call_with_retry, when an async client is given the sync one).
+        if asynchronous:
+            from redis.asyncio.retry import Retry
+        else:
+            from redis.retry import Retry
 
         # No client-side retries: a failed call is the store's to handle (on_backend_error),
         # and retrying inside the client would multiply the timeout. A Cluster client gets
@@ -170,14 +176,14 @@ class _Connection:
         return {
             "socket_timeout": self.timeout,
             "socket_connect_timeout": self.timeout,
-            "retry": redis.retry.Retry(NoBackoff(), 1 if self.cluster else 0),
+            "retry": Retry(NoBackoff(), 1 if self.cluster else 0),
         }
 
     def _build(self, asynchronous: bool) -> Any:
         assert self.url is not None
         sync_kinds, async_kinds = _client_kinds()
         kind = (async_kinds if asynchronous else sync_kinds)[1 if self.cluster else 0]
-        return kind.from_url(self.url, **self._options())  # type: ignore[attr-defined]
+        return kind.from_url(self.url, **self._options(asynchronous))  # type: ignore[attr-defined]
 
     def sync(self) -> _redis.Redis:
         client = self._client
