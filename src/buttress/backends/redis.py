@@ -165,10 +165,10 @@ class _Connection:
 
         # Each face takes its own Retry class (redis-py 6+ warns, and drops a custom
         # call_with_retry, when an async client is given the sync one).
-        if asynchronous:
-            from redis.asyncio.retry import Retry
-        else:
-            from redis.retry import Retry
+        import redis.asyncio.retry
+        import redis.retry
+
+        retry: Any = redis.asyncio.retry.Retry if asynchronous else redis.retry.Retry
 
         # No client-side retries: a failed call is the store's to handle (on_backend_error),
         # and retrying inside the client would multiply the timeout. A Cluster client gets
@@ -176,7 +176,7 @@ class _Connection:
         return {
             "socket_timeout": self.timeout,
             "socket_connect_timeout": self.timeout,
-            "retry": Retry(NoBackoff(), 1 if self.cluster else 0),
+            "retry": retry(NoBackoff(), 1 if self.cluster else 0),
         }
 
     def _build(self, asynchronous: bool) -> Any:
