@@ -161,12 +161,11 @@ class _Connection:
         self._shas: dict[str, str] = {}
 
     def _options(self, asynchronous: bool) -> dict[str, Any]:
-        from redis.backoff import NoBackoff
-
         # Each face takes its own Retry class (redis-py 6+ warns, and drops a custom
         # call_with_retry, when an async client is given the sync one).
         import redis.asyncio.retry
         import redis.retry
+        from redis.backoff import NoBackoff
 
         retry: Any = redis.asyncio.retry.Retry if asynchronous else redis.retry.Retry
 
