@@ -215,3 +215,20 @@ def test_postgres_recover(tmp_path, postgres_url, postgres_schema, pg_log):
     wrong = cli(*db, "recover", "--app", "pgapp:make_fixed", cwd=tmp_path)
     assert wrong.returncode == 2
     assert "'somewhere_else'" in wrong.stderr
+
+
+def test_version_flag_prints_the_installed_version() -> None:
+    """`python -m buttress --version` and `buttress.__version__` agree with the metadata."""
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    import buttress
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "buttress", "--version"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert shown == f"buttress {version('buttress')}" == f"buttress {buttress.__version__}"

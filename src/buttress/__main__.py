@@ -15,6 +15,12 @@ from collections.abc import Callable, Sequence
 __all__ = ["build_parser", "main"]
 
 
+def _version() -> str:
+    import buttress
+
+    return buttress.__version__
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -57,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m buttress",
         description="buttress: resilience primitives for Python services.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"buttress {_version()}",
+        help="print buttress's version and exit",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
