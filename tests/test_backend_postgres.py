@@ -797,3 +797,138 @@ def test_the_async_driver_awaits_async_twins_and_calls_sync_stores_directly():
     store.awaited.clear()
     assert saga.run(None, key="k2").output == "B"
     assert store.awaited == []
+
+
+# -- group commit: concurrent async writes share statements ------------------------------------
+
+
+def _count_statements(store: PostgresStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the store's calls to the server (one per statement or short transaction)."""
+    calls = [0]
+    real = store._run_async
+
+    async def counting(op: Any, *, tx: bool) -> Any:
+        calls[0] += 1
+        return await real(op, tx=tx)
+
+    monkeypatch.setattr(store, "_run_async", counting)
+    return calls
+
+
+def test_concurrent_async_writes_are_grouped_and_each_lands_whole(pg, monkeypatch):
+    """Forty runs writing at once, with one flusher: far fewer statements than writes,
+    and every run's log lines and new state are stored exactly as written."""
+    pg.write_flushers = 1
+
+    async def main() -> int:
+        for index in range(40):
+            await pg.acreate_run(record(f"g{index}"))
+        calls = _count_statements(pg, monkeypatch)
+
+        async def write(index: int) -> None:
+            run_id = f"g{index}"
+            entry = LogEntry(1, "reserve", "started", at=NOW + index)
+            if index % 4 == 0:  # a final write: report, error and expiry
+                await pg.awrite(
+                    run_id,
+                    [entry],
+                    status="compensated",
+                    error=f"boom {index}",
+                    result={"n": index, "text": "a\u0000b"},
+                    expires_at=NOW + 99,
+                )
+            elif index % 4 == 1:  # the lease only
+                await pg.awrite(run_id, [], lease_until=NOW + index)
+            else:
+                await pg.awrite(run_id, [entry], lease_until=NOW + 100 + index)
+
+        await asyncio.gather(*(write(i) for i in range(40)))
+        return calls[0]
+
+    statements = asyncio.run(main())
+    assert statements < 20
+    for index in range(40):
+        loaded = pg.load(f"g{index}")
+        assert loaded is not None
+        run, entries = loaded
+        if index % 4 == 0:
+            assert (run.status, run.error, run.lease_until) == ("compensated", f"boom {index}", 0.0)
+            assert run.result == {"n": index, "text": "a\u0000b"}
+            assert run.expires_at == NOW + 99 and run.updated_at == NOW + index
+        elif index % 4 == 1:
+            assert (run.status, run.lease_until, entries) == ("running", NOW + index, [])
+            assert run.updated_at == NOW
+        else:
+            assert (run.status, run.lease_until) == ("running", NOW + 100 + index)
+            assert [(e.seq, e.step, e.at) for e in entries] == [(1, "reserve", NOW + index)]
+
+
+def test_a_bad_write_in_a_batch_fails_alone(pg):
+    """A write whose log line clashes with a stored one fails with BackendError; the
+    writes batched beside it land."""
+    pg.write_flushers = 1
+
+    async def main() -> list[BaseException | None]:
+        for index in range(10):
+            await pg.acreate_run(record(f"b{index}"))
+        await pg.awrite("b3", [LogEntry(1, "a", "started", at=NOW)])
+        results = await asyncio.gather(
+            *(
+                pg.awrite(f"b{index}", [LogEntry(1, "a", "started", at=NOW)], lease_until=NOW)
+                for index in range(10)
+            ),
+            return_exceptions=True,
+        )
+        return list(results)
+
+    results = asyncio.run(main())
+    assert isinstance(results[3], BackendError)
+    assert isinstance(results[3].__cause__, psycopg.IntegrityError)
+    assert [r for i, r in enumerate(results) if i != 3] == [None] * 9
+    for index in range(10):
+        loaded = pg.load(f"b{index}")
+        assert loaded is not None and len(loaded[1]) == 1
+
+
+def test_a_cancelled_writer_never_cancels_the_writes_batched_with_it(pg):
+    """Cancelling one waiting caller leaves the statement that carries the others alone."""
+    pg.write_flushers = 1
+
+    async def main() -> None:
+        for index in range(8):
+            await pg.acreate_run(record(f"c{index}"))
+        tasks = [
+            asyncio.ensure_future(
+                pg.awrite(f"c{index}", [LogEntry(1, "a", "started", at=NOW)], lease_until=NOW)
+            )
+            for index in range(8)
+        ]
+        await asyncio.sleep(0)  # every write is queued or in flight
+        tasks[5].cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(done[5], asyncio.CancelledError)
+        assert [d for i, d in enumerate(done) if i != 5] == [None] * 7
+
+    asyncio.run(main())
+    for index in range(8):
+        if index != 5:
+            loaded = pg.load(f"c{index}")
+            assert loaded is not None and len(loaded[1]) == 1
+
+
+def test_a_dead_server_fails_every_batched_write_with_backend_error():
+    """Writes batched against an unreachable server each get BackendError, once."""
+    store = PostgresStore("postgresql://postgres@127.0.0.1:1/test", connect_timeout=1)
+    store.write_flushers = 1
+
+    async def main() -> list[BaseException | None]:
+        return list(
+            await asyncio.gather(
+                *(store.awrite(f"d{i}", [], lease_until=NOW) for i in range(5)),
+                return_exceptions=True,
+            )
+        )
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, BackendError) for r in results)
+    store.close()

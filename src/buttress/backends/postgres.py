@@ -59,6 +59,16 @@ from .memory import judge_claim
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
+# A batch that fails with one of these failed on some write's data or on a row another
+# transaction holds: each write is retried alone, so the error reaches its own caller.
+_DATA_ERRORS = (
+    psycopg.DataError,
+    psycopg.IntegrityError,
+    psycopg.ProgrammingError,
+    psycopg.errors.QueryCanceled,
+    psycopg.errors.LockNotAvailable,
+)
+
 SCHEMA_VERSION = 1
 """The version of the tables this buttress reads and writes."""
 
@@ -161,6 +171,29 @@ _SQL = {
         "step text, event text, attempt integer, at double precision, "
         "duration double precision, output text, error text)"
     ),
+    # Concurrent async writes of many runs in one statement (group commit): one round
+    # trip and one WAL flush for the batch, each run's log lines and new state together,
+    # as atomic as a single write. A column changes only where its flag says so; the
+    # rows travel as one JSON array, like the log lines (see insert_log).
+    "write_batch": (
+        "WITH b AS (SELECT * FROM json_to_recordset(%s::json) AS b(run_id text, "
+        "entries text, hu boolean, updated_at double precision, hl boolean, "
+        "lease_until double precision, hs boolean, status text, fin boolean, error text, "
+        "result text, expires_at double precision)), "
+        "log AS (INSERT INTO {s}.buttress_log (run_id, seq, step, event, attempt, at, "
+        "duration, output, error) SELECT b.run_id, e.seq, e.step, e.event, e.attempt, e.at, "
+        "e.duration, e.output::json, e.error FROM b, json_to_recordset(b.entries::json) "
+        "AS e(seq integer, step text, event text, attempt integer, at double precision, "
+        "duration double precision, output text, error text)) "
+        "UPDATE {s}.buttress_runs r SET "
+        "updated_at = CASE WHEN b.hu THEN b.updated_at ELSE r.updated_at END, "
+        "lease_until = CASE WHEN b.hl THEN b.lease_until ELSE r.lease_until END, "
+        "status = CASE WHEN b.hs THEN b.status ELSE r.status END, "
+        "error = CASE WHEN b.fin THEN b.error ELSE r.error END, "
+        "result = CASE WHEN b.fin THEN b.result::json ELSE r.result END, "
+        "expires_at = CASE WHEN b.fin THEN b.expires_at ELSE r.expires_at END "
+        "FROM b WHERE r.run_id = b.run_id"
+    ),
     # A plain conditional UPDATE: it waits for a row another transaction holds (bounded
     # by statement_timeout) and then re-checks the condition on the row as committed,
     # so exactly one claimant wins and a locked run is never skipped silently.
@@ -214,6 +247,154 @@ class _AsyncPool(Protocol):
 
 def _dump(value: Any) -> str | None:
     return None if value is None else json.dumps(value)
+
+
+def _entries_json(entries: list[LogEntry]) -> str:
+    """Log lines as the JSON array that ``insert_log`` and ``write_batch`` read."""
+    return json.dumps(
+        [
+            {
+                "seq": e.seq,
+                "step": e.step,
+                "event": e.event,
+                "attempt": e.attempt,
+                "at": e.at,
+                "duration": e.duration,
+                "output": _dump(e.output),
+                "error": e.error,
+            }
+            for e in entries
+        ]
+    )
+
+
+def _batch_row(run_id: str, entries: list[LogEntry], changes: dict[str, Any]) -> dict[str, Any]:
+    """One write as a row of ``write_batch`` (``changes``: from ``run_changes``)."""
+    final = "error" in changes
+    return {
+        "run_id": run_id,
+        "entries": _entries_json(entries),
+        "hu": "updated_at" in changes,
+        "updated_at": changes.get("updated_at"),
+        "hl": "lease_until" in changes,
+        "lease_until": changes.get("lease_until"),
+        "hs": "status" in changes,
+        "status": changes.get("status"),
+        "fin": final,
+        "error": changes.get("error"),
+        "result": _dump(changes.get("result")),
+        "expires_at": changes.get("expires_at"),
+    }
+
+
+class _WriteBatcher:
+    """Group commit for one event loop's async writes.
+
+    A write that finds a flusher free and nothing queued runs its own statement at once,
+    as it would without batching; writes that arrive while every flusher is busy queue,
+    and the next flusher to finish takes them all (up to ``MAX_BATCH``) in one
+    ``write_batch`` statement. Batches run in tasks of their own, so a caller cancelled
+    while it waits never cancels the statement that carries other runs' writes (a write
+    cancelled before its batch left is dropped; one already sent may still land: as
+    after a crash, the log says where the run stands). If a batch fails on its data,
+    each write is retried alone, so an error reaches only the write that caused it; if
+    it fails on the connection, every write in it gets that error.
+    """
+
+    MAX_BATCH = 64
+
+    def __init__(self, store: PostgresStore, flushers: int) -> None:
+        self.store = store
+        self.flushers = flushers
+        self.in_flight = 0
+        self.pending: list[tuple[str, list[LogEntry], dict[str, Any], asyncio.Future[None]]] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def write(self, run_id: str, entries: list[LogEntry], changes: dict[str, Any]) -> None:
+        store = self.store
+        if self.in_flight < self.flushers and not self.pending:
+            # Nothing to group with: this caller's own statement, as without batching.
+            self.in_flight += 1
+            try:
+                await store._run_async(store._write_op(run_id, entries, changes), tx=False)
+            finally:
+                self.in_flight -= 1
+                self._kick()
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending.append((run_id, entries, changes, future))
+        self._kick()
+        await future
+
+    def _kick(self) -> None:
+        """Start a flush for the queued writes if a flusher is free."""
+        if self.pending and self.in_flight < self.flushers:
+            self.in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._flush())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _flush(self) -> None:
+        try:
+            while self.pending:
+                batch = self._take()
+                await self._execute(batch)
+        finally:
+            self.in_flight -= 1
+
+    def _take(self) -> list[tuple[str, list[LogEntry], dict[str, Any], asyncio.Future[None]]]:
+        """The next batch: at most MAX_BATCH writes, at most one per run (a run's next
+        write waits for its previous one, so a second write of one run here is rare)."""
+        batch: list[tuple[str, list[LogEntry], dict[str, Any], asyncio.Future[None]]] = []
+        rest: list[tuple[str, list[LogEntry], dict[str, Any], asyncio.Future[None]]] = []
+        seen: set[str] = set()
+        for item in self.pending:
+            if len(batch) < self.MAX_BATCH and item[0] not in seen:
+                seen.add(item[0])
+                batch.append(item)
+            else:
+                rest.append(item)
+        self.pending = rest
+        return batch
+
+    async def _execute(
+        self, batch: list[tuple[str, list[LogEntry], dict[str, Any], asyncio.Future[None]]]
+    ) -> None:
+        store = self.store
+        live = [item for item in batch if not item[3].done()]
+        if not live:
+            return
+        rows = json.dumps([_batch_row(run_id, entries, ch) for run_id, entries, ch, _ in live])
+        try:
+            await store._run_async(_single(_Query(store._sql["write_batch"], (rows,))), tx=False)
+        except BackendError as exc:
+            if len(live) == 1 or not isinstance(exc.__cause__, _DATA_ERRORS):
+                for *_, future in live:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            for run_id, entries, changes, future in live:  # find the write at fault
+                try:
+                    await store._run_async(store._write_op(run_id, entries, changes), tx=False)
+                except BaseException as alone:
+                    if not future.done():
+                        future.set_exception(alone)
+                else:
+                    if not future.done():
+                        future.set_result(None)
+            return
+        except BaseException as exc:
+            for *_, future in live:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        for *_, future in live:
+            if not future.done():
+                future.set_result(None)
+
+
+def _single(query: _Query) -> Generator[_Query, Any, None]:
+    yield query
 
 
 def _record(row: tuple[Any, ...] | Any) -> RunRecord:
@@ -328,6 +509,8 @@ class PostgresStore:
         self.statement_timeout = require_seconds("statement_timeout", statement_timeout)
         self.connect_timeout = require_seconds("connect_timeout", connect_timeout)
         self.pool_size = check_int("pool_size", pool_size)
+        # Concurrent group-commit flushes of the async face (see _WriteBatcher).
+        self.write_flushers = max(1, self.pool_size // 2)
         self._connect = connect
         self._pool = pool
         self._async_connect = async_connect
@@ -343,6 +526,9 @@ class PostgresStore:
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._alock: asyncio.Lock | None = None
         self._configured: weakref.WeakSet[Any] = weakref.WeakSet()  # pooled connections
+        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WriteBatcher] = (
+            weakref.WeakKeyDictionary()
+        )
         self._own_pool: psycopg_pool.ConnectionPool[Any] | None = None
         # The async face's own pools, one per event loop using the store.
         self._own_apools: dict[
@@ -781,6 +967,9 @@ class PostgresStore:
             result=result,
             expires_at=expires_at,
         )
+        return self._write_op(run_id, entries, changes)
+
+    def _write_op(self, run_id: str, entries: list[LogEntry], changes: dict[str, Any]) -> _Op[None]:
         sets = [f"{c} = %s::json" if c == "result" else f"{c} = %s" for c in changes]
         args = [_dump(v) if c == "result" else v for c, v in changes.items()]
         update = (
@@ -792,24 +981,7 @@ class PostgresStore:
             if update:
                 yield _Query(update, (*args, run_id))
             return
-        log = (
-            run_id,
-            json.dumps(
-                [
-                    {
-                        "seq": e.seq,
-                        "step": e.step,
-                        "event": e.event,
-                        "attempt": e.attempt,
-                        "at": e.at,
-                        "duration": e.duration,
-                        "output": _dump(e.output),
-                        "error": e.error,
-                    }
-                    for e in entries
-                ]
-            ),
-        )
+        log = (run_id, _entries_json(entries))
         if not update:
             yield _Query(self._sql["insert_log"], log)
             return
@@ -930,8 +1102,7 @@ class PostgresStore:
         result: dict[str, Any] | None = None,
         expires_at: float | None = None,
     ) -> None:
-        op = self._write(
-            run_id,
+        changes = run_changes(
             entries,
             lease_until=lease_until,
             status=status,
@@ -939,7 +1110,17 @@ class PostgresStore:
             result=result,
             expires_at=expires_at,
         )
-        await self._run_async(op, tx=False)
+        if not self._async_native or not changes or not self.write_flushers:
+            await self._run_async(self._write_op(run_id, entries, changes), tx=False)
+            return
+        await self._batcher().write(run_id, entries, changes)
+
+    def _batcher(self) -> _WriteBatcher:
+        loop = asyncio.get_running_loop()
+        batcher = self._batchers.get(loop)
+        if batcher is None:
+            batcher = self._batchers[loop] = _WriteBatcher(self, self.write_flushers)
+        return batcher
 
     async def aload(self, run_id: str) -> tuple[RunRecord, list[LogEntry]] | None:
         return await self._run_async(self._load(run_id), tx=False)
