@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from buttress._demo import Checkout, Settings, colour_wanted
+from buttress.demo import Settings, colour_wanted
+from buttress.demo.shop import Checkout
 from buttress.registry import Registry
 
 TOOK = r"[\d.]+m?s"  # a duration as the demo prints it: 41ms, 1.20s
@@ -410,9 +411,36 @@ def test_plot_without_matplotlib_names_the_install_command(
     assert not chart.exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("bad.txt", "'.txt' is not an image format"),
+        ("chart", "no extension is not an image format"),
+        ("missing/timeline.png", "does not exist"),
+    ],
+)
+def test_a_bad_plot_path_is_refused_before_the_run(
+    name: str,
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A format matplotlib cannot write or a folder that does not exist fails at once
+    with one line (exit 2), before the demo starts: no traceback after a whole run."""
+    pytest.importorskip("matplotlib")
+    from buttress.__main__ import main
+
+    status = main(["demo", "--seconds", "1", "--no-color", "--plot", str(tmp_path / name)])
+    captured = capsys.readouterr()
+    assert status == 2
+    assert message in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert captured.out == ""
+
+
 def test_breaker_spans_cover_the_run_in_order() -> None:
     """The chart's breaker bands follow the transitions and cover 0..end without gaps."""
-    from buttress._demo import Transition, breaker_spans
+    from buttress.demo.plot import breaker_spans
+    from buttress.demo.scenario import Transition
 
     transitions = [
         Transition(1.0, "closed", "open", "failure_rate"),
@@ -431,7 +459,7 @@ def test_breaker_spans_cover_the_run_in_order() -> None:
 
 def test_per_second_counts_each_bin() -> None:
     """Event times become a rate per bin; times outside the bins are ignored."""
-    from buttress._demo import per_second
+    from buttress.demo.plot import per_second
 
     edges = [0.0, 0.5, 1.0]
     assert per_second([0.1, 0.2, 0.7, 5.0, -1.0], edges) == [4.0, 2.0]

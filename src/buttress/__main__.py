@@ -42,11 +42,20 @@ def _callers(text: str) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from ._demo import MATPLOTLIB_MISSING, Settings, colour_wanted, matplotlib_available, run
+    from .demo import (
+        MATPLOTLIB_MISSING,
+        Settings,
+        colour_wanted,
+        matplotlib_available,
+        plot_path_problem,
+        run,
+    )
 
-    if args.plot is not None and not matplotlib_available():
-        print(f"error: {MATPLOTLIB_MISSING}", file=sys.stderr)  # before the run, not after
-        return 2
+    if args.plot is not None:  # checked before the run, not after it
+        problem = MATPLOTLIB_MISSING if not matplotlib_available() else plot_path_problem(args.plot)
+        if problem is not None:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 100_000)
     settings = Settings(
         seconds=args.seconds,
