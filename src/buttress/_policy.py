@@ -104,6 +104,8 @@ class Policy:
 
     @property
     def clock(self) -> Clock:
+        """The time source this policy reads and waits on (``clock=``; the system clock by
+        default)."""
         return self._clock
 
     # -- decoration -------------------------------------------------------------------------

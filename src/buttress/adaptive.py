@@ -303,7 +303,8 @@ class AdaptiveBulkhead(Bulkhead):
             :class:`~buttress.TimeoutExceeded`, or cancellation by an expired enclosing
             deadline) counts as an error (default ``True``); with ``False`` it counts as
             a latency sample of the time it took.
-        listeners, registry, clock: as for every policy (:class:`~buttress.Policy`).
+        **options: ``listeners``, ``registry`` and ``clock``, as for every policy
+            (:class:`~buttress.Policy`).
     """
 
     kind = "adaptive_bulkhead"

@@ -195,7 +195,8 @@ class Bulkhead(PermitGuard, Policy):
             :class:`~buttress.backends.redis.RedisBulkheadStore` (the bulkhead then needs
             a name and ``max_concurrent`` holds across every process); ``None`` (default)
             keeps them in this bulkhead.
-        listeners, registry, clock: as for every policy (:class:`~buttress.Policy`).
+        **options: ``listeners``, ``registry`` and ``clock``, as for every policy
+            (:class:`~buttress.Policy`).
     """
 
     kind = "bulkhead"

@@ -350,7 +350,8 @@ class CircuitBreaker(PermitGuard, Policy):
         store: where the state lives: a :class:`~buttress.backends.BreakerStore` such as
             :class:`~buttress.backends.redis.RedisBreakerStore` (the breaker then needs a
             name); ``None`` (default) keeps it in this breaker.
-        listeners, registry, clock: as for every policy (:class:`~buttress.Policy`).
+        **options: ``listeners``, ``registry`` and ``clock``, as for every policy
+            (:class:`~buttress.Policy`).
     """
 
     kind = "circuit_breaker"

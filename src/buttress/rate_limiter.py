@@ -318,7 +318,8 @@ class RateLimiter(Policy):
             :class:`~buttress.backends.redis.RedisRateLimiterStore` (the limiter then
             needs a name); ``None`` (default) keeps them in this limiter.
         max_keys: live per-key buckets kept in memory (default 100,000).
-        listeners, registry, clock: as for every policy (:class:`~buttress.Policy`).
+        **options: ``listeners``, ``registry`` and ``clock``, as for every policy
+            (:class:`~buttress.Policy`).
 
     Every bucket of a limiter has the same settings: the unkeyed one (``key=None``) and
     one per key (``try_acquire(key=client_ip)``, or the view ``for_key(client_ip)``).

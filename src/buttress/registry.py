@@ -53,6 +53,8 @@ class Registry:
             self._items[key] = primitive
 
     def unregister(self, primitive: Policy) -> None:
+        """Remove ``primitive`` from the registry (a no-op if it is not registered); its
+        name is free again."""
         if primitive.name is None:
             return
         with self._lock:
@@ -75,6 +77,7 @@ class Registry:
             return len(self._items)
 
     def clear(self) -> None:
+        """Forget every registered primitive (tests use it between cases)."""
         with self._lock:
             self._items.clear()
 

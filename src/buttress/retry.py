@@ -411,7 +411,8 @@ class Retry(Policy):
             started) and the call's ``args`` and ``kwargs`` (default ``False``: arguments
             may hold secrets).
         name: registers the policy for ``state()``.
-        listeners, registry, clock: as for every policy (:class:`~buttress.Policy`).
+        **options: ``listeners``, ``registry`` and ``clock``, as for every policy
+            (:class:`~buttress.Policy`).
     """
 
     kind = "retry"

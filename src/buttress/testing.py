@@ -118,6 +118,7 @@ class FakeClock:
         return self._now
 
     def monotonic(self) -> float:
+        """The same reading as :meth:`now` (the fake clock has one timeline)."""
         return self._now
 
     def wall(self) -> float:

@@ -198,7 +198,8 @@ class Timeout(Policy):
     Args:
         seconds: the time limit (> 0, an int, float or timedelta).
         name: registers the policy for ``state()``.
-        listeners, registry, clock: as for every policy (:class:`~buttress.Policy`).
+        **options: ``listeners``, ``registry`` and ``clock``, as for every policy
+            (:class:`~buttress.Policy`).
     """
 
     kind = "timeout"

@@ -291,6 +291,8 @@ class _RedisStore:
         self._soft_errors: tuple[type[BaseException], ...] = (*self._errors, ConfigTypeError)
 
     def key(self, kind: str, name: str, suffix: str | None = None) -> str:
+        """The Redis key this store uses for the primitive ``kind``/``name`` (with its
+        prefix, and hash-tagged so that one primitive's keys share a Cluster slot)."""
         tag = name if suffix is None else f"{name}:{suffix}"
         return f"{self.prefix}{{{kind}:{tag}}}"
 
@@ -532,9 +534,10 @@ class RedisBreakerStore(_RedisStore):
     closed breaker then costs no round trip per call, and other processes' transitions
     are seen within ``max_staleness``. Half-open probes always go to Redis.
 
+    ``url``, ``client``, ``async_client``, ``prefix``, ``timeout``, ``on_backend_error``,
+    ``retry_interval`` and ``cluster`` are as for :class:`RedisRateLimiterStore`.
+
     Args:
-        url, client, async_client, prefix, timeout, on_backend_error, retry_interval,
-        cluster: as for :class:`RedisRateLimiterStore`.
         max_staleness: seconds a process may act on state it read earlier (default
             ``None``: read on every call).
         probe_lease: seconds after which half-open probe slots whose callers never
@@ -859,9 +862,10 @@ class RedisBulkheadStore(_RedisStore):
     Redis (every ``poll_interval``, doubling up to 8x): across processes a freed slot goes
     to whoever asks first, not strictly first come first served.
 
+    ``url``, ``client``, ``async_client``, ``prefix``, ``timeout``, ``on_backend_error``,
+    ``retry_interval`` and ``cluster`` are as for :class:`RedisRateLimiterStore`.
+
     Args:
-        url, client, async_client, prefix, timeout, on_backend_error, retry_interval,
-        cluster: as for :class:`RedisRateLimiterStore`.
         lease: seconds a slot survives its holder's death (default 30).
         poll_interval: seconds between attempts of a waiting caller (default 0.01).
     """
@@ -1190,12 +1194,13 @@ class RedisIdempotencyStore(_RedisStore):
     the first finished, gets its stored result). A completed run's key lives for the run's
     ``ttl`` (or ``default_ttl``); a failed, compensated run frees its key.
 
+    ``url``, ``client``, ``prefix``, ``timeout`` and ``cluster`` are as for
+    :class:`RedisRateLimiterStore` (the saga runner calls stores from sync code, so a sync
+    client is used). ``on_backend_error`` is ``"fail_closed"`` (default: a run whose key
+    cannot be claimed does not start), ``"fail_open"`` (run without the guarantee) or
+    ``"local"`` (keys claimed in this process only, with an in-memory store).
+
     Args:
-        url, client, prefix, timeout, cluster: as for :class:`RedisRateLimiterStore` (the saga
-            runner calls stores from sync code, so a sync client is used).
-        on_backend_error: ``"fail_closed"`` (default: a run whose key cannot be claimed
-            does not start), ``"fail_open"`` (run without the guarantee) or ``"local"``
-            (keys claimed in this process only, with an in-memory store).
         default_ttl: seconds a completed key is remembered when the run sets no ``ttl``
             (default ``None``: until it is deleted).
         clock: whose ``wall()`` reading turns a run's expiry into a Redis TTL (default:
@@ -1227,6 +1232,8 @@ class RedisIdempotencyStore(_RedisStore):
         )
 
     def emit(self, event_type: type[_events.Event], **fields: Any) -> None:
+        """Report a store event (a degraded or recovered backend) to the global
+        listeners, as a primitive would."""
         if _events.hub.listeners:
             event = event_type(
                 source="saga_idempotency", name=self.prefix, time=self._wall(), **fields

@@ -152,6 +152,7 @@ class SQLiteStore:
         self._local = threading.local()  # .batch: this thread is inside a group commit
 
     def close(self) -> None:
+        """Close the store's connections and stop its writer thread; later calls reopen."""
         with self._wake:
             self._closing = True
             writer = self._writer

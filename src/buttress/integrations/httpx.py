@@ -620,6 +620,7 @@ class _ReleasingStream(httpx.SyncByteStream, httpx.AsyncByteStream):
             yield chunk
 
     def close(self) -> None:
+        """Close the wrapped transport."""
         try:
             assert isinstance(self._stream, httpx.SyncByteStream)
             self._stream.close()
@@ -629,6 +630,7 @@ class _ReleasingStream(httpx.SyncByteStream, httpx.AsyncByteStream):
                 slot.release()
 
     async def aclose(self) -> None:
+        """Close the wrapped transport."""
         try:
             assert isinstance(self._stream, httpx.AsyncByteStream)
             await self._stream.aclose()
@@ -742,6 +744,7 @@ class ResilientTransport(_Resilience[httpx.BaseTransport], httpx.BaseTransport):
         return response
 
     def close(self) -> None:
+        """Close the wrapped transport."""
         self.transport.close()
 
 
@@ -757,6 +760,7 @@ class AsyncResilientTransport(_Resilience[httpx.AsyncBaseTransport], httpx.Async
     _default = httpx.AsyncHTTPTransport
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` through the policies (httpx calls this; see the class)."""
         exchange = _Exchange(self, request)
         exchange.enter(sync_timeout=False)
         timeout = self.timeout
@@ -774,4 +778,5 @@ class AsyncResilientTransport(_Resilience[httpx.AsyncBaseTransport], httpx.Async
             exchange.exit()
 
     async def aclose(self) -> None:
+        """Close the wrapped transport."""
         await self.transport.aclose()

@@ -205,6 +205,7 @@ class AttemptRecord:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of this record (what the report's ``to_dict()`` nests)."""
         return {"started_at": self.started_at, "duration": self.duration, "error": self.error}
 
 
@@ -248,6 +249,7 @@ class StepResult:
     group: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of this record (what the report's ``to_dict()`` nests)."""
         return {
             "name": self.name,
             "group": self.group,
@@ -295,6 +297,7 @@ class SagaResult:
 
     @property
     def ok(self) -> bool:
+        """Whether the run completed (every step succeeded or was replayed)."""
         return self.status == "completed"
 
     def step(self, name: str) -> StepResult:
