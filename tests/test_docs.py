@@ -14,6 +14,8 @@ when ``CI`` is set (see ``tests/services.py``).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import textwrap
 import traceback
@@ -38,15 +40,16 @@ _OPEN = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[\w
 
 
 def _pages() -> list[Path]:
-    pages = sorted(DOCS.glob("*.md"))
+    pages = sorted(DOCS.glob("*.md")) + sorted(DOCS.glob("recipes/*.md"))
     readme = ROOT / "README.md"
     if readme.exists():
         pages.append(readme)
     return pages
 
 
-def python_blocks(text: str) -> Iterator[tuple[int, str]]:
-    """``(line number of the opening fence, dedented source)`` of each python block."""
+def fenced_blocks(text: str) -> Iterator[tuple[int, str, str, str]]:
+    """``(line of the opening fence, language, the rest of the fence line, dedented body)``
+    of every fenced block."""
     lines = text.splitlines()
     index = 0
     while index < len(lines):
@@ -65,9 +68,40 @@ def python_blocks(text: str) -> Iterator[tuple[int, str]]:
                 break
             body.append(line[len(indent) :] if line.startswith(indent) else line.lstrip())
             index += 1
+        yield start + 1, lang, match["rest"], textwrap.dedent("\n".join(body)) + "\n"
         index += 1  # past the closing fence
+
+
+_OUTPUT = re.compile(r'title="Output"')
+
+
+def examples(text: str) -> Iterator[tuple[int, str, str | None]]:
+    """``(line, source, expected output)`` of each python block. A ```text block titled
+    "Output" right after a python block is what that block must print."""
+    pending: tuple[int, str] | None = None
+    for line, lang, rest, body in fenced_blocks(text):
         if lang in ("python", "py"):
-            yield start + 1, textwrap.dedent("\n".join(body)) + "\n"
+            if pending is not None:
+                yield pending[0], pending[1], None
+            pending = (line, body)
+        elif lang == "text" and _OUTPUT.search(rest) and pending is not None:
+            yield pending[0], pending[1], body
+            pending = None
+        elif pending is not None:
+            yield pending[0], pending[1], None
+            pending = None
+    if pending is not None:
+        yield pending[0], pending[1], None
+
+
+def python_blocks(text: str) -> Iterator[tuple[int, str]]:
+    """``(line number of the opening fence, dedented source)`` of each python block."""
+    for line, source, _ in examples(text):
+        yield line, source
+
+
+def _lines(text: str) -> list[str]:
+    return [line.rstrip() for line in text.strip("\n").splitlines()]
 
 
 # <!-- requires: redis --> or <!-- requires: redis, postgres --> anywhere in a page
@@ -117,6 +151,19 @@ def test_requires_marker_parser() -> None:
     assert required_services("# no servers <!-- a comment -->") == []
 
 
+def test_output_blocks_pair_with_the_python_block_before_them() -> None:
+    """A ```text title="Output" block is the expected output of the block just above."""
+    text = (
+        "```python\nprint(1)\n```\n\n"
+        '```text title="Output"\n1\n```\n'
+        "```python\nx = 2\n```\n"
+        "```bash\nls\n```\n"
+        '```text title="Output"\norphan\n```\n'
+        "```python\nprint(x)\n```\n"
+    )
+    assert [(line, out) for line, _, out in examples(text)] == [(1, "1\n"), (8, None), (17, None)]
+
+
 def test_block_parser() -> None:
     text = (
         "intro\n"
@@ -141,17 +188,25 @@ def test_page_examples_run(page: Path) -> None:
         _SERVICES[service]()  # skips (or fails on CI) when the server is unreachable
     namespace: dict[str, Any] = {"__name__": "__main__"}
     with isolated_registry():
-        for number, (line, source) in enumerate(python_blocks(text), 1):
+        for number, (line, source, expected) in enumerate(examples(text), 1):
             code = compile(
                 source, f"{label} (python block {number}, line {line})", "exec", dont_inherit=True
             )
             failure = None
+            printed = io.StringIO()
             try:
-                exec(code, namespace)
+                with contextlib.redirect_stdout(printed):
+                    exec(code, namespace)
             except Exception:
                 failure = traceback.format_exc()
             if failure is not None:
                 pytest.fail(
                     f"{label}: python block {number} (starting at line {line}) failed:\n{failure}",
+                    pytrace=False,
+                )
+            if expected is not None and _lines(printed.getvalue()) != _lines(expected):
+                pytest.fail(
+                    f"{label}: python block {number} (line {line}) printed:\n"
+                    f"{printed.getvalue()}\nbut its Output block says:\n{expected}",
                     pytrace=False,
                 )
