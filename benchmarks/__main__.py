@@ -56,6 +56,7 @@ PLUGINS = (  # run when benchmarks/<name>.py exists
     "adaptive",
     "redis_backends",
     "saga_load",
+    "scaling",  # last: it draws the series the sections before it measured
 )
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 IMAGES = DOCS.parent / "img" / "benchmarks"
@@ -112,7 +113,21 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:160]
 
 
-def run_plugin(name: str, quick: bool) -> PluginRun:
+def gathered_series(plugins: list[PluginRun]) -> list[Any]:
+    """The scaling points the sections measured (``scaling_series()`` on their reports)."""
+    series: list[Any] = []
+    for plugin in plugins:
+        give = getattr(plugin.report, "scaling_series", None)
+        if give is None:
+            continue
+        try:
+            series.extend(give())
+        except Exception as exc:
+            print(f"[{plugin.name}: scaling_series() raised {_describe(exc)}]", file=sys.stderr)
+    return series
+
+
+def run_plugin(name: str, quick: bool, plugins: list[PluginRun] | None = None) -> PluginRun:
     """Import ``benchmarks.<name>`` lazily and measure it; never raises."""
     run = PluginRun(name)
     started = time.monotonic()
@@ -133,7 +148,10 @@ def run_plugin(name: str, quick: bool) -> PluginRun:
         run.skipped = f"{module_name} has no measure(quick) function"
         return run
     try:
-        run.report = measure(quick)
+        if name == "scaling":
+            run.report = measure(quick, gathered_series(plugins or []))
+        else:
+            run.report = measure(quick)
     except Exception as exc:
         run.skipped = _describe(exc)
         # The whole story on stderr, for whoever is working on that section.
@@ -323,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
     plugins: list[PluginRun] = []
     for name in PLUGINS:
         if name in args.sections:
-            plugin = run_plugin(name, args.quick)
+            plugin = run_plugin(name, args.quick, plugins)
             print(plugin.console())
             sys.stdout.flush()
             plugins.append(plugin)
