@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Mapping
 from contextvars import Token
 from datetime import timedelta, timezone
-from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypedDict, TypeVar
 
 from buttress._deadline import remaining, reset_deadline, set_deadline
 from buttress._drivers import Plan, Step
@@ -33,6 +33,9 @@ from buttress.registry import Registry, default_registry
 from buttress.retry import Retry, RetryState
 from buttress.timeout import Timeout
 
+if TYPE_CHECKING:
+    pass
+
 __all__ = [
     "DRAIN_LIMIT",
     "IDEMPOTENT_METHODS",
@@ -42,6 +45,7 @@ __all__ = [
     "Host",
     "Resilience",
     "Response",
+    "TransportOptions",
     "parse_retry_after",
     "plan",
 ]
@@ -178,6 +182,23 @@ def _per_host(
         f"{what} must be a {kind} (shared by every host), a mapping of {kind} options (one "
         f"{what} per host) or None, got {value!r}"
     )
+
+
+class TransportOptions(TypedDict, total=False):
+    """The options every client face takes (``**options`` in their signatures); the
+    defaults are :class:`Resilience`'s."""
+
+    name: str | None
+    retry: Retry | int | None
+    retry_methods: Iterable[str]
+    retry_statuses: Iterable[int]
+    max_retry_after: float | timedelta
+    breaker: CircuitBreaker | Mapping[str, Any] | None
+    limiter: RateLimiter | Mapping[str, Any] | None
+    bulkhead: Bulkhead | Mapping[str, Any] | None
+    timeout: Timeout | float | timedelta | None
+    registry: Registry | None
+    clock: Clock | None
 
 
 class Resilience:

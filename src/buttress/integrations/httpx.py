@@ -36,22 +36,15 @@ adds only httpx's errors, timeouts and responses, and only the waiting and the I
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from datetime import timedelta
-from typing import Any, ClassVar, Generic, TypeVar
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import httpx
 
 from buttress._deadline import remaining
 from buttress._drivers import pump_async, pump_sync
-from buttress.bulkhead import Bulkhead, BulkheadPermit
-from buttress.circuit_breaker import CircuitBreaker
-from buttress.clock import Clock
+from buttress.bulkhead import BulkheadPermit
 from buttress.exceptions import ConfigTypeError
-from buttress.rate_limiter import RateLimiter
-from buttress.registry import Registry
-from buttress.retry import Retry
-from buttress.timeout import Timeout
 
 from ._http import (
     DRAIN_LIMIT,
@@ -61,9 +54,13 @@ from ._http import (
     Exchange,
     Host,
     Resilience,
+    TransportOptions,
     parse_retry_after,
     plan,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "IDEMPOTENT_METHODS",
@@ -98,41 +95,14 @@ class _Resilience(Resilience, Generic[T]):
     _inner: ClassVar[type[Any]]  # what the inner transport must be
     _default: ClassVar[type[Any]]  # the inner transport's class when none is given
 
-    def __init__(
-        self,
-        transport: T | None = None,
-        *,
-        name: str | None = None,
-        retry: Retry | int | None = 3,
-        retry_methods: Iterable[str] = IDEMPOTENT_METHODS,
-        retry_statuses: Iterable[int] = RETRY_STATUSES,
-        max_retry_after: float | timedelta = 60.0,
-        breaker: CircuitBreaker | Mapping[str, Any] | None = None,
-        limiter: RateLimiter | Mapping[str, Any] | None = None,
-        bulkhead: Bulkhead | Mapping[str, Any] | None = None,
-        timeout: Timeout | float | timedelta | None = None,
-        registry: Registry | None = None,
-        clock: Clock | None = None,
-    ) -> None:
+    def __init__(self, transport: T | None = None, **options: Unpack[TransportOptions]) -> None:
         if transport is not None and not isinstance(transport, self._inner):
             raise ConfigTypeError(
                 f"transport must be an httpx.{self._inner.__name__}, got {transport!r} "
                 f"({type(transport).__name__})"
             )
         self.transport: T = transport if transport is not None else self._default()
-        super().__init__(
-            name=name,
-            retry=retry,
-            retry_methods=retry_methods,
-            retry_statuses=retry_statuses,
-            max_retry_after=max_retry_after,
-            breaker=breaker,
-            limiter=limiter,
-            bulkhead=bulkhead,
-            timeout=timeout,
-            registry=registry,
-            clock=clock,
-        )
+        super().__init__(**options)
         self._by_netloc: dict[bytes, Host] = {}
 
     def _host(self, url: httpx.URL) -> Host:
