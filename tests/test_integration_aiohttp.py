@@ -55,6 +55,12 @@ class Server:
         assert request.transport is not None
         self.peers.add(request.transport.get_extra_info("peername"))
         await request.read()
+        if request.path == "/trickle":  # a 503 whose body never ends
+            response = web.StreamResponse(status=503)
+            await response.prepare(request)
+            await response.write(b"x")
+            await asyncio.sleep(5)
+            return response
         acts = self.routes.get(request.path) or [Act()]
         act = acts.pop(0) if len(acts) > 1 else acts[0]
         if act.delay:
@@ -450,6 +456,27 @@ def test_a_shared_bulkhead_is_released_on_errors_and_cancellation() -> None:
             with pytest.raises(aiohttp.ServerDisconnectedError):
                 await client.get(server.on("/drop", Act(drop=True)))
             assert bulkhead.snapshot()["in_flight"] == 0
+
+    run(main)
+
+
+def test_cancelling_while_a_retried_response_is_drained_closes_it() -> None:
+    """A cancellation while a discarded response is being read closes that response: its
+    connection (and the bulkhead slot it holds) is given back."""
+
+    async def main(server: Server) -> None:
+        bulkhead = Bulkhead(max_concurrent=1)
+        mw = ResilientMiddleware(retry=retry(3, backoff=[0.0]), bulkhead=bulkhead)
+        async with session(mw) as client:
+            task = asyncio.ensure_future(client.get(server.url + "/trickle"))
+            while not server.hits:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # the 503 is in: the middleware is draining it
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert bulkhead.snapshot()["in_flight"] == 0
+            assert server.hits[("GET", "/trickle")] == 1
 
     run(main)
 

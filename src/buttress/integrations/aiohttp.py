@@ -135,8 +135,10 @@ async def _aclose(answer: _Answer) -> None:
 
 
 async def _adiscard(answer: _Answer) -> None:
-    """Read a little of a discarded response (so its connection is reused), release it."""
+    """Read a little of a discarded response (so its connection is reused), release it;
+    close it instead when reading fails or is cancelled."""
     response = answer.response
+    drained = False
     try:
         read = 0
         while read <= DRAIN_LIMIT:
@@ -144,10 +146,14 @@ async def _adiscard(answer: _Answer) -> None:
             if not chunk:
                 break
             read += len(chunk)
+        drained = True
     except Exception:  # the response is being thrown away either way
-        response.close()
-    else:
-        response.release()  # an unfinished body closes the connection instead
+        pass
+    finally:
+        if drained:
+            response.release()  # an unfinished body closes the connection instead
+        else:
+            response.close()
 
 
 class _SlotReturn:
