@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import pytest
@@ -29,6 +29,7 @@ from buttress import (
     TimeoutExceeded,
     retry,
 )
+from buttress.bulkhead import LocalBulkhead
 from buttress.integrations.aiohttp import ExchangeTimeout, ResilientMiddleware
 from buttress.testing import FakeClock
 from test_integration_httpx import Act  # the same scripted answers as the httpx tests
@@ -45,6 +46,7 @@ class Server:
         self.hits: Counter[tuple[str, str]] = Counter()
         self.peers: set[object] = set()
         self.url = ""
+        self.gate = asyncio.Event()  # "/gated" bodies end when it is set
 
     def on(self, path: str, *acts: Act) -> str:
         self.routes[path] = list(acts)
@@ -60,6 +62,13 @@ class Server:
             await response.prepare(request)
             await response.write(b"x")
             await asyncio.sleep(5)
+            return response
+        if request.path == "/gated":  # a 200 whose body ends when the test says so
+            response = web.StreamResponse()
+            await response.prepare(request)
+            await response.write(b"first ")
+            await self.gate.wait()
+            await response.write(b"last")
             return response
         acts = self.routes.get(request.path) or [Act()]
         act = acts.pop(0) if len(acts) > 1 else acts[0]
@@ -233,6 +242,26 @@ def test_get_timeout_is_retried_then_raised_as_aiohttp_timeout(clock: FakeClock)
     with pytest.raises(aiohttp.ServerTimeoutError, match=r"sock_read=0\.2s"):
         run(main)
     assert hits == [3]
+
+
+def test_a_connect_timeout_is_retried_for_post_and_names_the_timeout(clock: FakeClock) -> None:
+    """A connect timeout proves the request never left: a POST is retried too, and the
+    error that ends the retries names the connect timeouts that were configured."""
+    attempts: list[str] = []
+
+    async def unreachable(request: aiohttp.ClientRequest, handler: Any) -> aiohttp.ClientResponse:
+        attempts.append(request.method)  # stands in for a host that never accepts
+        raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host {request.url}")
+
+    async def main(server: Server) -> None:
+        mw = ResilientMiddleware(retry=retry(3, backoff=[0.0], clock=clock), clock=clock)
+        timeout = aiohttp.ClientTimeout(total=10, connect=2, sock_connect=1)
+        async with aiohttp.ClientSession(middlewares=(mw, unreachable), timeout=timeout) as client:
+            await client.post(server.on("/never"), data=b"{}")
+
+    with pytest.raises(aiohttp.ConnectionTimeoutError, match=r"connect=2s and sock_connect=1s"):
+        run(main)
+    assert attempts == ["POST", "POST", "POST"]
 
 
 def test_a_dropped_connection_is_retried(clock: FakeClock) -> None:
@@ -417,25 +446,70 @@ def test_the_limiter_has_a_bucket_per_host(clock: FakeClock) -> None:
 
 
 def test_a_bulkhead_slot_is_held_until_the_response_is_released() -> None:
-    """The host's bulkhead slot is held while the response's body is unread and given
-    back when it is read (or released)."""
+    """The host's bulkhead slot is held while the response's body is still coming and
+    given back once the connection is released (the body is in, or the response is
+    released)."""
 
     async def main(server: Server) -> None:
         mw = ResilientMiddleware(retry=None, bulkhead={"max_concurrent": 1})
         async with session(mw) as client:
-            url = server.on("/b", Act(body=b"z" * 200_000))
-            first = await client.get(url)
+            first = await client.get(server.url + "/gated")
             (bulkhead,) = mw.bulkheads.values()
             assert bulkhead.snapshot()["in_flight"] == 1
             with pytest.raises(BulkheadFull):
-                await client.get(url)
-            assert len(await first.read()) == 200_000
+                await client.get(server.url + "/gated")
+            server.gate.set()
+            assert await first.read() == b"first last"
             assert bulkhead.snapshot()["in_flight"] == 0
-            second = await client.get(url)
-            second.release()
+            server.gate.clear()
+            second = await client.get(server.url + "/gated")
+            assert bulkhead.snapshot()["in_flight"] == 1
+            second.release()  # given up unread: the connection is closed, the slot freed
             assert bulkhead.snapshot()["in_flight"] == 0
 
     run(main)
+
+
+class _CountingSlots(LocalBulkhead):
+    """In-process slots standing in for a shared store: counts how slots come back."""
+
+    released: ClassVar[list[str]] = []
+
+    def release(self, lease: object) -> None:
+        self.released.append("sync")
+        super().release(lease)
+
+    async def release_async(self, lease: object) -> None:
+        self.released.append("async")
+        LocalBulkhead.release(self, lease)
+
+
+class _SlotStore:
+    def bind_bulkhead(self, bulkhead: Bulkhead) -> _CountingSlots:
+        return _CountingSlots(bulkhead)
+
+
+def test_a_store_backed_slot_is_released_without_blocking_the_loop() -> None:
+    """A bulkhead slot from a store comes back through its async release (a task), never
+    through a blocking call on the loop, when the response's connection is released."""
+    _CountingSlots.released.clear()
+
+    async def main(server: Server) -> None:
+        bulkhead = Bulkhead(max_concurrent=1, store=_SlotStore())
+        mw = ResilientMiddleware(retry=None, bulkhead=bulkhead)
+        async with session(mw) as client:
+            slots = bulkhead.binding
+            assert isinstance(slots, _CountingSlots)
+            response = await client.get(server.url + "/gated")
+            assert slots.in_flight == 1
+            server.gate.set()
+            await response.read()
+            for _ in range(10):
+                await asyncio.sleep(0)
+            assert slots.in_flight == 0
+
+    run(main)
+    assert _CountingSlots.released == ["async"]
 
 
 def test_a_shared_bulkhead_is_released_on_errors_and_cancellation() -> None:

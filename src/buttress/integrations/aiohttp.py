@@ -33,7 +33,8 @@ attempts, and ``timeout=`` around everything. The decisions are the httpx transp
   planned against the session's timeout.
 - A response that is retried is read (up to 64 KiB, so its connection can be reused)
   and released before the wait; a bulkhead slot is held until the returned response's
-  connection is released (its body read, or the response released or closed).
+  connection is released (its whole body has arrived, or the response is released or
+  closed).
 """
 
 from __future__ import annotations
