@@ -16,7 +16,6 @@ that answers at once, against calling that handler directly (best of five runs).
 from __future__ import annotations
 
 import asyncio
-import statistics
 import subprocess
 import sys
 import time
@@ -29,6 +28,9 @@ from yarl import URL
 
 from buttress.integrations.aiohttp import ResilientMiddleware
 from buttress.testing import isolated_registry
+
+# The same variants, and the same per-round statistics, as the httpx transport's rows.
+from .integrations import _VARIANTS, TransportRow, _row
 
 TARGET = 0.05  # extra time per request, at most
 TARGETED = "retry only"
@@ -54,35 +56,11 @@ asyncio.run(main())
 """
 
 
-def _full_options() -> dict[str, Any]:
-    return {
-        "retry": 3,
-        "breaker": {"failure_threshold": 5},
-        "limiter": {"rate": 1e9, "burst": 10**9},
-        "bulkhead": {"max_concurrent": 1000},
-    }
-
-
-_VARIANTS: tuple[tuple[str, Callable[[], dict[str, Any]]], ...] = (
-    ("retry only", dict),
-    ("full", _full_options),
-)
-
-
-@dataclass
-class Row:
-    label: str
-    bare_us: float  # per request, bare session
-    resilient_us: float  # per request, through the middleware
-    overhead: float  # median over rounds of resilient / bare, minus 1
-    own_us: float  # the middleware's own cost per request (no network)
-
-
 @dataclass
 class AiohttpReport:
     rounds: int = 0
     version: str = aiohttp.__version__
-    rows: list[Row] = field(default_factory=list)
+    rows: list[TransportRow] = field(default_factory=list)
 
     HEAD = ("session", "bare", "with middleware", "overhead", "own cost", "target", "status")
 
@@ -228,23 +206,10 @@ async def _own_cost(calls: int) -> dict[str, float]:
     return {label: min(samples[label]) - base for label, _ in _VARIANTS}
 
 
-def _measure(url: str, rounds: int, own_calls: int) -> list[Row]:
+def _measure(url: str, rounds: int, own_calls: int) -> list[TransportRow]:
     times = asyncio.run(_timed_rounds(url, rounds))
     own = asyncio.run(_own_cost(own_calls))
-    rows = []
-    for label, _ in _VARIANTS:
-        bare, mine = times["bare"], times[label]
-        ratio = statistics.median(m / b for m, b in zip(mine, bare, strict=True))
-        rows.append(
-            Row(
-                label=label,
-                bare_us=statistics.median(bare) * 1e6,
-                resilient_us=statistics.median(mine) * 1e6,
-                overhead=ratio - 1,
-                own_us=own[label] * 1e6,
-            )
-        )
-    return rows
+    return [_row("async", label, times, own[label]) for label, _ in _VARIANTS]
 
 
 def measure(quick: bool) -> AiohttpReport:
