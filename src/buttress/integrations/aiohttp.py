@@ -15,7 +15,7 @@ attempts, and ``timeout=`` around everything. The decisions are the httpx transp
   ``retry_statuses`` response (429, 502, 503, 504). An error that proves the request
   never left (``ClientConnectorError``, ``ConnectionTimeoutError``) is retried whatever
   the method. A request whose body cannot be replayed (an async generator, a file) is
-  never retried: only ``bytes``, ``str``, ``json=`` and form bodies are.
+  never retried: only ``bytes``, ``str``, ``json=`` and URL-encoded form bodies are.
 - ``Retry-After`` (delta-seconds or an HTTP-date, read against the response's ``Date``)
   sets the next wait, capped at ``max_retry_after``.
 - When status retries run out, the last response is *returned*; when error retries run
