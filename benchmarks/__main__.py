@@ -53,6 +53,7 @@ QUICK_TOTAL_BUDGET = 60.0
 BUILTIN = ("overhead", "accuracy", "fairness", "memory", "sagas")
 PLUGINS = (  # run when benchmarks/<name>.py exists
     "integrations",
+    "client_aiohttp",
     "adaptive",
     "redis_backends",
     "saga_load",
