@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 import re
 from pathlib import Path
 from types import ModuleType
@@ -22,33 +23,20 @@ from buttress import backends, clock
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "reference"
 
-# The public modules: each has an __all__, and the reference renders each of them or
-# each of its names.
-PUBLIC_MODULES = (
-    "buttress",
-    "buttress.adaptive",
-    "buttress.backends",
-    "buttress.backends.memory",
-    "buttress.backends.postgres",
-    "buttress.backends.redis",
-    "buttress.backends.sqlite",
-    "buttress.backoff",
-    "buttress.cache",
-    "buttress.chaos",
-    "buttress.clock",
-    "buttress.events",
-    "buttress.exceptions",
-    "buttress.integrations.asgi",
-    "buttress.integrations.httpx",
-    "buttress.permit",
-    "buttress.registry",
-    "buttress.saga",
-    "buttress.telemetry",
-    "buttress.telemetry.logging",
-    "buttress.telemetry.otel",
-    "buttress.telemetry.prometheus",
-    "buttress.testing",
-)
+
+def _discover() -> tuple[str, ...]:
+    """Every public module of the package: no part of its dotted name starts with ``_``
+    (the demo, an application rather than an API, is left out)."""
+    found = ["buttress"]
+    for info in pkgutil.walk_packages(buttress.__path__, "buttress."):
+        parts = info.name.split(".")
+        if any(part.startswith("_") for part in parts) or parts[1] == "demo":
+            continue
+        found.append(info.name)
+    return tuple(sorted(found))
+
+
+PUBLIC_MODULES = _discover()
 
 PROTOCOLS = (
     clock.Clock,
@@ -74,6 +62,7 @@ def _module(name: str) -> ModuleType:
 
 def _public(name: str) -> list[tuple[str, object]]:
     module = _module(name)
+    assert hasattr(module, "__all__"), f"the public module {name} declares no __all__"
     return [(item, getattr(module, item)) for item in module.__all__]
 
 
