@@ -735,3 +735,91 @@ def test_aio_server_sheds() -> None:
             await server.stop(None)
 
     asyncio.run(main())
+
+
+# -- leaks, cancellation, pickling -------------------------------------------------------------
+
+
+def test_aio_cancelled_call_gives_back_its_slot_and_permit(served: Server) -> None:
+    """A grpc.aio call cancelled mid-attempt frees its bulkhead slot; the breaker permit is
+    settled as neutral (the caller left, the target did nothing wrong)."""
+    served.script.play(Act(block=True))
+    bulkhead = Bulkhead(max_concurrent=1)
+    breaker = CircuitBreaker(failure_threshold=1)
+
+    async def scenario(echo: Any, interceptor: Any) -> None:
+        call = echo(b"x", timeout=10)
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, served.script.entered.wait, 5)
+        assert bulkhead.in_flight == 1
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.sleep(0)
+
+    _aio(served, scenario, bulkhead=bulkhead, breaker=breaker)
+    assert bulkhead.in_flight == 0
+    assert breaker.state == "closed"
+    assert breaker.snapshot()["neutral"] == 1
+
+
+def test_aio_limiter_and_bulkhead_reject_before_the_network(served: Server) -> None:
+    """grpc.aio: the target's limiter rejects at once with RateLimited, never sent."""
+
+    async def scenario(echo: Any, interceptor: Any) -> None:
+        assert await echo(b"x", timeout=5) == b"x"
+        with pytest.raises(RateLimited):
+            await echo(b"x", timeout=5)
+
+    _aio(served, scenario, limiter={"rate": 1, "per": 60, "max_wait": 0})
+    assert served.script.attempts == 1
+
+
+def test_deadline_error_survives_pickling(client: Any, served: Server) -> None:
+    """Like every buttress error, DeadlineExceeded survives a pickle round-trip."""
+    import pickle
+
+    served.script.play(Act(delay=3))
+    with pytest.raises(DeadlineExceeded) as caught:
+        client().echo(b"x", timeout=0.1)
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert isinstance(copy, DeadlineExceeded) and str(copy) == str(caught.value)
+    assert copy.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert copy.timeout == caught.value.timeout
+
+
+def test_server_waits_up_to_max_wait(shedding: Any) -> None:
+    """With max_wait, a call over the rate waits for its permit instead of being shed."""
+    server, channel = shedding(limiter=RateLimiter(rate=5), max_wait=1.0)
+    echo = channel.unary_unary(ECHO)
+    started = time.monotonic()
+    assert echo(b"a", timeout=5) == b"a"
+    assert echo(b"b", timeout=5) == b"b"
+    assert time.monotonic() - started >= 0.15
+    assert server.script.attempts == 2
+
+
+def test_server_key_function_none_means_unlimited(shedding: Any) -> None:
+    """A key function returning None lets that call through; "method" keys per method."""
+    _, channel = shedding(
+        limiter=RateLimiter(rate=1, per=60),
+        key=lambda details: None if details.method == COUNT else details.method,
+    )
+    echo, count = channel.unary_unary(ECHO), channel.unary_stream(COUNT)
+    assert echo(b"x", timeout=5) == b"x"
+    for _ in range(3):
+        assert list(count(b"0", timeout=5)) == [b"0"]
+    with pytest.raises(grpc.RpcError) as caught:
+        echo(b"x", timeout=5)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_server_without_pushback(shedding: Any) -> None:
+    """pushback=False sheds without the trailer."""
+    _, channel = shedding(limiter=RateLimiter(rate=1, per=60), key="method", pushback=False)
+    echo = channel.unary_unary(ECHO)
+    echo(b"x", timeout=5)
+    with pytest.raises(grpc.RpcError) as caught:
+        echo(b"x", timeout=5)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _trailer(caught.value) is None
