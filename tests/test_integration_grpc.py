@@ -43,6 +43,7 @@ from buttress.integrations.grpc import (
     ServerInterceptor,
     parse_pushback,
 )
+from buttress.testing import FakeClock
 
 SERVICE = "buttress.test.Echo"
 ECHO = f"/{SERVICE}/Echo"
@@ -823,3 +824,16 @@ def test_server_without_pushback(shedding: Any) -> None:
         echo(b"x", timeout=5)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert _trailer(caught.value) is None
+
+
+def test_spent_budget_sends_nothing(client: Any, served: Server) -> None:
+    """A call made after the enclosing deadline has passed fails at once, unsent, and the
+    breaker permit it took is given back as neutral."""
+    clock = FakeClock()
+    c = client(breaker={"failure_threshold": 1})
+    with pytest.raises(DeadlineExceeded) as caught, timeout(1, clock=clock):
+        clock.advance(2)
+        c.echo(b"x", timeout=5)
+    assert "enclosing buttress.timeout" in str(caught.value)
+    assert served.script.attempts == 0
+    assert c.interceptor.breaker.snapshot()["neutral"] == 1

@@ -358,7 +358,7 @@ class _Budget:
 
     def __init__(self) -> None:
         self.seconds: float | None = None
-        self.source = ""
+        self.source = ""  # "call" (the call's timeout) or "enclosing"; "" with a policy
         self.policy: Timeout | None = None
         self.token: Any = None
 
@@ -454,8 +454,8 @@ class _Interceptor:
         budget = _Budget()
         seconds: float | None = None
         if call_timeout is not None:
-            seconds = max(float(call_timeout), 0.0)
-            budget.source = f"the call's timeout of {seconds:g}s"
+            seconds = float(call_timeout) if call_timeout > 0 else 0.0
+            budget.source = "call"
         policy = self.timeout
         if policy is not None and (seconds is None or policy.seconds < seconds):
             seconds = policy.seconds
@@ -464,12 +464,12 @@ class _Interceptor:
             left = remaining()
             if left is not None:
                 budget.seconds = left
-                budget.source = "the enclosing buttress.timeout"
+                budget.source = "enclosing"
             return budget
         effective, budget.token = set_deadline(seconds, self.clock)
         if effective < seconds:
             budget.policy = None
-            budget.source = "the enclosing buttress.timeout"
+            budget.source = "enclosing"
         budget.seconds = effective if budget.policy is None else seconds
         return budget
 
@@ -479,13 +479,13 @@ class _Interceptor:
             message = str(budget.policy.expired(cause))
             seconds: float | None = budget.policy.seconds
         else:
+            # (the message is built only now: most calls never need it)
             seconds = budget.seconds
-            left = "" if budget.seconds is None else f" ({budget.seconds:g}s)"
-            if budget.source.startswith("the call's"):
-                message = f"deadline exceeded: {budget.source} ran out"
+            if budget.source == "call":
+                what = f"the call's timeout of {seconds:g}s"
             else:
-                message = f"deadline exceeded: {budget.source}{left} ran out"
-            message += f" calling {self.target}"
+                what = f"the enclosing buttress.timeout ({seconds:g}s left)"
+            message = f"deadline exceeded: {what} ran out calling {self.target}"
         trailers = initial = None
         if isinstance(cause, (grpc.Call, grpc.aio.AioRpcError)):
             try:
@@ -515,9 +515,6 @@ class _Interceptor:
         budget = self._enter(details.timeout)
         try:
             while True:
-                left = remaining()
-                if left is not None and left <= 0.0 and budget.seconds is not None:
-                    raise self._expired(budget, None)
                 permit: BreakerPermit | None = None
                 slot: BulkheadPermit | None = None
                 outcome: Any = None
@@ -536,8 +533,12 @@ class _Interceptor:
                         if slot is None:
                             slot = yield (bulkhead.acquire, bulkhead.acquire_async, ())
                     left = remaining()
-                    attempt = details if left is None else rebuild(details, max(left, _MIN_TIMEOUT))
-                    outcome = yield (*send, (continuation, attempt, request))
+                    if left is None:
+                        outcome = yield (*send, (continuation, details, request))
+                    elif left > 0.0:
+                        attempt = rebuild(details, left if left > _MIN_TIMEOUT else _MIN_TIMEOUT)
+                        outcome = yield (*send, (continuation, attempt, request))
+                    # else the budget is spent already: nothing is sent
                 except grpc.RpcError as exc:
                     error = exc
                 finally:
@@ -548,6 +549,8 @@ class _Interceptor:
                     if permit is not None and error is None and outcome is None:
                         yield (permit.release, permit.release_async, ())
                         permit = None
+                if outcome is None and error is None:
+                    raise self._expired(budget, None)
                 if permit is not None:
                     yield from self._settle(permit, error)
                 if error is None:
