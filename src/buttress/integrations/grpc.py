@@ -949,6 +949,10 @@ class ServerInterceptor(_Shedding, _SyncServerBase):
 class AsyncServerInterceptor(_Shedding, _AsyncServerBase):
     """Shed load at a ``grpc.aio.server`` with ``RESOURCE_EXHAUSTED`` before a handler runs:
     ``grpc.aio.server(interceptors=[AsyncServerInterceptor(limiter=..., bulkhead=...)])``.
+
+    The handlers are coroutine functions (or async generators for streamed responses),
+    as ``grpc.aio`` servers expect; the admission never blocks the event loop (a shared
+    store is awaited).
     """
 
     __doc__ = (__doc__ or "") + _LIMITS_DOC
