@@ -837,3 +837,15 @@ def test_spent_budget_sends_nothing(client: Any, served: Server) -> None:
     assert "enclosing buttress.timeout" in str(caught.value)
     assert served.script.attempts == 0
     assert c.interceptor.breaker.snapshot()["neutral"] == 1
+
+
+def test_server_wait_never_outlasts_the_client_deadline(shedding: Any) -> None:
+    """A call whose permit would come after its own deadline is shed at once."""
+    _, channel = shedding(limiter=RateLimiter(rate=1, per=60), max_wait=None)
+    echo = channel.unary_unary(ECHO)
+    echo(b"x", timeout=5)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        echo(b"x", timeout=2)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert time.monotonic() - started < 1.0

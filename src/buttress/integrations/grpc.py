@@ -810,8 +810,18 @@ class _Shedding:
     def _exempt(self, details: grpc.HandlerCallDetails) -> bool:
         return bool(self.exempt) and details.method.startswith(self.exempt)
 
-    def _admit(self, key: Hashable | None) -> Plan[BulkheadPermit | None]:
-        """Admit one call: its bulkhead slot (or ``None``), or :class:`_Rejection`."""
+    def _wait_limit(self, context: Any) -> float | None:
+        """Seconds a call may wait at the door: ``max_wait``, cut to the client's deadline
+        (a permit that comes after the client gave up is wasted)."""
+        limit = self.max_wait
+        left = context.time_remaining()
+        if left is not None and (limit is None or left < limit):
+            limit = left if left > 0.0 else 0.0
+        return limit
+
+    def _admit(self, key: Hashable | None, limit: float | None) -> Plan[BulkheadPermit | None]:
+        """Admit one call: its bulkhead slot (or ``None``), or :class:`_Rejection`. A wait
+        is bounded by ``limit`` seconds."""
         limiter, bulkhead = self.limiter, self.bulkhead
         bucket = None
         if limiter is not None and key is not None:
@@ -823,7 +833,7 @@ class _Shedding:
             slot = bulkhead.try_acquire()  # the uncontended case: no deadline, no wait
         if bucket is None and (bulkhead is None or slot is not None):
             return slot
-        token = None if self.max_wait is None else set_deadline(self.max_wait, self.clock())[1]
+        token = None if limit is None else set_deadline(limit, self.clock())[1]
         try:
             if bucket is not None:
                 try:
@@ -882,7 +892,8 @@ _LIMITS_DOC = """
             ends). Saturated: ``RESOURCE_EXHAUSTED``.
         max_wait: seconds a call may wait at the door for a permit or a slot (default
             0: shed at once). ``None`` defers to the limiter's and bulkhead's own
-            ``max_wait`` and ``max_queue``.
+            ``max_wait`` and ``max_queue``. A wait never outlasts the client's deadline:
+            a call that cannot be admitted in time is shed at once.
         pushback: send the limiter's ``retry_after`` as ``grpc-retry-pushback-ms``
             (default ``True``).
         busy_pushback: pushback seconds to send when the bulkhead is full (default
@@ -911,7 +922,7 @@ class ServerInterceptor(_Shedding, _SyncServerBase):
 
     def _enter(self, key: Hashable | None, context: grpc.ServicerContext) -> BulkheadPermit | None:
         try:
-            return pump_sync(self._admit(key))
+            return pump_sync(self._admit(key, self._wait_limit(context)))
         except _Rejection as rejection:
             trailers = rejection.trailers()
             if trailers:
@@ -970,7 +981,7 @@ class AsyncServerInterceptor(_Shedding, _AsyncServerBase):
 
     async def _enter(self, key: Hashable | None, context: Any) -> BulkheadPermit | None:
         try:
-            return await pump_async(self._admit(key))
+            return await pump_async(self._admit(key, self._wait_limit(context)))
         except _Rejection as rejection:
             trailers = rejection.trailers()
             if trailers:
