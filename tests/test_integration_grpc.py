@@ -849,3 +849,37 @@ def test_server_wait_never_outlasts_the_client_deadline(shedding: Any) -> None:
         echo(b"x", timeout=2)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert time.monotonic() - started < 1.0
+
+
+def test_concurrent_sync_calls_share_the_bulkhead(client: Any, served: Server) -> None:
+    """Many threads through one interceptor: every call is answered, never more than the
+    bulkhead's slots are in flight, and every slot comes back."""
+    bulkhead = Bulkhead(max_concurrent=3, max_queue=100)
+    c = client(bulkhead=bulkhead)
+    served.script.play(Act(delay=0.005))
+    peak = 0
+    lock = threading.Lock()
+
+    def one(n: int) -> bytes:
+        nonlocal peak
+        with lock:
+            peak = max(peak, bulkhead.in_flight)
+        return c.echo(str(n).encode(), timeout=10)
+
+    with futures.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(one, range(60)))
+    assert answers == [str(n).encode() for n in range(60)]
+    assert peak <= 3
+    assert bulkhead.in_flight == 0 and bulkhead.queued == 0
+
+
+def test_concurrent_aio_calls_share_the_bulkhead(served: Server) -> None:
+    """Many tasks through one aio interceptor: all answered, every slot given back."""
+    bulkhead = Bulkhead(max_concurrent=3, max_queue=100)
+
+    async def scenario(echo: Any, interceptor: Any) -> list[bytes]:
+        return list(await asyncio.gather(*(echo(str(n).encode(), timeout=10) for n in range(40))))
+
+    answers = _aio(served, scenario, bulkhead=bulkhead)
+    assert answers == [str(n).encode() for n in range(40)]
+    assert bulkhead.in_flight == 0 and bulkhead.queued == 0
