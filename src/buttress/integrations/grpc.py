@@ -833,7 +833,7 @@ class _Shedding:
             slot = bulkhead.try_acquire()  # the uncontended case: no deadline, no wait
         if bucket is None and (bulkhead is None or slot is not None):
             return slot
-        token = None if limit is None else set_deadline(limit, self.clock())[1]
+        token = None if limit is None else set_deadline(limit, self._clock())[1]
         try:
             if bucket is not None:
                 try:
@@ -851,7 +851,7 @@ class _Shedding:
                 reset_deadline(token)
         return slot
 
-    def clock(self) -> Any:
+    def _clock(self) -> Any:
         policy = self.limiter if self.limiter is not None else self.bulkhead
         assert policy is not None
         return policy.clock
