@@ -57,6 +57,7 @@ PLUGINS = (  # run when benchmarks/<name>.py exists
     "adaptive",
     "redis_backends",
     "saga_load",
+    "client_grpc",
     "scaling",  # last: it draws the series the sections before it measured
 )
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"

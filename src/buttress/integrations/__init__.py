@@ -2,7 +2,8 @@
 
 Nothing here is imported by ``buttress`` itself: import the module you need,
 ``buttress.integrations.httpx`` (extra ``httpx``), ``buttress.integrations.aiohttp``
-(extra ``aiohttp``) or ``buttress.integrations.asgi`` (extra ``asgi``, no dependency).
+(extra ``aiohttp``), ``buttress.integrations.grpc`` (extra ``grpc``) or
+``buttress.integrations.asgi`` (extra ``asgi``, no dependency).
 """
 
 __all__: list[str] = []
