@@ -157,6 +157,9 @@ class _Connection:
         self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
         )
+        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batcher] = (
+            weakref.WeakKeyDictionary()
+        )
         self._lock = threading.Lock()
         self._shas: dict[str, str] = {}
 
@@ -231,13 +234,23 @@ class _Connection:
             client.script_load(script)
             return client.execute_command("EVALSHA", self.sha(script), 1, key, *args)
 
+    def batcher(self) -> _Batcher:
+        """The running loop's pipeliner (built with the loop's async client)."""
+        loop = asyncio.get_running_loop()
+        batcher = self._batchers.get(loop)
+        if batcher is None:
+            batcher = self._batchers[loop] = _Batcher(self, self.aio(), loop)
+        return batcher
+
     async def arun(self, script: str, key: str, *args: Any) -> Any:
-        client: Any = self.aio()
-        try:
-            return await client.execute_command("EVALSHA", self.sha(script), 1, key, *args)
-        except _import_redis().exceptions.NoScriptError:
-            await client.script_load(script)
-            return await client.execute_command("EVALSHA", self.sha(script), 1, key, *args)
+        """EVALSHA through the loop's pipeliner: alone at once when nothing is in flight,
+        else in the next pipeline."""
+        return await self.batcher().call(script, key, args)
+
+    def post(self, script: str, key: str, *args: Any) -> asyncio.Future[Any]:
+        """EVALSHA in the next pipeline without waiting for it (fire and forget): the
+        future holds the reply or the error."""
+        return self.batcher().post(script, key, args)
 
     def close(self) -> None:
         with self._lock:
@@ -253,9 +266,161 @@ class _Connection:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # pragma: no cover
             return
+        batcher = self._batchers.pop(loop, None)
+        if batcher is not None:
+            await batcher.flush()  # what was posted (releases) still goes out
         client = self._per_loop.pop(loop, None)
         if client is not None:
             await client.aclose()
+
+
+_Call = tuple[str, str, tuple[Any, ...], "asyncio.Future[Any]"]
+
+
+class _Batcher:
+    """Automatic pipelining for one event loop: at most one round trip in flight.
+
+    A caller that finds nothing in flight sends its command alone, at once (no added
+    wait). Callers that arrive while a round trip is in flight queue their command;
+    when it returns, everything queued goes out as one pipeline on one connection
+    (``transaction=False``: the commands are independent, each gets its own reply or
+    error). So concurrent callers share round trips and one connection, and commands
+    reach the server in the order they were issued.
+    """
+
+    __slots__ = (
+        "busy",
+        "calls",
+        "client",
+        "cluster",
+        "conn",
+        "loop",
+        "queue",
+        "round_trips",
+        "task",
+    )
+
+    def __init__(self, conn: _Connection, client: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.conn = conn
+        self.client = client
+        self.loop = loop
+        self.cluster = not isinstance(client, _client_kinds()[1][0])
+        self.queue: list[_Call] = []
+        self.busy = False  # a round trip in flight, or a drain about to start
+        self.task: asyncio.Task[None] | None = None
+        self.round_trips = 0  # requests written (a pipeline is one)
+        self.calls = 0  # commands sent
+
+    async def call(self, script: str, key: str, args: tuple[Any, ...]) -> Any:
+        if not self.busy:
+            self.busy = True
+            self.round_trips += 1
+            self.calls += 1
+            try:
+                return await self._alone(script, key, args)
+            finally:
+                self._next()
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self.queue.append((script, key, args, future))
+        return await future
+
+    def post(self, script: str, key: str, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self.queue.append((script, key, args, future))
+        if not self.busy:
+            self.busy = True
+            self._start()
+        return future
+
+    def _next(self) -> None:
+        if self.queue:
+            self._start()
+        else:
+            self.busy = False
+
+    def _start(self) -> None:
+        self.task = self.loop.create_task(self._drain())
+
+    async def _alone(self, script: str, key: str, args: tuple[Any, ...]) -> Any:
+        conn, client = self.conn, self.client
+        try:
+            return await client.execute_command("EVALSHA", conn.sha(script), 1, key, *args)
+        except _import_redis().exceptions.NoScriptError:
+            await client.script_load(script)
+            return await client.execute_command("EVALSHA", conn.sha(script), 1, key, *args)
+
+    async def _drain(self) -> None:
+        cancelled = False
+        try:
+            while self.queue:
+                batch, self.queue = self.queue, []
+                # A round trip is never torn in half: cancelled (loop shutdown), the
+                # drain still waits for the replies and sends what is queued, then stops.
+                send = self.loop.create_task(self._send(batch))
+                while not send.done():
+                    try:
+                        await asyncio.shield(send)
+                    except asyncio.CancelledError:
+                        cancelled = True
+        finally:
+            self.busy = False
+            self.task = None
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _send(self, batch: list[_Call]) -> None:
+        self.round_trips += 1
+        self.calls += len(batch)
+        try:
+            replies = await self._pipeline(batch)
+            no_script = _import_redis().exceptions.NoScriptError
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, no_script)]
+            if missing:  # a restarted or flushed server: load the scripts, send those again
+                for script in {batch[i][0] for i in missing}:
+                    await self.client.script_load(script)
+                self.round_trips += 1
+                again = await self._pipeline([batch[i] for i in missing])
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+        except BaseException as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(_copy(exc))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (*_, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # its caller was cancelled while waiting
+                continue
+            if isinstance(reply, BaseException):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        client, sha = self.client, self.conn.sha
+        pipe = client.pipeline() if self.cluster else client.pipeline(transaction=False)
+        for script, key, args, _ in batch:
+            pipe.execute_command("EVALSHA", sha(script), 1, key, *args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def flush(self) -> None:
+        """Wait until everything queued has been sent and answered."""
+        while self.task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.task)
+
+
+def _copy(exc: BaseException) -> BaseException:
+    """One exception per waiting caller (each raise adds its own traceback)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return asyncio.CancelledError()
+    try:
+        clone = type(exc)(*exc.args)
+    except Exception:
+        return exc
+    clone.__cause__ = exc.__cause__
+    return clone
 
 
 class _RedisStore:
