@@ -233,9 +233,12 @@ return reply
 """
 
 # The bulkhead: a sorted set of slot holders scored by lease expiry (us).
-# ARGV: op (acquire | release | renew), limit, lease_us, tokens...
+# ARGV: op (acquire | count | release | renew), limit, lease_us, then
+#   acquire, count: the caller's token ('' for count), then tokens this process released
+#     and may not have sent yet: removed first, in the same round trip;
+#   release, renew: the tokens.
 # acquire -> {1, in_use} or {0, in_use, us until the earliest lease expires}
-# release -> {removed}; renew -> {renewed}
+# count -> {1, in_use}; release -> {removed}; renew -> {renewed}
 BULKHEAD = """
 local key = KEYS[1]
 local op = ARGV[1]
@@ -254,6 +257,7 @@ if op == 'renew' then
   redis.call('PEXPIRE', key, math.ceil(lease / 1000) * 2)
   return {renewed}
 end
+if #ARGV >= 5 then redis.call('ZREM', key, unpack(ARGV, 5)) end
 redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now))
 local used = redis.call('ZCARD', key)
 if op == 'count' then return {1, used} end

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -1068,14 +1069,59 @@ class RedisBulkheadStore(_RedisStore):
         super().close()
 
 
+class _Unsent:
+    """Slots this process released whose release may not have reached Redis yet, per
+    key (shared by every binding of the process, so a second instance of the same
+    bulkhead sees them too). Every later script call for the key removes them first, in
+    its own round trip, so a release is never waited for and never missed."""
+
+    LIMIT = 1000  # past this many (Redis down a long time), the leases return them
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_key: dict[str, dict[str, None]] = {}
+
+    def add(self, key: str, token: str) -> None:
+        with self.lock:
+            tokens = self.by_key.setdefault(key, {})
+            tokens[token] = None
+            if len(tokens) > self.LIMIT:
+                del tokens[next(iter(tokens))]
+
+    def tokens(self, key: str) -> tuple[str, ...]:
+        tokens = self.by_key.get(key)
+        if not tokens:
+            return ()
+        with self.lock:
+            return tuple(tokens)
+
+    def sent(self, key: str, tokens: tuple[str, ...]) -> None:
+        """``tokens`` are out of the sorted set: forget them."""
+        if not tokens:
+            return
+        with self.lock:
+            held = self.by_key.get(key)
+            if held is not None:
+                for token in tokens:
+                    held.pop(token, None)
+                if not held:
+                    del self.by_key[key]
+
+
+_UNSENT = _Unsent()
+
+
 class _Renewer:
-    """One daemon thread per store that extends the leases of every slot held here."""
+    """One daemon thread per store that extends the leases of every slot held here and
+    sends the releases of the sync face (so a sync release never waits for Redis)."""
 
     def __init__(self, store: RedisBulkheadStore) -> None:
         self.store = store
         self.held: dict[str, dict[str, None]] = {}  # key -> tokens (insertion-ordered)
+        self.releasing: set[str] = set()  # keys with releases for this thread to send
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.wake = threading.Event()
         self.thread = threading.Thread(
             target=self._run, name="buttress-bulkhead-lease", daemon=True
         )
@@ -1093,20 +1139,63 @@ class _Renewer:
                 if not tokens:
                     del self.held[key]
 
+    def release(self, key: str) -> None:
+        """Send ``key``'s unsent releases soon (they are in ``_UNSENT`` already)."""
+        with self.lock:
+            self.releasing.add(key)
+        self.wake.set()
+
     def _run(self) -> None:
+        import time
+
+        period = self.store.lease / 3
+        renew_at = time.monotonic() + period
+        while True:
+            self.wake.wait(max(renew_at - time.monotonic(), 0.0))
+            self.wake.clear()
+            self._send_releases()
+            if self.stopping.is_set():
+                return
+            if time.monotonic() >= renew_at:
+                renew_at = time.monotonic() + period
+                self._renew()
+
+    def _send_releases(self) -> None:
+        store = self.store
+        with self.lock:
+            keys, self.releasing = self.releasing, set()
+        for key in keys:
+            tokens = _UNSENT.tokens(key)
+            if not tokens:
+                continue
+            try:
+                store._conn.run(scripts.BULKHEAD, key, "release", 0, 0, *tokens)
+            except store._soft_errors:
+                with self.lock:  # the next call for the key carries them; retried here too
+                    self.releasing.add(key)
+                continue
+            _UNSENT.sent(key, tokens)
+
+    def _renew(self) -> None:
         store = self.store
         lease_us = str(int(store.lease * 1e6))
-        while not self.stopping.wait(store.lease / 3):
-            with self.lock:
-                batches = [(key, list(tokens)) for key, tokens in self.held.items()]
-            for key, tokens in batches:
-                try:
-                    store._conn.run(scripts.BULKHEAD, key, "renew", 0, lease_us, *tokens)
-                except store._soft_errors:
-                    continue  # the next round tries again; an expired lease is the risk
+        with self.lock:
+            batches = [(key, list(tokens)) for key, tokens in self.held.items()]
+            retry = bool(self.releasing)
+        for key, tokens in batches:
+            try:
+                store._conn.run(scripts.BULKHEAD, key, "renew", 0, lease_us, *tokens)
+            except store._soft_errors:
+                continue  # the next round tries again; an expired lease is the risk
+        if retry:
+            self._send_releases()
 
     def stop(self) -> None:
+        """Stop after sending the releases still waiting (for at most a few timeouts)."""
         self.stopping.set()
+        self.wake.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join(self.store.timeout * 4 + 0.1)
 
 
 _tokens = itertools.count()
@@ -1197,17 +1286,22 @@ class RedisBulkheadBinding(_RedisBinding):
             return None  # the fallback had no free slot either
         return lease
 
+    def _script(self, op: str, token: str) -> tuple[tuple[Any, ...], tuple[str, ...]]:
+        """The script arguments of ``op``, carrying this process's unsent releases."""
+        unsent = _UNSENT.tokens(self.key)
+        return (op, self.limit, self.lease_us, token, *unsent), unsent
+
     def try_acquire(self) -> object | None:
         if not self.gate.should_try():
             return self._try_degraded(None)
         token = self._token()
+        args, unsent = self._script("acquire", token)
         try:
-            reply = self.conn.run(
-                scripts.BULKHEAD, self.key, "acquire", self.limit, self.lease_us, token
-            )
+            reply = self.conn.run(scripts.BULKHEAD, self.key, *args)
         except self.errors as exc:
             self.gate.failed(exc)
             return self._try_degraded(exc)
+        _UNSENT.sent(self.key, unsent)
         return token if self._granted(reply, token) else None
 
     def acquire(self, timeout: float | None) -> object:
@@ -1215,13 +1309,13 @@ class RedisBulkheadBinding(_RedisBinding):
             return self._degraded(None, lambda: self.fallback.acquire(timeout))
         poll = _Poll(self, timeout)
         while True:
+            args, unsent = self._script("acquire", poll.token)
             try:
-                reply = self.conn.run(
-                    scripts.BULKHEAD, self.key, "acquire", self.limit, self.lease_us, poll.token
-                )
+                reply = self.conn.run(scripts.BULKHEAD, self.key, *args)
             except self.errors as exc:
                 self.gate.failed(exc)
                 return self._degraded(exc, lambda: self.fallback.acquire(timeout))
+            _UNSENT.sent(self.key, unsent)
             if poll.granted(reply):
                 return poll.token
             self.clock.sleep(poll.pause())
@@ -1234,10 +1328,10 @@ class RedisBulkheadBinding(_RedisBinding):
         poll = _Poll(self, timeout)
         while True:
             cancels = _cancels()
+            args, unsent = self._script("acquire", poll.token)
             try:
-                reply = await self.conn.arun(
-                    scripts.BULKHEAD, self.key, "acquire", self.limit, self.lease_us, poll.token
-                )
+                reply = await self.conn.arun(scripts.BULKHEAD, self.key, *args)
+                _UNSENT.sent(self.key, unsent)
                 _reraise_swallowed(cancels)
             except self.errors as exc:
                 self.gate.failed(exc)
@@ -1253,41 +1347,51 @@ class RedisBulkheadBinding(_RedisBinding):
                 return poll.token
             await self.clock.asleep(poll.pause())
 
-    def release(self, lease: object) -> None:
+    def _unsend(self, lease: object) -> str | None:
+        """Take ``lease`` off the renewer; the token to release in Redis, if any."""
         if isinstance(lease, _LocalLease):
             self.fallback.release(lease.lease)
-            return
+            return None
         if not lease:
-            return
+            return None
         assert isinstance(lease, str)
         self.store._renew_loop().discard(self.key, lease)
-        try:
-            self.conn.run(scripts.BULKHEAD, self.key, "release", 0, 0, lease)
-        except self.soft_errors as exc:
-            self.gate.failed(exc)  # the lease returns the slot when it runs out
+        _UNSENT.add(self.key, lease)
+        return lease
+
+    def release(self, lease: object) -> None:
+        # The lease thread sends it (no round trip waited for here); this process's next
+        # call for the bulkhead carries it too, so its own next acquire sees the slot free.
+        if self._unsend(lease) is not None:
+            self.store._renew_loop().release(self.key)
 
     async def release_async(self, lease: object) -> None:
-        if isinstance(lease, _LocalLease):
-            self.fallback.release(lease.lease)
+        # Fire and forget: it goes out in the next pipeline (the same round trip as calls
+        # queued meanwhile); a failure is reported by the gate's events, the token stays
+        # unsent for the next call to carry, and the lease bounds a release never sent.
+        token = self._unsend(lease)
+        if token is None:
             return
-        if not lease:
+        future = self.conn.post(scripts.BULKHEAD, self.key, "release", 0, 0, token)
+        future.add_done_callback(functools.partial(self._released, (token,)))
+
+    def _released(self, tokens: tuple[str, ...], future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
             return
-        assert isinstance(lease, str)
-        self.store._renew_loop().discard(self.key, lease)
-        cancels = _cancels()
-        try:
-            await self.conn.arun(scripts.BULKHEAD, self.key, "release", 0, 0, lease)
-        except self.soft_errors as exc:
+        exc = future.exception()
+        if exc is None:
+            _UNSENT.sent(self.key, tokens)
+        elif isinstance(exc, self.soft_errors):
             self.gate.failed(exc)
-            return
-        _reraise_swallowed(cancels)  # the slot is back: the caller still stops
 
     def in_use(self) -> int | None:
         """Slots held across every process (None when Redis cannot be reached)."""
+        args, unsent = self._script("count", "")
         try:
-            reply = self.conn.run(scripts.BULKHEAD, self.key, "count", 0, self.lease_us)
+            reply = self.conn.run(scripts.BULKHEAD, self.key, *args)
         except self.soft_errors:
             return None
+        _UNSENT.sent(self.key, unsent)
         return int(reply[1])
 
     def snapshot(self) -> dict[str, Any]:
