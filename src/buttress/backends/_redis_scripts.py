@@ -11,9 +11,13 @@ from __future__ import annotations
 __all__ = ["BREAKER", "BULKHEAD", "IDEMPOTENCY_CLAIM", "IDEMPOTENCY_WRITE", "LIMITER"]
 
 # GCRA with reservations. ARGV: interval_us, tolerance_us, weight, max_wait_us (-1: no
-# limit), refund_tat ("" unless giving back a reservation).
+# limit), refund_tat ("" unless giving back a reservation), batch (optional: take up to
+# this many units at once when at least `weight` of them conform now).
 # Returns {1, wait_us, reserved_tat}: admitted once wait_us has passed (0: at once), or
-# {0, wait_us}: rejected, it would have had to wait wait_us; or, for a refund, {1} or {0}.
+# {0, wait_us}: rejected, it would have had to wait wait_us; or, for a refund, {1} or {0};
+# or, for a batch, {1, '0', reserved_tat, granted, first_slot_us}: `granted` units taken
+# now, unit i (from 0) occupying the GCRA slot that starts first_slot_us + i * interval_us
+# after the server's now.
 LIMITER = """
 local key = KEYS[1]
 local t = redis.call('TIME')
@@ -40,6 +44,18 @@ if ARGV[5] ~= '' then
     return {1}
   end
   return {0}
+end
+local batch = tonumber(ARGV[6] or '0')
+if batch > weight then
+  -- every unit that conforms now (the same test as below: 1 us of rounding allowed)
+  local fits = math.floor((now + tolerance + 1 - tat) / interval)
+  if fits > batch then fits = batch end
+  if fits >= weight then
+    local batch_tat = math.ceil(tat + fits * interval)
+    local taken = string.format('%.0f', batch_tat)
+    redis.call('SET', key, taken, 'PX', math.ceil((batch_tat - now) / 1000) + 1)
+    return {1, '0', taken, tostring(fits), string.format('%.0f', tat - now)}
+  end
 end
 local new_tat = math.ceil(tat + weight * interval)
 local wait = new_tat - now - tolerance

@@ -27,6 +27,7 @@ import contextlib
 import functools
 import itertools
 import json
+import math
 import os
 import threading
 import weakref
@@ -35,7 +36,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from buttress import events as _events
-from buttress._validate import check_seconds, require_seconds
+from buttress._validate import check_int, check_seconds, require_seconds
 from buttress.exceptions import (
     BackendError,
     BulkheadFull,
@@ -507,6 +508,43 @@ def _needs_name(policy: Any, what: str) -> str:
 # -- rate limiter ---------------------------------------------------------------------------
 
 
+def _monotonic() -> float:
+    # Batch mode compares local units with GCRA slots on the server's clock, which runs
+    # in real time whatever clock the limiter waits with: real seconds here.
+    import time
+
+    return time.monotonic()
+
+
+class _Unavailable(Exception):
+    """Redis could not be reached (the cause): the caller applies on_backend_error."""
+
+
+class _Stock:
+    """Units one batch reply granted: unit i occupies the GCRA slot that starts at
+    ``start + i * interval`` (local monotonic seconds, never later than the server's).
+    A unit may be spent until its slot starts, never after: spent later, it would
+    count in a window the server already handed to others."""
+
+    __slots__ = ("granted", "interval", "next", "start")
+
+    def __init__(self, start: float, interval: float, taken: int, granted: int) -> None:
+        self.start = start
+        self.interval = interval
+        self.next = taken  # the first unit not spent yet
+        self.granted = granted
+
+    def take(self, weight: int, now: float) -> bool:
+        index = self.next
+        if now > self.start + index * self.interval:  # units whose slot began are lost
+            index = max(index, math.ceil((now - self.start) / self.interval - 1e-9))
+        if index + weight > self.granted:
+            self.next = self.granted
+            return False
+        self.next = index + weight
+        return True
+
+
 class RedisRateLimiterStore(_RedisStore):
     """Shared GCRA buckets for :class:`~buttress.RateLimiter` (and its ``for_key`` views).
 
@@ -529,7 +567,17 @@ class RedisRateLimiterStore(_RedisStore):
         retry_interval: seconds between attempts to reach a failed backend (default 1).
         cluster: build Redis Cluster clients from ``url`` (default ``False``). Each
             primitive's state lives in one slot, so each call still goes to one node.
+        batch: units a process may take in one round trip and spend locally (default 1:
+            every acquire asks Redis). With ``batch=N`` an acquire that finds no local
+            unit asks for up to N that conform now; the next acquires spend them without
+            a round trip. A unit is spent only before its GCRA slot starts, so the shared
+            bound still holds; units a process took but did not spend delay the others
+            by at most ``N / rate``. ``snapshot()`` reports round trips per acquire.
     """
+
+    def __init__(self, url: str | None = None, *, batch: int = 1, **options: Any) -> None:
+        super().__init__(url, **options)
+        self.batch = check_int("batch", batch)
 
     def bind_limiter(self, limiter: RateLimiter) -> RedisLimiterBinding:
         """The shared buckets of ``limiter`` (the :class:`~buttress.backends.LimiterStore`
@@ -554,6 +602,37 @@ class RedisLimiterBinding(_RedisBinding):
         self.args = (repr(self.interval * 1e6), repr(self.tolerance * 1e6))
         # what "local" mode falls back to while Redis is down: in-process buckets
         self.fallback = LocalLimiter(limiter)
+        self.batch = store.batch
+        self.batch_arg = str(store.batch)
+        self.stocks: dict[str, _Stock] = {}  # batch mode: units taken, not yet spent
+        self.refills: dict[str, asyncio.Future[None]] = {}  # batch mode: one in flight per key
+        self.stock_lock = threading.Lock()
+        self.acquires = 0  # decisions asked of this binding (acquire and try_acquire)
+        self.round_trips = 0  # of them, the ones that went to Redis
+
+    # -- batch mode: units taken in one round trip, spent locally ---------------------------
+
+    def _spend(self, key: str, weight: int) -> bool:
+        """Spend ``weight`` units taken earlier (batch mode); False: ask Redis."""
+        stock = self.stocks.get(key)
+        if stock is None:
+            return False
+        with self.stock_lock:
+            return stock.take(weight, _monotonic())
+
+    def _stock(self, key: str, reply: list[Any], sent: float, weight: int) -> None:
+        """Keep what a batch reply granted beyond the caller's own ``weight`` units."""
+        if len(reply) < 5:
+            return
+        granted = int(reply[3])
+        if granted <= weight:
+            return
+        # slot starts in local time: the script ran after `sent`, so this is never late
+        start = sent + int(reply[4]) / 1e6
+        with self.stock_lock:
+            if len(self.stocks) >= 10_000 and key not in self.stocks:
+                self.stocks.pop(next(iter(self.stocks)))
+            self.stocks[key] = _Stock(start, self.interval, weight, granted)
 
     def key_of(self, bucket_key: Hashable | None) -> str:
         if bucket_key is None:
@@ -588,10 +667,16 @@ class RedisLimiterBinding(_RedisBinding):
     # -- the binding protocol ---------------------------------------------------------------
 
     def try_acquire(self, key: Hashable | None, weight: int) -> bool:
+        self.acquires += 1
         if self.gate.should_try():
+            redis_key = self.key_of(key)
+            if self.batch > 1 and self._spend(redis_key, weight):
+                return True
+            self.round_trips += 1
+            sent = _monotonic()
             try:
                 reply = self.conn.run(
-                    scripts.LIMITER, self.key_of(key), *self.args, weight, "0", ""
+                    scripts.LIMITER, redis_key, *self.args, weight, "0", "", self.batch_arg
                 )
             except self.errors as exc:
                 self.gate.failed(exc)
@@ -602,17 +687,29 @@ class RedisLimiterBinding(_RedisBinding):
                     self._verdict(reply)
                 except RateLimited:
                     return False
+                self._stock(redis_key, reply, sent, weight)
                 return True
         elif not self._degraded(None):
             return True
         return self.fallback.try_acquire(key, weight)
 
     def acquire(self, key: Hashable | None, weight: int, max_wait: float | None) -> float | None:
+        self.acquires += 1
         if self.gate.should_try():
             redis_key = self.key_of(key)
+            if self.batch > 1 and self._spend(redis_key, weight):
+                return None
+            self.round_trips += 1
+            sent = _monotonic()
             try:
                 reply = self.conn.run(
-                    scripts.LIMITER, redis_key, *self.args, weight, self._max_wait_us(max_wait), ""
+                    scripts.LIMITER,
+                    redis_key,
+                    *self.args,
+                    weight,
+                    self._max_wait_us(max_wait),
+                    "",
+                    self.batch_arg,
                 )
             except self.errors as exc:
                 self.gate.failed(exc)
@@ -620,6 +717,7 @@ class RedisLimiterBinding(_RedisBinding):
                     return None
             else:
                 wait = self._verdict(reply)
+                self._stock(redis_key, reply, sent, weight)
                 if wait > 0:
                     try:
                         self.clock.sleep(wait)
@@ -634,30 +732,67 @@ class RedisLimiterBinding(_RedisBinding):
     async def acquire_async(
         self, key: Hashable | None, weight: int, max_wait: float | None
     ) -> float | None:
+        self.acquires += 1
         if self.gate.should_try():
             redis_key = self.key_of(key)
-            cancels = _cancels()
-            try:
-                reply = await self.conn.arun(
-                    scripts.LIMITER, redis_key, *self.args, weight, self._max_wait_us(max_wait), ""
-                )
-            except self.errors as exc:
-                self.gate.failed(exc)
-                if not self._degraded(exc):
+            refill: asyncio.Future[None] | None = None
+            if self.batch > 1:
+                if self._spend(redis_key, weight):
                     return None
-            else:
-                wait = self._verdict(reply)
-                try:
-                    _reraise_swallowed(cancels)
-                    if wait > 0:
-                        await self.clock.asleep(wait)
-                except BaseException:
-                    await _shielded(self._arefund(redis_key, weight, reply[2]))
-                    raise
-                return wait or None
+                loop = asyncio.get_running_loop()
+                pending = self.refills.get(redis_key)
+                if pending is not None and pending.get_loop() is loop:
+                    # one refill per key in flight: wait for it, then spend from it
+                    await asyncio.shield(pending)
+                    if self._spend(redis_key, weight):
+                        return None
+                if redis_key not in self.refills:
+                    refill = self.refills[redis_key] = loop.create_future()
+            try:
+                return await self._acquire_async(redis_key, weight, max_wait)
+            except _Unavailable as exc:
+                if not self._degraded(exc.__cause__):
+                    return None
+            finally:
+                if refill is not None:
+                    if self.refills.get(redis_key) is refill:
+                        del self.refills[redis_key]
+                    refill.set_result(None)
         elif not self._degraded(None):
             return None
         return await self.fallback.acquire_async(key, weight, max_wait)
+
+    async def _acquire_async(self, key: str, weight: int, max_wait: float | None) -> float | None:
+        self.round_trips += 1
+        sent = _monotonic()
+        cancels = _cancels()
+        try:
+            reply = await self.conn.arun(
+                scripts.LIMITER,
+                key,
+                *self.args,
+                weight,
+                self._max_wait_us(max_wait),
+                "",
+                self.batch_arg,
+            )
+        except self.errors as exc:
+            self.gate.failed(exc)
+            raise _Unavailable from exc
+        wait = self._verdict(reply)
+        batched = len(reply) >= 5
+        self._stock(key, reply, sent, weight)
+        try:
+            _reraise_swallowed(cancels)
+            if wait > 0:
+                await self.clock.asleep(wait)
+        except BaseException:
+            if batched:  # the caller's own units go back to the stock, unspent
+                self._stock(key, reply, sent, 0)
+            else:
+                await _shielded(self._arefund(key, weight, reply[2]))
+            raise
+        return wait or None
 
     def _refund(self, key: str, weight: int, reserved: bytes) -> None:
         # best effort: an unused slot never over-admits
