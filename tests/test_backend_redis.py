@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
+from hypothesis import given
+from hypothesis import strategies as st
 
 import buttress
 from buttress import (
@@ -1250,3 +1252,314 @@ def test_an_interval_that_is_not_whole_microseconds_admits_an_idle_bucket(stores
         )
         other.acquire()  # max_wait=0: no wait allowed, and none needed
         assert other.snapshot()["waited"] == 0
+
+
+# -- pipelining, fire-and-forget releases, limiter batch mode ---------------------------------
+
+
+def _connections(raw: redis.Redis, name: str) -> int:
+    """Connections open on the server under client name ``name``."""
+    return sum(1 for client in raw.client_list() if client.get("name") == name)
+
+
+def test_concurrent_async_callers_share_round_trips_and_one_connection(
+    redis_url: str, stores: Stores
+) -> None:
+    """64 concurrent acquires go out in a few pipelines over one connection, not 64
+    round trips over 64 connections; every caller gets its own verdict."""
+    name = f"buttress-pipe-{os.getpid()}-{time.monotonic_ns()}"
+    raw = redis.Redis.from_url(redis_url)
+
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url, client_name=name)
+        store = stores(RedisRateLimiterStore, async_client=client)
+        limiter = RateLimiter("pipelined", rate=1, per=60, burst=40, max_wait=0, store=store)
+        batcher = store._conn.batcher()
+        results = await asyncio.gather(
+            *(limiter.acquire_async() for _ in range(64)), return_exceptions=True
+        )
+        assert sum(r is None for r in results) == 40  # the burst, no more
+        assert sum(isinstance(r, RateLimited) for r in results) == 24
+        assert batcher.calls == 64
+        assert batcher.round_trips <= 3  # one alone, then the rest together
+        assert _connections(raw, name) == 1
+        await store.aclose()
+        await client.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        raw.close()
+
+
+def test_a_lone_async_caller_goes_out_at_once_without_a_batch(stores: Stores) -> None:
+    """Nothing in flight: the command is sent alone, no drain task is started."""
+
+    async def main() -> None:
+        store = stores(RedisRateLimiterStore)
+        limiter = RateLimiter("alone", rate=1000, store=store)
+        for _ in range(5):
+            await limiter.acquire_async()
+        batcher = store._conn.batcher()
+        assert (batcher.calls, batcher.round_trips, batcher.task) == (5, 5, None)
+        await store.aclose()
+
+    asyncio.run(main())
+
+
+def test_each_pipelined_caller_gets_its_own_reply_or_error(stores: Stores) -> None:
+    """A command that fails inside a pipeline fails its own caller only."""
+
+    async def main() -> None:
+        store = stores(RedisRateLimiterStore)
+        conn = store._conn
+        key = store.key("pipe", "errors")
+        script = (
+            "if ARGV[1] == 'bad' then return redis.error_reply('bad argument') end return ARGV[1]"
+        )
+        calls = [conn.arun(script, key, arg) for arg in ("a", "bad", "b", "bad", "c")]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert results[0::2] == [b"a", b"b", b"c"]
+        assert all(isinstance(r, redis.ResponseError) for r in results[1::2])
+        await store.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_script_the_server_lacks_is_loaded_and_the_pipeline_sent_again(stores: Stores) -> None:
+    """NOSCRIPT inside a pipeline: the script is loaded and those commands sent again."""
+
+    async def main() -> None:
+        store = stores(RedisRateLimiterStore)
+        conn = store._conn
+        script = f"return '{os.urandom(8).hex()}' .. ARGV[1]"  # never loaded before
+        key = store.key("pipe", "noscript")
+        results = await asyncio.gather(*(conn.arun(script, key, str(i)) for i in range(10)))
+        assert [r[-1:] for r in results] == [str(i).encode() for i in range(10)]
+        await store.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_queued_caller_cancelled_before_its_reply_gives_the_granted_slot_back(
+    redis_url: str, stores: Stores
+) -> None:
+    """The acquire of a caller cancelled while queued still runs; its slot is released."""
+    raw = redis.Redis.from_url(redis_url)
+
+    async def main() -> None:
+        store = stores(RedisBulkheadStore)
+        bulkhead = Bulkhead("queued-cancel", max_concurrent=5, store=store)
+        first = asyncio.ensure_future(bulkhead.acquire_async())
+        second = asyncio.ensure_future(bulkhead.acquire_async())
+        await asyncio.sleep(0)  # first is in flight alone, second is queued
+        second.cancel()
+        lease = await first
+        await asyncio.gather(second, return_exceptions=True)
+        assert second.cancelled()
+        await store.aclose()  # flushes the give-back
+        assert raw.zcard(bulkhead.binding.key) == 1  # only the first caller's slot
+        await lease.release_async()
+        await store.aclose()
+        assert raw.zcard(bulkhead.binding.key) == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        raw.close()
+
+
+def test_an_async_release_costs_no_round_trip_and_aclose_flushes_it(
+    redis_url: str, stores: Stores
+) -> None:
+    """release_async() returns before Redis is told; aclose() waits until it is."""
+    raw = redis.Redis.from_url(redis_url)
+
+    async def main() -> None:
+        store = stores(RedisBulkheadStore)
+        bulkhead = Bulkhead("posted-release", max_concurrent=1, store=store)
+        lease = await bulkhead.acquire_async()
+        trips = store._conn.batcher().round_trips
+        await lease.release_async()
+        assert store._conn.batcher().round_trips == trips  # nothing waited for
+        assert raw.zcard(bulkhead.binding.key) == 1  # not sent yet
+        again = await bulkhead.acquire_async()  # max_concurrent=1: the release went first
+        await again.release_async()
+        await store.aclose()
+        assert raw.zcard(bulkhead.binding.key) == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        raw.close()
+
+
+def test_a_failed_async_release_is_reported_and_carried_by_the_next_call(
+    redis_url: str, stores: Stores
+) -> None:
+    """A posted release that fails emits the backend's degradation; the token stays
+    unsent and the next script call for the bulkhead removes it."""
+    raw = redis.Redis.from_url(redis_url)
+
+    async def main() -> None:
+        store = stores(RedisBulkheadStore, on_backend_error="fail_open")
+        bulkhead = Bulkhead("failed-release", max_concurrent=1, store=store)
+        lease = await bulkhead.acquire_async()
+        batcher = store._conn.batcher()
+        real = batcher.client
+
+        class Broken:
+            def execute_command(self, *args: Any) -> None:
+                pass
+
+            async def execute(self, raise_on_error: bool = True) -> Any:
+                raise redis.ConnectionError("down for this pipeline")
+
+        class Down:
+            def pipeline(self, transaction: bool = True) -> Broken:
+                return Broken()
+
+        batcher.client = Down()
+        with capture_events() as events:
+            await lease.release_async()
+            await batcher.flush()
+        batcher.client = real
+        assert any(type(e).__name__ == "BackendDegraded" for e in events), events
+        assert raw.zcard(bulkhead.binding.key) == 1
+        assert bulkhead.binding.in_use() == 0  # carried by this call
+        await store.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        raw.close()
+
+
+def test_a_sync_bulkhead_call_waits_for_one_round_trip_only(redis_url: str, stores: Stores) -> None:
+    """Acquire is one round trip; release is sent by the lease thread, not the caller;
+    the caller's next acquire carries any release still unsent."""
+    raw = redis.Redis.from_url(redis_url)
+    store = stores(RedisBulkheadStore)
+    bulkhead = Bulkhead("sync-release", max_concurrent=1, store=store)
+    bulkhead.acquire().release()  # the lease thread is running now
+    me = __import__("threading").get_ident()
+    mine: list[str] = []
+    client = store._conn.sync()
+    real = client.execute_command
+
+    def counting(*args: Any, **options: Any) -> Any:
+        if __import__("threading").get_ident() == me:
+            mine.append(str(args[3] if len(args) > 3 else args[0]))
+        return real(*args, **options)
+
+    client.execute_command = counting
+    try:
+        for _ in range(20):
+            with bulkhead:
+                pass
+        assert len(mine) == 20  # one per call: the acquire
+        deadline = time.monotonic() + 2
+        while raw.zcard(bulkhead.binding.key) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert raw.zcard(bulkhead.binding.key) == 0  # the lease thread sent the last one
+    finally:
+        del client.execute_command
+        raw.close()
+
+
+def test_limiter_batch_mode_spends_units_locally(stores: Stores) -> None:
+    """batch=10: one round trip serves up to ten acquires; snapshot reports the ratio."""
+    limiter = RateLimiter(
+        "batched", rate=100, burst=100, store=stores(RedisRateLimiterStore, batch=10)
+    )
+    for _ in range(50):
+        limiter.acquire()
+    store_view = limiter.snapshot()["store"]
+    assert store_view["batch"] == 10
+    assert store_view["acquires"] == 50
+    assert store_view["round_trips"] <= 10
+    assert store_view["round_trips_per_acquire"] == store_view["round_trips"] / 50
+
+    async def main() -> None:
+        store = stores(RedisRateLimiterStore, batch=8)
+        shared = RateLimiter("batched-async", rate=100, burst=100, store=store)
+        for _ in range(40):
+            await shared.acquire_async()
+        assert shared.snapshot()["store"]["round_trips"] <= 10
+        # 56 at once: one refill in flight; who it leaves short asks for its own unit
+        # (those calls share one pipeline), so never more than one batch is reserved
+        await asyncio.gather(*(shared.acquire_async() for _ in range(56)))
+        view = shared.snapshot()["store"]
+        assert view["acquires"] == 96
+        assert view["round_trips"] <= 10 + 56
+        await store.aclose()
+
+    asyncio.run(main())
+
+
+def test_limiter_batch_mode_never_exceeds_the_shared_bound(stores: Stores) -> None:
+    """Two batching limiters of one name together admit at most burst + rate * t."""
+    rate, burst = 40.0, 4
+    a, b = (
+        RateLimiter(
+            "batched-bound",
+            rate=rate,
+            burst=burst,
+            max_wait=0,
+            store=stores(RedisRateLimiterStore, batch=5),
+            **other_process(registry=i == 1),
+        )
+        for i in range(2)
+    )
+    admitted: list[float] = []
+    end = time.monotonic() + 0.6
+    while time.monotonic() < end:
+        for limiter in (a, b):
+            if limiter.try_acquire():
+                admitted.append(time.monotonic())
+    span = admitted[-1] - admitted[0]
+    assert len(admitted) <= burst + rate * span + 1, (len(admitted), span)
+    assert len(admitted) >= burst  # and it admits
+
+
+def test_limiter_batch_is_validated(redis_url: str) -> None:
+    """batch must be an integer >= 1; the message names it."""
+    with pytest.raises(buttress.ConfigValueError, match="batch must be >= 1"):
+        RedisRateLimiterStore(redis_url, batch=0)
+    for bad in (2.0, True, "4"):
+        with pytest.raises(buttress.ConfigTypeError, match="batch must be an integer"):
+            RedisRateLimiterStore(redis_url, batch=bad)  # type: ignore[arg-type]
+
+
+@given(
+    start=st.floats(0, 1),
+    interval=st.floats(1e-4, 0.1),
+    granted=st.integers(2, 50),
+    taken=st.integers(1, 3),
+    steps=st.lists(st.tuples(st.floats(0, 0.05), st.integers(1, 4)), max_size=60),
+)
+def test_a_batched_unit_is_never_spent_after_its_gcra_slot_starts(
+    start: float,
+    interval: float,
+    granted: int,
+    taken: int,
+    steps: list[tuple[float, int]],
+) -> None:
+    """Whatever the spending pattern, every unit spent from a batch is spent no later
+    than the start of its slot (so the shared GCRA bound holds), each at most once."""
+    from buttress.backends.redis import _Stock
+
+    taken = min(taken, granted)
+    stock = _Stock(start, interval, taken, granted)
+    now = start
+    spent: list[int] = []
+    for dt, weight in steps:
+        now += dt
+        before = stock.next
+        if stock.take(weight, now):
+            first = stock.next - weight
+            assert first >= before
+            assert now <= start + first * interval + 1e-9
+            spent.extend(range(first, stock.next))
+    assert len(spent) == len(set(spent))
+    assert all(taken <= unit < granted for unit in spent)

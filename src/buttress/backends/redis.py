@@ -736,20 +736,24 @@ class RedisLimiterBinding(_RedisBinding):
         if self.gate.should_try():
             redis_key = self.key_of(key)
             refill: asyncio.Future[None] | None = None
+            batch = self.batch_arg
             if self.batch > 1:
                 if self._spend(redis_key, weight):
                     return None
                 loop = asyncio.get_running_loop()
                 pending = self.refills.get(redis_key)
-                if pending is not None and pending.get_loop() is loop:
-                    # one refill per key in flight: wait for it, then spend from it
+                if pending is None:
+                    refill = self.refills[redis_key] = loop.create_future()
+                elif pending.get_loop() is loop:
+                    # One refill per key in flight: wait for it and spend from it. Short
+                    # of units even so, ask for this caller's own units only (exact, and
+                    # pipelined with the others): never more than one batch reserved.
                     await asyncio.shield(pending)
                     if self._spend(redis_key, weight):
                         return None
-                if redis_key not in self.refills:
-                    refill = self.refills[redis_key] = loop.create_future()
+                    batch = "1"
             try:
-                return await self._acquire_async(redis_key, weight, max_wait)
+                return await self._acquire_async(redis_key, weight, max_wait, batch)
             except _Unavailable as exc:
                 if not self._degraded(exc.__cause__):
                     return None
@@ -762,7 +766,9 @@ class RedisLimiterBinding(_RedisBinding):
             return None
         return await self.fallback.acquire_async(key, weight, max_wait)
 
-    async def _acquire_async(self, key: str, weight: int, max_wait: float | None) -> float | None:
+    async def _acquire_async(
+        self, key: str, weight: int, max_wait: float | None, batch: str
+    ) -> float | None:
         self.round_trips += 1
         sent = _monotonic()
         cancels = _cancels()
@@ -774,7 +780,7 @@ class RedisLimiterBinding(_RedisBinding):
                 weight,
                 self._max_wait_us(max_wait),
                 "",
-                self.batch_arg,
+                batch,
             )
         except self.errors as exc:
             self.gate.failed(exc)
@@ -817,7 +823,15 @@ class RedisLimiterBinding(_RedisBinding):
         return max(self.tolerance - debt, 0.0) / self.interval
 
     def snapshot(self) -> dict[str, Any]:
-        return {**self.gate.snapshot(), "key": self.key_of(None)}
+        acquires, trips = self.acquires, self.round_trips
+        return {
+            **self.gate.snapshot(),
+            "key": self.key_of(None),
+            "batch": self.batch,
+            "acquires": acquires,
+            "round_trips": trips,
+            "round_trips_per_acquire": trips / acquires if acquires else None,
+        }
 
 
 # -- circuit breaker ------------------------------------------------------------------------
