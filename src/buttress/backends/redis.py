@@ -605,7 +605,7 @@ class RedisLimiterBinding(_RedisBinding):
         self.batch = store.batch
         self.batch_arg = str(store.batch)
         self.stocks: dict[str, _Stock] = {}  # batch mode: units taken, not yet spent
-        self.refills: dict[str, asyncio.Future[None]] = {}  # batch mode: one in flight per key
+        self.refills: dict[str, asyncio.Future[bool]] = {}  # batch mode: one in flight per key
         self.stock_lock = threading.Lock()
         self.acquires = 0  # decisions asked of this binding (acquire and try_acquire)
         self.round_trips = 0  # of them, the ones that went to Redis
@@ -735,23 +735,28 @@ class RedisLimiterBinding(_RedisBinding):
         self.acquires += 1
         if self.gate.should_try():
             redis_key = self.key_of(key)
-            refill: asyncio.Future[None] | None = None
+            refill: asyncio.Future[bool] | None = None
             batch = self.batch_arg
             if self.batch > 1:
-                if self._spend(redis_key, weight):
-                    return None
                 loop = asyncio.get_running_loop()
-                pending = self.refills.get(redis_key)
-                if pending is None:
-                    refill = self.refills[redis_key] = loop.create_future()
-                elif pending.get_loop() is loop:
-                    # One refill per key in flight: wait for it and spend from it. Short
-                    # of units even so, ask for this caller's own units only (exact, and
-                    # pipelined with the others): never more than one batch reserved.
-                    await asyncio.shield(pending)
+                while True:
                     if self._spend(redis_key, weight):
                         return None
-                    batch = "1"
+                    pending = self.refills.get(redis_key)
+                    if pending is None:
+                        refill = self.refills[redis_key] = loop.create_future()
+                        break
+                    if pending.get_loop() is not loop:
+                        break
+                    # One refill per key in flight (never more than one batch reserved):
+                    # wait for it and spend from it, or refill next. A refill that found
+                    # the bucket drained stocked nothing: then ask for this caller's own
+                    # units only (exact, pipelined with the others' calls).
+                    if not await asyncio.shield(pending):
+                        if self._spend(redis_key, weight):
+                            return None
+                        batch = "1"
+                        break
             try:
                 return await self._acquire_async(redis_key, weight, max_wait, batch)
             except _Unavailable as exc:
@@ -761,7 +766,8 @@ class RedisLimiterBinding(_RedisBinding):
                 if refill is not None:
                     if self.refills.get(redis_key) is refill:
                         del self.refills[redis_key]
-                    refill.set_result(None)
+                    stock = self.stocks.get(redis_key)
+                    refill.set_result(stock is not None and stock.next < stock.granted)
         elif not self._degraded(None):
             return None
         return await self.fallback.acquire_async(key, weight, max_wait)
