@@ -1563,3 +1563,41 @@ def test_a_batched_unit_is_never_spent_after_its_gcra_slot_starts(
             spent.extend(range(first, stock.next))
     assert len(spent) == len(set(spent))
     assert all(taken <= unit < granted for unit in spent)
+
+
+def test_queued_callers_cancelled_before_their_reply_give_back_probe_slots_and_units(
+    stores: Stores,
+) -> None:
+    """A half-open probe slot or a limiter reservation granted to a caller cancelled
+    while its call was queued goes back (in the next pipeline)."""
+    settings: dict[str, Any] = {"failure_threshold": 1, "reset_timeout": 0.05}
+    here = CircuitBreaker("orphan-probe", store=stores(RedisBreakerStore), **settings)
+    with pytest.raises(ConnectionError), here:
+        raise ConnectionError("down")
+    time.sleep(0.08)  # half-open now: one probe slot
+
+    async def probe() -> None:
+        store = stores(RedisBreakerStore)
+        there = CircuitBreaker("orphan-probe", store=store, **settings, **other_process())
+        limiter_store = stores(RedisRateLimiterStore)
+        limiter = RateLimiter("orphan-units", rate=1, per=60, burst=1, store=limiter_store)
+        # a first call in flight alone, so that the second one is queued behind it
+        first = asyncio.ensure_future(store._conn.arun("return 1", store.key("x", "y")))
+        second = asyncio.ensure_future(there.acquire_async())
+        await asyncio.sleep(0)
+        second.cancel()
+        await asyncio.gather(first, second, return_exceptions=True)
+        assert second.cancelled()
+        await store.aclose()  # the neutral outcome goes out
+        first = asyncio.ensure_future(limiter_store._conn.arun("return 1", "k{x}"))
+        queued = asyncio.ensure_future(limiter.acquire_async())
+        await asyncio.sleep(0)
+        queued.cancel()
+        await asyncio.gather(first, queued, return_exceptions=True)
+        assert queued.cancelled()
+        await limiter_store.aclose()  # the refund goes out
+        assert limiter.try_acquire()  # the unit came back
+
+    asyncio.run(probe())
+    here.acquire().success()  # the probe slot was free: this probe closes the circuit
+    assert here.state == "closed"

@@ -241,13 +241,17 @@ class _Connection:
         loop = asyncio.get_running_loop()
         batcher = self._batchers.get(loop)
         if batcher is None:
-            batcher = self._batchers[loop] = _Batcher(self, self.aio(), loop)
+            batcher = self._batchers[loop] = _Batcher(self, self.aio())
         return batcher
 
-    async def arun(self, script: str, key: str, *args: Any) -> Any:
+    async def arun(
+        self, script: str, key: str, *args: Any, orphan: Callable[[Any], object] | None = None
+    ) -> Any:
         """EVALSHA through the loop's pipeliner: alone at once when nothing is in flight,
-        else in the next pipeline."""
-        return await self.batcher().call(script, key, args)
+        else in the next pipeline. ``orphan(reply)`` is called with the reply of a call
+        whose caller was cancelled while it waited in the queue (to give back what the
+        script granted it)."""
+        return await self.batcher().call(script, key, args, orphan)
 
     def post(self, script: str, key: str, *args: Any) -> asyncio.Future[Any]:
         """EVALSHA in the next pipeline without waiting for it (fire and forget): the
@@ -276,7 +280,7 @@ class _Connection:
             await client.aclose()
 
 
-_Call = tuple[str, str, tuple[Any, ...], "asyncio.Future[Any]"]
+_Call = tuple[str, str, tuple[Any, ...], "asyncio.Future[Any]", "Callable[[Any], object] | None"]
 
 
 class _Batcher:
@@ -290,22 +294,12 @@ class _Batcher:
     reach the server in the order they were issued.
     """
 
-    __slots__ = (
-        "busy",
-        "calls",
-        "client",
-        "cluster",
-        "conn",
-        "loop",
-        "queue",
-        "round_trips",
-        "task",
-    )
+    # No reference to the loop itself: the store's per-loop tables hold it weakly.
+    __slots__ = ("busy", "calls", "client", "cluster", "conn", "queue", "round_trips", "task")
 
-    def __init__(self, conn: _Connection, client: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, conn: _Connection, client: Any) -> None:
         self.conn = conn
         self.client = client
-        self.loop = loop
         self.cluster = not isinstance(client, _client_kinds()[1][0])
         self.queue: list[_Call] = []
         self.busy = False  # a round trip in flight, or a drain about to start
@@ -313,7 +307,13 @@ class _Batcher:
         self.round_trips = 0  # requests written (a pipeline is one)
         self.calls = 0  # commands sent
 
-    async def call(self, script: str, key: str, args: tuple[Any, ...]) -> Any:
+    async def call(
+        self,
+        script: str,
+        key: str,
+        args: tuple[Any, ...],
+        orphan: Callable[[Any], object] | None = None,
+    ) -> Any:
         if not self.busy:
             self.busy = True
             self.round_trips += 1
@@ -322,13 +322,13 @@ class _Batcher:
                 return await self._alone(script, key, args)
             finally:
                 self._next()
-        future: asyncio.Future[Any] = self.loop.create_future()
-        self.queue.append((script, key, args, future))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queue.append((script, key, args, future, orphan))
         return await future
 
     def post(self, script: str, key: str, args: tuple[Any, ...]) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = self.loop.create_future()
-        self.queue.append((script, key, args, future))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queue.append((script, key, args, future, None))
         if not self.busy:
             self.busy = True
             self._start()
@@ -341,7 +341,7 @@ class _Batcher:
             self.busy = False
 
     def _start(self) -> None:
-        self.task = self.loop.create_task(self._drain())
+        self.task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _alone(self, script: str, key: str, args: tuple[Any, ...]) -> Any:
         conn, client = self.conn, self.client
@@ -358,7 +358,7 @@ class _Batcher:
                 batch, self.queue = self.queue, []
                 # A round trip is never torn in half: cancelled (loop shutdown), the
                 # drain still waits for the replies and sends what is queued, then stops.
-                send = self.loop.create_task(self._send(batch))
+                send = asyncio.get_running_loop().create_task(self._send(batch))
                 while not send.done():
                     try:
                         await asyncio.shield(send)
@@ -385,14 +385,17 @@ class _Batcher:
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
         except BaseException as exc:
-            for *_, future in batch:
+            for *_, future, _ in batch:
                 if not future.done():
                     future.set_exception(_copy(exc))
             if not isinstance(exc, Exception):
                 raise
             return
-        for (*_, future), reply in zip(batch, replies, strict=True):
+        for (*_, future, orphan), reply in zip(batch, replies, strict=True):
             if future.done():  # its caller was cancelled while waiting
+                if orphan is not None and not isinstance(reply, BaseException):
+                    with contextlib.suppress(Exception):  # a give-back is best effort
+                        orphan(reply)
                 continue
             if isinstance(reply, BaseException):
                 future.set_exception(reply)
@@ -402,7 +405,7 @@ class _Batcher:
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         client, sha = self.client, self.conn.sha
         pipe = client.pipeline() if self.cluster else client.pipeline(transaction=False)
-        for script, key, args, _ in batch:
+        for script, key, args, *_ in batch:
             pipe.execute_command("EVALSHA", sha(script), 1, key, *args)
         return list(await pipe.execute(raise_on_error=False))
 
@@ -787,6 +790,7 @@ class RedisLimiterBinding(_RedisBinding):
                 self._max_wait_us(max_wait),
                 "",
                 batch,
+                orphan=functools.partial(self._orphan, key, weight, sent),
             )
         except self.errors as exc:
             self.gate.failed(exc)
@@ -805,6 +809,17 @@ class RedisLimiterBinding(_RedisBinding):
                 await _shielded(self._arefund(key, weight, reply[2]))
             raise
         return wait or None
+
+    def _orphan(self, key: str, weight: int, sent: float, reply: list[Any]) -> None:
+        """The reply of a caller cancelled while its call was queued: give its units back
+        (to the stock in batch mode, else refunded to the bucket, in the next pipeline)."""
+        if reply[0] != 1:
+            return
+        if len(reply) >= 5:
+            self._stock(key, reply, sent, 0)
+            return
+        refund = self.conn.post(scripts.LIMITER, key, *self.args, weight, "-1", reply[2])
+        refund.add_done_callback(_ignore)
 
     def _refund(self, key: str, weight: int, reserved: bytes) -> None:
         # best effort: an unused slot never over-admits
@@ -1052,7 +1067,7 @@ class RedisBreakerBinding(_RedisBinding):
         args = self._args("acquire")
         cancels = _cancels()
         try:
-            reply = await self.conn.arun(scripts.BREAKER, self.key, *args)
+            reply = await self.conn.arun(scripts.BREAKER, self.key, *args, orphan=self._orphan)
         except self.errors as exc:
             self._restore(args)
             self.gate.failed(exc)
@@ -1062,6 +1077,26 @@ class RedisBreakerBinding(_RedisBinding):
             await _shielded(self.settle_async(token, "neutral"))
             raise asyncio.CancelledError
         return token
+
+    def _orphan(self, reply: list[Any]) -> None:
+        """The reply of an acquire whose caller was cancelled while it was queued: a probe
+        slot it was granted goes back (a neutral outcome, in the next pipeline)."""
+        if self._read(reply) and self.state == "half_open":
+            args = self._args("record", self.gen, "n")
+            settled = self.conn.post(scripts.BREAKER, self.key, *args)
+            settled.add_done_callback(functools.partial(self._orphan_settled, args))
+
+    def _orphan_settled(self, args: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            self._restore(args)
+            return
+        exc = future.exception()
+        if exc is None:
+            self._read(future.result())
+        else:
+            self._restore(args)
+            if isinstance(exc, self.soft_errors):
+                self.gate.failed(exc)
 
     def _defer(self, token: int) -> bool:
         """A success that can wait for the next round trip (True), or must be sent now."""
@@ -1551,6 +1586,12 @@ class RedisBulkheadBinding(_RedisBinding):
 
     def snapshot(self) -> dict[str, Any]:
         return {**self.gate.snapshot(), "key": self.key, "lease": self.store.lease}
+
+
+def _ignore(future: asyncio.Future[Any]) -> None:
+    """Retrieve a best-effort command's outcome (an unused unit never over-admits)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _never() -> object:  # pragma: no cover - only "local" mode calls its fallback
