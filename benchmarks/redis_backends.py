@@ -19,6 +19,12 @@ Only the measuring thread counts (pyrate-limiter's leaker and buttress's lease r
 run in threads of their own). ``INFO commandstats`` is not used for this: it also counts
 the commands a Lua script runs on the server, which are not round trips.
 
+Concurrency (issue 16): one primitive driven by 1, 8 and 64 asyncio tasks calling it
+in a loop, beside PING on a plain asyncio client, interleaved in the same run; ops/s,
+round trips per op (counted as above) and the connections each client's pool holds.
+The quick guard requires the limiter at 64 callers to make at least 3x its 1-caller
+ops/s, with at most 2 connections per store.
+
 Accuracy (issue 6): four OS processes (spawn) share one limiter and ask for more than
 its rate; each admission is recorded as the (before, after) wall-clock interval of its
 call, and a window counts only admissions whose whole interval lies inside it.
@@ -1168,7 +1174,7 @@ class RedisReport:
                 for x in self.concurrency
                 if x.label == label and x.ops is not None
             ]
-            out.append(f"{label}: ops/s by callers {{{', '.join(points)}}}")
+            out.append(f"{label} {{{', '.join(points)}}}")
         return out
 
     def _commands(self) -> list[str]:
@@ -1209,7 +1215,7 @@ class RedisReport:
                 f"{len(self.concurrency[0].samples)} interleaved runs)"
             )
             lines.append(_table(LOAD_HEAD, self._load_rows(), markdown=False))
-            lines.append("  series: " + "; ".join(self._series()))
+            lines.append("  series (ops/s by callers): " + "; ".join(self._series()))
         if self.accuracy:
             lines.append(
                 f"\n{TITLE}: accuracy, {PROCESSES} processes sharing one limiter "
