@@ -30,6 +30,7 @@ import json
 import math
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Hashable
 from datetime import timedelta
@@ -162,6 +163,7 @@ class _Connection:
         self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batcher] = (
             weakref.WeakKeyDictionary()
         )
+        self._recent: tuple[weakref.ref[asyncio.AbstractEventLoop], _Batcher] | None = None
         self._lock = threading.Lock()
         self._shas: dict[str, str] = {}
 
@@ -239,9 +241,13 @@ class _Connection:
     def batcher(self) -> _Batcher:
         """The running loop's pipeliner (built with the loop's async client)."""
         loop = asyncio.get_running_loop()
+        recent = self._recent
+        if recent is not None and recent[0]() is loop:
+            return recent[1]
         batcher = self._batchers.get(loop)
         if batcher is None:
             batcher = self._batchers[loop] = _Batcher(self, self.aio())
+        self._recent = (weakref.ref(loop), batcher)
         return batcher
 
     async def arun(
@@ -251,7 +257,22 @@ class _Connection:
         else in the next pipeline. ``orphan(reply)`` is called with the reply of a call
         whose caller was cancelled while it waited in the queue (to give back what the
         script granted it)."""
-        return await self.batcher().call(script, key, args, orphan)
+        batcher = self.batcher()
+        if batcher.busy:
+            return await batcher.queue_call(script, key, args, orphan)
+        # nothing in flight: this call goes out alone, at once
+        batcher.busy = True
+        batcher.round_trips += 1
+        batcher.calls += 1
+        client = batcher.client
+        try:
+            try:
+                return await client.execute_command("EVALSHA", self.sha(script), 1, key, *args)
+            except _import_redis().exceptions.NoScriptError:
+                await client.script_load(script)
+                return await client.execute_command("EVALSHA", self.sha(script), 1, key, *args)
+        finally:
+            batcher.done()
 
     def post(self, script: str, key: str, *args: Any) -> asyncio.Future[Any]:
         """EVALSHA in the next pipeline without waiting for it (fire and forget): the
@@ -273,6 +294,7 @@ class _Connection:
         except RuntimeError:  # pragma: no cover
             return
         batcher = self._batchers.pop(loop, None)
+        self._recent = None
         if batcher is not None:
             await batcher.flush()  # what was posted (releases) still goes out
         client = self._per_loop.pop(loop, None)
@@ -307,24 +329,17 @@ class _Batcher:
         self.round_trips = 0  # requests written (a pipeline is one)
         self.calls = 0  # commands sent
 
-    async def call(
+    def queue_call(
         self,
         script: str,
         key: str,
         args: tuple[Any, ...],
         orphan: Callable[[Any], object] | None = None,
-    ) -> Any:
-        if not self.busy:
-            self.busy = True
-            self.round_trips += 1
-            self.calls += 1
-            try:
-                return await self._alone(script, key, args)
-            finally:
-                self._next()
+    ) -> asyncio.Future[Any]:
+        """Queue a call for the next pipeline (a round trip is in flight)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.queue.append((script, key, args, future, orphan))
-        return await future
+        return future
 
     def post(self, script: str, key: str, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -334,7 +349,8 @@ class _Batcher:
             self._start()
         return future
 
-    def _next(self) -> None:
+    def done(self) -> None:
+        """The call sent alone is answered: send what queued meanwhile."""
         if self.queue:
             self._start()
         else:
@@ -342,14 +358,6 @@ class _Batcher:
 
     def _start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._drain())
-
-    async def _alone(self, script: str, key: str, args: tuple[Any, ...]) -> Any:
-        conn, client = self.conn, self.client
-        try:
-            return await client.execute_command("EVALSHA", conn.sha(script), 1, key, *args)
-        except _import_redis().exceptions.NoScriptError:
-            await client.script_load(script)
-            return await client.execute_command("EVALSHA", conn.sha(script), 1, key, *args)
 
     async def _drain(self) -> None:
         cancelled = False
@@ -511,12 +519,9 @@ def _needs_name(policy: Any, what: str) -> str:
 # -- rate limiter ---------------------------------------------------------------------------
 
 
-def _monotonic() -> float:
-    # Batch mode compares local units with GCRA slots on the server's clock, which runs
-    # in real time whatever clock the limiter waits with: real seconds here.
-    import time
-
-    return time.monotonic()
+# Batch mode compares local units with GCRA slots on the server's clock, which runs in
+# real time whatever clock the limiter waits with: real seconds there.
+_monotonic = time.monotonic
 
 
 class _Unavailable(Exception):
