@@ -1267,28 +1267,32 @@ class RedisBulkheadStore(_RedisStore):
 class _Unsent:
     """Slots this process released whose release may not have reached Redis yet, per
     key (shared by every binding of the process, so a second instance of the same
-    bulkhead sees them too). Every later script call for the key removes them first, in
-    its own round trip, so a release is never waited for and never missed."""
+    bulkhead sees them too), each with the time it was released. Every later script
+    call for the key removes them first, in its own round trip, so a release is never
+    waited for and never missed."""
 
     LIMIT = 1000  # past this many (Redis down a long time), the leases return them
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.by_key: dict[str, dict[str, None]] = {}
+        self.by_key: dict[str, dict[str, float]] = {}
 
     def add(self, key: str, token: str) -> None:
         with self.lock:
             tokens = self.by_key.setdefault(key, {})
-            tokens[token] = None
+            tokens[token] = time.monotonic()
             if len(tokens) > self.LIMIT:
                 del tokens[next(iter(tokens))]
 
-    def tokens(self, key: str) -> tuple[str, ...]:
+    def tokens(self, key: str, released_before: float | None = None) -> tuple[str, ...]:
+        """The unsent tokens of ``key`` (only those released before a time, if given)."""
         tokens = self.by_key.get(key)
         if not tokens:
             return ()
         with self.lock:
-            return tuple(tokens)
+            if released_before is None:
+                return tuple(tokens)
+            return tuple(t for t, at in tokens.items() if at < released_before)
 
     def sent(self, key: str, tokens: tuple[str, ...]) -> None:
         """``tokens`` are out of the sorted set: forget them."""
@@ -1304,6 +1308,9 @@ class _Unsent:
 
 
 _UNSENT = _Unsent()
+# A sync release is sent by the lease thread once it has been unsent this long: a
+# caller that calls again sooner carries it in its own round trip instead.
+_RELEASE_DELAY = 0.002
 
 
 class _Renewer:
@@ -1314,6 +1321,7 @@ class _Renewer:
         self.store = store
         self.held: dict[str, dict[str, None]] = {}  # key -> tokens (insertion-ordered)
         self.releasing: set[str] = set()  # keys with releases for this thread to send
+        self.retry_at = 0.0  # monotonic: no release sent before (after a failure)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.wake = threading.Event()
@@ -1337,39 +1345,49 @@ class _Renewer:
     def release(self, key: str) -> None:
         """Send ``key``'s unsent releases soon (they are in ``_UNSENT`` already)."""
         with self.lock:
+            idle = not self.releasing
             self.releasing.add(key)
-        self.wake.set()
+        if idle:
+            self.wake.set()
 
     def _run(self) -> None:
-        import time
-
         period = self.store.lease / 3
         renew_at = time.monotonic() + period
         while True:
-            self.wake.wait(max(renew_at - time.monotonic(), 0.0))
+            now = time.monotonic()
+            timeout = renew_at - now
+            if self.releasing:  # after a failure, wait retry_interval before trying again
+                timeout = min(timeout, max(_RELEASE_DELAY, self.retry_at - now))
+            self.wake.wait(max(timeout, 0.0))
             self.wake.clear()
-            self._send_releases()
-            if self.stopping.is_set():
+            stopping = self.stopping.is_set()
+            self._send_releases(everything=stopping)
+            if stopping:
                 return
             if time.monotonic() >= renew_at:
                 renew_at = time.monotonic() + period
                 self._renew()
 
-    def _send_releases(self) -> None:
+    def _send_releases(self, everything: bool = False) -> None:
+        """Send the releases unsent for ``_RELEASE_DELAY`` (a process that calls again
+        sooner carries them itself, so this thread stays off a busy caller's path)."""
         store = self.store
+        before = None if everything else time.monotonic() - _RELEASE_DELAY
         with self.lock:
             keys, self.releasing = self.releasing, set()
         for key in keys:
-            tokens = _UNSENT.tokens(key)
-            if not tokens:
-                continue
-            try:
-                store._conn.run(scripts.BULKHEAD, key, "release", 0, 0, *tokens)
-            except store._soft_errors:
-                with self.lock:  # the next call for the key carries them; retried here too
+            tokens = _UNSENT.tokens(key, before)
+            if tokens:
+                try:
+                    store._conn.run(scripts.BULKHEAD, key, "release", 0, 0, *tokens)
+                except store._soft_errors:
+                    # the next call for the key carries them; retried here too, later
+                    self.retry_at = time.monotonic() + (store.retry_interval or 1.0)
+                else:
+                    _UNSENT.sent(key, tokens)
+            if _UNSENT.tokens(key):
+                with self.lock:
                     self.releasing.add(key)
-                continue
-            _UNSENT.sent(key, tokens)
 
     def _renew(self) -> None:
         store = self.store
