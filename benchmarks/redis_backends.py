@@ -1165,6 +1165,31 @@ class RedisReport:
             )
         return rows
 
+    def scaling_series(self) -> list[Any]:
+        """The concurrency figures for the scaling section's "redis" chart: ops/s against
+        concurrent async callers, PING as the floor."""
+        from .scaling import Series
+
+        out = []
+        for label in dict.fromkeys(x.label for x in self.concurrency):
+            points = [x for x in self.concurrency if x.label == label and x.ops is not None]
+            if not points:
+                continue
+            role = "floor" if points[0].kind == BASELINE else "buttress"
+            out.append(
+                Series(
+                    "redis",
+                    label
+                    if label != "PING"
+                    else "PING (redis-py asyncio, a connection per caller)",
+                    role,
+                    [float(x.callers) for x in points],
+                    [float(x.ops or 0.0) for x in points],
+                    higher_is_better=True,
+                )
+            )
+        return out
+
     def _series(self) -> list[str]:
         """The chart's data, one line per case (for the scaling page)."""
         out = []
