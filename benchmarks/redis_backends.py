@@ -19,6 +19,12 @@ Only the measuring thread counts (pyrate-limiter's leaker and buttress's lease r
 run in threads of their own). ``INFO commandstats`` is not used for this: it also counts
 the commands a Lua script runs on the server, which are not round trips.
 
+Concurrency (issue 16): one primitive driven by 1, 8 and 64 asyncio tasks calling it
+in a loop, beside PING on a plain asyncio client, interleaved in the same run; ops/s,
+round trips per op (counted as above) and the connections each client's pool holds.
+The quick guard requires the limiter at 64 callers to make at least 3x its 1-caller
+ops/s, with at most 2 connections per store.
+
 Accuracy (issue 6): four OS processes (spawn) share one limiter and ask for more than
 its rate; each admission is recorded as the (before, after) wall-clock interval of its
 call, and a window counts only admissions whose whole interval lies inside it.
@@ -51,6 +57,11 @@ TITLE = "Redis backends"
 SECTION = "redis_backends"
 
 LIMITER_TARGET = 1.15  # buttress acquire: at most this many PINGs
+CONCURRENCY = (1, 8, 64)  # concurrent async callers of one primitive (issue 16)
+SPEEDUP_TARGET = 3.0  # the limiter at 64 callers: at least this many times 1 caller's ops/s
+CONNECTIONS_TARGET = 2  # connections a buttress store may open for 64 callers
+BATCH = 32  # the limiter's batch mode case
+BATCH_RATE = 20_000  # per second, burst alike: batch-mode units are valid 50 µs apart
 NEVER_LIMITED = 1_000_000  # per second, burst alike: no case is ever refused or delayed
 
 # accuracy (issue 6)
@@ -138,6 +149,8 @@ PEER = "peer"
 EMPTY_SCRIPT = "return {1, '0', '0'}"
 FLOOR_LABEL = "EVALSHA of an empty Lua script (floor)"
 LIMITER_LABEL = "buttress RateLimiter.acquire()"
+LIMITER_ASYNC = "buttress RateLimiter.acquire_async()"
+BATCH_LABEL = f"buttress RateLimiter.acquire_async(), batch={BATCH}"
 
 
 @dataclass
@@ -329,6 +342,7 @@ class _Setup:
         self.options = self.limiter_store._conn._options(asynchronous=False)
         self.closers: list[Callable[[], object]] = []
         self.limiter: Any = None  # the buttress limiter, once its case is built
+        self.async_stores: list[Any] = []  # closed (aclose) inside the loop, then close()
 
     # sync --------------------------------------------------------------------------------------
 
@@ -428,6 +442,16 @@ class _Setup:
     def buttress_limiter_async(self) -> Callable[[], Awaitable[Any]]:
         return self.limiter.acquire_async  # type: ignore[no-any-return]
 
+    def buttress_bulkhead_async(self) -> Callable[[], Awaitable[Any]]:
+        from buttress import Bulkhead
+        from buttress.backends.redis import RedisBulkheadStore
+
+        # built from the URL: the async face needs an asyncio client of its own
+        store = RedisBulkheadStore(self.url, prefix=self.prefix)
+        bulkhead = Bulkhead("bench-bulkhead-async", max_concurrent=100, store=store)
+        self.async_stores.append(store)
+        return bulkhead(_aone)
+
     def close(self) -> None:
         for close in reversed(self.closers):
             with suppress(Exception):
@@ -440,6 +464,10 @@ class _Setup:
 
 
 def _one() -> int:
+    return 1
+
+
+async def _aone() -> int:
     return 1
 
 
@@ -522,8 +550,8 @@ def _sync_cases(setup: _Setup) -> list[Case]:
             "sync",
             "buttress",
             setup.buttress_bulkhead,
-            trips=("==", 2.0),
-            guarded=False,
+            trips=("==", 1.0),
+            note="the release is sent by the lease thread (or by the next acquire)",
         ),
     ]
 
@@ -540,7 +568,174 @@ def _async_cases(setup: _Setup) -> list[Case]:
             ratio_limit=LIMITER_TARGET,
             trips=("==", 1.0),
         ),
+        Case(
+            "buttress Bulkhead call (async with)",
+            BUTTRESS,
+            "async",
+            "buttress",
+            setup.buttress_bulkhead_async,
+            trips=("==", 1.0),
+            note="the release is posted: it shares the next acquire's pipeline",
+        ),
     ]
+
+
+# -- concurrent async callers (issue 16) -----------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """One case driven by ``callers`` concurrent asyncio tasks, each calling in a loop."""
+
+    label: str
+    kind: str  # baseline | buttress
+    callers: int
+    samples: list[float] = field(default_factory=list)  # ops/s, one per repeat
+    ops: float | None = None  # median ops/s
+    round_trips: float | None = None  # requests written per op (a pipeline is one)
+    connections: int | None = None  # connections its client holds after this many callers
+    calls_per_op: float | None = None  # batch mode: script calls per acquire
+    skipped: str | None = None
+
+
+async def _throughput(fn: Callable[[], Awaitable[Any]], callers: int, seconds: float) -> float:
+    perf = time.perf_counter
+    stop = perf() + seconds
+    done = 0
+
+    async def worker() -> None:
+        nonlocal done
+        while perf() < stop:
+            await fn()
+            done += 1
+
+    start = perf()
+    await asyncio.gather(*(worker() for _ in range(callers)))
+    return done / (perf() - start)
+
+
+async def _run_each(fn: Callable[[], Awaitable[Any]], callers: int, each: int) -> None:
+    async def worker() -> None:
+        for _ in range(each):
+            await fn()
+
+    await asyncio.gather(*(worker() for _ in range(callers)))
+
+
+def _pool_size(client: Any) -> int | None:
+    """Connections an asyncio client's pool holds (open or idle)."""
+    pool = getattr(client, "connection_pool", None)
+    try:
+        return len(pool._available_connections) + len(pool._in_use_connections)  # type: ignore[union-attr]
+    except Exception:
+        return None
+
+
+async def _concurrency(url: str, prefix: str, quick: bool) -> list[Load]:
+    """ops/s of PING and of buttress's async faces at 1, 8 and 64 concurrent callers, in
+    one interleaved run; round trips per op and connections in a separate pass."""
+    import redis.asyncio
+
+    from buttress import Bulkhead, RateLimiter
+    from buttress.backends.redis import RedisBulkheadStore, RedisRateLimiterStore
+
+    limiter_store = RedisRateLimiterStore(url, prefix=f"{prefix}conc:")
+    batch_store = RedisRateLimiterStore(url, prefix=f"{prefix}conc:", batch=BATCH)
+    bulkhead_store = RedisBulkheadStore(url, prefix=f"{prefix}conc:")
+    ping_client: Any = redis.asyncio.Redis.from_url(
+        url, **limiter_store._conn._options(asynchronous=True)
+    )
+    limiter = RateLimiter(
+        "conc-limiter", rate=NEVER_LIMITED, burst=NEVER_LIMITED, store=limiter_store
+    )
+    batched = RateLimiter("conc-batched", rate=BATCH_RATE, burst=BATCH_RATE, store=batch_store)
+    bulkhead = Bulkhead("conc-bulkhead", max_concurrent=100, store=bulkhead_store)
+    call = bulkhead(_aone)
+    cases: list[tuple[str, str, Callable[[], Awaitable[Any]], Any, Any]] = [
+        ("PING", BASELINE, ping_client.ping, lambda: ping_client, None),
+        (LIMITER_ASYNC, BUTTRESS, limiter.acquire_async, limiter_store._conn.aio, None),
+        ("buttress Bulkhead call (async with)", BUTTRESS, call, bulkhead_store._conn.aio, None),
+        (BATCH_LABEL, BUTTRESS, batched.acquire_async, batch_store._conn.aio, batched),
+    ]
+    repeats, seconds, each = (3, 0.05, 10) if quick else (7, 0.4, 100)
+    loads = {(label, n): Load(label, kind, n) for label, kind, *_ in cases for n in CONCURRENCY}
+    try:
+        # counting pass, in rising order of callers: connections opened by then
+        for label, _, fn, client, primitive in cases:
+            for n in CONCURRENCY:
+                load = loads[label, n]
+                try:
+                    await _run_each(fn, n, 2)  # connect, load scripts
+                    before = primitive.snapshot()["store"] if primitive is not None else None
+                    per = each
+                    if primitive is not None:  # batch mode: count over several refills
+                        per = max(each, math.ceil(8 * BATCH / n))
+                    with _counting() as sent:
+                        await _run_each(fn, n, per)
+                    ops = n * per
+                    load.round_trips = len(sent) / ops
+                    load.connections = _pool_size(client())
+                    if before is not None:
+                        after = primitive.snapshot()["store"]
+                        calls = after["round_trips"] - before["round_trips"]
+                        load.calls_per_op = calls / (after["acquires"] - before["acquires"])
+                except Exception as exc:
+                    load.skipped = _describe(exc)
+        live = [(label, fn) for label, _, fn, *_ in cases]
+        await _timed_loads(live, loads, repeats, seconds)
+        if quick and _speedup(list(loads.values())) is not None:
+            speedup = _speedup(list(loads.values()))
+            if speedup is not None and speedup < SPEEDUP_TARGET:  # once more, longer
+                limiter_only = [(label, fn) for label, fn in live if label == LIMITER_ASYNC]
+                await _timed_loads(limiter_only, loads, 5, 0.15)
+    finally:
+        for store in (limiter_store, batch_store, bulkhead_store):
+            with suppress(Exception):
+                await store.aclose()
+            store.close()
+        with suppress(Exception):
+            await ping_client.aclose()
+    return list(loads.values())
+
+
+async def _timed_loads(
+    live: list[tuple[str, Callable[[], Awaitable[Any]]]],
+    loads: dict[tuple[str, int], Load],
+    repeats: int,
+    seconds: float,
+) -> None:
+    """Interleaved: every repeat drives every (case, callers) once, in a rotating order."""
+    runs = [(label, fn, n) for label, fn in live for n in CONCURRENCY]
+    runs = [r for r in runs if loads[r[0], r[2]].skipped is None]
+    for label, _, n in runs:
+        loads[label, n].samples = []
+    gc.collect()
+    gc.disable()
+    try:
+        for index in range(repeats):
+            shift = index % max(len(runs), 1)
+            for label, fn, n in runs[shift:] + runs[:shift]:
+                loads[label, n].samples.append(await _throughput(fn, n, seconds))
+    finally:
+        gc.enable()
+    for label, _, n in runs:
+        loads[label, n].ops = statistics.median(loads[label, n].samples)
+
+
+def _load(loads: list[Load], label: str, callers: int) -> Load | None:
+    return next(
+        (x for x in loads if x.label == label and x.callers == callers and x.ops is not None),
+        None,
+    )
+
+
+def _speedup(loads: list[Load], label: str = "") -> float | None:
+    """ops/s at the most callers over ops/s at one caller."""
+    label = label or LIMITER_ASYNC
+    one, most = _load(loads, label, CONCURRENCY[0]), _load(loads, label, CONCURRENCY[-1])
+    if one is None or most is None or not one.ops or most.ops is None:
+        return None
+    return most.ops / one.ops
 
 
 # -- server-side script time (information) --------------------------------------------------------
@@ -839,6 +1034,15 @@ def _table(head: list[str], rows: list[list[str]], markdown: bool) -> str:
 
 
 HEAD = ["case", "µs per call", "ratio to PING", "round trips per call", "target", "verdict"]
+LOAD_HEAD = [
+    "case",
+    "callers",
+    "ops/s",
+    "vs 1 caller",
+    "vs PING (same callers)",
+    "round trips per op",
+    "connections",
+]
 ACC_HEAD = ["limiter", "contract", "admitted (per process)", "bound over the run"] + [
     f"worst excess, {w * 1000:g} ms" if w < 1 else f"worst excess, {w:g} s" for w in ACC_WINDOWS
 ]
@@ -859,6 +1063,7 @@ class RedisReport:
     script_us: float | None = None  # server time per limiter script call
     client_us: float | None = None  # buttress client-side cost per acquire (stub client)
     confirmed: list[str] = field(default_factory=list)  # quick-mode re-measured cases
+    concurrency: list[Load] = field(default_factory=list)  # concurrent async callers
     seconds: float = 0.0
 
     # -- figures ------------------------------------------------------------------------------
@@ -926,6 +1131,77 @@ class RedisReport:
             rows.append(cells)
         return rows
 
+    def _load_rows(self) -> list[list[str]]:
+        rows = []
+        for load in self.concurrency:
+            if load.skipped is not None:
+                rows.append([load.label, str(load.callers), f"skipped: {load.skipped}"] + [""] * 5)
+                continue
+            one = _load(self.concurrency, load.label, CONCURRENCY[0])
+            ping = _load(self.concurrency, "PING", load.callers)
+            scale = (
+                "-"
+                if one is None or not one.ops or load.ops is None
+                else f"{load.ops / one.ops:.2f}x"
+            )
+            vs_ping = (
+                "-"
+                if ping is None or not ping.ops or load.ops is None
+                else f"{load.ops / ping.ops:.2f}x"
+            )
+            trips = "-" if load.round_trips is None else f"{load.round_trips:.3f}"
+            if load.calls_per_op is not None:
+                trips += f" ({load.calls_per_op:.3f} script calls)"
+            rows.append(
+                [
+                    load.label,
+                    str(load.callers),
+                    "-" if load.ops is None else f"{load.ops:,.0f}",
+                    scale,
+                    vs_ping,
+                    trips,
+                    "-" if load.connections is None else str(load.connections),
+                ]
+            )
+        return rows
+
+    def scaling_series(self) -> list[Any]:
+        """The concurrency figures for the scaling section's "redis" chart: ops/s against
+        concurrent async callers, PING as the floor."""
+        from .scaling import Series
+
+        out = []
+        for label in dict.fromkeys(x.label for x in self.concurrency):
+            points = [x for x in self.concurrency if x.label == label and x.ops is not None]
+            if not points:
+                continue
+            role = "floor" if points[0].kind == BASELINE else "buttress"
+            out.append(
+                Series(
+                    "redis",
+                    label
+                    if label != "PING"
+                    else "PING (redis-py asyncio, a connection per caller)",
+                    role,
+                    [float(x.callers) for x in points],
+                    [float(x.ops or 0.0) for x in points],
+                    higher_is_better=True,
+                )
+            )
+        return out
+
+    def _series(self) -> list[str]:
+        """The chart's data, one line per case (for the scaling page)."""
+        out = []
+        for label in dict.fromkeys(x.label for x in self.concurrency):
+            points = [
+                f"{x.callers}: {x.ops:.0f}"
+                for x in self.concurrency
+                if x.label == label and x.ops is not None
+            ]
+            out.append(f"{label} {{{', '.join(points)}}}")
+        return out
+
     def _commands(self) -> list[str]:
         return [
             f"{case.label}: {case.commands}" + (f" ({case.note})" if case.note else "")
@@ -958,6 +1234,13 @@ class RedisReport:
             lines.append(
                 "  re-measured (above twice the target at first): " + ", ".join(self.confirmed)
             )
+        if self.concurrency:
+            lines.append(
+                f"\n{TITLE}: concurrent asyncio callers of one primitive (ops/s, median of "
+                f"{len(self.concurrency[0].samples)} interleaved runs)"
+            )
+            lines.append(_table(LOAD_HEAD, self._load_rows(), markdown=False))
+            lines.append("  series (ops/s by callers): " + "; ".join(self._series()))
         if self.accuracy:
             lines.append(
                 f"\n{TITLE}: accuracy, {PROCESSES} processes sharing one limiter "
@@ -991,6 +1274,31 @@ the last.
 
 {_table(ACC_HEAD, self._acc_rows(), markdown=True)}
 """
+        concurrency = ""
+        if self.concurrency:
+            speedup = _speedup(self.concurrency)
+            shown = "?" if speedup is None else f"{speedup:.2f}x"
+            concurrency = f"""
+
+### Concurrent async callers
+
+One primitive, {", ".join(str(n) for n in CONCURRENCY)} asyncio tasks calling it in a loop;
+each figure is the median ops/s of interleaved runs, *round trips per op* are counted in
+a separate pass (requests written to a socket: a pipeline is one) and *connections* are
+those the client's pool holds once that many callers have run. `PING` uses a plain
+redis-py asyncio client, which opens one connection per caller in flight; buttress's
+stores pipeline automatically (one round trip in flight per event loop, the callers
+arriving meanwhile share the next one). Targets: the limiter at {CONCURRENCY[-1]} callers at
+least {SPEEDUP_TARGET:g}x its 1-caller figure (this run: {shown}), at most
+{CONNECTIONS_TARGET} connections per store; the bulkhead call one round trip (its release
+is posted, never waited for). The batch case takes up to {BATCH} units per round trip
+(limiter of {BATCH_RATE:,} per second) and spends them locally; its round trips per
+acquire are the figure to read.
+
+{_table(LOAD_HEAD, self._load_rows(), markdown=True)}
+
+Series (ops/s by callers): {"; ".join(self._series())}.
+"""
         rows = "\n".join(f"- {line}" for line in self._commands())
         return f"""## {TITLE}
 
@@ -1015,14 +1323,15 @@ counted in a separate pass of {self.count_calls} calls by wrapping redis-py's
 `MULTI`/`EXEC` block is one), not with `INFO commandstats`, which also counts the
 commands a script runs on the server. Targets: the limiter's `acquire` at most
 {LIMITER_TARGET:g}x `PING` and exactly one round trip; the breaker's closed-state call at
-most one round trip, none with `max_staleness`; the bulkhead takes one to acquire and
-one to release.
+most one round trip, none with `max_staleness`; the bulkhead one round trip to
+acquire, none waited for to release (sync: the lease thread sends it; async: it is
+posted to the next pipeline).
 
 {_table(HEAD, self._rows(), markdown=True)}
 
 Commands per call:
 
-{rows}{script}{accuracy}"""
+{rows}{script}{concurrency}{accuracy}"""
 
     def _case(self, label: str) -> Case | None:
         return next((c for c in self.cases if c.label == label and c.us is not None), None)
@@ -1080,6 +1389,23 @@ Commands per call:
                     f"{TITLE}: {case.label} makes {case.round_trips:g} round trips per call, "
                     f"target {case.target()}"
                 )
+        if self.concurrency:
+            speedup = _speedup(self.concurrency)
+            if speedup is None:
+                out.append(f"{TITLE}: {LIMITER_ASYNC} under concurrency could not be measured")
+            elif speedup < SPEEDUP_TARGET:
+                out.append(
+                    f"{TITLE}: {LIMITER_ASYNC} at {CONCURRENCY[-1]} callers makes {speedup:.2f}x "
+                    f"its 1-caller ops/s, target >= {SPEEDUP_TARGET:g}x"
+                )
+            for load in self.concurrency:
+                if load.kind != BUTTRESS or load.callers != CONCURRENCY[-1]:
+                    continue
+                if load.connections is not None and load.connections > CONNECTIONS_TARGET:
+                    out.append(
+                        f"{TITLE}: {load.label} holds {load.connections} connections at "
+                        f"{load.callers} callers, target <= {CONNECTIONS_TARGET}"
+                    )
         for run in self.accuracy:
             if not run.is_buttress or run.skipped is not None:
                 continue
@@ -1143,7 +1469,43 @@ Commands per call:
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         fig.savefig(path, dpi=110)
         plt.close(fig)
-        return [path]
+        paths = [path]
+        if any(x.ops is not None for x in self.concurrency):
+            paths.append(self._concurrency_chart(plt, directory))
+        return paths
+
+    def _concurrency_chart(self, plt: Any, directory: Path) -> Path:
+        """ops/s against concurrent asyncio callers, one line per case."""
+        path = directory / f"{SECTION}_concurrency.png"
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        styles = {BASELINE: ("black", "--"), BUTTRESS: (None, "-")}
+        for label in dict.fromkeys(x.label for x in self.concurrency):
+            points = [x for x in self.concurrency if x.label == label and x.ops is not None]
+            if not points:
+                continue
+            color, style = styles.get(points[0].kind, (None, "-"))
+            ax.plot(
+                [x.callers for x in points],
+                [x.ops for x in points],
+                marker="o",
+                linestyle=style,
+                color=color,
+                label=label,
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(CONCURRENCY), [str(n) for n in CONCURRENCY])
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent asyncio callers of one primitive")
+        ax.set_ylabel("ops/s (median, log scale)")
+        ax.set_title("Redis backends: throughput against concurrent callers")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        footer = ", ".join(f"{k} {v}" for k, v in self.versions) + f"; {_machine()}"
+        fig.text(0.99, 0.005, footer, ha="right", va="bottom", fontsize=6, color="#666666")
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
 
 
 def _machine() -> str:
@@ -1206,8 +1568,12 @@ def measure(quick: bool) -> RedisReport:
                     if quick and suspects:
                         await _timed_async([async_cases[0], *suspects], 9, 300)
                         report.confirmed += [c.label for c in suspects]
+                    report.concurrency = await _concurrency(url, prefix, quick)
                 finally:
                     await setup.limiter_store.aclose()
+                    for store in setup.async_stores:
+                        await store.aclose()
+                        store.close()
 
             if setup.limiter is not None:
                 asyncio.run(run_async())

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
+from hypothesis import given
+from hypothesis import strategies as st
 
 import buttress
 from buttress import (
@@ -683,11 +685,12 @@ def test_a_cancel_the_client_swallows_gives_the_probe_slot_back(
 
 
 @swallowing
-def test_a_cancel_the_client_swallows_during_settle_or_release_still_stops_the_caller(
+def test_a_cancel_the_client_swallows_during_settle_still_stops_the_caller(
     redis_url: str, stores: Stores
 ) -> None:
-    """Cancelled while its outcome or its slot goes back to Redis, a worker still stops
-    (and the outcome and the slot were recorded)."""
+    """Cancelled while its outcome goes back to Redis, a worker still stops (and the
+    outcome was recorded); a bulkhead release never waits for Redis, so there is nothing
+    to cancel: it is done at once and the slot is back by the next call."""
 
     async def main() -> None:
         client = SwallowsCancellation.from_url(redis_url)
@@ -701,17 +704,18 @@ def test_a_cancel_the_client_swallows_during_settle_or_release_still_stops_the_c
             max_concurrent=1,
             store=stores(RedisBulkheadStore, async_client=client),
         )
-        for settle in ("breaker", "bulkhead"):
-            permit = await (breaker if settle == "breaker" else bulkhead).acquire_async()
-            task = asyncio.ensure_future(
-                permit.failure_async(ConnectionError())
-                if settle == "breaker"
-                else permit.release_async()
-            )
-            await asyncio.sleep(0)  # inside its command now
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            assert task.cancelled(), settle
+        permit = await breaker.acquire_async()
+        task = asyncio.ensure_future(permit.failure_async(ConnectionError()))
+        await asyncio.sleep(0)  # inside its command now
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert task.cancelled()
+        slot = await bulkhead.acquire_async()
+        release = asyncio.ensure_future(slot.release_async())
+        await asyncio.sleep(0)
+        release.cancel()
+        await asyncio.gather(release, return_exceptions=True)
+        assert release.done() and not release.cancelled()
         assert bulkhead.binding.in_use() == 0
         assert breaker.snapshot()["store"]["consecutive_failures"] == 1
         await client.aclose()
@@ -1173,18 +1177,28 @@ def test_async_paths_never_make_a_blocking_redis_call(stores: Stores) -> None:
         await asyncio.gather(poller, return_exceptions=True)
         # Cancelled while its acquire script is in flight (it may have granted the slot):
         # the slot is given back through the async client too.
-        real_arun, in_flight = bulkhead_store._conn.arun, asyncio.Event()
+        # The release is posted to the loop's pipeliner (fire and forget), never sent
+        # from sync code.
+        real_arun, real_post, in_flight = (
+            bulkhead_store._conn.arun,
+            bulkhead_store._conn.post,
+            asyncio.Event(),
+        )
         released: list[str] = []
 
         async def slow_arun(script: str, key: str, *args: Any) -> Any:
             if args and args[0] == "acquire":
                 in_flight.set()
                 await asyncio.sleep(10)
-            if args and args[0] == "release":
-                released.append(args[-1])
             return await real_arun(script, key, *args)
 
+        def post(script: str, key: str, *args: Any) -> Any:
+            if args and args[0] == "release":
+                released.append(args[-1])
+            return real_post(script, key, *args)
+
         bulkhead_store._conn.arun = slow_arun
+        bulkhead_store._conn.post = post
         stuck = asyncio.ensure_future(waiting.acquire_async())
         await in_flight.wait()
         stuck.cancel()
@@ -1192,6 +1206,7 @@ def test_async_paths_never_make_a_blocking_redis_call(stores: Stores) -> None:
         await asyncio.sleep(0.01)  # the shielded give-back runs to its end
         assert len(released) == 1
         del bulkhead_store._conn.arun
+        del bulkhead_store._conn.post
         for store in (limiter_store, breaker_store, bulkhead_store):
             await store.aclose()
 
@@ -1237,3 +1252,352 @@ def test_an_interval_that_is_not_whole_microseconds_admits_an_idle_bucket(stores
         )
         other.acquire()  # max_wait=0: no wait allowed, and none needed
         assert other.snapshot()["waited"] == 0
+
+
+# -- pipelining, fire-and-forget releases, limiter batch mode ---------------------------------
+
+
+def _connections(raw: redis.Redis, name: str) -> int:
+    """Connections open on the server under client name ``name``."""
+    return sum(1 for client in raw.client_list() if client.get("name") == name)
+
+
+def test_concurrent_async_callers_share_round_trips_and_one_connection(
+    redis_url: str, stores: Stores
+) -> None:
+    """64 concurrent acquires go out in a few pipelines over one connection, not 64
+    round trips over 64 connections; every caller gets its own verdict."""
+    name = f"buttress-pipe-{os.getpid()}-{time.monotonic_ns()}"
+    raw = redis.Redis.from_url(redis_url)
+
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url, client_name=name)
+        store = stores(RedisRateLimiterStore, async_client=client)
+        limiter = RateLimiter("pipelined", rate=1, per=60, burst=40, max_wait=0, store=store)
+        batcher = store._conn.batcher()
+        results = await asyncio.gather(
+            *(limiter.acquire_async() for _ in range(64)), return_exceptions=True
+        )
+        assert sum(r is None for r in results) == 40  # the burst, no more
+        assert sum(isinstance(r, RateLimited) for r in results) == 24
+        assert batcher.calls == 64
+        assert batcher.round_trips <= 3  # one alone, then the rest together
+        assert _connections(raw, name) == 1
+        await store.aclose()
+        await client.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        raw.close()
+
+
+def test_a_lone_async_caller_goes_out_at_once_without_a_batch(stores: Stores) -> None:
+    """Nothing in flight: the command is sent alone, no drain task is started."""
+
+    async def main() -> None:
+        store = stores(RedisRateLimiterStore)
+        limiter = RateLimiter("alone", rate=1000, store=store)
+        for _ in range(5):
+            await limiter.acquire_async()
+        batcher = store._conn.batcher()
+        assert (batcher.calls, batcher.round_trips, batcher.task) == (5, 5, None)
+        await store.aclose()
+
+    asyncio.run(main())
+
+
+def test_each_pipelined_caller_gets_its_own_reply_or_error(stores: Stores) -> None:
+    """A command that fails inside a pipeline fails its own caller only."""
+
+    async def main() -> None:
+        store = stores(RedisRateLimiterStore)
+        conn = store._conn
+        key = store.key("pipe", "errors")
+        script = (
+            "if ARGV[1] == 'bad' then return redis.error_reply('bad argument') end return ARGV[1]"
+        )
+        calls = [conn.arun(script, key, arg) for arg in ("a", "bad", "b", "bad", "c")]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert results[0::2] == [b"a", b"b", b"c"]
+        assert all(isinstance(r, redis.ResponseError) for r in results[1::2])
+        await store.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_script_the_server_lacks_is_loaded_and_the_pipeline_sent_again(stores: Stores) -> None:
+    """NOSCRIPT inside a pipeline: the script is loaded and those commands sent again."""
+
+    async def main() -> None:
+        store = stores(RedisRateLimiterStore)
+        conn = store._conn
+        script = f"return '{os.urandom(8).hex()}' .. ARGV[1]"  # never loaded before
+        key = store.key("pipe", "noscript")
+        results = await asyncio.gather(*(conn.arun(script, key, str(i)) for i in range(10)))
+        assert [r[-1:] for r in results] == [str(i).encode() for i in range(10)]
+        await store.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_queued_caller_cancelled_before_its_reply_gives_the_granted_slot_back(
+    redis_url: str, stores: Stores
+) -> None:
+    """The acquire of a caller cancelled while queued still runs; its slot is released."""
+    raw = redis.Redis.from_url(redis_url)
+
+    async def main() -> None:
+        store = stores(RedisBulkheadStore)
+        bulkhead = Bulkhead("queued-cancel", max_concurrent=5, store=store)
+        first = asyncio.ensure_future(bulkhead.acquire_async())
+        second = asyncio.ensure_future(bulkhead.acquire_async())
+        await asyncio.sleep(0)  # first is in flight alone, second is queued
+        second.cancel()
+        lease = await first
+        await asyncio.gather(second, return_exceptions=True)
+        assert second.cancelled()
+        await store.aclose()  # flushes the give-back
+        assert raw.zcard(bulkhead.binding.key) == 1  # only the first caller's slot
+        await lease.release_async()
+        await store.aclose()
+        assert raw.zcard(bulkhead.binding.key) == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        raw.close()
+
+
+def test_an_async_release_costs_no_round_trip_and_aclose_flushes_it(
+    redis_url: str, stores: Stores
+) -> None:
+    """release_async() returns before Redis is told; aclose() waits until it is."""
+    raw = redis.Redis.from_url(redis_url)
+
+    async def main() -> None:
+        store = stores(RedisBulkheadStore)
+        bulkhead = Bulkhead("posted-release", max_concurrent=1, store=store)
+        lease = await bulkhead.acquire_async()
+        trips = store._conn.batcher().round_trips
+        await lease.release_async()
+        assert store._conn.batcher().round_trips == trips  # nothing waited for
+        assert raw.zcard(bulkhead.binding.key) == 1  # not sent yet
+        again = await bulkhead.acquire_async()  # max_concurrent=1: the release went first
+        await again.release_async()
+        await store.aclose()
+        assert raw.zcard(bulkhead.binding.key) == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        raw.close()
+
+
+def test_a_failed_async_release_is_reported_and_carried_by_the_next_call(
+    redis_url: str, stores: Stores
+) -> None:
+    """A posted release that fails emits the backend's degradation; the token stays
+    unsent and the next script call for the bulkhead removes it."""
+    raw = redis.Redis.from_url(redis_url)
+
+    async def main() -> None:
+        store = stores(RedisBulkheadStore, on_backend_error="fail_open")
+        bulkhead = Bulkhead("failed-release", max_concurrent=1, store=store)
+        lease = await bulkhead.acquire_async()
+        batcher = store._conn.batcher()
+        real = batcher.client
+
+        class Broken:
+            def execute_command(self, *args: Any) -> None:
+                pass
+
+            async def execute(self, raise_on_error: bool = True) -> Any:
+                raise redis.ConnectionError("down for this pipeline")
+
+        class Down:
+            def pipeline(self, transaction: bool = True) -> Broken:
+                return Broken()
+
+        batcher.client = Down()
+        with capture_events() as events:
+            await lease.release_async()
+            await batcher.flush()
+        batcher.client = real
+        assert any(type(e).__name__ == "BackendDegraded" for e in events), events
+        assert raw.zcard(bulkhead.binding.key) == 1
+        assert bulkhead.binding.in_use() == 0  # carried by this call
+        await store.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        raw.close()
+
+
+def test_a_sync_bulkhead_call_waits_for_one_round_trip_only(redis_url: str, stores: Stores) -> None:
+    """Acquire is one round trip; release is sent by the lease thread, not the caller;
+    the caller's next acquire carries any release still unsent."""
+    raw = redis.Redis.from_url(redis_url)
+    store = stores(RedisBulkheadStore)
+    bulkhead = Bulkhead("sync-release", max_concurrent=1, store=store)
+    bulkhead.acquire().release()  # the lease thread is running now
+    me = __import__("threading").get_ident()
+    mine: list[str] = []
+    client = store._conn.sync()
+    real = client.execute_command
+
+    def counting(*args: Any, **options: Any) -> Any:
+        if __import__("threading").get_ident() == me:
+            mine.append(str(args[3] if len(args) > 3 else args[0]))
+        return real(*args, **options)
+
+    client.execute_command = counting
+    try:
+        for _ in range(20):
+            with bulkhead:
+                pass
+        assert len(mine) == 20  # one per call: the acquire
+        deadline = time.monotonic() + 2
+        while raw.zcard(bulkhead.binding.key) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert raw.zcard(bulkhead.binding.key) == 0  # the lease thread sent the last one
+    finally:
+        del client.execute_command
+        raw.close()
+
+
+def test_limiter_batch_mode_spends_units_locally(stores: Stores) -> None:
+    """batch=10: one round trip serves up to ten acquires; snapshot reports the ratio."""
+    limiter = RateLimiter(
+        "batched", rate=100, burst=100, store=stores(RedisRateLimiterStore, batch=10)
+    )
+    for _ in range(50):
+        limiter.acquire()
+    store_view = limiter.snapshot()["store"]
+    assert store_view["batch"] == 10
+    assert store_view["acquires"] == 50
+    assert store_view["round_trips"] <= 10
+    assert store_view["round_trips_per_acquire"] == store_view["round_trips"] / 50
+
+    async def main() -> None:
+        store = stores(RedisRateLimiterStore, batch=8)
+        shared = RateLimiter("batched-async", rate=100, burst=100, store=store)
+        for _ in range(40):
+            await shared.acquire_async()
+        assert shared.snapshot()["store"]["round_trips"] <= 10
+        # 56 at once: one refill in flight at a time (never more than one batch
+        # reserved); who it leaves short waits for the next one
+        await asyncio.gather(*(shared.acquire_async() for _ in range(56)))
+        view = shared.snapshot()["store"]
+        assert view["acquires"] == 96
+        assert view["round_trips"] <= 10 + 16, view
+        await store.aclose()
+
+    asyncio.run(main())
+
+
+def test_limiter_batch_mode_never_exceeds_the_shared_bound(stores: Stores) -> None:
+    """Two batching limiters of one name together admit at most burst + rate * t."""
+    rate, burst = 40.0, 4
+    a, b = (
+        RateLimiter(
+            "batched-bound",
+            rate=rate,
+            burst=burst,
+            max_wait=0,
+            store=stores(RedisRateLimiterStore, batch=5),
+            **other_process(registry=i == 1),
+        )
+        for i in range(2)
+    )
+    admitted: list[float] = []
+    end = time.monotonic() + 0.6
+    while time.monotonic() < end:
+        for limiter in (a, b):
+            if limiter.try_acquire():
+                admitted.append(time.monotonic())
+    span = admitted[-1] - admitted[0]
+    assert len(admitted) <= burst + rate * span + 1, (len(admitted), span)
+    assert len(admitted) >= burst  # and it admits
+
+
+def test_limiter_batch_is_validated(redis_url: str) -> None:
+    """batch must be an integer >= 1; the message names it."""
+    with pytest.raises(buttress.ConfigValueError, match="batch must be >= 1"):
+        RedisRateLimiterStore(redis_url, batch=0)
+    for bad in (2.0, True, "4"):
+        with pytest.raises(buttress.ConfigTypeError, match="batch must be an integer"):
+            RedisRateLimiterStore(redis_url, batch=bad)  # type: ignore[arg-type]
+
+
+@given(
+    start=st.floats(0, 1),
+    interval=st.floats(1e-4, 0.1),
+    granted=st.integers(2, 50),
+    taken=st.integers(1, 3),
+    steps=st.lists(st.tuples(st.floats(0, 0.05), st.integers(1, 4)), max_size=60),
+)
+def test_a_batched_unit_is_never_spent_after_its_gcra_slot_starts(
+    start: float,
+    interval: float,
+    granted: int,
+    taken: int,
+    steps: list[tuple[float, int]],
+) -> None:
+    """Whatever the spending pattern, every unit spent from a batch is spent no later
+    than the start of its slot (so the shared GCRA bound holds), each at most once."""
+    from buttress.backends.redis import _Stock
+
+    taken = min(taken, granted)
+    stock = _Stock(start, interval, taken, granted)
+    now = start
+    spent: list[int] = []
+    for dt, weight in steps:
+        now += dt
+        before = stock.next
+        if stock.take(weight, now):
+            first = stock.next - weight
+            assert first >= before
+            assert now <= start + first * interval + 1e-9
+            spent.extend(range(first, stock.next))
+    assert len(spent) == len(set(spent))
+    assert all(taken <= unit < granted for unit in spent)
+
+
+def test_queued_callers_cancelled_before_their_reply_give_back_probe_slots_and_units(
+    stores: Stores,
+) -> None:
+    """A half-open probe slot or a limiter reservation granted to a caller cancelled
+    while its call was queued goes back (in the next pipeline)."""
+    settings: dict[str, Any] = {"failure_threshold": 1, "reset_timeout": 0.05}
+    here = CircuitBreaker("orphan-probe", store=stores(RedisBreakerStore), **settings)
+    with pytest.raises(ConnectionError), here:
+        raise ConnectionError("down")
+    time.sleep(0.08)  # half-open now: one probe slot
+
+    async def probe() -> None:
+        store = stores(RedisBreakerStore)
+        there = CircuitBreaker("orphan-probe", store=store, **settings, **other_process())
+        limiter_store = stores(RedisRateLimiterStore)
+        limiter = RateLimiter("orphan-units", rate=1, per=60, burst=1, store=limiter_store)
+        # a first call in flight alone, so that the second one is queued behind it
+        first = asyncio.ensure_future(store._conn.arun("return 1", store.key("x", "y")))
+        second = asyncio.ensure_future(there.acquire_async())
+        await asyncio.sleep(0)
+        second.cancel()
+        await asyncio.gather(first, second, return_exceptions=True)
+        assert second.cancelled()
+        await store.aclose()  # the neutral outcome goes out
+        first = asyncio.ensure_future(limiter_store._conn.arun("return 1", "k{x}"))
+        queued = asyncio.ensure_future(limiter.acquire_async())
+        await asyncio.sleep(0)
+        queued.cancel()
+        await asyncio.gather(first, queued, return_exceptions=True)
+        assert queued.cancelled()
+        await limiter_store.aclose()  # the refund goes out
+        assert limiter.try_acquire()  # the unit came back
+
+    asyncio.run(probe())
+    here.acquire().success()  # the probe slot was free: this probe closes the circuit
+    assert here.state == "closed"

@@ -233,3 +233,37 @@ def test_a_client_of_another_kind_is_refused() -> None:
         RedisRateLimiterStore(client=object())
     with pytest.raises(ConfigTypeError, match="cluster must be True or False"):
         RedisRateLimiterStore("redis://127.0.0.1:6379", cluster="yes")  # type: ignore[arg-type]
+
+
+def test_concurrent_async_callers_are_pipelined_on_a_cluster(
+    stores: Stores, nodes: list[redis.Redis]
+) -> None:
+    """Concurrent acquires of limiters living on different nodes share pipelined round
+    trips (the Cluster pipeline sends each command to its slot's node), each caller gets
+    its own verdict, and a posted bulkhead release reaches its node."""
+
+    async def main() -> None:
+        store = stores(RedisRateLimiterStore)
+        limiters = [
+            RateLimiter(f"piped-{i}", rate=1, per=60, burst=3, max_wait=0, store=store)
+            for i in range(4)
+        ]
+        results = await asyncio.gather(
+            *(limiters[i % 4].acquire_async() for i in range(20)), return_exceptions=True
+        )
+        assert sum(r is None for r in results) == 12  # 3 per limiter
+        assert all(isinstance(r, RateLimited) for r in results if r is not None)
+        batcher = store._conn.batcher()
+        assert batcher.calls == 20
+        assert batcher.round_trips < 20
+        slots = stores(RedisBulkheadStore)
+        bulkhead = Bulkhead("piped", max_concurrent=2, store=slots)
+        held = await asyncio.gather(*(bulkhead.acquire_async() for _ in range(2)))
+        for lease in held:
+            await lease.release_async()
+        await slots.aclose()
+        owner = nodes[_slot_owner(nodes, bulkhead.binding.key)]
+        assert owner.zcard(bulkhead.binding.key) == 0
+        await store.aclose()
+
+    asyncio.run(main())

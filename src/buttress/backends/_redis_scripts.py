@@ -11,9 +11,13 @@ from __future__ import annotations
 __all__ = ["BREAKER", "BULKHEAD", "IDEMPOTENCY_CLAIM", "IDEMPOTENCY_WRITE", "LIMITER"]
 
 # GCRA with reservations. ARGV: interval_us, tolerance_us, weight, max_wait_us (-1: no
-# limit), refund_tat ("" unless giving back a reservation).
+# limit), refund_tat ("" unless giving back a reservation), batch (optional: take up to
+# this many units at once when at least `weight` of them conform now).
 # Returns {1, wait_us, reserved_tat}: admitted once wait_us has passed (0: at once), or
-# {0, wait_us}: rejected, it would have had to wait wait_us; or, for a refund, {1} or {0}.
+# {0, wait_us}: rejected, it would have had to wait wait_us; or, for a refund, {1} or {0};
+# or, for a batch, {1, '0', reserved_tat, granted, first_slot_us}: `granted` units taken
+# now, unit i (from 0) occupying the GCRA slot that starts first_slot_us + i * interval_us
+# after the server's now.
 LIMITER = """
 local key = KEYS[1]
 local t = redis.call('TIME')
@@ -40,6 +44,18 @@ if ARGV[5] ~= '' then
     return {1}
   end
   return {0}
+end
+local batch = tonumber(ARGV[6] or '0')
+if batch > weight then
+  -- every unit that conforms now (the same test as below: 1 us of rounding allowed)
+  local fits = math.floor((now + tolerance + 1 - tat) / interval)
+  if fits > batch then fits = batch end
+  if fits >= weight then
+    local batch_tat = math.ceil(tat + fits * interval)
+    local taken = string.format('%.0f', batch_tat)
+    redis.call('SET', key, taken, 'PX', math.ceil((batch_tat - now) / 1000) + 1)
+    return {1, '0', taken, tostring(fits), string.format('%.0f', tat - now)}
+  end
 end
 local new_tat = math.ceil(tat + weight * interval)
 local wait = new_tat - now - tolerance
@@ -233,9 +249,12 @@ return reply
 """
 
 # The bulkhead: a sorted set of slot holders scored by lease expiry (us).
-# ARGV: op (acquire | release | renew), limit, lease_us, tokens...
+# ARGV: op (acquire | count | release | renew), limit, lease_us, then
+#   acquire, count: the caller's token ('' for count), then tokens this process released
+#     and may not have sent yet: removed first, in the same round trip;
+#   release, renew: the tokens.
 # acquire -> {1, in_use} or {0, in_use, us until the earliest lease expires}
-# release -> {removed}; renew -> {renewed}
+# count -> {1, in_use}; release -> {removed}; renew -> {renewed}
 BULKHEAD = """
 local key = KEYS[1]
 local op = ARGV[1]
@@ -254,6 +273,7 @@ if op == 'renew' then
   redis.call('PEXPIRE', key, math.ceil(lease / 1000) * 2)
   return {renewed}
 end
+if #ARGV >= 5 then redis.call('ZREM', key, unpack(ARGV, 5)) end
 redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now))
 local used = redis.call('ZCARD', key)
 if op == 'count' then return {1, used} end

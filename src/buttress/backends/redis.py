@@ -24,17 +24,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
+import math
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Hashable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from buttress import events as _events
-from buttress._validate import check_seconds, require_seconds
+from buttress._validate import check_int, check_seconds, require_seconds
 from buttress.exceptions import (
     BackendError,
     BulkheadFull,
@@ -157,6 +160,10 @@ class _Connection:
         self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
         )
+        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batcher] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._recent: tuple[weakref.ref[asyncio.AbstractEventLoop], _Batcher] | None = None
         self._lock = threading.Lock()
         self._shas: dict[str, str] = {}
 
@@ -231,13 +238,46 @@ class _Connection:
             client.script_load(script)
             return client.execute_command("EVALSHA", self.sha(script), 1, key, *args)
 
-    async def arun(self, script: str, key: str, *args: Any) -> Any:
-        client: Any = self.aio()
+    def batcher(self) -> _Batcher:
+        """The running loop's pipeliner (built with the loop's async client)."""
+        loop = asyncio.get_running_loop()
+        recent = self._recent
+        if recent is not None and recent[0]() is loop:
+            return recent[1]
+        batcher = self._batchers.get(loop)
+        if batcher is None:
+            batcher = self._batchers[loop] = _Batcher(self, self.aio())
+        self._recent = (weakref.ref(loop), batcher)
+        return batcher
+
+    async def arun(
+        self, script: str, key: str, *args: Any, orphan: Callable[[Any], object] | None = None
+    ) -> Any:
+        """EVALSHA through the loop's pipeliner: alone at once when nothing is in flight,
+        else in the next pipeline. ``orphan(reply)`` is called with the reply of a call
+        whose caller was cancelled while it waited in the queue (to give back what the
+        script granted it)."""
+        batcher = self.batcher()
+        if batcher.busy:
+            return await batcher.queue_call(script, key, args, orphan)
+        # nothing in flight: this call goes out alone, at once
+        batcher.busy = True
+        batcher.round_trips += 1
+        batcher.calls += 1
+        client = batcher.client
         try:
-            return await client.execute_command("EVALSHA", self.sha(script), 1, key, *args)
-        except _import_redis().exceptions.NoScriptError:
-            await client.script_load(script)
-            return await client.execute_command("EVALSHA", self.sha(script), 1, key, *args)
+            try:
+                return await client.execute_command("EVALSHA", self.sha(script), 1, key, *args)
+            except _import_redis().exceptions.NoScriptError:
+                await client.script_load(script)
+                return await client.execute_command("EVALSHA", self.sha(script), 1, key, *args)
+        finally:
+            batcher.done()
+
+    def post(self, script: str, key: str, *args: Any) -> asyncio.Future[Any]:
+        """EVALSHA in the next pipeline without waiting for it (fire and forget): the
+        future holds the reply or the error."""
+        return self.batcher().post(script, key, args)
 
     def close(self) -> None:
         with self._lock:
@@ -253,9 +293,147 @@ class _Connection:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # pragma: no cover
             return
+        batcher = self._batchers.pop(loop, None)
+        self._recent = None
+        if batcher is not None:
+            await batcher.flush()  # what was posted (releases) still goes out
         client = self._per_loop.pop(loop, None)
         if client is not None:
             await client.aclose()
+
+
+_Call = tuple[str, str, tuple[Any, ...], "asyncio.Future[Any]", "Callable[[Any], object] | None"]
+
+
+class _Batcher:
+    """Automatic pipelining for one event loop: at most one round trip in flight.
+
+    A caller that finds nothing in flight sends its command alone, at once (no added
+    wait). Callers that arrive while a round trip is in flight queue their command;
+    when it returns, everything queued goes out as one pipeline on one connection
+    (``transaction=False``: the commands are independent, each gets its own reply or
+    error). So concurrent callers share round trips and one connection, and commands
+    reach the server in the order they were issued.
+    """
+
+    # No reference to the loop itself: the store's per-loop tables hold it weakly.
+    __slots__ = ("busy", "calls", "client", "cluster", "conn", "queue", "round_trips", "task")
+
+    def __init__(self, conn: _Connection, client: Any) -> None:
+        self.conn = conn
+        self.client = client
+        self.cluster = not isinstance(client, _client_kinds()[1][0])
+        self.queue: list[_Call] = []
+        self.busy = False  # a round trip in flight, or a drain about to start
+        self.task: asyncio.Task[None] | None = None
+        self.round_trips = 0  # requests written (a pipeline is one)
+        self.calls = 0  # commands sent
+
+    def queue_call(
+        self,
+        script: str,
+        key: str,
+        args: tuple[Any, ...],
+        orphan: Callable[[Any], object] | None = None,
+    ) -> asyncio.Future[Any]:
+        """Queue a call for the next pipeline (a round trip is in flight)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queue.append((script, key, args, future, orphan))
+        return future
+
+    def post(self, script: str, key: str, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queue.append((script, key, args, future, None))
+        if not self.busy:
+            self.busy = True
+            self._start()
+        return future
+
+    def done(self) -> None:
+        """The call sent alone is answered: send what queued meanwhile."""
+        if self.queue:
+            self._start()
+        else:
+            self.busy = False
+
+    def _start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        cancelled = False
+        try:
+            while self.queue:
+                batch, self.queue = self.queue, []
+                # A round trip is never torn in half: cancelled (loop shutdown), the
+                # drain still waits for the replies and sends what is queued, then stops.
+                send = asyncio.get_running_loop().create_task(self._send(batch))
+                while not send.done():
+                    try:
+                        await asyncio.shield(send)
+                    except asyncio.CancelledError:
+                        cancelled = True
+        finally:
+            self.busy = False
+            self.task = None
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _send(self, batch: list[_Call]) -> None:
+        self.round_trips += 1
+        self.calls += len(batch)
+        try:
+            replies = await self._pipeline(batch)
+            no_script = _import_redis().exceptions.NoScriptError
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, no_script)]
+            if missing:  # a restarted or flushed server: load the scripts, send those again
+                for script in {batch[i][0] for i in missing}:
+                    await self.client.script_load(script)
+                self.round_trips += 1
+                again = await self._pipeline([batch[i] for i in missing])
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+        except BaseException as exc:
+            for *_, future, _ in batch:
+                if not future.done():
+                    future.set_exception(_copy(exc))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (*_, future, orphan), reply in zip(batch, replies, strict=True):
+            if future.done():  # its caller was cancelled while waiting
+                if orphan is not None and not isinstance(reply, BaseException):
+                    with contextlib.suppress(Exception):  # a give-back is best effort
+                        orphan(reply)
+                continue
+            if isinstance(reply, BaseException):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        client, sha = self.client, self.conn.sha
+        pipe = client.pipeline() if self.cluster else client.pipeline(transaction=False)
+        for script, key, args, *_ in batch:
+            pipe.execute_command("EVALSHA", sha(script), 1, key, *args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def flush(self) -> None:
+        """Wait until everything queued has been sent and answered."""
+        while self.task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.task)
+
+
+def _copy(exc: BaseException) -> BaseException:
+    """One exception per waiting caller (each raise adds its own traceback)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return asyncio.CancelledError()
+    try:
+        clone = type(exc)(*exc.args)
+    except Exception:
+        return exc
+    clone.__cause__ = exc.__cause__
+    return clone
 
 
 class _RedisStore:
@@ -341,6 +519,40 @@ def _needs_name(policy: Any, what: str) -> str:
 # -- rate limiter ---------------------------------------------------------------------------
 
 
+# Batch mode compares local units with GCRA slots on the server's clock, which runs in
+# real time whatever clock the limiter waits with: real seconds there.
+_monotonic = time.monotonic
+
+
+class _Unavailable(Exception):
+    """Redis could not be reached (the cause): the caller applies on_backend_error."""
+
+
+class _Stock:
+    """Units one batch reply granted: unit i occupies the GCRA slot that starts at
+    ``start + i * interval`` (local monotonic seconds, never later than the server's).
+    A unit may be spent until its slot starts, never after: spent later, it would
+    count in a window the server already handed to others."""
+
+    __slots__ = ("granted", "interval", "next", "start")
+
+    def __init__(self, start: float, interval: float, taken: int, granted: int) -> None:
+        self.start = start
+        self.interval = interval
+        self.next = taken  # the first unit not spent yet
+        self.granted = granted
+
+    def take(self, weight: int, now: float) -> bool:
+        index = self.next
+        if now > self.start + index * self.interval:  # units whose slot began are lost
+            index = max(index, math.ceil((now - self.start) / self.interval - 1e-9))
+        if index + weight > self.granted:
+            self.next = self.granted
+            return False
+        self.next = index + weight
+        return True
+
+
 class RedisRateLimiterStore(_RedisStore):
     """Shared GCRA buckets for :class:`~buttress.RateLimiter` (and its ``for_key`` views).
 
@@ -363,7 +575,17 @@ class RedisRateLimiterStore(_RedisStore):
         retry_interval: seconds between attempts to reach a failed backend (default 1).
         cluster: build Redis Cluster clients from ``url`` (default ``False``). Each
             primitive's state lives in one slot, so each call still goes to one node.
+        batch: units a process may take in one round trip and spend locally (default 1:
+            every acquire asks Redis). With ``batch=N`` an acquire that finds no local
+            unit asks for up to N that conform now; the next acquires spend them without
+            a round trip. A unit is spent only before its GCRA slot starts, so the shared
+            bound still holds; units a process took but did not spend delay the others
+            by at most ``N / rate``. ``snapshot()`` reports round trips per acquire.
     """
+
+    def __init__(self, url: str | None = None, *, batch: int = 1, **options: Any) -> None:
+        super().__init__(url, **options)
+        self.batch = check_int("batch", batch)
 
     def bind_limiter(self, limiter: RateLimiter) -> RedisLimiterBinding:
         """The shared buckets of ``limiter`` (the :class:`~buttress.backends.LimiterStore`
@@ -388,6 +610,37 @@ class RedisLimiterBinding(_RedisBinding):
         self.args = (repr(self.interval * 1e6), repr(self.tolerance * 1e6))
         # what "local" mode falls back to while Redis is down: in-process buckets
         self.fallback = LocalLimiter(limiter)
+        self.batch = store.batch
+        self.batch_arg = str(store.batch)
+        self.stocks: dict[str, _Stock] = {}  # batch mode: units taken, not yet spent
+        self.refills: dict[str, asyncio.Future[bool]] = {}  # batch mode: one in flight per key
+        self.stock_lock = threading.Lock()
+        self.acquires = 0  # decisions asked of this binding (acquire and try_acquire)
+        self.round_trips = 0  # of them, the ones that went to Redis
+
+    # -- batch mode: units taken in one round trip, spent locally ---------------------------
+
+    def _spend(self, key: str, weight: int) -> bool:
+        """Spend ``weight`` units taken earlier (batch mode); False: ask Redis."""
+        stock = self.stocks.get(key)
+        if stock is None:
+            return False
+        with self.stock_lock:
+            return stock.take(weight, _monotonic())
+
+    def _stock(self, key: str, reply: list[Any], sent: float, weight: int) -> None:
+        """Keep what a batch reply granted beyond the caller's own ``weight`` units."""
+        if len(reply) < 5:
+            return
+        granted = int(reply[3])
+        if granted <= weight:
+            return
+        # slot starts in local time: the script ran after `sent`, so this is never late
+        start = sent + int(reply[4]) / 1e6
+        with self.stock_lock:
+            if len(self.stocks) >= 10_000 and key not in self.stocks:
+                self.stocks.pop(next(iter(self.stocks)))
+            self.stocks[key] = _Stock(start, self.interval, weight, granted)
 
     def key_of(self, bucket_key: Hashable | None) -> str:
         if bucket_key is None:
@@ -422,10 +675,16 @@ class RedisLimiterBinding(_RedisBinding):
     # -- the binding protocol ---------------------------------------------------------------
 
     def try_acquire(self, key: Hashable | None, weight: int) -> bool:
+        self.acquires += 1
         if self.gate.should_try():
+            redis_key = self.key_of(key)
+            if self.batch > 1 and self._spend(redis_key, weight):
+                return True
+            self.round_trips += 1
+            sent = _monotonic()
             try:
                 reply = self.conn.run(
-                    scripts.LIMITER, self.key_of(key), *self.args, weight, "0", ""
+                    scripts.LIMITER, redis_key, *self.args, weight, "0", "", self.batch_arg
                 )
             except self.errors as exc:
                 self.gate.failed(exc)
@@ -436,17 +695,29 @@ class RedisLimiterBinding(_RedisBinding):
                     self._verdict(reply)
                 except RateLimited:
                     return False
+                self._stock(redis_key, reply, sent, weight)
                 return True
         elif not self._degraded(None):
             return True
         return self.fallback.try_acquire(key, weight)
 
     def acquire(self, key: Hashable | None, weight: int, max_wait: float | None) -> float | None:
+        self.acquires += 1
         if self.gate.should_try():
             redis_key = self.key_of(key)
+            if self.batch > 1 and self._spend(redis_key, weight):
+                return None
+            self.round_trips += 1
+            sent = _monotonic()
             try:
                 reply = self.conn.run(
-                    scripts.LIMITER, redis_key, *self.args, weight, self._max_wait_us(max_wait), ""
+                    scripts.LIMITER,
+                    redis_key,
+                    *self.args,
+                    weight,
+                    self._max_wait_us(max_wait),
+                    "",
+                    self.batch_arg,
                 )
             except self.errors as exc:
                 self.gate.failed(exc)
@@ -454,6 +725,7 @@ class RedisLimiterBinding(_RedisBinding):
                     return None
             else:
                 wait = self._verdict(reply)
+                self._stock(redis_key, reply, sent, weight)
                 if wait > 0:
                     try:
                         self.clock.sleep(wait)
@@ -468,30 +740,91 @@ class RedisLimiterBinding(_RedisBinding):
     async def acquire_async(
         self, key: Hashable | None, weight: int, max_wait: float | None
     ) -> float | None:
+        self.acquires += 1
         if self.gate.should_try():
             redis_key = self.key_of(key)
-            cancels = _cancels()
+            refill: asyncio.Future[bool] | None = None
+            batch = self.batch_arg
+            if self.batch > 1:
+                loop = asyncio.get_running_loop()
+                while True:
+                    if self._spend(redis_key, weight):
+                        return None
+                    pending = self.refills.get(redis_key)
+                    if pending is None:
+                        refill = self.refills[redis_key] = loop.create_future()
+                        break
+                    if pending.get_loop() is not loop:
+                        break
+                    # One refill per key in flight (never more than one batch reserved):
+                    # wait for it and spend from it, or refill next. A refill that found
+                    # the bucket drained stocked nothing: then ask for this caller's own
+                    # units only (exact, pipelined with the others' calls).
+                    if not await asyncio.shield(pending):
+                        if self._spend(redis_key, weight):
+                            return None
+                        batch = "1"
+                        break
             try:
-                reply = await self.conn.arun(
-                    scripts.LIMITER, redis_key, *self.args, weight, self._max_wait_us(max_wait), ""
-                )
-            except self.errors as exc:
-                self.gate.failed(exc)
-                if not self._degraded(exc):
+                return await self._acquire_async(redis_key, weight, max_wait, batch)
+            except _Unavailable as exc:
+                if not self._degraded(exc.__cause__):
                     return None
-            else:
-                wait = self._verdict(reply)
-                try:
-                    _reraise_swallowed(cancels)
-                    if wait > 0:
-                        await self.clock.asleep(wait)
-                except BaseException:
-                    await _shielded(self._arefund(redis_key, weight, reply[2]))
-                    raise
-                return wait or None
+            finally:
+                if refill is not None:
+                    if self.refills.get(redis_key) is refill:
+                        del self.refills[redis_key]
+                    stock = self.stocks.get(redis_key)
+                    refill.set_result(stock is not None and stock.next < stock.granted)
         elif not self._degraded(None):
             return None
         return await self.fallback.acquire_async(key, weight, max_wait)
+
+    async def _acquire_async(
+        self, key: str, weight: int, max_wait: float | None, batch: str
+    ) -> float | None:
+        self.round_trips += 1
+        sent = _monotonic()
+        cancels = _cancels()
+        try:
+            reply = await self.conn.arun(
+                scripts.LIMITER,
+                key,
+                *self.args,
+                weight,
+                self._max_wait_us(max_wait),
+                "",
+                batch,
+                orphan=functools.partial(self._orphan, key, weight, sent),
+            )
+        except self.errors as exc:
+            self.gate.failed(exc)
+            raise _Unavailable from exc
+        wait = self._verdict(reply)
+        batched = len(reply) >= 5
+        self._stock(key, reply, sent, weight)
+        try:
+            _reraise_swallowed(cancels)
+            if wait > 0:
+                await self.clock.asleep(wait)
+        except BaseException:
+            if batched:  # the caller's own units go back to the stock, unspent
+                self._stock(key, reply, sent, 0)
+            else:
+                await _shielded(self._arefund(key, weight, reply[2]))
+            raise
+        return wait or None
+
+    def _orphan(self, key: str, weight: int, sent: float, reply: list[Any]) -> None:
+        """The reply of a caller cancelled while its call was queued: give its units back
+        (to the stock in batch mode, else refunded to the bucket, in the next pipeline)."""
+        if reply[0] != 1:
+            return
+        if len(reply) >= 5:
+            self._stock(key, reply, sent, 0)
+            return
+        refund = self.conn.post(scripts.LIMITER, key, *self.args, weight, "-1", reply[2])
+        refund.add_done_callback(_ignore)
 
     def _refund(self, key: str, weight: int, reserved: bytes) -> None:
         # best effort: an unused slot never over-admits
@@ -516,7 +849,15 @@ class RedisLimiterBinding(_RedisBinding):
         return max(self.tolerance - debt, 0.0) / self.interval
 
     def snapshot(self) -> dict[str, Any]:
-        return {**self.gate.snapshot(), "key": self.key_of(None)}
+        acquires, trips = self.acquires, self.round_trips
+        return {
+            **self.gate.snapshot(),
+            "key": self.key_of(None),
+            "batch": self.batch,
+            "acquires": acquires,
+            "round_trips": trips,
+            "round_trips_per_acquire": trips / acquires if acquires else None,
+        }
 
 
 # -- circuit breaker ------------------------------------------------------------------------
@@ -731,7 +1072,7 @@ class RedisBreakerBinding(_RedisBinding):
         args = self._args("acquire")
         cancels = _cancels()
         try:
-            reply = await self.conn.arun(scripts.BREAKER, self.key, *args)
+            reply = await self.conn.arun(scripts.BREAKER, self.key, *args, orphan=self._orphan)
         except self.errors as exc:
             self._restore(args)
             self.gate.failed(exc)
@@ -741,6 +1082,26 @@ class RedisBreakerBinding(_RedisBinding):
             await _shielded(self.settle_async(token, "neutral"))
             raise asyncio.CancelledError
         return token
+
+    def _orphan(self, reply: list[Any]) -> None:
+        """The reply of an acquire whose caller was cancelled while it was queued: a probe
+        slot it was granted goes back (a neutral outcome, in the next pipeline)."""
+        if self._read(reply) and self.state == "half_open":
+            args = self._args("record", self.gen, "n")
+            settled = self.conn.post(scripts.BREAKER, self.key, *args)
+            settled.add_done_callback(functools.partial(self._orphan_settled, args))
+
+    def _orphan_settled(self, args: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            self._restore(args)
+            return
+        exc = future.exception()
+        if exc is None:
+            self._read(future.result())
+        else:
+            self._restore(args)
+            if isinstance(exc, self.soft_errors):
+                self.gate.failed(exc)
 
     def _defer(self, token: int) -> bool:
         """A success that can wait for the next round trip (True), or must be sent now."""
@@ -903,14 +1264,67 @@ class RedisBulkheadStore(_RedisStore):
         super().close()
 
 
+class _Unsent:
+    """Slots this process released whose release may not have reached Redis yet, per
+    key (shared by every binding of the process, so a second instance of the same
+    bulkhead sees them too), each with the time it was released. Every later script
+    call for the key removes them first, in its own round trip, so a release is never
+    waited for and never missed."""
+
+    LIMIT = 1000  # past this many (Redis down a long time), the leases return them
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_key: dict[str, dict[str, float]] = {}
+
+    def add(self, key: str, token: str) -> None:
+        with self.lock:
+            tokens = self.by_key.setdefault(key, {})
+            tokens[token] = time.monotonic()
+            if len(tokens) > self.LIMIT:
+                del tokens[next(iter(tokens))]
+
+    def tokens(self, key: str, released_before: float | None = None) -> tuple[str, ...]:
+        """The unsent tokens of ``key`` (only those released before a time, if given)."""
+        tokens = self.by_key.get(key)
+        if not tokens:
+            return ()
+        with self.lock:
+            if released_before is None:
+                return tuple(tokens)
+            return tuple(t for t, at in tokens.items() if at < released_before)
+
+    def sent(self, key: str, tokens: tuple[str, ...]) -> None:
+        """``tokens`` are out of the sorted set: forget them."""
+        if not tokens:
+            return
+        with self.lock:
+            held = self.by_key.get(key)
+            if held is not None:
+                for token in tokens:
+                    held.pop(token, None)
+                if not held:
+                    del self.by_key[key]
+
+
+_UNSENT = _Unsent()
+# A sync release is sent by the lease thread once it has been unsent this long: a
+# caller that calls again sooner carries it in its own round trip instead.
+_RELEASE_DELAY = 0.002
+
+
 class _Renewer:
-    """One daemon thread per store that extends the leases of every slot held here."""
+    """One daemon thread per store that extends the leases of every slot held here and
+    sends the releases of the sync face (so a sync release never waits for Redis)."""
 
     def __init__(self, store: RedisBulkheadStore) -> None:
         self.store = store
         self.held: dict[str, dict[str, None]] = {}  # key -> tokens (insertion-ordered)
+        self.releasing: set[str] = set()  # keys with releases for this thread to send
+        self.retry_at = 0.0  # monotonic: no release sent before (after a failure)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.wake = threading.Event()
         self.thread = threading.Thread(
             target=self._run, name="buttress-bulkhead-lease", daemon=True
         )
@@ -928,20 +1342,73 @@ class _Renewer:
                 if not tokens:
                     del self.held[key]
 
+    def release(self, key: str) -> None:
+        """Send ``key``'s unsent releases soon (they are in ``_UNSENT`` already)."""
+        with self.lock:
+            idle = not self.releasing
+            self.releasing.add(key)
+        if idle:
+            self.wake.set()
+
     def _run(self) -> None:
+        period = self.store.lease / 3
+        renew_at = time.monotonic() + period
+        while True:
+            now = time.monotonic()
+            timeout = renew_at - now
+            if self.releasing:  # after a failure, wait retry_interval before trying again
+                timeout = min(timeout, max(_RELEASE_DELAY, self.retry_at - now))
+            self.wake.wait(max(timeout, 0.0))
+            self.wake.clear()
+            stopping = self.stopping.is_set()
+            self._send_releases(everything=stopping)
+            if stopping:
+                return
+            if time.monotonic() >= renew_at:
+                renew_at = time.monotonic() + period
+                self._renew()
+
+    def _send_releases(self, everything: bool = False) -> None:
+        """Send the releases unsent for ``_RELEASE_DELAY`` (a process that calls again
+        sooner carries them itself, so this thread stays off a busy caller's path)."""
+        store = self.store
+        before = None if everything else time.monotonic() - _RELEASE_DELAY
+        with self.lock:
+            keys, self.releasing = self.releasing, set()
+        for key in keys:
+            tokens = _UNSENT.tokens(key, before)
+            if tokens:
+                try:
+                    store._conn.run(scripts.BULKHEAD, key, "release", 0, 0, *tokens)
+                except store._soft_errors:
+                    # the next call for the key carries them; retried here too, later
+                    self.retry_at = time.monotonic() + (store.retry_interval or 1.0)
+                else:
+                    _UNSENT.sent(key, tokens)
+            if _UNSENT.tokens(key):
+                with self.lock:
+                    self.releasing.add(key)
+
+    def _renew(self) -> None:
         store = self.store
         lease_us = str(int(store.lease * 1e6))
-        while not self.stopping.wait(store.lease / 3):
-            with self.lock:
-                batches = [(key, list(tokens)) for key, tokens in self.held.items()]
-            for key, tokens in batches:
-                try:
-                    store._conn.run(scripts.BULKHEAD, key, "renew", 0, lease_us, *tokens)
-                except store._soft_errors:
-                    continue  # the next round tries again; an expired lease is the risk
+        with self.lock:
+            batches = [(key, list(tokens)) for key, tokens in self.held.items()]
+            retry = bool(self.releasing)
+        for key, tokens in batches:
+            try:
+                store._conn.run(scripts.BULKHEAD, key, "renew", 0, lease_us, *tokens)
+            except store._soft_errors:
+                continue  # the next round tries again; an expired lease is the risk
+        if retry:
+            self._send_releases()
 
     def stop(self) -> None:
+        """Stop after sending the releases still waiting (for at most a few timeouts)."""
         self.stopping.set()
+        self.wake.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join(self.store.timeout * 4 + 0.1)
 
 
 _tokens = itertools.count()
@@ -1032,17 +1499,22 @@ class RedisBulkheadBinding(_RedisBinding):
             return None  # the fallback had no free slot either
         return lease
 
+    def _script(self, op: str, token: str) -> tuple[tuple[Any, ...], tuple[str, ...]]:
+        """The script arguments of ``op``, carrying this process's unsent releases."""
+        unsent = _UNSENT.tokens(self.key)
+        return (op, self.limit, self.lease_us, token, *unsent), unsent
+
     def try_acquire(self) -> object | None:
         if not self.gate.should_try():
             return self._try_degraded(None)
         token = self._token()
+        args, unsent = self._script("acquire", token)
         try:
-            reply = self.conn.run(
-                scripts.BULKHEAD, self.key, "acquire", self.limit, self.lease_us, token
-            )
+            reply = self.conn.run(scripts.BULKHEAD, self.key, *args)
         except self.errors as exc:
             self.gate.failed(exc)
             return self._try_degraded(exc)
+        _UNSENT.sent(self.key, unsent)
         return token if self._granted(reply, token) else None
 
     def acquire(self, timeout: float | None) -> object:
@@ -1050,13 +1522,13 @@ class RedisBulkheadBinding(_RedisBinding):
             return self._degraded(None, lambda: self.fallback.acquire(timeout))
         poll = _Poll(self, timeout)
         while True:
+            args, unsent = self._script("acquire", poll.token)
             try:
-                reply = self.conn.run(
-                    scripts.BULKHEAD, self.key, "acquire", self.limit, self.lease_us, poll.token
-                )
+                reply = self.conn.run(scripts.BULKHEAD, self.key, *args)
             except self.errors as exc:
                 self.gate.failed(exc)
                 return self._degraded(exc, lambda: self.fallback.acquire(timeout))
+            _UNSENT.sent(self.key, unsent)
             if poll.granted(reply):
                 return poll.token
             self.clock.sleep(poll.pause())
@@ -1069,10 +1541,10 @@ class RedisBulkheadBinding(_RedisBinding):
         poll = _Poll(self, timeout)
         while True:
             cancels = _cancels()
+            args, unsent = self._script("acquire", poll.token)
             try:
-                reply = await self.conn.arun(
-                    scripts.BULKHEAD, self.key, "acquire", self.limit, self.lease_us, poll.token
-                )
+                reply = await self.conn.arun(scripts.BULKHEAD, self.key, *args)
+                _UNSENT.sent(self.key, unsent)
                 _reraise_swallowed(cancels)
             except self.errors as exc:
                 self.gate.failed(exc)
@@ -1088,45 +1560,61 @@ class RedisBulkheadBinding(_RedisBinding):
                 return poll.token
             await self.clock.asleep(poll.pause())
 
-    def release(self, lease: object) -> None:
+    def _unsend(self, lease: object) -> str | None:
+        """Take ``lease`` off the renewer; the token to release in Redis, if any."""
         if isinstance(lease, _LocalLease):
             self.fallback.release(lease.lease)
-            return
+            return None
         if not lease:
-            return
+            return None
         assert isinstance(lease, str)
         self.store._renew_loop().discard(self.key, lease)
-        try:
-            self.conn.run(scripts.BULKHEAD, self.key, "release", 0, 0, lease)
-        except self.soft_errors as exc:
-            self.gate.failed(exc)  # the lease returns the slot when it runs out
+        _UNSENT.add(self.key, lease)
+        return lease
+
+    def release(self, lease: object) -> None:
+        # The lease thread sends it (no round trip waited for here); this process's next
+        # call for the bulkhead carries it too, so its own next acquire sees the slot free.
+        if self._unsend(lease) is not None:
+            self.store._renew_loop().release(self.key)
 
     async def release_async(self, lease: object) -> None:
-        if isinstance(lease, _LocalLease):
-            self.fallback.release(lease.lease)
+        # Fire and forget: it goes out in the next pipeline (the same round trip as calls
+        # queued meanwhile); a failure is reported by the gate's events, the token stays
+        # unsent for the next call to carry, and the lease bounds a release never sent.
+        token = self._unsend(lease)
+        if token is None:
             return
-        if not lease:
+        future = self.conn.post(scripts.BULKHEAD, self.key, "release", 0, 0, token)
+        future.add_done_callback(functools.partial(self._released, (token,)))
+
+    def _released(self, tokens: tuple[str, ...], future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
             return
-        assert isinstance(lease, str)
-        self.store._renew_loop().discard(self.key, lease)
-        cancels = _cancels()
-        try:
-            await self.conn.arun(scripts.BULKHEAD, self.key, "release", 0, 0, lease)
-        except self.soft_errors as exc:
+        exc = future.exception()
+        if exc is None:
+            _UNSENT.sent(self.key, tokens)
+        elif isinstance(exc, self.soft_errors):
             self.gate.failed(exc)
-            return
-        _reraise_swallowed(cancels)  # the slot is back: the caller still stops
 
     def in_use(self) -> int | None:
         """Slots held across every process (None when Redis cannot be reached)."""
+        args, unsent = self._script("count", "")
         try:
-            reply = self.conn.run(scripts.BULKHEAD, self.key, "count", 0, self.lease_us)
+            reply = self.conn.run(scripts.BULKHEAD, self.key, *args)
         except self.soft_errors:
             return None
+        _UNSENT.sent(self.key, unsent)
         return int(reply[1])
 
     def snapshot(self) -> dict[str, Any]:
         return {**self.gate.snapshot(), "key": self.key, "lease": self.store.lease}
+
+
+def _ignore(future: asyncio.Future[Any]) -> None:
+    """Retrieve a best-effort command's outcome (an unused unit never over-admits)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _never() -> object:  # pragma: no cover - only "local" mode calls its fallback
