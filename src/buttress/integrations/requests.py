@@ -243,7 +243,8 @@ class _Exchange(Exchange[requests.Response]):
         self.given = timeout
         self.connect, self.read = _split(timeout)
         self.attempt_timeout: Timeouts = (self.connect, self.read)
-        self.cut = False  # whether the attempt's timeouts were cut to the time left
+        # whether the attempt's (connect, read) timeouts were cut to the time left
+        self.cut = (False, False)
         self.send = (send, None, (request, stream, self, kwargs))
 
     def start_attempt(self) -> None:
@@ -251,11 +252,11 @@ class _Exchange(Exchange[requests.Response]):
         left = remaining()
         connect, read = self.connect, self.read
         if left is None:
-            self.attempt_timeout, self.cut = (connect, read), False
+            self.attempt_timeout, self.cut = (connect, read), (False, False)
             return
         left = max(left, MIN_TIMEOUT)
         edge = left + _SLACK
-        self.cut = connect is None or connect > edge or read is None or read > edge
+        self.cut = (connect is None or connect > edge, read is None or read > edge)
         self.attempt_timeout = (
             left if connect is None or connect > left else connect,
             left if read is None or read > left else read,
@@ -288,25 +289,23 @@ class _Exchange(Exchange[requests.Response]):
             kind = ConnectTimeoutExceeded
         elif isinstance(exc, requests.exceptions.ReadTimeout):
             kind = ReadTimeoutExceeded
+        connecting = kind is ConnectTimeoutExceeded
+        phase, configured = ("connect", self.connect) if connecting else ("read", self.read)
         policy = self.owner.timeout
         seconds: float | None
         if policy is not None and self.timed_out():
             expired = policy.expired(exc)  # counted and reported as the policy's expiry
             what, seconds = str(expired), expired.timeout
-        elif not self.cut:
-            phase, seconds = (
-                ("connect", self.connect) if kind is ConnectTimeoutExceeded else ("read", self.read)
-            )
+        elif configured is not None and not self.cut[0 if connecting else 1]:
+            seconds = configured
             what = f"{phase} timeout of {seconds:g}s exceeded"
-        elif (
-            self.read is not None and self.budget is not None and self.budget >= self.read - _SLACK
-        ):
+        elif self.read is not None and (self.budget or 0.0) >= self.read - _SLACK:
             seconds = self.read
             what = f"read timeout of {seconds:g}s (the budget of the whole exchange) exceeded"
         else:
             seconds = self.budget
             what = (
-                f"the enclosing deadline ran out ({seconds or 0.0:g}s were left when the "
+                f"the enclosing deadline ran out ({seconds or 0.0:.3g}s were left when the "
                 "request started)"
             )
         attempts = 1 if self.state is None else self.state.attempt
