@@ -24,6 +24,7 @@ class Act:
     drop: bool = False  # close the connection without answering
     retry_after_date: float | None = None  # Retry-After as an HTTP-date this far ahead
     body_delay: float = 0.0  # wait this long between the headers and the body
+    short: bool = False  # announce more body than is sent, then close the connection
 
 
 class Script:
@@ -74,13 +75,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             headers["Retry-After"] = email.utils.formatdate(now + act.retry_after_date, usegmt=True)
         for key, value in headers.items():
             self.send_header(key, value)
-        self.send_header("Content-Length", str(len(act.body)))
+        self.send_header("Content-Length", str(len(act.body) + (10 if act.short else 0)))
         self.end_headers()
         if act.body_delay:
             self.wfile.flush()
             time.sleep(act.body_delay)
         if self.command != "HEAD":
             self.wfile.write(act.body)
+        if act.short:
+            self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _serve
 
