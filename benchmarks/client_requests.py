@@ -25,21 +25,13 @@ from requests.adapters import HTTPAdapter
 from buttress.integrations.requests import ResilientAdapter
 from buttress.testing import isolated_registry
 
-from .integrations import _Server
+from .integrations import _full_options, _Server
 
 TARGET = 0.05  # extra time per request, at most
 TARGETED = "retry only"  # the default adapter carries the target; "full" is for information
 
 
-def _full_options() -> dict[str, Any]:
-    return {
-        "retry": 3,
-        "breaker": {"failure_threshold": 5},
-        "limiter": {"rate": 1e9, "burst": 10**9},
-        "bulkhead": {"max_concurrent": 1000},
-    }
-
-
+# The variants of the httpx transport rows, so that the two tables compare alike.
 VARIANTS: tuple[tuple[str, Callable[[], dict[str, Any]]], ...] = (
     ("retry only", dict),
     ("full", _full_options),

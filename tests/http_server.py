@@ -1,5 +1,6 @@
 """A scripted HTTP/1.1 server on 127.0.0.1 that fails on demand, for the HTTP client
-integrations' tests (statuses, Retry-After, delays, dropped connections)."""
+integrations' tests (statuses, Retry-After, delays, dropped connections), with the
+fixtures that serve it and a fast retry policy."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+import buttress
+from buttress import retry
 
 
 @dataclass(frozen=True)
@@ -117,3 +121,13 @@ def serve() -> Iterator[Server]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def serving() -> Iterator[Server]:
+    """A scripted HTTP/1.1 server on 127.0.0.1 (as a fixture: ``pytest.fixture(serving)``)."""
+    yield from serve()
+
+
+def fast(attempts: int = 3, **options: object) -> buttress.Retry:
+    """A retry policy with tiny fixed waits."""
+    return retry(attempts, backoff=[0.001], **options)  # type: ignore[arg-type]

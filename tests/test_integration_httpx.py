@@ -38,27 +38,13 @@ from buttress.integrations.httpx import (
     parse_retry_after,
 )
 from buttress.testing import FakeClock
-from http_server import Act, Server, serve
+from http_server import Act, Server, fast, serving
 from services import BindingStore
 
 # -- a real server that fails on demand (tests/http_server.py) -----------------------------------
 
-
-@pytest.fixture
-def server() -> Iterator[Server]:
-    """A scripted HTTP/1.1 server on 127.0.0.1."""
-    yield from serve()
-
-
-@pytest.fixture
-def other_server() -> Iterator[Server]:
-    """A second scripted server (another host:port)."""
-    yield from serve()
-
-
-def fast(attempts: int = 3, **options: object) -> buttress.Retry:
-    """A retry policy with tiny fixed waits."""
-    return retry(attempts, backoff=[0.001], **options)  # type: ignore[arg-type]
+server = pytest.fixture(serving, name="server")
+other_server = pytest.fixture(serving, name="other_server")  # another host:port
 
 
 # -- a scripted inner transport for unit tests ---------------------------------------------------

@@ -12,7 +12,6 @@ import pickle
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -42,24 +41,10 @@ from buttress.integrations.requests import (
     ResilientAdapter,
 )
 from buttress.testing import FakeClock
-from http_server import Act, Server, serve
+from http_server import Act, fast, serving
 
-
-@pytest.fixture
-def server() -> Iterator[Server]:
-    """A scripted HTTP/1.1 server on 127.0.0.1."""
-    yield from serve()
-
-
-@pytest.fixture
-def other_server() -> Iterator[Server]:
-    """A second scripted server (another host:port)."""
-    yield from serve()
-
-
-def fast(attempts: int = 3, **options: object) -> buttress.Retry:
-    """A retry policy with tiny fixed waits."""
-    return retry(attempts, backoff=[0.001], **options)  # type: ignore[arg-type]
+server = pytest.fixture(serving, name="server")
+other_server = pytest.fixture(serving, name="other_server")  # another host:port
 
 
 def session(**options: Any) -> tuple[requests.Session, ResilientAdapter]:

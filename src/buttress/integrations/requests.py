@@ -52,18 +52,8 @@ from buttress._drivers import pump_sync
 from buttress.bulkhead import BulkheadPermit
 from buttress.exceptions import TimeoutExceeded
 
-from ._http import (
-    DRAIN_LIMIT,
-    IDEMPOTENT_METHODS,
-    MIN_TIMEOUT,
-    RETRY_STATUSES,
-    Exchange,
-    Host,
-    Resilience,
-    TransportOptions,
-    parse_retry_after,
-    plan,
-)
+from . import _http
+from ._http import IDEMPOTENT_METHODS, RETRY_STATUSES, parse_retry_after
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -190,7 +180,7 @@ def _discard(response: requests.Response) -> None:
         read = 0
         for chunk in response.raw.stream(8192, decode_content=False):
             read += len(chunk)
-            if read > DRAIN_LIMIT:
+            if read > _http.DRAIN_LIMIT:
                 break
     except Exception:  # the response is being thrown away either way
         pass
@@ -216,7 +206,7 @@ def _releasing(release_conn: Callable[[], None], slot: BulkheadPermit) -> Callab
     return release
 
 
-class _Exchange(Exchange[requests.Response]):
+class _Exchange(_http.Exchange[requests.Response]):
     """The shared decisions, with requests' errors, timeouts and responses."""
 
     __slots__ = ("attempt_timeout", "connect", "cut", "given", "read", "request", "stream")
@@ -254,7 +244,7 @@ class _Exchange(Exchange[requests.Response]):
         if left is None:
             self.attempt_timeout, self.cut = (connect, read), (False, False)
             return
-        left = max(left, MIN_TIMEOUT)
+        left = max(left, _http.MIN_TIMEOUT)
         edge = left + _SLACK
         self.cut = (connect is None or connect > edge, read is None or read > edge)
         self.attempt_timeout = (
@@ -317,7 +307,7 @@ class _Exchange(Exchange[requests.Response]):
         return error
 
 
-class ResilientAdapter(Resilience, HTTPAdapter):
+class ResilientAdapter(_http.Resilience, HTTPAdapter):
     """A ``requests`` transport adapter that retries, breaks circuits and limits, per host.
 
     ``session.mount("https://", ResilientAdapter(...))`` (and ``"http://"``). See the
@@ -356,9 +346,9 @@ class ResilientAdapter(Resilience, HTTPAdapter):
         pool_connections: int = DEFAULT_POOLSIZE,
         pool_maxsize: int = DEFAULT_POOLSIZE,
         pool_block: bool = DEFAULT_POOLBLOCK,
-        **options: Unpack[TransportOptions],
+        **options: Unpack[_http.TransportOptions],
     ) -> None:
-        Resilience.__init__(self, **options)
+        _http.Resilience.__init__(self, **options)
         HTTPAdapter.__init__(
             self,
             pool_connections=pool_connections,
@@ -366,12 +356,12 @@ class ResilientAdapter(Resilience, HTTPAdapter):
             max_retries=0,
             pool_block=pool_block,
         )
-        self._by_netloc: dict[str, Host] = {}
+        self._by_netloc: dict[str, _http.Host] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError(f"{type(self).__name__} holds live policies and cannot be pickled")
 
-    def _host(self, url: str) -> Host:
+    def _host(self, url: str) -> _http.Host:
         netloc = _netloc(url)
         host = self._by_netloc.get(netloc)
         if host is None:
@@ -420,7 +410,7 @@ class ResilientAdapter(Resilience, HTTPAdapter):
         )
         exchange.enter(exchange.read, sync_timeout=True)
         try:
-            response = pump_sync(plan(exchange))
+            response = pump_sync(_http.plan(exchange))
         except requests.exceptions.Timeout as exc:
             raise exchange.timeout_error(exc) from exc
         finally:
