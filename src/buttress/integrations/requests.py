@@ -225,13 +225,13 @@ class _Exchange(_http.Exchange[requests.Response]):
         send: Callable[..., requests.Response],
         kwargs: Mapping[str, Any],
     ) -> None:
+        self.connect, self.read = _split(timeout)  # a bad timeout fails before anything starts
         body = request.body
         replayable = body is None or isinstance(body, (bytes, str))
         super().__init__(owner, owner._host(request.url or ""), request.method or "", replayable)
         self.request = request
         self.stream = stream
         self.given = timeout
-        self.connect, self.read = _split(timeout)
         self.attempt_timeout: Timeouts = (self.connect, self.read)
         # whether the attempt's (connect, read) timeouts were cut to the time left
         self.cut = (False, False)
