@@ -19,7 +19,7 @@ the retry loop runs around the attempts. The decisions are the httpx transports'
   :class:`ConnectTimeoutExceeded` or :class:`ReadTimeoutExceeded`: a
   ``requests.ConnectTimeout`` / ``requests.ReadTimeout`` *and* a
   :class:`buttress.TimeoutExceeded`, whose message names the timeout that was configured.
-  Breaker, limiter and bulkhead rejections are :class:`buttress.RejectedError`\\ s.
+  Breaker, limiter and bulkhead rejections are :class:`buttress.RejectedError` errors.
 - A 5xx response and any exception count as circuit-breaker failures.
 - The request's read timeout (``timeout=`` of ``session.get``) is the budget of the
   whole exchange, retries and waits included; an enclosing :func:`buttress.timeout`
