@@ -198,8 +198,10 @@ def _row(label: str, times: dict[str, list[float]], own: float) -> Row:
     )
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the section alone: python -m benchmarks.client_requests [--quick]
+    import sys
+
     started = time.monotonic()
-    result = measure(quick=True)
+    result = measure(quick="--quick" in sys.argv[1:])
     print(result.console())
     print(f"({time.monotonic() - started:.1f} s)")
