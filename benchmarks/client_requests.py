@@ -198,10 +198,28 @@ def _row(label: str, times: dict[str, list[float]], own: float) -> Row:
     )
 
 
-if __name__ == "__main__":  # the section alone: python -m benchmarks.client_requests [--quick]
+def canned_requests(variant: str, count: int) -> None:
+    """Send ``count`` requests with urllib3 replaced by the canned answer, through a bare
+    session (``"bare"``) or one with the adapter (``"retry only"``, ``"full"``): the
+    workload whose instructions callgrind counts (run it with two counts and subtract)."""
+    HTTPAdapter.send = _canned  # type: ignore[method-assign]
+    session = _sessions()[variant]
+    for _ in range(20 + count):
+        session.get("http://local.test/", timeout=5)
+
+
+if __name__ == "__main__":
+    # python -m benchmarks.client_requests [--quick]: the section alone (full mode unless
+    # --quick). python -m benchmarks.client_requests --canned VARIANT COUNT: the callgrind
+    # workload, e.g. PYTHONHASHSEED=0 valgrind --tool=callgrind python -m
+    # benchmarks.client_requests --canned "retry only" 300 (and 100; subtract).
     import sys
 
+    args = sys.argv[1:]
+    if args[:1] == ["--canned"]:
+        canned_requests(args[1], int(args[2]))
+        sys.exit()
     started = time.monotonic()
-    result = measure(quick="--quick" in sys.argv[1:])
+    result = measure(quick="--quick" in args)
     print(result.console())
     print(f"({time.monotonic() - started:.1f} s)")
