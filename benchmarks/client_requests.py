@@ -12,10 +12,7 @@ no server), is shown beside it.
 from __future__ import annotations
 
 import io
-import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import requests
@@ -25,64 +22,22 @@ from requests.adapters import HTTPAdapter
 from buttress.integrations.requests import ResilientAdapter
 from buttress.testing import isolated_registry
 
-from .integrations import _full_options, _Server
-
-TARGET = 0.05  # extra time per request, at most
-TARGETED = "retry only"  # the default adapter carries the target; "full" is for information
-
-
-# The variants of the httpx transport rows, so that the two tables compare alike.
-VARIANTS: tuple[tuple[str, Callable[[], dict[str, Any]]], ...] = (
-    ("retry only", dict),
-    ("full", _full_options),
-)
+from .integrations import _VARIANTS as VARIANTS
+from .integrations import TARGETED, ClientReport, _row, _Server
+from .integrations import TRANSPORT_TARGET as TARGET  # < 5% for the default adapter
 
 
-@dataclass
-class Row:
-    label: str
-    bare_us: float  # per request, bare session, real server
-    resilient_us: float  # per request, with the adapter mounted, real server
-    overhead: float  # median over rounds of resilient / bare, minus 1
-    own_us: float  # the adapter's own cost per request (urllib3 replaced)
-
-
-@dataclass
-class RequestsReport:
-    rounds: int = 0
-    rows: list[Row] = field(default_factory=list)
-
+class RequestsReport(ClientReport):
+    WHAT = "requests adapter"
     HEAD = ("adapter", "bare", "resilient", "overhead", "own cost", "target", "status")
 
-    def _rows(self) -> list[list[str]]:
-        return [
-            [
-                row.label,
-                f"{row.bare_us:.0f} us",
-                f"{row.resilient_us:.0f} us",
-                f"{row.overhead:+.1%}",
-                f"{row.own_us:.1f} us",
-                f"< {TARGET:.0%}" if row.label == TARGETED else "(info)",
-                ("PASS" if row.overhead < TARGET else "MISS") if row.label == TARGETED else "-",
-            ]
-            for row in self.rows
-        ]
-
-    def console(self) -> str:
-        from .report import _plain_table
-
-        return "\n".join(
-            [
-                f"requests adapter: median time per request against local uvicorn, "
-                f"{self.rounds} interleaved rounds",
-                _plain_table(list(self.HEAD), self._rows()),
-            ]
+    def headline(self) -> str:
+        return (
+            f"requests adapter: median time per request against local uvicorn, "
+            f"{self.rounds} interleaved rounds"
         )
 
     def markdown(self) -> str:
-        lines = ["| " + " | ".join(self.HEAD) + " |", "|" + "---|" * len(self.HEAD)]
-        lines += ["| " + " | ".join(row) + " |" for row in self._rows()]
-        table = "\n".join(lines)
         return f"""## requests adapter
 
 Time per request through a `requests.Session` with `ResilientAdapter` mounted against the
@@ -96,23 +51,15 @@ for information. *Own cost* is the same comparison with urllib3 replaced by a ca
 response (no network, no server): what the adapter itself adds to each request, in
 microseconds (the best of five runs).
 
-{table}
+{self.table()}
 """
-
-    def failures(self, factor: float) -> list[str]:
-        return [
-            f"requests adapter ({row.label}): {row.overhead:+.1%} per request, "
-            f"target < {TARGET:.0%}"
-            for row in self.rows
-            if row.label == TARGETED and row.overhead > TARGET * factor
-        ]
 
 
 def _sessions() -> dict[str, requests.Session]:
     sessions = {"bare": requests.Session()}
     for label, options in VARIANTS:
         session = requests.Session()
-        adapter = ResilientAdapter(**options())
+        adapter = ResilientAdapter(**options())  # type: ignore[arg-type]
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         sessions[label] = session
@@ -178,24 +125,12 @@ def measure(quick: bool) -> RequestsReport:
             for _attempt in range(2 if quick else 1):  # a guard does not fail on one noisy run
                 times = _real(server.url, report.rounds, warmup)
                 own = _own_cost(own_calls)
-                report.rows = [_row(label, times, own[label]) for label, _ in VARIANTS]
+                report.rows = [_row("sync", label, times, own[label]) for label, _ in VARIANTS]
                 if not any(r.label == TARGETED and r.overhead >= TARGET for r in report.rows):
                     break
         finally:
             server.close()
     return report
-
-
-def _row(label: str, times: dict[str, list[float]], own: float) -> Row:
-    bare, mine = times["bare"], times[label]
-    ratio = statistics.median(m / b for m, b in zip(mine, bare, strict=True))
-    return Row(
-        label=label,
-        bare_us=statistics.median(bare) * 1e6,
-        resilient_us=statistics.median(mine) * 1e6,
-        overhead=ratio - 1,
-        own_us=own * 1e6,
-    )
 
 
 def canned_requests(variant: str, count: int) -> None:
