@@ -54,6 +54,7 @@ BUILTIN = ("overhead", "accuracy", "fairness", "memory", "sagas")
 PLUGINS = (  # run when benchmarks/<name>.py exists
     "integrations",
     "client_aiohttp",
+    "client_requests",
     "adaptive",
     "redis_backends",
     "saga_load",

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -30,7 +30,7 @@ from buttress.integrations.aiohttp import ResilientMiddleware
 from buttress.testing import isolated_registry
 
 # The same variants, and the same per-round statistics, as the httpx transport's rows.
-from .integrations import _VARIANTS, TransportRow, _row
+from .integrations import _VARIANTS, ClientReport, TransportRow, _row
 
 TARGET = 0.05  # extra time per request, at most
 TARGETED = "retry only"
@@ -57,42 +57,19 @@ asyncio.run(main())
 
 
 @dataclass
-class AiohttpReport:
-    rounds: int = 0
+class AiohttpReport(ClientReport):
     version: str = aiohttp.__version__
-    rows: list[TransportRow] = field(default_factory=list)
 
+    WHAT = "aiohttp middleware"
     HEAD = ("session", "bare", "with middleware", "overhead", "own cost", "target", "status")
 
-    def _rows(self) -> list[list[str]]:
-        return [
-            [
-                row.label,
-                f"{row.bare_us:.0f} us",
-                f"{row.resilient_us:.0f} us",
-                f"{row.overhead:+.1%}",
-                f"{row.own_us:.1f} us",
-                f"< {TARGET:.0%}" if row.label == TARGETED else "(info)",
-                ("PASS" if row.overhead < TARGET else "MISS") if row.label == TARGETED else "-",
-            ]
-            for row in self.rows
-        ]
-
-    def console(self) -> str:
-        from .report import _plain_table
-
-        return "\n".join(
-            [
-                f"aiohttp {self.version} middleware: median time per request against a local "
-                f"aiohttp.web server, {self.rounds} interleaved rounds",
-                _plain_table(list(self.HEAD), self._rows()),
-            ]
+    def headline(self) -> str:
+        return (
+            f"aiohttp {self.version} middleware: median time per request against a local "
+            f"aiohttp.web server, {self.rounds} interleaved rounds"
         )
 
     def markdown(self) -> str:
-        lines = ["| " + " | ".join(self.HEAD) + " |", "|" + "---|" * len(self.HEAD)]
-        lines += ["| " + " | ".join(row) + " |" for row in self._rows()]
-        table = "\n".join(lines)
         return f"""## aiohttp middleware
 
 Time per request through `ResilientMiddleware` against a bare `aiohttp.ClientSession`
@@ -105,16 +82,8 @@ circuit breaker, rate-limiter bucket and bulkhead, for information. *Own cost* i
 middleware alone, called with a handler that answers at once (no network), in
 microseconds.
 
-{table}
+{self.table()}
 """
-
-    def failures(self, factor: float) -> list[str]:
-        return [
-            f"aiohttp middleware ({row.label}): {row.overhead:+.1%} per request, "
-            f"target < {TARGET:.0%}"
-            for row in self.rows
-            if row.label == TARGETED and row.overhead > TARGET * factor
-        ]
 
 
 class _Server:

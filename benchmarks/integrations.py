@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import httpx
 
@@ -237,6 +238,56 @@ class TransportRow:
     resilient_us: float  # per request, through the resilient transport, real server
     overhead: float  # median over rounds of resilient / bare, minus 1
     own_us: float  # the transport's own cost per request (MockTransport inner)
+
+
+@dataclass
+class ClientReport:
+    """A client section's report (the aiohttp middleware, the requests adapter): one row
+    per variant against the bare client, the default variant carrying the target.
+    Subclasses set ``WHAT`` (the name in messages), ``HEAD`` and the text around the table."""
+
+    rounds: int = 0
+    rows: list[TransportRow] = field(default_factory=list)
+
+    WHAT: ClassVar[str] = "client"
+    HEAD: ClassVar[tuple[str, ...]] = ()
+
+    def _rows(self) -> list[list[str]]:
+        return [
+            [
+                row.label,
+                f"{row.bare_us:.0f} us",
+                f"{row.resilient_us:.0f} us",
+                f"{row.overhead:+.1%}",
+                f"{row.own_us:.1f} us",
+                f"< {TRANSPORT_TARGET:.0%}" if row.label == TARGETED else "(info)",
+                ("PASS" if row.overhead < TRANSPORT_TARGET else "MISS")
+                if row.label == TARGETED
+                else "-",
+            ]
+            for row in self.rows
+        ]
+
+    def headline(self) -> str:
+        return f"{self.WHAT}: median time per request, {self.rounds} interleaved rounds"
+
+    def console(self) -> str:
+        from .report import _plain_table
+
+        return "\n".join([self.headline(), _plain_table(list(self.HEAD), self._rows())])
+
+    def table(self) -> str:
+        lines = ["| " + " | ".join(self.HEAD) + " |", "|" + "---|" * len(self.HEAD)]
+        lines += ["| " + " | ".join(row) + " |" for row in self._rows()]
+        return "\n".join(lines)
+
+    def failures(self, factor: float) -> list[str]:
+        return [
+            f"{self.WHAT} ({row.label}): {row.overhead:+.1%} per request, "
+            f"target < {TRANSPORT_TARGET:.0%}"
+            for row in self.rows
+            if row.label == TARGETED and row.overhead > TRANSPORT_TARGET * factor
+        ]
 
 
 @dataclass

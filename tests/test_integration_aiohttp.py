@@ -32,7 +32,7 @@ from buttress import (
 from buttress.bulkhead import LocalBulkhead
 from buttress.integrations.aiohttp import ExchangeTimeout, ResilientMiddleware
 from buttress.testing import FakeClock
-from test_integration_httpx import Act  # the same scripted answers as the httpx tests
+from http_server import Act  # the same scripted answers as the httpx and requests tests
 
 # -- a real aiohttp.web server that fails on demand ---------------------------------------------
 
