@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -67,9 +68,12 @@ async def _woken_async(clock: Clock, waiter: Waiter) -> None:
 
 
 class _Bucket:
-    __slots__ = ("tat", "waiters")
+    """A bucket with its queue: the unkeyed one, and a key's while callers wait on it."""
 
-    def __init__(self, tat: float = float("-inf")) -> None:
+    __slots__ = ("key", "tat", "waiters")
+
+    def __init__(self, key: Hashable | None = None, tat: float = float("-inf")) -> None:
+        self.key = key
         self.tat = tat
         self.waiters = WaiterQueue()
 
@@ -78,22 +82,26 @@ class LocalLimiter(BindingBase):
     """The in-process GCRA buckets of one limiter: the reference
     :class:`~buttress.backends.LimiterBinding`.
 
-    Buckets of idle keys (full again, nobody waiting) are dropped, which changes nothing
-    since a new bucket starts full. At most ``max_keys`` keyed buckets are kept: past that
-    the oldest are evicted even if not yet full, and until their state would have refilled,
-    new buckets start as drained as the most drained evicted one, so that eviction can only
-    ever make the limiter stricter, never admit more.
+    A key's whole state is its theoretical arrival time, one float in an ordered table
+    (least recently admitted first); a key gets a queue of its own only while callers
+    wait on it, and such a key is never dropped. Each new key drops up to two idle keys
+    (refilled: their arrival time has passed) from the old end, so idle keys go in
+    amortised O(1) and dropping them changes nothing, since a new bucket starts full.
+    At ``max_keys`` a new key is always admitted: the least recently admitted key makes
+    room even if it has not refilled yet. That key alone may then admit up to ``burst``
+    units more than exact GCRA, once, until its old state would have refilled;
+    :attr:`evicted_early` counts such evictions.
     """
 
     __slots__ = (
-        "buckets",
         "burst",
-        "created_since_sweep",
-        "evicted_horizon",
+        "evicted_early",
         "interval",
         "limit",
         "lock",
         "max_keys",
+        "queued",
+        "tats",
         "tolerance",
         "unkeyed",
     )
@@ -107,45 +115,44 @@ class LocalLimiter(BindingBase):
         self.max_keys = limiter.max_keys
         self.lock = threading.Lock()
         self.unkeyed = _Bucket()
-        self.buckets: dict[Hashable, _Bucket] = {}
-        self.created_since_sweep = 0
-        self.evicted_horizon = float("-inf")
+        # key -> theoretical arrival time, least recently admitted first
+        self.tats: OrderedDict[Hashable, float] = OrderedDict()
+        self.queued: dict[Hashable, _Bucket] = {}  # keys with callers waiting
+        self.evicted_early = 0
 
-    # -- buckets (lock held) ----------------------------------------------------------------
+    # -- keys (lock held) -------------------------------------------------------------------
 
-    def _bucket(self, key: Hashable | None) -> _Bucket:
-        """The live bucket of ``key``, created on demand."""
-        if key is None:
-            return self.unkeyed
-        bucket = self.buckets.get(key)
+    def _insert(self, key: Hashable, tat: float, now: float) -> None:
+        """Add a new key: drop up to two idle keys from the old end first (amortised
+        O(1)), and at ``max_keys`` make room with the least recently admitted one."""
+        tats = self.tats
+        idle = now + _EPS
+        for _ in (1, 2):
+            if not tats:
+                break
+            oldest = next(iter(tats))
+            if tats[oldest] > idle:
+                break
+            del tats[oldest]
+        if tats and len(tats) + len(self.queued) >= self.max_keys:
+            if tats.popitem(last=False)[1] > idle:
+                self.evicted_early += 1
+        tats[key] = tat
+
+    def _queue_for(self, key: Hashable) -> _Bucket:
+        """The bucket of a key callers are about to wait on (taken out of the table, so
+        that it is never evicted while anyone waits)."""
+        bucket = self.queued.get(key)
         if bucket is None:
-            self.created_since_sweep += 1
-            if (
-                self.created_since_sweep > max(64, len(self.buckets) // 2)
-                or len(self.buckets) >= self.max_keys
-            ):
-                self._sweep()
-            bucket = self.buckets[key] = _Bucket()
-            if self.evicted_horizon > self.now():
-                # A key evicted while its bucket was not full may be this one: start
-                # drained up to the latest evicted state, never more generous than it.
-                bucket.tat = self.evicted_horizon
+            tat = self.tats.pop(key, float("-inf"))
+            bucket = self.queued[key] = _Bucket(key, tat)
         return bucket
 
-    def _sweep(self) -> None:
-        """Drop idle buckets, then the oldest ones beyond ``max_keys``."""
-        self.created_since_sweep = 0
-        now = self.now()
-        idle = [k for k, b in self.buckets.items() if b.tat <= now + _EPS and not b.waiters]
-        for key in idle:
-            del self.buckets[key]
-        excess = len(self.buckets) - self.max_keys + 1
-        if excess > 0:
-            # Evict a batch (the oldest keys), so that a full table is not swept per key.
-            excess = max(excess, self.max_keys // 10)
-            for key in [k for k, b in self.buckets.items() if not b.waiters][:excess]:
-                evicted = self.buckets.pop(key)
-                self.evicted_horizon = max(self.evicted_horizon, evicted.tat)
+    def _settle(self, bucket: _Bucket) -> None:
+        """A key's queue emptied: its state goes back to the table, as most recent."""
+        if bucket.key is not None and not bucket.waiters:
+            del self.queued[bucket.key]
+            self.tats[bucket.key] = bucket.tat
 
     def _conform(self, bucket: _Bucket, now: float, weight: int) -> float:
         """Admit ``weight`` now and return 0.0, or return the seconds until it would conform."""
@@ -156,6 +163,31 @@ class LocalLimiter(BindingBase):
             bucket.tat = new_tat
             return 0.0
         return excess
+
+    def _take(self, key: Hashable, weight: int, now: float) -> float:
+        """Admit ``weight`` units of a key with nobody queued now and return 0.0, or
+        return the seconds until they would conform."""
+        tats = self.tats
+        tat = tats.get(key)
+        start = now if tat is None or tat < now else tat
+        new_tat = start + weight * self.interval
+        excess = new_tat - now - self.tolerance
+        if excess > _EPS:
+            return excess
+        if tat is None:
+            self._insert(key, new_tat, now)
+        else:
+            tats[key] = new_tat
+            tats.move_to_end(key)
+        return 0.0
+
+    def _too_late(self, wait: float) -> RateLimited:
+        retry_after = max(wait, 0.0)
+        return RateLimited(
+            f"{self.label}: no permit within the allowed wait (next in {retry_after:.3f}s)",
+            retry_after=retry_after,
+            name=self.name,
+        )
 
     def _admit_or_queue(
         self, bucket: _Bucket, weight: int, max_wait: float | None, is_async: bool
@@ -168,15 +200,29 @@ class LocalLimiter(BindingBase):
         start = bucket.tat if bucket.tat > now else now
         wait = start + (bucket.waiters.weight + weight) * self.interval - self.tolerance - now
         if max_wait is not None and wait > max_wait + _EPS:
-            retry_after = max(wait, 0.0)
-            raise RateLimited(
-                f"{self.label}: no permit within the allowed wait (next in {retry_after:.3f}s)",
-                retry_after=retry_after,
-                name=self.name,
-            )
+            raise self._too_late(wait)
         waiter = Waiter(weight, is_async=is_async)
         bucket.waiters.append(waiter)
         return waiter
+
+    def _enter(
+        self, key: Hashable | None, weight: int, max_wait: float | None, is_async: bool
+    ) -> tuple[_Bucket, Waiter | None]:
+        """Admit now (no waiter) or queue on the key's bucket (lock held)."""
+        if key is None:
+            return self.unkeyed, self._admit_or_queue(self.unkeyed, weight, max_wait, is_async)
+        bucket = self.queued.get(key) if self.queued else None
+        if bucket is not None:
+            return bucket, self._admit_or_queue(bucket, weight, max_wait, is_async)
+        wait = self._take(key, weight, self.now())
+        if wait == 0.0:
+            return self.unkeyed, None
+        if max_wait is not None and wait > max_wait + _EPS:
+            raise self._too_late(wait)
+        bucket = self._queue_for(key)
+        waiter = Waiter(weight, is_async=is_async)
+        bucket.waiters.append(waiter)
+        return bucket, waiter
 
     def _head_step(self, bucket: _Bucket, waiter: Waiter) -> float | None:
         """If ``waiter`` heads its queue, admit it (``0.0``) or say how long to sleep;
@@ -190,6 +236,8 @@ class LocalLimiter(BindingBase):
             following = bucket.waiters.head()
             if following is not None:
                 following.wake()
+            else:
+                self._settle(bucket)
         return wait
 
     def _leave(self, bucket: _Bucket, waiter: Waiter) -> None:
@@ -202,6 +250,8 @@ class LocalLimiter(BindingBase):
             following = bucket.waiters.head()
             if following is not None:
                 following.wake()
+        if not bucket.waiters:
+            self._settle(bucket)
 
     # -- the binding protocol ---------------------------------------------------------------
 
@@ -238,21 +288,36 @@ class LocalLimiter(BindingBase):
 
     def try_acquire(self, key: Hashable | None, weight: int) -> bool:
         with self.lock:
-            bucket = self._bucket(key)
-            return not bucket.waiters and self._conform(bucket, self.now(), weight) == 0.0
+            if key is None:
+                bucket = self.unkeyed
+                return not bucket.waiters and self._conform(bucket, self.now(), weight) == 0.0
+            # A known key with nobody queued, inline: one lookup, one update.
+            now = self.now()
+            tats = self.tats
+            tat = tats.get(key)
+            if tat is None:
+                if self.queued and key in self.queued:
+                    return False  # never ahead of queued callers
+                return self._take(key, weight, now) == 0.0
+            if tat < now:
+                tat = now
+            tat += weight * self.interval
+            if tat - now > self.limit:
+                return False
+            tats[key] = tat
+            tats.move_to_end(key)
+            return True
 
     def acquire(self, key: Hashable | None, weight: int, max_wait: float | None) -> float | None:
         with self.lock:
-            bucket = self._bucket(key)
-            waiter = self._admit_or_queue(bucket, weight, max_wait, False)
+            bucket, waiter = self._enter(key, weight, max_wait, False)
         return None if waiter is None else pump_sync(self._wait(bucket, waiter))
 
     async def acquire_async(
         self, key: Hashable | None, weight: int, max_wait: float | None
     ) -> float | None:
         with self.lock:
-            bucket = self._bucket(key)
-            waiter = self._admit_or_queue(bucket, weight, max_wait, True)
+            bucket, waiter = self._enter(key, weight, max_wait, True)
         return None if waiter is None else await pump_async(self._wait(bucket, waiter))
 
     def _wait(self, bucket: _Bucket, waiter: Waiter) -> Plan[float]:
@@ -277,8 +342,8 @@ class LocalLimiter(BindingBase):
 
     def tokens(self, key: Hashable | None) -> float:
         with self.lock:
-            bucket = self.unkeyed if key is None else self.buckets.get(key)
-            tat = self.evicted_horizon if bucket is None else bucket.tat
+            bucket = self.unkeyed if key is None else self.queued.get(key)
+            tat = self.tats.get(key, float("-inf")) if bucket is None else bucket.tat
             debt = tat - self.now()
         if debt < 0:
             debt = 0.0
@@ -287,13 +352,13 @@ class LocalLimiter(BindingBase):
     def waiting(self, key: Hashable | None) -> int:
         """Callers queued for ``key``'s bucket."""
         with self.lock:
-            bucket = self.unkeyed if key is None else self.buckets.get(key)
+            bucket = self.unkeyed if key is None else self.queued.get(key)
             return 0 if bucket is None else len(bucket.waiters)
 
     def keys(self) -> int:
         """Live keyed buckets."""
         with self.lock:
-            return len(self.buckets)
+            return len(self.tats) + len(self.queued)
 
     def snapshot(self) -> dict[str, Any]:
         return {}
@@ -496,15 +561,23 @@ class RateLimiter(Policy):
             return view
 
     def _make_view(self, key: Hashable) -> RateLimiter:
-        view = object.__new__(type(self))
-        view.__dict__.update(self.__dict__)
-        view.name = None
-        view._registry = None
+        # A light object: the few attributes it differs by (or reads on its paths) in
+        # slots, everything else read through from the owner; nothing copied per key.
+        view: Any = object.__new__(_view_class(type(self)))
         view._owner = self
         view._key = key
-        view._fast = _never
-        del view.__dict__["_views"]
-        return view
+        view.binding = self.binding
+        view._local = self._local
+        view.burst = self.burst
+        view.max_wait = self.max_wait
+        return view  # type: ignore[no-any-return]
+
+    @property
+    def evicted_early(self) -> int:
+        """Keys evicted at ``max_keys`` before they had refilled (in process): each may
+        have admitted up to ``burst`` units more than exact GCRA, once."""
+        local = self._local
+        return 0 if local is None else local.evicted_early
 
     @property
     def keys(self) -> int:
@@ -597,6 +670,7 @@ class RateLimiter(Policy):
             "rejected": rejected,
             "waited": waited,
             "keys": owner.keys,
+            "evicted_early": owner.evicted_early,
         }
         if self._key is not None:
             out["key"] = repr(self._key)
@@ -613,3 +687,32 @@ class RateLimiter(Policy):
         if waiting:
             return "warn", observed, "rate limiter saturated: callers are queued"
         return "pass", observed, ""
+
+
+def _read_through(self: Any, attr: str) -> Any:
+    """A keyed view's ``__getattr__``: what it does not hold, its owner does."""
+    if attr == "_owner":  # not set yet: no recursion
+        raise AttributeError(attr)
+    return getattr(self._owner, attr)
+
+
+_VIEW_CLASSES: dict[type[RateLimiter], type[RateLimiter]] = {}
+_VIEW_SLOTS = ("_owner", "_key", "binding", "_local", "burst", "max_wait")
+
+
+def _view_class(cls: type[RateLimiter]) -> type[RateLimiter]:
+    """The class of ``cls``'s keyed views: a slotted subclass (so ``isinstance`` and any
+    overridden method still hold) that reads the owner's attributes through."""
+    view_class = _VIEW_CLASSES.get(cls)
+    if view_class is None:
+        namespace = {
+            "__slots__": _VIEW_SLOTS,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__getattr__": _read_through,
+            "name": None,
+            "_registry": None,
+            "_fast": staticmethod(_never),
+        }
+        view_class = _VIEW_CLASSES.setdefault(cls, type(cls.__name__, (cls,), namespace))
+    return view_class
