@@ -48,6 +48,9 @@ __all__ = ["LocalLimiter", "RateLimiter"]
 
 # Float slack when comparing times, far below any meaningful admission interval.
 _EPS = 1e-9
+# Keys at the old end of the table looked at per new key (dropped if idle, else moved
+# to the back): more than one, so that idle keys leave faster than new ones arrive.
+_INSPECTED = 3
 
 
 def _never() -> bool:
@@ -82,14 +85,15 @@ class LocalLimiter(BindingBase):
     """The in-process GCRA buckets of one limiter: the reference
     :class:`~buttress.backends.LimiterBinding`.
 
-    A key's whole state is its theoretical arrival time, one float in an ordered table
-    (least recently admitted first); a key gets a queue of its own only while callers
-    wait on it, and such a key is never dropped. Each new key drops up to two idle keys
-    (refilled: their arrival time has passed) from the old end, so idle keys go in
-    amortised O(1) and dropping them changes nothing, since a new bucket starts full.
-    At ``max_keys`` a new key is always admitted: the least recently admitted key makes
-    room even if it has not refilled yet. That key alone may then admit up to ``burst``
-    units more than exact GCRA, once, until its old state would have refilled;
+    A key's whole state is its theoretical arrival time, one float in an insertion-ordered
+    table; a key gets a queue of its own only while callers wait on it, and such a key is
+    never dropped. Each new key looks at a few keys at the old end of the table: idle ones
+    (refilled: their arrival time has passed) are dropped, which changes nothing since a
+    new bucket starts full, and the others go to the back. So idle keys leave in
+    amortised O(1), with no scan and no background task. At ``max_keys`` a new key is
+    always admitted: if none of those keys was idle, the most refilled of them makes room.
+    That key alone may then admit up to ``burst`` units more than exact GCRA (its debt at
+    eviction), once, until its old state would have refilled;
     :attr:`evicted_early` counts such evictions.
     """
 
@@ -123,20 +127,28 @@ class LocalLimiter(BindingBase):
     # -- keys (lock held) -------------------------------------------------------------------
 
     def _insert(self, key: Hashable, tat: float, now: float) -> None:
-        """Add a new key: drop up to two idle keys from the old end first (amortised
-        O(1)), and at ``max_keys`` make room with the least recently admitted one."""
+        """Add a new key. A few keys at the old end of the table are looked at first:
+        idle ones (refilled) are dropped, the others go to the back (amortised O(1)
+        per new key, like a clock hand). At ``max_keys`` with none idle, the most
+        refilled of those makes room: a new key is never refused."""
         tats = self.tats
         idle = now + _EPS
-        for _ in (1, 2):
+        victim: Hashable = None
+        victim_tat = float("inf")
+        for _ in range(_INSPECTED):
             if not tats:
                 break
             oldest = next(iter(tats))
-            if tats[oldest] > idle:
-                break
-            del tats[oldest]
-        if tats and len(tats) + len(self.queued) >= self.max_keys:
-            if tats.popitem(last=False)[1] > idle:
-                self.evicted_early += 1
+            old_tat = tats[oldest]
+            if old_tat <= idle:
+                del tats[oldest]
+                continue
+            tats.move_to_end(oldest)
+            if old_tat < victim_tat:
+                victim, victim_tat = oldest, old_tat
+        if victim_tat < float("inf") and len(tats) + len(self.queued) >= self.max_keys:
+            del tats[victim]
+            self.evicted_early += 1
         tats[key] = tat
 
     def _queue_for(self, key: Hashable) -> _Bucket:
@@ -178,7 +190,6 @@ class LocalLimiter(BindingBase):
             self._insert(key, new_tat, now)
         else:
             tats[key] = new_tat
-            tats.move_to_end(key)
         return 0.0
 
     def _too_late(self, wait: float) -> RateLimited:
@@ -305,7 +316,6 @@ class LocalLimiter(BindingBase):
             if tat - now > self.limit:
                 return False
             tats[key] = tat
-            tats.move_to_end(key)
             return True
 
     def acquire(self, key: Hashable | None, weight: int, max_wait: float | None) -> float | None:

@@ -1,0 +1,554 @@
+"""A keyed rate limiter at scale (issue 16 point 3): cost per acquire against live keys,
+bytes per key, new keys past ``max_keys``, and what eviction costs in accuracy.
+
+1. Acquire cost at 10^3, 10^4, 10^5 (and 10^6 in a full run) live keys, each key
+   touched in random order (the cache-cold worst case), beside two hand-written
+   floors in the same run: a dict of GCRA arrival times under a lock (no eviction
+   at all: the least any keyed limiter can do) and the same over a
+   ``cachetools.TTLCache`` (drops idle keys by itself). Each figure is the fastest of
+   several interleaved repeats (a busy machine only ever adds time). Target: buttress at the
+   largest size within 1.5x of its own figure at 10^3, by ``try_acquire(key=)``
+   and by ``for_key(key).try_acquire()``.
+2. Bytes per live key (tracemalloc; the key objects themselves excluded) reached
+   through ``for_key()`` and through the ASGI middleware keyed by client IP, beside
+   the TTLCache floor. Target: at most 400 B.
+3. Brand-new keys past ``max_keys`` (the default 100,000 in a full run), with a
+   table full of keys that have not refilled: all 1,000 must be admitted.
+4. Accuracy: the same random traffic through buttress and through an exact,
+   unbounded GCRA (a plain dict that never forgets). With a table large enough for
+   the live keys, eviction only ever drops refilled keys: zero difference. With
+   twice as many hot keys as ``max_keys``, each key evicted before it refilled may
+   admit at most ``burst`` units more than the reference, once: the run checks that
+   bound and reports the difference.
+
+Run it on its own: ``python -m benchmarks.keyed_limiter [--quick]``; in the suite,
+``python -m benchmarks --only keyed_limiter``.
+
+``KeyedReport.series`` holds the cost-against-keys data for a chart:
+``{label: [(keys, ns per acquire), ...]}``, one label per candidate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import random
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import buttress
+from buttress.integrations.asgi import LoadSheddingMiddleware
+from buttress.testing import FakeClock, isolated_registry
+
+COST_TARGET = 1.5  # cost at the largest size over cost at 10^3, at most
+BYTES_TARGET = 400.0  # bytes per live key, at most
+NEW_KEYS = 1000  # brand-new keys past max_keys, all of which must be admitted
+SMALL = 1000
+
+TRY = "buttress try_acquire(key=)"
+VIEW = "buttress for_key(k).try_acquire()"
+DICT_FLOOR = "floor: dict + lock (no eviction)"
+TTL_FLOOR = "floor: cachetools.TTLCache + lock"
+TARGETED = (TRY, VIEW)
+
+
+@dataclass
+class AccuracyRow:
+    scenario: str
+    max_keys: int
+    keys: int
+    requests: int
+    admitted: int
+    reference: int
+    evicted_early: int
+    max_live: int
+    burst: int
+
+    @property
+    def extra(self) -> int:
+        return self.admitted - self.reference
+
+    @property
+    def bound_holds(self) -> bool:
+        return 0 <= self.extra <= self.burst * self.evicted_early
+
+
+@dataclass
+class KeyedReport:
+    sizes: list[int] = field(default_factory=list)
+    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    bytes_per_key: dict[str, tuple[int, float]] = field(default_factory=dict)  # label -> (keys, B)
+    new_keys_max_keys: int = 0
+    new_keys_admitted: int = 0
+    new_key_ns: float = 0.0  # a brand-new key with the table full (evicting each time)
+    accuracy: list[AccuracyRow] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def cost(self, label: str, keys: int) -> float | None:
+        for n, ns in self.series.get(label, []):
+            if n == keys:
+                return ns
+        return None
+
+    def ratio(self, label: str) -> float | None:
+        small, large = self.cost(label, SMALL), self.cost(label, max(self.sizes))
+        return None if not small or large is None else large / small
+
+    def failures(self, factor: float) -> list[str]:
+        out = []
+        for label in TARGETED:
+            ratio = self.ratio(label)
+            if ratio is not None and ratio > COST_TARGET * factor:
+                out.append(
+                    f"keyed limiter, {label}: {ratio:.2f}x its 10^3-key cost at "
+                    f"{max(self.sizes):,} keys (target {COST_TARGET:g}x)"
+                )
+        for label, (keys, size) in self.bytes_per_key.items():
+            if label.startswith("buttress") and "held" not in label:
+                if size > BYTES_TARGET * factor:
+                    out.append(
+                        f"keyed limiter, {label}: {size:.0f} B per key at {keys:,} keys "
+                        f"(target {BYTES_TARGET:g} B)"
+                    )
+        if self.new_keys_admitted != NEW_KEYS:
+            out.append(
+                f"keyed limiter: {self.new_keys_admitted} of {NEW_KEYS} brand-new keys admitted "
+                f"past max_keys={self.new_keys_max_keys:,} (target: all)"
+            )
+        for row in self.accuracy:
+            if not row.bound_holds:
+                out.append(
+                    f"keyed limiter accuracy ({row.scenario}): {row.extra:+d} admissions against "
+                    f"exact GCRA, bound {row.burst} x {row.evicted_early} early evictions"
+                )
+            if row.max_keys >= row.keys and row.extra != 0:
+                out.append(f"keyed limiter accuracy ({row.scenario}): eviction changed decisions")
+        return out
+
+    # -- tables ---------------------------------------------------------------------------
+
+    def cost_table(self) -> tuple[list[str], list[list[str]]]:
+        labels = [label for label in (TRY, VIEW, DICT_FLOOR, TTL_FLOOR) if label in self.series]
+        head = ["live keys", *labels]
+        rows = []
+        for n in self.sizes:
+            row = [f"{n:,}"]
+            for label in labels:
+                ns = self.cost(label, n)
+                small = self.cost(label, SMALL)
+                if ns is None:
+                    row.append("-")
+                elif small and n != SMALL:
+                    row.append(f"{ns:,.0f} ns ({ns / small:.2f}x)")
+                else:
+                    row.append(f"{ns:,.0f} ns")
+            rows.append(row)
+        return head, rows
+
+    def memory_table(self) -> tuple[list[str], list[list[str]]]:
+        head = ["path", "live keys", "bytes per key"]
+        rows = [
+            [label, f"{keys:,}", f"{size:,.0f} B"]
+            for label, (keys, size) in self.bytes_per_key.items()
+        ]
+        return head, rows
+
+    def accuracy_table(self) -> tuple[list[str], list[list[str]]]:
+        head = [
+            "traffic",
+            "max_keys",
+            "keys",
+            "requests",
+            "admitted",
+            "exact GCRA",
+            "difference",
+            "early evictions",
+            "bound (burst x early)",
+            "most live",
+        ]
+        rows = [
+            [
+                r.scenario,
+                f"{r.max_keys:,}",
+                f"{r.keys:,}",
+                f"{r.requests:,}",
+                f"{r.admitted:,}",
+                f"{r.reference:,}",
+                f"{r.extra:+,} ({r.extra / max(r.reference, 1):.2%})",
+                f"{r.evicted_early:,}",
+                f"{r.burst * r.evicted_early:,} ({'holds' if r.bound_holds else 'BROKEN'})",
+                f"{r.max_live:,}",
+            ]
+            for r in self.accuracy
+        ]
+        return head, rows
+
+    def new_keys_line(self) -> str:
+        return (
+            f"Past max_keys={self.new_keys_max_keys:,} (table full of keys that have not "
+            f"refilled): {self.new_keys_admitted:,} of {NEW_KEYS:,} brand-new keys admitted, "
+            f"{self.new_key_ns:,.0f} ns per new key (each one evicting)."
+        )
+
+    def console(self) -> str:
+        lines = ["Keyed limiter: ns per acquire against live keys (random order)"]
+        lines += _plain(*self.cost_table())
+        lines += ["", "Keyed limiter: bytes per live key (tracemalloc, key objects excluded)"]
+        lines += _plain(*self.memory_table())
+        lines += ["", self.new_keys_line(), "", "Keyed limiter: eviction against exact GCRA"]
+        lines += _plain(*self.accuracy_table())
+        lines += [f"skipped: {reason}" for reason in self.skipped]
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        parts = [
+            "## Keyed limiter at scale",
+            "",
+            "Cost of one admission against the number of live keys, each key touched in "
+            "random order (the cache-cold case), beside a dict of GCRA arrival times under "
+            "a lock (no eviction: the floor) and the same over `cachetools.TTLCache`. "
+            f"Target: at most {COST_TARGET:g}x the 10^3-key figure at the largest size.",
+            "",
+            _md(*self.cost_table()),
+            "",
+            f"Bytes per live key (target: at most {BYTES_TARGET:g} B). The key objects "
+            "themselves are not counted; a held view is shown for information.",
+            "",
+            _md(*self.memory_table()),
+            "",
+            self.new_keys_line(),
+            "",
+            "Eviction against an exact, unbounded GCRA on the same random traffic. When "
+            "`max_keys` holds the live keys, only refilled keys are dropped: no decision "
+            "changes. With twice as many hot keys as `max_keys`, a key evicted before it "
+            "refilled may admit at most `burst` units more, once.",
+            "",
+            _md(*self.accuracy_table()),
+        ]
+        parts += [f"\nSkipped: {reason}" for reason in self.skipped]
+        return "\n".join(parts) + "\n"
+
+
+def _plain(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*head)] + [fmt.format(*row) for row in rows]
+
+
+def _md(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# -- the floors: hand-written keyed GCRA ------------------------------------------------------
+
+
+class DictGCRA:
+    """Keyed GCRA over a plain dict under a lock, never forgetting a key: the floor (and,
+    on a fake clock, the exact reference the accuracy runs compare with)."""
+
+    def __init__(self, rate: float, per: float, burst: int, now: Callable[[], float]) -> None:
+        self.interval = per / rate
+        self.limit = burst * self.interval + 1e-9
+        self.now = now
+        self.tats: dict[Hashable, float] = {}
+        self.lock = threading.Lock()
+
+    def try_acquire(self, key: Hashable) -> bool:
+        with self.lock:
+            now = self.now()
+            tat = self.tats.get(key, now)
+            if tat < now:
+                tat = now
+            tat += self.interval
+            if tat - now > self.limit:
+                return False
+            self.tats[key] = tat
+            return True
+
+
+class TTLCacheGCRA(DictGCRA):
+    """The same over ``cachetools.TTLCache``: an entry expires when its bucket refilled."""
+
+    def __init__(
+        self, rate: float, per: float, burst: int, now: Callable[[], float], maxsize: int
+    ) -> None:
+        import cachetools
+
+        super().__init__(rate, per, burst, now)
+        self.tats = cachetools.TTLCache(maxsize, ttl=burst * per / rate, timer=now)
+
+
+# -- 1. cost against live keys ----------------------------------------------------------------
+
+
+def _ips(n: int, prefix: int = 10) -> list[str]:
+    return [f"{prefix}.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(n)]
+
+
+def _candidates(n: int) -> dict[str, Callable[[list[str]], None]]:
+    # Every key stays live (not refilled) for the whole run: one unit per key admitted
+    # per hour, with room for a million back to back.
+    rate, per, burst = 1.0, 3600.0, 10**6
+    limiter = buttress.RateLimiter(rate=rate, per=per, burst=burst, max_keys=max(n, 100_000))
+    now = time.monotonic
+    floor = DictGCRA(rate, per, burst, now)
+    out: dict[str, Callable[[list[str]], None]] = {}
+    ta, fk = limiter.try_acquire, limiter.for_key
+
+    def by_key(seq: list[str]) -> None:
+        for k in seq:
+            ta(key=k)
+
+    def by_view(seq: list[str]) -> None:
+        for k in seq:
+            fk(k).try_acquire()
+
+    def floor_loop(gcra: DictGCRA) -> Callable[[list[str]], None]:
+        acquire = gcra.try_acquire
+
+        def run(seq: list[str]) -> None:
+            for k in seq:
+                acquire(k)
+
+        return run
+
+    out[TRY] = by_key
+    out[VIEW] = by_view
+    out[DICT_FLOOR] = floor_loop(floor)
+    try:
+        out[TTL_FLOOR] = floor_loop(TTLCacheGCRA(rate, per, burst, now, maxsize=max(n, 100_000)))
+    except ImportError:
+        pass
+    return out
+
+
+def _cost(n: int, quick: bool, report: KeyedReport) -> None:
+    keys = _ips(n)
+    rng = random.Random(16 + n)
+    repeats, calls = (5, 4000) if quick else (9, 20_000)
+    sequences = [[keys[rng.randrange(n)] for _ in range(calls)] for _ in range(repeats)]
+    candidates = _candidates(n)
+    for label, run in candidates.items():
+        if label != VIEW:  # the views' limiter is the first candidate's
+            run(keys)  # every key live before timing
+    timings: dict[str, list[float]] = {label: [] for label in candidates}
+    labels = list(candidates)
+    gc.collect()
+    gc.disable()
+    try:
+        for r, seq in enumerate(sequences):
+            for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+                started = time.perf_counter()
+                candidates[label](seq)
+                timings[label].append((time.perf_counter() - started) / calls * 1e9)
+    finally:
+        gc.enable()
+    for label, values in timings.items():
+        report.series.setdefault(label, []).append((n, min(values)))
+    del candidates
+    gc.collect()
+
+
+# -- 2. bytes per key -------------------------------------------------------------------------
+
+
+def _traced(action: Callable[[], object]) -> int:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        keep = action()
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    del keep
+    return after - before
+
+
+def _live_limiter(n: int) -> buttress.RateLimiter:
+    return buttress.RateLimiter(rate=1.0, per=3600.0, burst=5, max_keys=n, clock=FakeClock())
+
+
+def _memory(n: int, middleware_n: int, report: KeyedReport) -> None:
+    keys = _ips(n)
+
+    lim = _live_limiter(n)
+
+    def via_views() -> None:
+        for k in keys:
+            lim.for_key(k).try_acquire()
+
+    size = _traced(via_views)
+    report.bytes_per_key["buttress for_key(k).try_acquire()"] = (lim.keys, size / lim.keys)
+    del lim
+    gc.collect()
+
+    lim = _live_limiter(n)
+    held: list[Any] = []
+
+    def holding() -> None:
+        for k in keys[: n // 10]:
+            held.append(lim.for_key(k))
+
+    held_size = _traced(holding) - 8 * len(held)  # the list's own slot per view
+    report.bytes_per_key["buttress for_key(k), views held (information)"] = (
+        len(held),
+        held_size / len(held),
+    )
+    del lim, held
+    gc.collect()
+
+    report.bytes_per_key["buttress ASGI middleware, key=client IP"] = _middleware_bytes(
+        keys[:middleware_n]
+    )
+    gc.collect()
+
+    try:
+        floor = TTLCacheGCRA(1.0, 3600.0, 5, FakeClock().now, maxsize=n)
+    except ImportError:
+        report.skipped.append("cachetools is not installed: no TTLCache floor")
+        return
+
+    def via_floor() -> None:
+        for k in keys:
+            floor.try_acquire(k)
+
+    report.bytes_per_key[TTL_FLOOR] = (n, _traced(via_floor) / n)
+
+
+def _middleware_bytes(ips: list[str]) -> tuple[int, float]:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request"}
+
+    async def send(message: Any) -> None:
+        return None
+
+    limiter = _live_limiter(len(ips))
+    middleware = LoadSheddingMiddleware(app, limiter=limiter)
+
+    async def serve() -> None:
+        for ip in ips:
+            scope = {"type": "http", "path": "/", "method": "GET", "client": (ip, 50000)}
+            await middleware(scope, receive, send)
+
+    loop = asyncio.new_event_loop()
+    try:
+        size = _traced(lambda: loop.run_until_complete(serve()))
+    finally:
+        loop.close()
+    return limiter.keys, size / limiter.keys
+
+
+# -- 3. new keys past max_keys ----------------------------------------------------------------
+
+
+def _new_keys(max_keys: int, report: KeyedReport) -> None:
+    clock = FakeClock()  # frozen: nothing ever refills
+    lim = buttress.RateLimiter(rate=1.0, per=60.0, max_keys=max_keys, clock=clock)
+    for k in _ips(max_keys):
+        lim.try_acquire(key=k)
+    fresh = _ips(NEW_KEYS, prefix=11)
+    started = time.perf_counter()
+    report.new_keys_admitted = sum(lim.try_acquire(key=k) for k in fresh)
+    report.new_key_ns = (time.perf_counter() - started) / NEW_KEYS * 1e9
+    report.new_keys_max_keys = max_keys
+
+
+# -- 4. accuracy against exact GCRA -----------------------------------------------------------
+
+
+def _accuracy(scenario: str, max_keys: int, keys: int, requests: int, window: int) -> AccuracyRow:
+    """Random traffic over a window of ``window`` hot keys sliding through ``keys`` keys,
+    each hot key asking for about twice its rate."""
+    rate, per, burst = 1.0, 1.0, 3
+    clock = FakeClock()
+    lim = buttress.RateLimiter(rate=rate, per=per, burst=burst, max_keys=max_keys, clock=clock)
+    exact = DictGCRA(rate, per, burst, clock.now)
+    rng = random.Random(3)
+    step = per / rate / (2 * window)  # the window asks for twice its keys' rate
+    admitted = reference = max_live = 0
+    slide = max((keys - window) / requests, 0.0)
+    for i in range(requests):
+        clock.advance(step)
+        key = int(i * slide) + rng.randrange(window)
+        admitted += lim.try_acquire(key=key)
+        reference += exact.try_acquire(key)
+        if i % 256 == 0:
+            max_live = max(max_live, lim.keys)
+    return AccuracyRow(
+        scenario,
+        max_keys,
+        keys,
+        requests,
+        admitted,
+        reference,
+        lim.evicted_early,
+        max_live,
+        burst,
+    )
+
+
+def _worst(report: KeyedReport) -> float:
+    return max(report.ratio(label) or 0.0 for label in TARGETED)
+
+
+# -- the section ------------------------------------------------------------------------------
+
+
+def measure(quick: bool) -> KeyedReport:
+    report = KeyedReport()
+    report.sizes = [10**3, 10**4, 10**5] if quick else [10**3, 10**4, 10**5, 10**6]
+    with isolated_registry():
+        for n in report.sizes:
+            _cost(n, quick, report)
+        if quick:
+            # A guard must not fail on one noisy run: measure the ends again, keep the best.
+            for _ in range(2):
+                if _worst(report) <= COST_TARGET:
+                    break
+                again = KeyedReport(sizes=report.sizes)
+                for n in (SMALL, max(report.sizes)):
+                    _cost(n, quick, again)
+                if _worst(again) < _worst(report):
+                    for label, points in again.series.items():
+                        fresh = dict(points)
+                        report.series[label] = [
+                            (n, fresh.get(n, ns)) for n, ns in report.series[label]
+                        ]
+        _memory(20_000 if quick else 10**6, 20_000 if quick else 10**6, report)
+        _new_keys(10_000 if quick else 100_000, report)
+        hot, requests = (500, 40_000) if quick else (10_000, 1_000_000)
+        report.accuracy.append(
+            _accuracy("hot keys fit max_keys", 4 * hot, 20 * hot, requests, hot)
+        )
+        report.accuracy.append(
+            _accuracy("2x more hot keys than max_keys", hot // 2, 20 * hot, requests, hot)
+        )
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.keyed_limiter")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    started = time.monotonic()
+    report = measure(args.quick)
+    print(report.console())
+    print(f"\n({time.monotonic() - started:.1f} s)")
+    for line in report.failures(2.0 if args.quick else 1.0):
+        print("FAIL:", line)
+
+
+if __name__ == "__main__":
+    main()
