@@ -59,6 +59,7 @@ PLUGINS = (  # run when benchmarks/<name>.py exists
     "redis_backends",
     "saga_load",
     "client_grpc",
+    "keyed_limiter",
     "scaling",  # last: it draws the series the sections before it measured
 )
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"

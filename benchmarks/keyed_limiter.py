@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import random
 import threading
@@ -109,12 +110,12 @@ class KeyedReport:
                     f"{max(self.sizes):,} keys (target {COST_TARGET:g}x)"
                 )
         for label, (keys, size) in self.bytes_per_key.items():
-            if label.startswith("buttress") and "held" not in label:
-                if size > BYTES_TARGET * factor:
-                    out.append(
-                        f"keyed limiter, {label}: {size:.0f} B per key at {keys:,} keys "
-                        f"(target {BYTES_TARGET:g} B)"
-                    )
+            targeted = label.startswith("buttress") and "held" not in label
+            if targeted and size > BYTES_TARGET * factor:
+                out.append(
+                    f"keyed limiter, {label}: {size:.0f} B per key at {keys:,} keys "
+                    f"(target {BYTES_TARGET:g} B)"
+                )
         if self.new_keys_admitted != NEW_KEYS:
             out.append(
                 f"keyed limiter: {self.new_keys_admitted} of {NEW_KEYS} brand-new keys admitted "
@@ -322,10 +323,8 @@ def _candidates(n: int) -> dict[str, Callable[[list[str]], None]]:
     out[TRY] = by_key
     out[VIEW] = by_view
     out[DICT_FLOOR] = floor_loop(floor)
-    try:
+    with contextlib.suppress(ImportError):  # cachetools is in the dev extra
         out[TTL_FLOOR] = floor_loop(TTLCacheGCRA(rate, per, burst, now, maxsize=max(n, 100_000)))
-    except ImportError:
-        pass
     return out
 
 
@@ -377,51 +376,49 @@ def _live_limiter(n: int) -> buttress.RateLimiter:
     return buttress.RateLimiter(rate=1.0, per=3600.0, burst=5, max_keys=n, clock=FakeClock())
 
 
-def _memory(n: int, middleware_n: int, report: KeyedReport) -> None:
-    keys = _ips(n)
-
-    lim = _live_limiter(n)
+def _view_bytes(keys: list[str]) -> tuple[int, float]:
+    lim = _live_limiter(len(keys))
 
     def via_views() -> None:
         for k in keys:
             lim.for_key(k).try_acquire()
 
     size = _traced(via_views)
-    report.bytes_per_key["buttress for_key(k).try_acquire()"] = (lim.keys, size / lim.keys)
-    del lim
-    gc.collect()
+    return lim.keys, size / lim.keys
 
-    lim = _live_limiter(n)
+
+def _held_view_bytes(keys: list[str]) -> tuple[int, float]:
+    lim = _live_limiter(len(keys))
     held: list[Any] = []
 
     def holding() -> None:
-        for k in keys[: n // 10]:
+        for k in keys:
             held.append(lim.for_key(k))
 
-    held_size = _traced(holding) - 8 * len(held)  # the list's own slot per view
-    report.bytes_per_key["buttress for_key(k), views held (information)"] = (
-        len(held),
-        held_size / len(held),
-    )
-    del lim, held
-    gc.collect()
+    size = _traced(holding) - 8 * len(held)  # the list's own slot per view
+    return len(held), size / len(held)
 
-    report.bytes_per_key["buttress ASGI middleware, key=client IP"] = _middleware_bytes(
-        keys[:middleware_n]
-    )
-    gc.collect()
 
-    try:
-        floor = TTLCacheGCRA(1.0, 3600.0, 5, FakeClock().now, maxsize=n)
-    except ImportError:
-        report.skipped.append("cachetools is not installed: no TTLCache floor")
-        return
+def _floor_bytes(keys: list[str]) -> tuple[int, float]:
+    floor = TTLCacheGCRA(1.0, 3600.0, 5, FakeClock().now, maxsize=len(keys))
 
     def via_floor() -> None:
         for k in keys:
             floor.try_acquire(k)
 
-    report.bytes_per_key[TTL_FLOOR] = (n, _traced(via_floor) / n)
+    return len(keys), _traced(via_floor) / len(keys)
+
+
+def _memory(n: int, middleware_n: int, report: KeyedReport) -> None:
+    keys = _ips(n)
+    sizes = report.bytes_per_key
+    sizes["buttress for_key(k).try_acquire()"] = _view_bytes(keys)
+    sizes["buttress for_key(k), views held (information)"] = _held_view_bytes(keys[: n // 10])
+    sizes["buttress ASGI middleware, key=client IP"] = _middleware_bytes(keys[:middleware_n])
+    try:
+        sizes[TTL_FLOOR] = _floor_bytes(keys)
+    except ImportError:
+        report.skipped.append("cachetools is not installed: no TTLCache floor")
 
 
 def _middleware_bytes(ips: list[str]) -> tuple[int, float]:
@@ -529,9 +526,7 @@ def measure(quick: bool) -> KeyedReport:
         _memory(20_000 if quick else 10**6, 20_000 if quick else 10**6, report)
         _new_keys(10_000 if quick else 100_000, report)
         hot, requests = (500, 40_000) if quick else (10_000, 1_000_000)
-        report.accuracy.append(
-            _accuracy("hot keys fit max_keys", 4 * hot, 20 * hot, requests, hot)
-        )
+        report.accuracy.append(_accuracy("hot keys fit max_keys", 4 * hot, 20 * hot, requests, hot))
         report.accuracy.append(
             _accuracy("2x more hot keys than max_keys", hot // 2, 20 * hot, requests, hot)
         )
