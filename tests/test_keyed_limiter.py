@@ -78,6 +78,8 @@ def test_early_evictions_cost_at_most_burst_each(rate, burst, max_keys, steps):
         theirs += reference
         same = same and mine == reference
         assert limiter.keys <= max_keys
+        table = limiter.binding
+        assert set(table.tats) <= set(table.ring)  # every live key is in the round
     assert 0 <= ours - theirs <= burst * limiter.evicted_early
     if limiter.evicted_early == 0:
         assert same
@@ -123,6 +125,22 @@ def test_idle_keys_leave_as_new_keys_arrive():
         limiter.try_acquire(key=key)
     assert limiter.keys == 1000  # the 3,000 idle ones went, three per new key
     assert limiter.evicted_early == 0
+
+
+def test_the_round_stays_bounded_under_thrashing():
+    """Keys cycling through a table too small for them (each evicted and back within a
+    round) never grow the round past twice the table plus a constant."""
+    clock = FakeClock()
+    limiter = RateLimiter(rate=1, per=60, max_keys=2000, clock=clock)
+    table = limiter.binding
+    longest = 0
+    for _ in range(10):
+        for key in range(6000):
+            limiter.try_acquire(key=key)
+            longest = max(longest, len(table.ring))
+    assert limiter.keys == 2000
+    assert longest <= 2 * 2000 + 1024
+    assert set(table.tats) <= set(table.ring)
 
 
 def test_a_key_with_waiters_is_never_evicted():

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable, Hashable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -48,7 +48,7 @@ __all__ = ["LocalLimiter", "RateLimiter"]
 
 # Float slack when comparing times, far below any meaningful admission interval.
 _EPS = 1e-9
-# Keys at the old end of the table looked at per new key (dropped if idle, else moved
+# Keys at the front of the round looked at per new key (dropped if idle, else moved
 # to the back): more than one, so that idle keys leave faster than new ones arrive.
 _INSPECTED = 3
 
@@ -85,15 +85,17 @@ class LocalLimiter(BindingBase):
     """The in-process GCRA buckets of one limiter: the reference
     :class:`~buttress.backends.LimiterBinding`.
 
-    A key's whole state is its theoretical arrival time, one float in an insertion-ordered
-    table; a key gets a queue of its own only while callers wait on it, and such a key is
-    never dropped. Each new key looks at a few keys at the old end of the table: idle ones
-    (refilled: their arrival time has passed) are dropped, which changes nothing since a
-    new bucket starts full, and the others go to the back. So idle keys leave in
-    amortised O(1), with no scan and no background task. At ``max_keys`` a new key is
-    always admitted: if none of those keys was idle, the most refilled of them makes room.
-    That key alone may then admit up to ``burst`` units more than exact GCRA (its debt at
-    eviction), once, until its old state would have refilled;
+    A key's whole state is its theoretical arrival time, one float in a dict; a key gets
+    a queue of its own only while callers wait on it, and such a key is never dropped.
+    Keys also stand in a round (a deque, in the order they joined). Each new key looks
+    at a few keys at the front of the round: idle ones (refilled: their arrival time
+    has passed) are dropped, which changes nothing since a new bucket starts full, and
+    the others go to the back. So idle keys leave in amortised O(1), with no scan and
+    no background task, and an admission of a known key touches the dict alone. At
+    ``max_keys`` a new key is always admitted: if none of those keys was idle, the most
+    refilled of them makes room. That key alone may then admit up to ``burst`` units
+    more than exact GCRA (its debt at eviction), once, until its old state would have
+    refilled;
     :attr:`evicted_early` counts such evictions.
     """
 
@@ -105,6 +107,7 @@ class LocalLimiter(BindingBase):
         "lock",
         "max_keys",
         "queued",
+        "ring",
         "tats",
         "tolerance",
         "unkeyed",
@@ -119,37 +122,51 @@ class LocalLimiter(BindingBase):
         self.max_keys = limiter.max_keys
         self.lock = threading.Lock()
         self.unkeyed = _Bucket()
-        # key -> theoretical arrival time, least recently admitted first
-        self.tats: OrderedDict[Hashable, float] = OrderedDict()
+        self.tats: dict[Hashable, float] = {}  # key -> theoretical arrival time
+        # The clock hand's round: keys in the order they joined (or came back from the
+        # end of the round). An entry whose key has left the table is skipped and
+        # dropped when the hand reaches it.
+        self.ring: deque[Hashable] = deque()
         self.queued: dict[Hashable, _Bucket] = {}  # keys with callers waiting
         self.evicted_early = 0
 
     # -- keys (lock held) -------------------------------------------------------------------
 
     def _insert(self, key: Hashable, tat: float, now: float) -> None:
-        """Add a new key. A few keys at the old end of the table are looked at first:
-        idle ones (refilled) are dropped, the others go to the back (amortised O(1)
-        per new key, like a clock hand). At ``max_keys`` with none idle, the most
+        """Add a new key. Like a clock hand, it first looks at the keys at the front of
+        the round: idle ones (refilled) are dropped, the others go to the back
+        (amortised O(1) per new key). At ``max_keys`` with none idle, the most
         refilled of those makes room: a new key is never refused."""
-        tats = self.tats
+        tats, ring = self.tats, self.ring
         idle = now + _EPS
+        full = len(tats) + len(self.queued) >= self.max_keys
         victim: Hashable = None
         victim_tat = float("inf")
-        for _ in range(_INSPECTED):
-            if not tats:
-                break
-            oldest = next(iter(tats))
-            old_tat = tats[oldest]
+        budget = _INSPECTED
+        # Past the budget, only while the table is full and no key to evict was seen
+        # (entries of keys that already left cost one step each, once).
+        while ring and (budget > 0 or (full and victim_tat == float("inf"))):
+            budget -= 1
+            oldest = ring.popleft()
+            old_tat = tats.get(oldest)
+            if old_tat is None:
+                continue  # left already
             if old_tat <= idle:
                 del tats[oldest]
+                full = False
                 continue
-            tats.move_to_end(oldest)
+            ring.append(oldest)
             if old_tat < victim_tat:
                 victim, victim_tat = oldest, old_tat
-        if victim_tat < float("inf") and len(tats) + len(self.queued) >= self.max_keys:
-            del tats[victim]
+        if full and victim_tat < float("inf"):
+            del tats[victim]  # its entry at the end of the round is skipped later
             self.evicted_early += 1
         tats[key] = tat
+        ring.append(key)
+        if len(ring) > 2 * len(tats) + 1024:
+            # Keys evicted (or queued on) and back within one round left duplicate
+            # entries: start the round afresh (linear, after as many insertions).
+            self.ring = deque(tats)
 
     def _queue_for(self, key: Hashable) -> _Bucket:
         """The bucket of a key callers are about to wait on (taken out of the table, so
@@ -165,6 +182,7 @@ class LocalLimiter(BindingBase):
         if bucket.key is not None and not bucket.waiters:
             del self.queued[bucket.key]
             self.tats[bucket.key] = bucket.tat
+            self.ring.append(bucket.key)
 
     def _conform(self, bucket: _Bucket, now: float, weight: int) -> float:
         """Admit ``weight`` now and return 0.0, or return the seconds until it would conform."""
