@@ -26,7 +26,7 @@ bytes per key, new keys past ``max_keys``, and what eviction costs in accuracy.
    admit at most ``burst`` units more than the reference, once: the run checks that
    bound and reports the difference.
 
-Run it on its own: ``python -m benchmarks.keyed_limiter [--quick]``; in the suite,
+Run it on its own: ``python -m benchmarks.keyed_limiter [--quick] [--markdown]``; in the suite,
 ``python -m benchmarks --only keyed_limiter``.
 
 ``KeyedReport.series`` holds the cost-against-keys data for a chart:
@@ -591,10 +591,13 @@ def measure(quick: bool) -> KeyedReport:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.keyed_limiter")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="print the docs section too")
     args = parser.parse_args()
     started = time.monotonic()
     report = measure(args.quick)
     print(report.console())
+    if args.markdown:
+        print("\n" + report.markdown())
     print(f"\n({time.monotonic() - started:.1f} s)")
     for line in report.failures(2.0 if args.quick else 1.0):
         print("FAIL:", line)
