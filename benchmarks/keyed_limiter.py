@@ -29,7 +29,8 @@ bytes per key, new keys past ``max_keys``, and what eviction costs in accuracy.
 Run it on its own: ``python -m benchmarks.keyed_limiter [--quick] [--markdown]``; in the suite,
 ``python -m benchmarks --only keyed_limiter``.
 
-``KeyedReport.series`` holds the cost-against-keys data for a chart:
+``KeyedReport.series`` holds the cost-against-keys data for a chart (and
+``scaling_series()`` hands it to the scaling section's ``keys`` chart):
 ``{label: [(keys, ns per acquire), ...]}``, one label per candidate and traffic
 pattern (labels ending in ``", hot"``: traffic on 10^3 of the live keys).
 """
@@ -123,6 +124,21 @@ class KeyedReport:
             for label in TARGETED
             for suffix in ("", HOT)
         ]
+
+    def scaling_series(self) -> list[Any]:
+        """The cost-against-keys lines for the scaling section's ``keys`` chart (in µs
+        per acquire): buttress, the dict floor and the TTLCache floor, both traffic
+        patterns."""
+        from ._harness import BUTTRESS, FLOOR
+        from .scaling import Series  # the scaling section's own type
+
+        out = []
+        for label, points in self.series.items():
+            role = BUTTRESS if label.startswith("buttress") else FLOOR
+            xs = [float(n) for n, _ in points]
+            ys = [ns / 1000 for _, ns in points]
+            out.append(Series("keys", label, role, xs, ys))
+        return out
 
     def failures(self, factor: float) -> list[str]:
         out = []
