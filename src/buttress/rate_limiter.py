@@ -95,8 +95,7 @@ class LocalLimiter(BindingBase):
     ``max_keys`` a new key is always admitted: if none of those keys was idle, the most
     refilled of them makes room. That key alone may then admit up to ``burst`` units
     more than exact GCRA (its debt at eviction), once, until its old state would have
-    refilled;
-    :attr:`evicted_early` counts such evictions.
+    refilled; :attr:`evicted_early` counts such evictions.
     """
 
     __slots__ = (
@@ -153,7 +152,7 @@ class LocalLimiter(BindingBase):
                 continue  # left already
             if old_tat <= idle:
                 del tats[oldest]
-                full = False
+                full = len(tats) + len(self.queued) >= self.max_keys
                 continue
             ring.append(oldest)
             if old_tat < victim_tat:
@@ -410,7 +409,9 @@ class RateLimiter(Policy):
         store: where the buckets live: a :class:`~buttress.backends.LimiterStore` such as
             :class:`~buttress.backends.redis.RedisRateLimiterStore` (the limiter then
             needs a name); ``None`` (default) keeps them in this limiter.
-        max_keys: live per-key buckets kept in memory (default 100,000).
+        max_keys: live per-key buckets kept in memory (default 100,000). Past it a new
+            key is still admitted: the most refilled of a few old keys makes room
+            (see :attr:`evicted_early`).
         **options: ``listeners``, ``registry`` and ``clock``, as for every policy
             (:class:`~buttress.Policy`).
 
