@@ -80,21 +80,28 @@ class LocalBulkhead(BindingBase):
 
     def _granted(self, waiter: Waiter, started: float) -> object:
         """After a wait: the slot if granted, else leave the queue and raise."""
-        with self.lock:
-            granted = waiter.granted
-            if not granted:
-                self.waiters.remove(waiter)
+        if waiter.timer is not None:
+            waiter.stop_timer()
+        # ``granted`` turns true once, under the lock, before the waiter is woken: read
+        # true it is final; read false it needs the lock (a grant may be racing a timeout).
+        granted = waiter.granted
+        if not granted:
+            with self.lock:
+                granted = waiter.granted
+                if not granted:
+                    self.waiters.remove(waiter)
         if not granted:
             raise BulkheadFull(
                 f"{self.label} is full: no slot freed up in time",
                 name=self.name,
                 reason="bulkhead_wait_timeout",
             )
-        self.emit(_events.AcquiredAfterWait, waited=self.clock.now() - started)
+        self.emit(_events.AcquiredAfterWait, waited=self.now() - started)
         return _SLOT
 
     def _abandon(self, waiter: Waiter) -> None:
         """The waiter was interrupted: give back whatever it holds."""
+        waiter.stop_timer()
         with self.lock:
             if waiter.granted:
                 self.release_locked()
@@ -106,7 +113,7 @@ class LocalBulkhead(BindingBase):
             waiter = self._enqueue(timeout, False)
         if waiter is None:
             return _SLOT
-        started = self.clock.now()
+        started = self.now()
         assert waiter.event is not None
         try:
             self.clock.wait(waiter.event, timeout)
@@ -116,25 +123,31 @@ class LocalBulkhead(BindingBase):
         return self._granted(waiter, started)
 
     async def acquire_async(self, timeout: float | None) -> object:
-        with self.lock:
+        # The contended async path: bound lock calls rather than ``with``, and the
+        # common outcome (granted, no timer to stop) settled here, not in _granted.
+        lock = self.lock
+        lock.acquire()
+        try:
             waiter = self._enqueue(timeout, True)
+        finally:
+            lock.release()
         if waiter is None:
             return _SLOT
-        started = self.clock.now()
-        assert waiter.future is not None
+        started = self.now()
         try:
-            await self.clock.wait_future(waiter.future, timeout)
+            await waiter.waiting(self.clock, timeout)
         except BaseException:
             self._abandon(waiter)
             raise
+        if waiter.granted and waiter.timer is None:
+            self.emit(_events.AcquiredAfterWait, waited=self.now() - started)
+            return _SLOT
         return self._granted(waiter, started)
 
     def release_locked(self) -> None:
         """Give a slot back, with :attr:`lock` held: to the oldest waiter if there is one."""
-        if self.waiters:
-            waiter = self.waiters.popleft()
-            waiter.granted = True
-            waiter.wake()
+        if self.waiters.items:
+            self.waiters.grant_oldest()
         else:
             self.in_flight -= 1
 
@@ -355,7 +368,7 @@ class Bulkhead(PermitGuard, Policy):
         core = self._local
         if core is None:
             return guard_async_io(fn, self._take_async, self._give_hook_async)
-        take, release = self._take_async, core.release
+        wait, budget, hand_over = core.acquire_async, self._budget, core.release_locked
         lock_acquire, lock_release = core.lock.acquire, core.lock.release
         queue, limit = core.waiters.items, self.max_concurrent
 
@@ -367,14 +380,23 @@ class Bulkhead(PermitGuard, Policy):
                 lock_release()
             else:
                 lock_release()
-                await take()
+                # _take_async(), inlined: one coroutine less on the contended path.
+                try:
+                    await wait(budget())
+                except BulkheadFull as exc:
+                    raise self._count_rejection(exc) from None
+                lock_acquire()
+                self._accepted += 1
+                lock_release()
             try:
                 return await fn(*args, **kwargs)
             finally:
                 lock_acquire()
                 if queue:
-                    lock_release()
-                    release(_SLOT)
+                    try:  # this call holds a slot: hand it straight to the oldest waiter
+                        hand_over()
+                    finally:
+                        lock_release()
                 else:
                     core.in_flight -= 1
                     lock_release()
