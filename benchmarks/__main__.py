@@ -56,6 +56,7 @@ PLUGINS = (  # run when benchmarks/<name>.py exists
     "adaptive",
     "redis_backends",
     "saga_load",
+    "contention",
 )
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 IMAGES = DOCS.parent / "img" / "benchmarks"
