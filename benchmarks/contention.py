@@ -390,7 +390,7 @@ def measure(quick: bool) -> ContentionReport:
     task_sizes = (TARGET_TASKS,) if quick else (10, 100, TARGET_TASKS, 10_000)
     for tasks in task_sizes:
         rounds = max(2 if quick else 5, (10_000 if quick else 40_000) // tasks)
-        report.rows += _async_rows(tasks, rounds, 3 if quick else 7)
+        report.rows += _async_rows(tasks, rounds, 5 if quick else 7)
     ratio = report.async_ratio()
     while quick and ratio is not None and ratio > ASYNC_TARGET and report.confirmed < CONFIRMATIONS:
         # Above the line every time is a regression; once is a noisy neighbour.

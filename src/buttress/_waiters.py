@@ -42,7 +42,7 @@ class Waiter:
 
     __slots__ = ("event", "future", "granted", "loop", "queued", "thread", "timer", "weight")
 
-    def __init__(self, weight: int = 1, *, is_async: bool = False) -> None:
+    def __init__(self, weight: int = 1, is_async: bool = False) -> None:
         self.weight = weight
         self.granted = False
         self.queued = False  # in a WaiterQueue (which sets and clears it)

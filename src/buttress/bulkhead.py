@@ -23,6 +23,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import events as _events
+from ._counter import Counter
 from ._deadline import remaining
 from ._drivers import guard_async_io, guard_sync
 from ._policy import Policy, PolicyOptions
@@ -74,7 +75,7 @@ class LocalBulkhead(BindingBase):
                 name=self.name,
                 reason="bulkhead_full",
             )
-        waiter = Waiter(is_async=is_async)
+        waiter = Waiter(1, is_async)
         self.waiters.append(waiter)
         return waiter
 
@@ -228,6 +229,7 @@ class Bulkhead(PermitGuard, Policy):
         self.max_queue = check_int("max_queue", max_queue, min_value=0)
         self.max_wait = check_seconds("max_wait", max_wait, allow_zero=True, allow_none=True)
         self._accepted = 0
+        self._accepted_after_wait = Counter()  # by the async wrapper's contended path
         self._rejected = 0
         self._timed_out = 0
         self._in_flight = 0  # slots held in this process, with a store
@@ -369,6 +371,7 @@ class Bulkhead(PermitGuard, Policy):
         if core is None:
             return guard_async_io(fn, self._take_async, self._give_hook_async)
         wait, budget, hand_over = core.acquire_async, self._budget, core.release_locked
+        count_waited = self._accepted_after_wait.incr
         lock_acquire, lock_release = core.lock.acquire, core.lock.release
         queue, limit = core.waiters.items, self.max_concurrent
 
@@ -380,14 +383,13 @@ class Bulkhead(PermitGuard, Policy):
                 lock_release()
             else:
                 lock_release()
-                # _take_async(), inlined: one coroutine less on the contended path.
+                # _take_async(), inlined: one coroutine less on the contended path, and
+                # the admission counted without taking the lock once more.
                 try:
                     await wait(budget())
                 except BulkheadFull as exc:
                     raise self._count_rejection(exc) from None
-                lock_acquire()
-                self._accepted += 1
-                lock_release()
+                count_waited()
             try:
                 return await fn(*args, **kwargs)
             finally:
@@ -429,7 +431,7 @@ class Bulkhead(PermitGuard, Policy):
                 "in_flight": in_flight,
                 "queued": queued,
                 "available": self.max_concurrent - in_flight,
-                "accepted": self._accepted,
+                "accepted": self._accepted + self._accepted_after_wait.value,
                 "rejected": self._rejected,
                 "timed_out": self._timed_out,
             }
