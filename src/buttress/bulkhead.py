@@ -229,7 +229,10 @@ class Bulkhead(PermitGuard, Policy):
         self.max_queue = check_int("max_queue", max_queue, min_value=0)
         self.max_wait = check_seconds("max_wait", max_wait, allow_zero=True, allow_none=True)
         self._accepted = 0
-        self._accepted_after_wait = Counter()  # by the async wrapper's contended path
+        # Admissions after a wait in an async wrapper: a lock-free counter, read only
+        # once such a wrapper exists (reading it costs more than reading an int).
+        self._accepted_after_wait = Counter()
+        self._wrapped_async = False
         self._rejected = 0
         self._timed_out = 0
         self._in_flight = 0  # slots held in this process, with a store
@@ -372,6 +375,7 @@ class Bulkhead(PermitGuard, Policy):
             return guard_async_io(fn, self._take_async, self._give_hook_async)
         wait, budget, hand_over = core.acquire_async, self._budget, core.release_locked
         count_waited = self._accepted_after_wait.incr
+        self._wrapped_async = True
         lock_acquire, lock_release = core.lock.acquire, core.lock.release
         queue, limit = core.waiters.items, self.max_concurrent
 
@@ -419,6 +423,11 @@ class Bulkhead(PermitGuard, Policy):
         core = self._local
         return len(core.waiters) if core is not None else 0
 
+    def _accepted_count(self) -> int:
+        if self._wrapped_async:
+            return self._accepted + self._accepted_after_wait.value
+        return self._accepted
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             in_flight, queued = self.in_flight, self.queued
@@ -431,7 +440,7 @@ class Bulkhead(PermitGuard, Policy):
                 "in_flight": in_flight,
                 "queued": queued,
                 "available": self.max_concurrent - in_flight,
-                "accepted": self._accepted + self._accepted_after_wait.value,
+                "accepted": self._accepted_count(),
                 "rejected": self._rejected,
                 "timed_out": self._timed_out,
             }
@@ -441,8 +450,12 @@ class Bulkhead(PermitGuard, Policy):
         return out
 
     def health_check(self) -> tuple[str, Any, str]:
+        core = self._local  # the two properties, inlined: health() calls this per bulkhead
         with self._lock:
-            in_flight, queued = self.in_flight, self.queued
+            if core is None:
+                in_flight, queued = self._in_flight, 0
+            else:
+                in_flight, queued = core.in_flight, len(core.waiters)
         observed = {"in_flight": in_flight, "queued": queued}
         if in_flight >= self.max_concurrent:
             return "warn", observed, "bulkhead saturated: every slot is busy"
