@@ -25,7 +25,8 @@ Run it on its own::
     python -m benchmarks.contention --quick   # a few seconds
 
 The report's :attr:`ContentionReport.series` holds the figures against concurrent
-callers and against registered primitives, for charts.
+callers and against registered primitives, for charts; ``scaling_series()`` hands the
+caller series to the scaling section (``benchmarks/scaling.py``) where it exists.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import Any
 import buttress
 from buttress import Bulkhead, CircuitBreaker, RateLimiter, Registry
 
-from ._harness import machine_slowdown
+from ._harness import BUTTRESS, FLOOR, STDLIB, machine_slowdown
 
 LIMIT = 10  # concurrent calls allowed, async
 THREAD_LIMIT = 4  # concurrent calls allowed, threads
@@ -106,6 +107,32 @@ class ContentionReport:
             out.setdefault(f"{row.label} ({row.face})", []).append((row.callers, row.us_per_call))
         for op in self.operations:
             out.setdefault(op.operation, []).append((op.primitives, op.ms))
+        return out
+
+    def scaling_series(self) -> list[Any]:
+        """The contention figures as ``benchmarks.scaling.Series`` for the scaling
+        section's ``tasks`` and ``threads`` charts (empty where that section is absent)."""
+        try:
+            from .scaling import Series
+        except ImportError:
+            return []
+        roles = {
+            SEMAPHORE: FLOOR,
+            BOUNDED: FLOOR,
+            BULKHEAD_ASYNC: BUTTRESS,
+            BULKHEAD_SYNC: BUTTRESS,
+            BARE_ASYNC: STDLIB,
+            BARE_SYNC: STDLIB,
+        }
+        out = []
+        for name, points in self.series.items():
+            label, _, face = name.rpartition(" (")
+            face = face.rstrip(")")
+            if face not in ("tasks", "threads") or label not in roles:
+                continue
+            xs = [float(x) for x, _ in points]
+            ys = [y for _, y in points]
+            out.append(Series(face, label, roles[label], xs, ys))
         return out
 
     def figure(self, face: str, callers: int, label: str) -> float | None:
