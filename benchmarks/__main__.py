@@ -60,6 +60,7 @@ PLUGINS = (  # run when benchmarks/<name>.py exists
     "saga_load",
     "client_grpc",
     "keyed_limiter",
+    "contention",
     "scaling",  # last: it draws the series the sections before it measured
 )
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"

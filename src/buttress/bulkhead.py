@@ -23,6 +23,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import events as _events
+from ._counter import Counter
 from ._deadline import remaining
 from ._drivers import guard_async_io, guard_sync
 from ._policy import Policy, PolicyOptions
@@ -74,27 +75,34 @@ class LocalBulkhead(BindingBase):
                 name=self.name,
                 reason="bulkhead_full",
             )
-        waiter = Waiter(is_async=is_async)
+        waiter = Waiter(1, is_async)
         self.waiters.append(waiter)
         return waiter
 
     def _granted(self, waiter: Waiter, started: float) -> object:
         """After a wait: the slot if granted, else leave the queue and raise."""
-        with self.lock:
-            granted = waiter.granted
-            if not granted:
-                self.waiters.remove(waiter)
+        if waiter.timer is not None:
+            waiter.stop_timer()
+        # ``granted`` turns true once, under the lock, before the waiter is woken: read
+        # true it is final; read false it needs the lock (a grant may be racing a timeout).
+        granted = waiter.granted
+        if not granted:
+            with self.lock:
+                granted = waiter.granted
+                if not granted:
+                    self.waiters.remove(waiter)
         if not granted:
             raise BulkheadFull(
                 f"{self.label} is full: no slot freed up in time",
                 name=self.name,
                 reason="bulkhead_wait_timeout",
             )
-        self.emit(_events.AcquiredAfterWait, waited=self.clock.now() - started)
+        self.emit(_events.AcquiredAfterWait, waited=self.now() - started)
         return _SLOT
 
     def _abandon(self, waiter: Waiter) -> None:
         """The waiter was interrupted: give back whatever it holds."""
+        waiter.stop_timer()
         with self.lock:
             if waiter.granted:
                 self.release_locked()
@@ -106,7 +114,7 @@ class LocalBulkhead(BindingBase):
             waiter = self._enqueue(timeout, False)
         if waiter is None:
             return _SLOT
-        started = self.clock.now()
+        started = self.now()
         assert waiter.event is not None
         try:
             self.clock.wait(waiter.event, timeout)
@@ -116,25 +124,31 @@ class LocalBulkhead(BindingBase):
         return self._granted(waiter, started)
 
     async def acquire_async(self, timeout: float | None) -> object:
-        with self.lock:
+        # The contended async path: bound lock calls rather than ``with``, and the
+        # common outcome (granted, no timer to stop) settled here, not in _granted.
+        lock = self.lock
+        lock.acquire()
+        try:
             waiter = self._enqueue(timeout, True)
+        finally:
+            lock.release()
         if waiter is None:
             return _SLOT
-        started = self.clock.now()
-        assert waiter.future is not None
+        started = self.now()
         try:
-            await self.clock.wait_future(waiter.future, timeout)
+            await waiter.waiting(self.clock, timeout)
         except BaseException:
             self._abandon(waiter)
             raise
+        if waiter.granted and waiter.timer is None:
+            self.emit(_events.AcquiredAfterWait, waited=self.now() - started)
+            return _SLOT
         return self._granted(waiter, started)
 
     def release_locked(self) -> None:
         """Give a slot back, with :attr:`lock` held: to the oldest waiter if there is one."""
-        if self.waiters:
-            waiter = self.waiters.popleft()
-            waiter.granted = True
-            waiter.wake()
+        if self.waiters.items:
+            self.waiters.grant_oldest()
         else:
             self.in_flight -= 1
 
@@ -216,6 +230,10 @@ class Bulkhead(PermitGuard, Policy):
         self.max_queue = check_int("max_queue", max_queue, min_value=0)
         self.max_wait = check_seconds("max_wait", max_wait, allow_zero=True, allow_none=True)
         self._accepted = 0
+        # Admissions after a wait in an async wrapper: a lock-free counter, read only
+        # once such a wrapper exists (reading it costs more than reading an int).
+        self._accepted_after_wait = Counter()
+        self._wrapped_async = False
         self._rejected = 0
         self._timed_out = 0
         self._in_flight = 0  # slots held in this process, with a store
@@ -356,7 +374,9 @@ class Bulkhead(PermitGuard, Policy):
         core = self._local
         if core is None:
             return guard_async_io(fn, self._take_async, self._give_hook_async)
-        take, release = self._take_async, core.release
+        wait, budget, hand_over = core.acquire_async, self._budget, core.release_locked
+        count_waited = self._accepted_after_wait.incr
+        self._wrapped_async = True
         lock_acquire, lock_release = core.lock.acquire, core.lock.release
         queue, limit = core.waiters.items, self.max_concurrent
 
@@ -368,14 +388,22 @@ class Bulkhead(PermitGuard, Policy):
                 lock_release()
             else:
                 lock_release()
-                await take()
+                # _take_async(), inlined: one coroutine less on the contended path, and
+                # the admission counted without taking the lock once more.
+                try:
+                    await wait(budget())
+                except BulkheadFull as exc:
+                    raise self._count_rejection(exc) from None
+                count_waited()
             try:
                 return await fn(*args, **kwargs)
             finally:
                 lock_acquire()
                 if queue:
-                    lock_release()
-                    release(_SLOT)
+                    try:  # this call holds a slot: hand it straight to the oldest waiter
+                        hand_over()
+                    finally:
+                        lock_release()
                 else:
                     core.in_flight -= 1
                     lock_release()
@@ -396,6 +424,11 @@ class Bulkhead(PermitGuard, Policy):
         core = self._local
         return len(core.waiters) if core is not None else 0
 
+    def _accepted_count(self) -> int:
+        if self._wrapped_async:
+            return self._accepted + self._accepted_after_wait.value
+        return self._accepted
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             in_flight, queued = self.in_flight, self.queued
@@ -408,7 +441,7 @@ class Bulkhead(PermitGuard, Policy):
                 "in_flight": in_flight,
                 "queued": queued,
                 "available": self.max_concurrent - in_flight,
-                "accepted": self._accepted,
+                "accepted": self._accepted_count(),
                 "rejected": self._rejected,
                 "timed_out": self._timed_out,
             }
@@ -418,8 +451,12 @@ class Bulkhead(PermitGuard, Policy):
         return out
 
     def health_check(self) -> tuple[str, Any, str]:
+        core = self._local  # the two properties, inlined: health() calls this per bulkhead
         with self._lock:
-            in_flight, queued = self.in_flight, self.queued
+            if core is None:
+                in_flight, queued = self._in_flight, 0
+            else:
+                in_flight, queued = core.in_flight, len(core.waiters)
         observed = {"in_flight": in_flight, "queued": queued}
         if in_flight >= self.max_concurrent:
             return "warn", observed, "bulkhead saturated: every slot is busy"

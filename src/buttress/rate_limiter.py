@@ -64,9 +64,8 @@ def _woken(clock: Clock, waiter: Waiter) -> None:
 
 
 async def _woken_async(clock: Clock, waiter: Waiter) -> None:
-    assert waiter.future is not None
     assert waiter.loop is not None
-    await clock.wait_future(waiter.future, None)
+    await waiter.waiting(clock, None)
     waiter.future = waiter.loop.create_future()
 
 

@@ -8,6 +8,7 @@ framework can serve them.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 import weakref
@@ -23,6 +24,13 @@ __all__ = ["Registry", "default_registry", "health", "state"]
 
 _RANK = {"pass": 0, "warn": 1, "fail": 2}
 
+# A registry entry: (kind, name), the health-check name "name:kind", a weak reference.
+_Entry = tuple[tuple[str, str], str, "weakref.ref[Policy]"]
+
+
+def _entry_key(entry: _Entry) -> tuple[str, str]:
+    return entry[0]
+
 
 class Registry:
     """A set of live, named primitives.
@@ -30,6 +38,11 @@ class Registry:
     Primitives are held weakly: a primitive that is garbage collected leaves the
     registry, and its name may be reused. Registering a second *live* primitive
     of the same kind under the same name raises :class:`DuplicateNameError`.
+
+    Iteration (and so :meth:`state` and :meth:`health`) goes in ``(kind, name)`` order.
+    That order is kept, not recomputed per call: a new member is appended and the list
+    is sorted by the next reader (one sorted run plus the newcomers: close to linear),
+    and a reader copies one reference under the lock and walks the list outside it.
     """
 
     def __init__(self) -> None:
@@ -37,6 +50,12 @@ class Registry:
             weakref.WeakValueDictionary()
         )
         self._lock = threading.Lock()
+        # The members as (key, health-check name, weak reference), in key order once
+        # sorted. A collected primitive's entry stays (its reference dead) until dead
+        # entries outnumber live ones, when a reader rebuilds the list.
+        self._entries: list[_Entry] = []
+        self._sorted = True
+        self._shared = False  # handed to a reader: copy before changing it
 
     def register(self, primitive: Policy) -> None:
         name = primitive.name
@@ -51,6 +70,9 @@ class Registry:
                     f"names must be unique per kind (or pass registry= to keep a separate set)"
                 )
             self._items[key] = primitive
+            if existing is None:
+                self._own().append((key, f"{name}:{primitive.kind}", weakref.ref(primitive)))
+                self._sorted = False
 
     def unregister(self, primitive: Policy) -> None:
         """Remove ``primitive`` from the registry (a no-op if it is not registered); its
@@ -61,6 +83,52 @@ class Registry:
             key = (primitive.kind, primitive.name)
             if self._items.get(key) is primitive:
                 del self._items[key]
+                self._drop(key, primitive)
+
+    # -- the order (lock held) ----------------------------------------------------------------
+
+    def _own(self) -> list[_Entry]:
+        """The entries, copied first if a reader may still be walking them."""
+        if self._shared:
+            self._entries = list(self._entries)
+            self._shared = False
+        return self._entries
+
+    def _settle(self) -> list[_Entry]:
+        """The entries in key order (sorted here if members joined since the last read)."""
+        if not self._sorted:
+            self._own().sort(key=_entry_key)
+            self._sorted = True
+        return self._entries
+
+    def _drop(self, key: tuple[str, str], primitive: Policy) -> None:
+        entries = self._settle()
+        at = bisect.bisect_left(entries, key, key=_entry_key)
+        while at < len(entries) and entries[at][0] == key:
+            if entries[at][2]() is primitive:
+                del self._own()[at]
+                return
+            at += 1
+
+    def _read(self) -> list[_Entry]:
+        """The entries in order, for a reader: one reference copied under the lock; the
+        list is never changed from then on (the next change copies it)."""
+        with self._lock:
+            entries = self._settle()
+            self._shared = True
+        return entries
+
+    def _tidy(self, seen: list[_Entry], dead: int) -> None:
+        """A reader met ``dead`` collected primitives: once they are most of the entries,
+        keep only the live ones (amortised O(1) per collected primitive)."""
+        if dead * 2 <= len(seen):
+            return
+        with self._lock:
+            if self._entries is seen:  # else it changed meanwhile: the next reader decides
+                self._entries = [entry for entry in seen if entry[2]() is not None]
+                self._shared = False
+
+    # -- views --------------------------------------------------------------------------------
 
     def get(self, kind: str, name: str) -> Policy | None:
         """The live primitive of ``kind`` named ``name``, or ``None``."""
@@ -68,9 +136,13 @@ class Registry:
             return self._items.get((kind, name))
 
     def __iter__(self) -> Iterator[Policy]:
-        with self._lock:
-            items = sorted(self._items.items())
-        return iter([primitive for _, primitive in items])
+        entries, live = self._read(), []
+        for _, _, ref in entries:
+            primitive = ref()
+            if primitive is not None:
+                live.append(primitive)
+        self._tidy(entries, len(entries) - len(live))
+        return iter(live)
 
     def __len__(self) -> int:
         with self._lock:
@@ -80,12 +152,25 @@ class Registry:
         """Forget every registered primitive (tests use it between cases)."""
         with self._lock:
             self._items.clear()
+            self._entries = []
+            self._sorted, self._shared = True, False
 
     def state(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot of every registered primitive, grouped by kind."""
         out: dict[str, Any] = {}
-        for primitive in self:
-            out.setdefault(primitive.kind, {})[primitive.name] = primitive.snapshot()
+        group: dict[str, Any] = {}
+        kind = None
+        entries, dead = self._read(), 0
+        for key, _, ref in entries:
+            primitive = ref()
+            if primitive is None:
+                dead += 1
+                continue
+            if key[0] != kind:  # entries come grouped by kind
+                kind = key[0]
+                group = out.setdefault(kind, {})
+            group[key[1]] = primitive.snapshot()
+        self._tidy(entries, dead)
         return out
 
     def health(self) -> dict[str, Any]:
@@ -97,20 +182,26 @@ class Registry:
         checks: dict[str, list[dict[str, Any]]] = {}
         worst = "pass"
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        for primitive in self:
+        entries, dead = self._read(), 0
+        for key, label, ref in entries:
+            primitive = ref()
+            if primitive is None:
+                dead += 1
+                continue
             status, observed, output = primitive.health_check()
             entry: dict[str, Any] = {
-                "componentId": primitive.name,
-                "componentType": primitive.kind,
+                "componentId": key[1],
+                "componentType": key[0],
                 "observedValue": observed,
                 "status": status,
                 "time": now,
             }
             if output:
                 entry["output"] = output
-            checks[f"{primitive.name}:{primitive.kind}"] = [entry]
-            if _RANK[status] > _RANK[worst]:
+            checks[label] = [entry]
+            if status != "pass" and _RANK[status] > _RANK[worst]:
                 worst = status
+        self._tidy(entries, dead)
         return {"status": worst, "checks": checks}
 
 

@@ -1,0 +1,44 @@
+"""The contention benchmark section's verdicts and series (no measuring)."""
+
+from __future__ import annotations
+
+from benchmarks import contention as c
+
+
+def _report(bulkhead_us: float, health_ms: float) -> c.ContentionReport:
+    return c.ContentionReport(
+        quick=True,
+        rows=[
+            c.ContentionRow("tasks", c.TARGET_TASKS, c.SEMAPHORE, 5.0),
+            c.ContentionRow("tasks", c.TARGET_TASKS, c.BULKHEAD_ASYNC, bulkhead_us),
+            c.ContentionRow("threads", 8, c.BOUNDED, 15.0),
+            c.ContentionRow("threads", 8, c.BULKHEAD_SYNC, 16.0),
+        ],
+        operations=[
+            c.OperationRow("health()", c.PRIMITIVES, health_ms),
+            c.OperationRow("state()", c.PRIMITIVES, 1.0),
+        ],
+        slowdown=1.5,
+    )
+
+
+def test_the_async_ratio_is_enforced_as_it_is_and_times_with_slack() -> None:
+    """The in-run ratio fails just above its target whatever the factor; an absolute time
+    fails only above target x factor x slowdown."""
+    assert _report(6.4, 14.9).failures(2.0) == []
+    failing = _report(6.6, 15.1).failures(2.0)
+    assert len(failing) == 2
+    assert "1.32x asyncio.Semaphore, target 1.3x" in failing[0]
+    assert failing[1].startswith("health() with 10,000 primitives: 15.1 ms")
+
+
+def test_series_and_tables_name_every_figure() -> None:
+    """series gives (callers, µs) per implementation and face, and (primitives, ms) per
+    operation; the console and Markdown tables show the ratios."""
+    report = _report(6.0, 3.0)
+    series = report.series
+    assert series["buttress.Bulkhead (async) (tasks)"] == [(c.TARGET_TASKS, 6.0)]
+    assert series["threading.BoundedSemaphore (threads)"] == [(8, 15.0)]
+    assert series["health()"] == [(c.PRIMITIVES, 3.0)]
+    assert "1.20x" in report.console()
+    assert report.markdown().startswith("## Contention and operations")
