@@ -28,6 +28,7 @@ from .exceptions import ConfigError as ConfigError
 from .exceptions import ConfigTypeError as ConfigTypeError
 from .exceptions import ConfigValueError as ConfigValueError
 from .exceptions import DuplicateNameError as DuplicateNameError
+from .exceptions import LoopBlockingWarning as LoopBlockingWarning
 from .exceptions import RateLimited as RateLimited
 from .exceptions import RejectedError as RejectedError
 from .exceptions import RetryExhausted as RetryExhausted
@@ -77,6 +78,7 @@ __all__ = [
     "Fallback",
     "Hedge",
     "IdempotencyConflict",
+    "LoopBlockingWarning",
     "Permanent",
     "Pipeline",
     "RateLimited",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from typing import ClassVar
 
 __all__ = [
+    "AbandonedCallCompleted",
     "AcquiredAfterWait",
     "BackendDegraded",
     "BackendRecovered",
@@ -189,6 +190,21 @@ class TimeoutFired(Event):
     kind: ClassVar[str] = "timeout_fired"
     severity: ClassVar[Severity] = Severity.WARNING
     timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class AbandonedCallCompleted(Event):
+    """A call that a ``mode="thread"`` timeout abandoned at its deadline ended in its
+    worker thread, ``elapsed`` seconds after it started: with ``error`` (its exception)
+    or with ``result`` (``error`` is ``None``). Nobody received the outcome: the caller
+    got ``TimeoutExceeded`` at ``timeout`` seconds."""
+
+    kind: ClassVar[str] = "abandoned_call_completed"
+    severity: ClassVar[Severity] = Severity.WARNING
+    timeout: float
+    elapsed: float
+    error: BaseException | None = None
+    result: object = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,9 +17,11 @@ The hierarchy::
     ├── Permanent                   raised by a step (or wrapping its error): never retry
     ├── TryAgain                    raised by a retried function to ask for another attempt
     ├── IdempotencyConflict         a saga key is taken by another input or needs an operator
-    └── BackendError                a store (SQLite, Redis, PostgreSQL) failed
-        └── BackendUnavailable      (also a RejectedError) the shared backend is down and the
-                                    primitive fails closed: the call was not run
+    ├── BackendError                a store (SQLite, Redis, PostgreSQL) failed
+    │   └── BackendUnavailable      (also a RejectedError) the shared backend is down and the
+    │                               primitive fails closed: the call was not run
+    └── LoopBlockingWarning         (also a RuntimeWarning) a blocking call on a thread whose
+                                    event loop is running; a warning unless filters make it an error
 
 A retry that runs out of attempts because of exceptions re-raises the *last exception itself*,
 unchanged, with a note saying how many attempts were made; it never wraps it.
@@ -41,6 +43,7 @@ __all__ = [
     "ConfigValueError",
     "DuplicateNameError",
     "IdempotencyConflict",
+    "LoopBlockingWarning",
     "Permanent",
     "RateLimited",
     "RejectedError",
@@ -219,3 +222,15 @@ class BackendUnavailable(BackendError, RejectedError):
     and ``retry_after`` says when the backend will be tried again)."""
 
     reason = "backend_unavailable"
+
+
+class LoopBlockingWarning(ButtressError, RuntimeWarning):
+    """A blocking call was made on a thread whose event loop is running: a sync
+    ``with timeout(...)`` inside a coroutine (it cancels nothing), a blocking
+    ``acquire()`` of a limiter or bulkhead (it stalls every task of the loop).
+
+    A warning, pointing at the calling line; make it an error with
+    ``warnings.simplefilter("error", buttress.LoopBlockingWarning)`` (or
+    ``-W error::RuntimeWarning``, ``filterwarnings = error`` in pytest). Raised as an
+    error, it is a :class:`ButtressError` like every other.
+    """

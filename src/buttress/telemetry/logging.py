@@ -45,6 +45,10 @@ _MESSAGES: dict[str, str] = {
     "call_rejected": "call rejected ({reason})",
     "acquired_after_wait": "acquired after waiting {waited:.3g}s",
     "timeout_fired": "timed out after {timeout:g}s",
+    "abandoned_call_completed": (
+        "a call abandoned at its {timeout:g}s timeout ended after {elapsed:.3g}s "
+        "(error: {error})"
+    ),
     "fallback_used": "fallback replaced {error}",
     "hedge_launched": "hedged attempt {attempt} started",
     "backend_degraded": "backend {backend} failed ({error}); running {mode}",
