@@ -103,7 +103,7 @@ def test_try_acquire_never_jumps_the_queue():
     limiter = RateLimiter(rate=1, clock=clock)
 
     async def main() -> None:
-        limiter.acquire()
+        assert limiter.try_acquire()  # (a blocking acquire() here would warn)
         waiter = asyncio.ensure_future(limiter.acquire_async())
         await asyncio.sleep(0)
         clock.advance(1.0)
@@ -160,7 +160,7 @@ def test_storm_of_cancelled_waiters_leaves_the_limiter_idle():
     limiter = RateLimiter(rate=1, clock=clock)
 
     async def main() -> None:
-        limiter.acquire()
+        assert limiter.try_acquire()
         waiters = [asyncio.ensure_future(limiter.acquire_async()) for _ in range(10_000)]
         await asyncio.sleep(0)
         assert limiter.snapshot()["waiting"] == 10_000
@@ -183,7 +183,7 @@ def test_cancelling_the_head_wakes_the_next_waiter():
     limiter = RateLimiter(rate=1, clock=clock)
 
     async def main() -> None:
-        limiter.acquire()
+        assert limiter.try_acquire()
         head = asyncio.ensure_future(limiter.acquire_async())
         second = asyncio.ensure_future(limiter.acquire_async())
         await asyncio.sleep(0)

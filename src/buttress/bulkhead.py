@@ -23,6 +23,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import events as _events
+from ._blocking import loop_running, warn_blocking
 from ._counter import Counter
 from ._deadline import remaining
 from ._drivers import guard_async_io, guard_sync
@@ -271,6 +272,11 @@ class Bulkhead(PermitGuard, Policy):
     def acquire(self) -> BulkheadPermit:
         """A permit for one slot, waiting in the queue if allowed; raises
         :class:`BulkheadFull`. Settle the permit (``release()``) to free the slot."""
+        if loop_running() is not None:
+            warn_blocking(
+                f"{self!r}: acquire() on a thread whose event loop is running blocks every "
+                f"task of the loop while it waits: await acquire_async() there"
+            )
         return self._permit(self._take())
 
     async def acquire_async(self) -> BulkheadPermit:

@@ -406,6 +406,7 @@ class CircuitBreaker(PermitGuard, Policy):
         self._fast_successes = Counter()  # successes: one atomic increment each, no lock
         self._failures = 0
         self._slow_calls = 0
+        self._deadline_failures = 0
         self._neutral = 0
         self._rejections = 0
         self._timed = self.slow_call_duration is not None
@@ -479,8 +480,9 @@ class CircuitBreaker(PermitGuard, Policy):
 
         ``exc`` is the call's exception (``None`` if it returned); ``failed=True`` with no
         exception marks a failure without one (a bad response). A success slower than
-        ``slow_call_duration`` and a call cut off by an expired enclosing deadline are
-        failures (and counted as slow calls)."""
+        ``slow_call_duration`` is a failure (counted in ``slow_calls`` too), and so is a
+        call cancelled by an expired enclosing deadline (counted in ``deadline_failures``
+        too)."""
         if exc is None:
             if failed or (self._timed and duration >= self.slow_call_duration):  # type: ignore[operator]
                 with self._lock:
@@ -501,7 +503,7 @@ class CircuitBreaker(PermitGuard, Policy):
             # is the caller's business and stays neutral.
             with self._lock:
                 self._failures += 1
-                self._slow_calls += 1
+                self._deadline_failures += 1
             return "failure"
         if self.is_neutral(exc):
             with self._lock:
@@ -573,7 +575,7 @@ class CircuitBreaker(PermitGuard, Policy):
         """Close the circuit and zero every counter."""
         self.close()
         with self._lock:
-            self._failures = self._slow_calls = 0
+            self._failures = self._slow_calls = self._deadline_failures = 0
             self._neutral = self._rejections = 0
             self._fast_successes.reset()
 
@@ -669,6 +671,7 @@ class CircuitBreaker(PermitGuard, Policy):
                 "successes": successes,
                 "failures": self._failures,
                 "slow_calls": self._slow_calls,
+                "deadline_failures": self._deadline_failures,
                 "neutral": self._neutral,
                 "rejections": self._rejections,
             }

@@ -30,6 +30,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import events as _events
+from ._blocking import loop_running, warn_blocking
 from ._counter import Counter
 from ._deadline import remaining
 from ._drivers import Plan, pump_async, pump_sync
@@ -518,6 +519,11 @@ class RateLimiter(Policy):
     def acquire(self, weight: int = 1, *, key: Hashable | None = None) -> None:
         """Admit ``weight`` units, waiting up to ``max_wait`` (and never past the enclosing
         deadline); raises :class:`RateLimited` at once when that is not enough."""
+        if loop_running() is not None:
+            warn_blocking(
+                f"{self!r}: acquire() on a thread whose event loop is running blocks every "
+                f"task of the loop while it waits: await acquire_async() there"
+            )
         if weight == 1 and key is None and self._fast():
             return
         self._acquire_slow(weight, key)
