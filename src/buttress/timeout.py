@@ -646,14 +646,22 @@ class Timeout(Policy):
         """
         return self._expired(self.seconds, cause)
 
-    def _expired(self, seconds: float, cause: BaseException | None = None) -> TimeoutExceeded:
+    def _expired(
+        self, seconds: float, cause: BaseException | None = None, *, abandoned: bool = False
+    ) -> TimeoutExceeded:
         with _COUNTER_LOCK:
             if self._timeouts is None:
                 self._timeouts = Counter()
         self._timeouts.incr()
         self.emit(_events.TimeoutFired, timeout=seconds)
         label = "timeout" if self.name is None else f"timeout {self.name!r}"
-        error = TimeoutExceeded(f"{label}: exceeded {seconds:g}s", timeout=seconds)
+        message = f"{label}: exceeded {seconds:g}s"
+        if abandoned:
+            message += (
+                " (mode='thread': the call goes on in its worker thread, abandoned; its "
+                "outcome is reported as an AbandonedCallCompleted event)"
+            )
+        error = TimeoutExceeded(message, timeout=seconds)
         error.__cause__ = cause
         return error
 
@@ -765,12 +773,7 @@ class Timeout(Policy):
                 pool.abandon(call)
                 raise
             if pool.abandon(call):
-                error = self._expired(seconds)
-                error.add_note(
-                    "buttress: mode='thread': the call goes on in its worker thread; its "
-                    "outcome will be reported as an AbandonedCallCompleted event"
-                )
-                raise error
+                raise self._expired(seconds, abandoned=True)
             failure = call.error
             if failure is not None:
                 call.error = None

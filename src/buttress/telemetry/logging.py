@@ -46,8 +46,7 @@ _MESSAGES: dict[str, str] = {
     "acquired_after_wait": "acquired after waiting {waited:.3g}s",
     "timeout_fired": "timed out after {timeout:g}s",
     "abandoned_call_completed": (
-        "a call abandoned at its {timeout:g}s timeout ended after {elapsed:.3g}s "
-        "(error: {error})"
+        "a call abandoned at its {timeout:g}s timeout ended after {elapsed:.3g}s (error: {error})"
     ),
     "fallback_used": "fallback replaced {error}",
     "hedge_launched": "hedged attempt {attempt} started",
