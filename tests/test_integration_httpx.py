@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -35,6 +36,7 @@ from buttress.integrations.httpx import (
     IDEMPOTENT_METHODS,
     AsyncResilientTransport,
     ResilientTransport,
+    TransportTimeout,
     parse_retry_after,
 )
 from buttress.testing import FakeClock
@@ -808,6 +810,99 @@ def test_real_server_sync_timeout_option(server):
         with pytest.raises(TimeoutExceeded):
             http.get("/slow")
         assert time.monotonic() - started < 0.9
+
+
+# -- running out of time stays an httpx error --------------------------------------------------
+
+
+def test_real_server_async_client_timeout_is_httpx_read_timeout(server):
+    """timeout=0.6 on the transport, 0.2 on the client, a hanging server: httpx.ReadTimeout
+    (not a TimeoutExceeded naming a value nobody set), noted with the budget that ran out."""
+    server.script.on("/hang", *[Act(200, delay=1.0)] * 3)
+
+    async def main() -> None:
+        transport = AsyncResilientTransport(timeout=0.6, name="upstream")
+        async with httpx.AsyncClient(transport=transport, base_url=server.url, timeout=0.2) as http:
+            started = time.monotonic()
+            with pytest.raises(httpx.TimeoutException) as info:
+                await http.get("/hang")
+            assert time.monotonic() - started < 0.55
+        assert type(info.value) is httpx.ReadTimeout
+        assert not isinstance(info.value, TimeoutExceeded)
+        if sys.version_info >= (3, 11):
+            assert "read timeout (0.2s)" in info.value.__notes__[-1]
+
+    asyncio.run(main())
+
+
+def test_real_server_async_transport_timeout_is_an_httpx_timeout_too(server):
+    """The transport's timeout= running out: a TransportTimeout, both httpx's and ours,
+    whose message names the configured seconds."""
+    server.script.on("/hang", *[Act(200, delay=1.0)] * 3)
+
+    async def main() -> None:
+        transport = AsyncResilientTransport(timeout=0.2, name="upstream")
+        async with httpx.AsyncClient(transport=transport, base_url=server.url, timeout=5.0) as http:
+            with pytest.raises(httpx.TimeoutException) as info:
+                await http.get("/hang")
+        error = info.value
+        assert isinstance(error, TransportTimeout)
+        assert isinstance(error, TimeoutExceeded) and isinstance(error, httpx.HTTPError)
+        assert error.timeout == 0.2
+        assert "timeout=0.2s" in str(error) and "'upstream'" in str(error)
+        assert error.request.url.path == "/hang"
+        assert buttress.state()["timeout"]["upstream"]["timeouts"] == 1
+
+    asyncio.run(main())
+
+
+def test_real_server_sync_timeouts_stay_httpx_errors(server):
+    """Sync: the client's read timeout is httpx.ReadTimeout; the transport's is a
+    TransportTimeout naming its seconds."""
+    server.script.on("/hang", *[Act(200, delay=1.0)] * 6)
+    transport = ResilientTransport(timeout=0.6)
+    with httpx.Client(transport=transport, base_url=server.url, timeout=0.2) as http:
+        with pytest.raises(httpx.ReadTimeout) as read:
+            http.get("/hang")
+        assert not isinstance(read.value, TimeoutExceeded)
+    transport = ResilientTransport(timeout=0.2)
+    with (
+        httpx.Client(transport=transport, base_url=server.url, timeout=5.0) as http,
+        pytest.raises(httpx.TimeoutException) as info,
+    ):
+        http.get("/hang")
+    assert isinstance(info.value, TransportTimeout)
+    assert "httpx transport: GET" in str(info.value) and "timeout=0.2s" in str(info.value)
+
+
+def test_an_outer_retry_on_httpx_errors_retries_a_transport_timeout(clock):
+    """retry(on=httpx.HTTPError) around the client sees the transport's timeout."""
+    calls = []
+
+    def slow_answer(request: httpx.Request) -> httpx.Response:
+        calls.append(clock.now())
+        clock.advance(2.0 if len(calls) == 1 else 0.1)
+        return httpx.Response(200)
+
+    transport = ResilientTransport(httpx.MockTransport(slow_answer), timeout=1.0, clock=clock)
+
+    @retry(2, on=httpx.HTTPError, backoff=[0.0], clock=clock)
+    def fetch() -> int:
+        with httpx.Client(transport=transport) as http:
+            return http.get("http://api.example/").status_code
+
+    assert fetch() == 200
+    assert len(calls) == 2
+
+
+def test_a_transport_timeout_survives_pickling():
+    """TransportTimeout round-trips like every buttress error."""
+    import pickle
+
+    error = TransportTimeout("ran out", timeout=1.5)
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is TransportTimeout
+    assert (str(copy), copy.timeout) == ("ran out", 1.5)
 
 
 # -- a breaker store that fails while settling: nothing the attempt holds is left behind ----

@@ -636,15 +636,24 @@ class Timeout(Policy):
         if self._pool is not None:
             self._pool.close()
 
-    def expired(self, cause: BaseException | None = None) -> TimeoutExceeded:
+    def expired(
+        self, cause: BaseException | None = None, *, error: TimeoutExceeded | None = None
+    ) -> TimeoutExceeded:
         """Count and report an expiry of this timeout; the error for the caller to raise.
 
         For drivers that enforce the time limit themselves (the httpx transport maps
         its client's own timeout to this policy): ``raise t.expired(exc) from exc``.
         The expiry is counted in ``snapshot()["timeouts"]`` and emits ``TimeoutFired``
         with ``seconds``; ``cause``, when given, becomes the error's ``__cause__``.
+        ``error``, when given, is the error returned instead of a plain
+        :class:`TimeoutExceeded`: a subclass that is also the client library's own
+        timeout error, so that its ``except`` clauses keep working.
         """
-        return self._expired(self.seconds, cause)
+        built = self._expired(self.seconds, cause)
+        if error is None:
+            return built
+        error.__cause__ = cause
+        return error
 
     def _expired(
         self, seconds: float, cause: BaseException | None = None, *, abandoned: bool = False

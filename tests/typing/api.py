@@ -437,3 +437,27 @@ def stores_take_timedelta() -> None:
         return None
 
     LoadSheddingMiddleware(app, max_wait=timedelta(milliseconds=50))
+
+
+def timeout_modes() -> None:
+    from datetime import timedelta
+
+    from buttress.timeout import TimeoutMode
+
+    legacy = timeout(timedelta(milliseconds=50), mode="thread", max_workers=8, max_abandoned=2)
+
+    @legacy
+    def call_sdk(account: str, *, retries: int = 0) -> bytes:
+        return account.encode()
+
+    assert_type(call_sdk("a", retries=1), bytes)
+    assert_type(legacy.mode, TimeoutMode)
+    assert_type(legacy.max_abandoned, int | None)
+    legacy.close()
+
+    with timeout(1, mode="signal"):
+        pass
+    mode: TimeoutMode = "deadline"
+    timeout(1, mode=mode)
+    timeout(1, mode="walk-away")  # type: ignore[arg-type]
+    assert_type(buttress.LoopBlockingWarning("x"), buttress.LoopBlockingWarning)

@@ -25,6 +25,10 @@ HTTP semantics:
   ``Retry-After``, limiter or bulkhead queue) that would end after it is started, and
   each retry gets the time left as its socket timeouts. Queue waits are also bounded by
   the pool timeout, and an enclosing ``buttress.timeout`` narrows everything.
+- Running out of time stays an httpx error: the client's own timeout raises httpx's
+  ``ReadTimeout`` (and the like), noted with the budget that ran out; the transport's
+  ``timeout=`` raises :class:`TransportTimeout`, both an ``httpx.TimeoutException`` and a
+  :class:`buttress.TimeoutExceeded`, whose message names the configured seconds.
 - A response that is retried is read (up to 64 KiB, so its connection can be reused)
   and closed before the wait, so retries never hold connections.
 
@@ -44,7 +48,7 @@ import httpx
 from buttress._deadline import remaining
 from buttress._drivers import pump_async, pump_sync
 from buttress.bulkhead import BulkheadPermit
-from buttress.exceptions import ConfigTypeError
+from buttress.exceptions import ConfigTypeError, TimeoutExceeded
 
 from ._http import (
     DRAIN_LIMIT,
@@ -67,6 +71,7 @@ __all__ = [
     "RETRY_STATUSES",
     "AsyncResilientTransport",
     "ResilientTransport",
+    "TransportTimeout",
     "parse_retry_after",
 ]
 
@@ -78,6 +83,54 @@ _NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _CLAMP_SLACK = 0.001
 
 T = TypeVar("T", httpx.BaseTransport, httpx.AsyncBaseTransport)
+
+
+class TransportTimeout(httpx.TimeoutException, TimeoutExceeded):
+    """The transport's ``timeout=`` ran out before the exchange (retries and waits
+    included) ended.
+
+    An ``httpx.TimeoutException`` (so ``except httpx.TimeoutException``,
+    ``except httpx.HTTPError`` and ``retry(on=httpx.HTTPError)`` catch it) and a
+    :class:`buttress.TimeoutExceeded` (and the built-in ``TimeoutError``). ``timeout``
+    is the configured seconds, ``request`` the request.
+    """
+
+    def __init__(
+        self, message: str, *, request: httpx.Request | None = None, timeout: float | None = None
+    ) -> None:
+        httpx.TimeoutException.__init__(self, message, request=request)
+        self.timeout = timeout
+
+
+def _timeout_error(exchange: _Exchange, effective: float | None = None) -> TransportTimeout:
+    """The error for the transport's ``timeout=`` running out, naming its seconds."""
+    timeout = exchange.owner.timeout
+    assert timeout is not None
+    name = exchange.owner.name
+    label = "httpx transport" if name is None else f"httpx transport {name!r}"
+    request = exchange.request
+    message = (
+        f"{label}: {request.method} {request.url} ran out of its timeout="
+        f"{timeout.seconds:g}s (retries and waits included)"
+    )
+    if effective is not None and effective < timeout.seconds - 1e-3:
+        message += f", cut to {effective:g}s by an enclosing deadline"
+    return TransportTimeout(message, request=request, timeout=timeout.seconds)
+
+
+def _explain(exchange: _Exchange, error: httpx.TimeoutException, entered: float) -> None:
+    """Note on the client's own timeout error that its read timeout, the exchange's
+    budget, ran out (its message names no value)."""
+    read = exchange.read
+    add = getattr(error, "add_note", None)  # Python 3.11+
+    if read is None or add is None or exchange.clock.now() - entered < read - 1e-3:
+        return
+    note = (
+        f"buttress: the request's read timeout ({read:g}s) is the budget of the whole "
+        f"exchange, retries and waits included, and it ran out"
+    )
+    if note not in getattr(error, "__notes__", ()):
+        add(note)
 
 
 def _host_key(url: httpx.URL) -> str:
@@ -292,8 +345,9 @@ _OPTIONS_DOC = """
             ``Bulkhead`` shared by every host, or ``None`` (the default). A slot is held
             until the response is closed.
         timeout: seconds (or a :func:`buttress.timeout` policy) for the whole exchange,
-            retries and waits included; running out raises
-            :class:`~buttress.TimeoutExceeded`. Default ``None``: the request's own
+            retries and waits included; running out raises :class:`TransportTimeout`
+            (an ``httpx.TimeoutException`` and a :class:`~buttress.TimeoutExceeded`).
+            Default ``None``: the request's own
             timeout is the only budget.
         registry: the registry named policies join (default: the default registry).
         clock: time source for the policies built here and the budget (default: the
@@ -314,20 +368,22 @@ class ResilientTransport(_Resilience[httpx.BaseTransport], httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         exchange = _Exchange(self, request)
+        entered = exchange.clock.now()
         exchange.enter(exchange.read, sync_timeout=True)
         timeout = self.timeout
         try:
             response = pump_sync(plan(exchange))
         except httpx.TimeoutException as exc:
             if timeout is not None and exchange.timed_out():
-                raise timeout.expired(exc) from exc
+                raise timeout.expired(exc, error=_timeout_error(exchange)) from exc
+            _explain(exchange, exc, entered)
             raise
         finally:
             exchange.exit()
         if timeout is not None and exchange.timed_out():
             # Sync code cannot be interrupted: a late answer is dropped, never acted on.
             response.close()
-            raise timeout.expired()
+            raise timeout.expired(error=_timeout_error(exchange))
         return response
 
     def close(self) -> None:
@@ -349,20 +405,36 @@ class AsyncResilientTransport(_Resilience[httpx.AsyncBaseTransport], httpx.Async
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through the policies (httpx calls this; see the class)."""
         exchange = _Exchange(self, request)
-        exchange.enter(exchange.read, sync_timeout=False)
+        entered = exchange.clock.now()
         timeout = self.timeout
-        try:
-            if timeout is None:
-                return await pump_async(plan(exchange))
+        if timeout is None:
+            exchange.enter(exchange.read, sync_timeout=False)
             try:
-                async with timeout:  # cancels the exchange when the time is up
-                    return await pump_async(plan(exchange))
+                return await pump_async(plan(exchange))
             except httpx.TimeoutException as exc:
-                if exchange.timed_out():
-                    raise timeout.expired(exc) from exc
+                _explain(exchange, exc, entered)
                 raise
-        finally:
-            exchange.exit()
+            finally:
+                exchange.exit()
+        try:
+            # The scope is entered before the read timeout's deadline is set, so that it
+            # ends at its own time: a shorter read timeout ends in httpx's own error.
+            async with timeout:  # cancels the exchange when the time is up
+                exchange.enter(exchange.read, sync_timeout=False)
+                try:
+                    return await pump_async(plan(exchange))
+                finally:
+                    exchange.exit()
+        except httpx.TimeoutException as exc:
+            if exchange.timed_out() and not isinstance(exc, TransportTimeout):
+                raise timeout.expired(exc, error=_timeout_error(exchange)) from exc
+            _explain(exchange, exc, entered)
+            raise
+        except TimeoutExceeded as exc:
+            if type(exc) is not TimeoutExceeded:  # pragma: no cover - not the scope's own
+                raise
+            # The scope's own expiry (counted and reported already), as an httpx error.
+            raise _timeout_error(exchange, exc.timeout) from exc
 
     async def aclose(self) -> None:
         """Close the wrapped transport."""
