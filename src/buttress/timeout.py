@@ -334,20 +334,22 @@ class _Pool:
         call.args, call.kwargs = (), {}
         with self.lock:
             late = call.state == _ABANDONED
-            if late:
+            if not late:
+                call.state = _FINISHED
+                self.running -= 1
+        if not late:
+            call.done.set()
+            return
+        try:
+            self.report(call)  # before the count drops: once it does, the event is out
+        finally:
+            with self.lock:
                 self.abandoned -= 1
                 if call.error is None:
                     self.late_results += 1
                 else:
                     self.late_errors += 1
-            else:
-                call.state = _FINISHED
-                self.running -= 1
-        if late:
-            self.report(call)
             call.result = call.error = None
-        else:
-            call.done.set()
 
     def _next(self, inbox: queue.SimpleQueue[_Call | None]) -> _Call | None:
         with self.lock:
