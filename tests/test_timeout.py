@@ -563,6 +563,20 @@ def test_every_worker_busy_rejects_at_once(no_leaked_threads):
     assert results == ["done"]
 
 
+def test_thread_mode_starts_nothing_once_an_enclosing_deadline_has_passed(no_leaked_threads):
+    """Inside an expired deadline the call is not started (nothing to abandon)."""
+    clock = FakeClock()
+    policy = timeout(5, mode="thread", clock=clock)
+    no_leaked_threads.append(policy)
+    ran = []
+    work = policy(lambda: ran.append(1))
+    with pytest.raises(TimeoutExceeded), timeout(1, clock=clock):
+        clock.advance(2)
+        work()
+    assert ran == []
+    assert policy.snapshot()["abandoned_total"] == 0
+
+
 def test_thread_mode_validation():
     """Pool size and cap are validated by name; they belong to mode='thread' only."""
     with pytest.raises(ValueError, match="max_workers must be >= 1, got 0"):

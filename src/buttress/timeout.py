@@ -774,6 +774,8 @@ class Timeout(Policy):
                 context = copy_context()  # remaining() and every contextvar go along
             finally:
                 reset_deadline(token)
+            if seconds <= 0.0:  # an enclosing deadline has passed: start nothing to abandon
+                raise self._expired(seconds)
             call = _Call(fn, args, kwargs, context, now())
             reason = pool.submit(call)
             if reason is not None:
