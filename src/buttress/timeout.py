@@ -499,10 +499,16 @@ def _signal_enter(seconds: float, clock: Any) -> _SignalScope:
     scope = _SignalScope(effective, token, time.monotonic())
     if not _alarms.stack:
         previous = signal.getsignal(signal.SIGALRM)
+        # Pause another party's timer first, so that it cannot fire into our handler.
         _alarms.saved_timer = signal.setitimer(signal.ITIMER_REAL, 0)
         _alarms.saved_at = time.monotonic()
+        try:
+            signal.signal(signal.SIGALRM, _on_alarm)
+        except BaseException:  # pragma: no cover - e.g. not the main interpreter
+            signal.setitimer(signal.ITIMER_REAL, *_alarms.saved_timer)
+            reset_deadline(token)
+            raise
         _alarms.saved_handler = signal.SIG_DFL if previous is None else previous
-        signal.signal(signal.SIGALRM, _on_alarm)
     _alarms.stack.append(scope)
     _rearm()
     return scope
