@@ -629,12 +629,12 @@ def test_a_cancel_the_client_swallows_still_stops_the_bulkhead_waiter(
 ) -> None:
     """A waiter whose cancellation the client swallowed stops, and holds no slot."""
     a = Bulkhead("swallowed", max_concurrent=1, store=stores(RedisBulkheadStore))
+    held = a.acquire()  # off the loop: a blocking acquire() there would warn
 
     async def main() -> None:
         client = SwallowsCancellation.from_url(redis_url)
         store = stores(RedisBulkheadStore, async_client=client)
         b = Bulkhead("swallowed", max_concurrent=1, max_queue=1, store=store, **other_process())
-        held = a.acquire()
         assert (await _cancel_during_first_command(b.acquire_async)).cancelled()
         held.release()
         assert (await _cancel_during_first_command(b.acquire_async)).cancelled()  # granted
