@@ -691,6 +691,22 @@ def test_signal_mode_interrupts_a_blocking_call(alarm_state):
 
 
 @posix_only
+def test_a_breaker_inside_a_signal_timeout_counts_the_interruption(alarm_state):
+    """Interrupted at the deadline: a failure of the dependency, in deadline_failures."""
+    breaker = buttress.CircuitBreaker(failure_threshold=1)
+
+    @timeout(0.02, mode="signal")
+    @breaker
+    def hangs() -> None:
+        time.sleep(5)
+
+    with pytest.raises(TimeoutExceeded):
+        hangs()
+    assert breaker.state == "open"
+    assert breaker.snapshot()["deadline_failures"] == 1
+
+
+@posix_only
 def test_signal_mode_in_time_and_its_errors(alarm_state):
     """A call that ends in time returns; its own error propagates; no timer is left."""
 

@@ -18,7 +18,6 @@ ran) updates the counters but never moves the state.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -496,11 +495,12 @@ class CircuitBreaker(PermitGuard, Policy):
             with self._lock:
                 self._neutral += 1
             return "neutral"
-        if isinstance(exc, asyncio.CancelledError) and _deadline_expired():
-            # Cancelled by an enclosing timeout whose deadline passed: the dependency was
-            # too slow, which is a failure (with `timeout` outermost in a pipeline, a
-            # hanging dependency must still open the circuit). Any other cancellation
-            # is the caller's business and stays neutral.
+        if not isinstance(exc, Exception) and _deadline_expired():
+            # Cancelled (or, by a mode="signal" timeout, interrupted) by an enclosing
+            # timeout whose deadline passed: the dependency was too slow, which is a
+            # failure (with `timeout` outermost in a pipeline, a hanging dependency must
+            # still open the circuit). Any other cancellation is the caller's business
+            # and stays neutral.
             with self._lock:
                 self._failures += 1
                 self._deadline_failures += 1
