@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -616,6 +616,18 @@ def test_modes_other_than_deadline_refuse_coroutines_and_thread_mode_refuses_blo
             asyncio.run(block())
     with pytest.raises(TypeError, match="cannot move to another thread"), timeout(1, mode="thread"):
         pass
+
+    def numbers() -> Iterator[int]:
+        yield 1
+
+    async def async_numbers() -> AsyncIterator[int]:
+        yield 1
+
+    for mode in ("thread", "signal"):
+        with pytest.raises(TypeError, match="generator function"):
+            timeout(1, mode=mode)(numbers)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="async generator function"):
+            timeout(1, mode=mode)(async_numbers)  # type: ignore[arg-type]
 
 
 def test_a_closed_or_collected_policy_ends_its_threads():

@@ -862,9 +862,18 @@ class Timeout(Policy):
     # -- generator functions: one deadline for the whole iteration ---------------------------
 
     def _wrap_generator(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if self.mode != "deadline":
+            raise ConfigTypeError(
+                f"a timeout with mode={self.mode!r} bounds a call, got the generator "
+                f"function {fn!r}: its items are produced in the caller's thread between "
+                f"calls, so use the default mode='deadline'"
+            )
         return wrap_generator(fn, lambda: _DeadlineSession(self))
 
     def _wrap_async_generator(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if self.mode != "deadline":
+            raise self._refuse_async(f"the async generator function {fn!r}")
+
         async def open_session() -> Session:
             return _ScopeSession(self)
 
