@@ -175,7 +175,9 @@ class Policy:
         behalf of a policy through this method.
         """
         if self._listeners or _events.hub.listeners:
-            event = event_type(source=self.kind, name=self.name, time=self._clock.now(), **fields)
+            # source, name and time lead every event's fields: passed by position, the
+            # cheaper call (an event is built per rejection while anyone listens).
+            event = event_type(self.kind, self.name, self._clock.now(), **fields)
             _events.dispatch(self._listeners, event)
 
     # -- state ------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ __all__ = ["LocalLimiter", "RateLimiter"]
 
 # Float slack when comparing times, far below any meaningful admission interval.
 _EPS = 1e-9
+_new_error = BaseException.__new__
 
 
 def _never() -> bool:
@@ -167,12 +168,7 @@ class LocalLimiter(BindingBase):
         start = bucket.tat if bucket.tat > now else now
         wait = start + (bucket.waiters.weight + weight) * self.interval - self.tolerance - now
         if max_wait is not None and wait > max_wait + _EPS:
-            retry_after = max(wait, 0.0)
-            raise RateLimited(
-                f"{self.label}: no permit within the allowed wait (next in {retry_after:.3f}s)",
-                retry_after=retry_after,
-                name=self.name,
-            )
+            raise self._limited(max(wait, 0.0))
         waiter = Waiter(weight, is_async=is_async)
         bucket.waiters.append(waiter)
         return waiter
@@ -201,6 +197,27 @@ class LocalLimiter(BindingBase):
             following = bucket.waiters.head()
             if following is not None:
                 following.wake()
+
+    def _limited(self, retry_after: float) -> RateLimited:
+        # What RateLimited(message, retry_after=..., name=...) builds, without the
+        # Python-level __init__ (see RejectedError): rejections are an outage's hot path.
+        error = _new_error(
+            RateLimited,
+            f"{self.label}: no permit within the allowed wait (next in {retry_after:.3f}s)",
+        )
+        error.retry_after = retry_after
+        error.name = self.name
+        return error
+
+    def refused(self) -> RateLimited:
+        """The error for one unit of the unkeyed bucket refused by the fast path (see
+        :meth:`make_fast`) to a caller that may not wait. Read without the lock: the
+        refusal is already decided, and ``retry_after`` is advice."""
+        now = self.now()
+        bucket = self.unkeyed
+        start = bucket.tat if bucket.tat > now else now
+        wait = start + (bucket.waiters.weight + 1) * self.interval - self.tolerance - now
+        return self._limited(wait if wait > 0.0 else 0.0)
 
     # -- the binding protocol ---------------------------------------------------------------
 
@@ -356,7 +373,7 @@ class RateLimiter(Policy):
             weakref.WeakValueDictionary()
         )
         self._admitted = Counter()
-        self._rejected = 0
+        self._rejected = Counter()
         self._waited = 0
         self.store: LimiterStore | None = None if store is None else check_store("limiter", store)
         self.binding: LimiterBinding = (
@@ -367,6 +384,10 @@ class RateLimiter(Policy):
         self._local = self.binding if type(self.binding) is LocalLimiter else None
         self._fast: Callable[[], bool] = (
             _never if self._local is None else self._local.make_fast(self._admitted.incr)
+        )
+        # A limiter that never waits refuses what the fast path refused at once.
+        self._instant: Callable[[], RateLimited] | None = (
+            self._local.refused if self._local is not None and self.max_wait == 0 else None
         )
         self._register()
 
@@ -423,14 +444,20 @@ class RateLimiter(Policy):
     def acquire(self, weight: int = 1, *, key: Hashable | None = None) -> None:
         """Admit ``weight`` units, waiting up to ``max_wait`` (and never past the enclosing
         deadline); raises :class:`RateLimited` at once when that is not enough."""
-        if weight == 1 and key is None and self._fast():
-            return
+        if weight == 1 and key is None:
+            if self._fast():
+                return
+            if self._instant is not None:
+                raise self._count_rejection(self._instant())
         self._acquire_slow(weight, key)
 
     async def acquire_async(self, weight: int = 1, *, key: Hashable | None = None) -> None:
         """Async twin of :meth:`acquire`; a cancelled waiter takes nothing."""
-        if weight == 1 and key is None and self._fast():
-            return
+        if weight == 1 and key is None:
+            if self._fast():
+                return
+            if self._instant is not None:
+                raise self._count_rejection(self._instant())
         await self._acquire_slow_async(weight, key)
 
     def _wait_budget(self) -> float | None:
@@ -470,10 +497,9 @@ class RateLimiter(Policy):
             self.emit(_events.AcquiredAfterWait, waited=waited)
 
     def _count_rejection(self, exc: RateLimited) -> RateLimited:
-        owner = self._owner
-        with owner._lock:
-            owner._rejected += 1
-        self.emit(_events.CallRejected, reason=exc.reason, retry_after=exc.retry_after)
+        self._owner._rejected.incr()
+        if self._listeners or _events.hub.listeners:
+            self.emit(_events.CallRejected, reason=exc.reason, retry_after=exc.retry_after)
         return exc
 
     # -- per-key limiters -------------------------------------------------------------------
@@ -501,6 +527,7 @@ class RateLimiter(Policy):
         view._owner = self
         view._key = key
         view._fast = _never
+        view._instant = None
         del view.__dict__["_views"]
         return view
 
@@ -514,9 +541,12 @@ class RateLimiter(Policy):
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         slow, fast = self._acquire_slow, self._fast
+        instant, rejected = self._instant, self._count_rejection
 
         def limited(*args: Any, **kwargs: Any) -> Any:
             if not fast():
+                if instant is not None:
+                    raise rejected(instant())
                 slow(1, None)
             return fn(*args, **kwargs)
 
@@ -524,9 +554,12 @@ class RateLimiter(Policy):
 
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         slow, fast = self._acquire_slow_async, self._fast
+        instant, rejected = self._instant, self._count_rejection
 
         async def limited(*args: Any, **kwargs: Any) -> Any:
             if not fast():
+                if instant is not None:
+                    raise rejected(instant())
                 await slow(1, None)
             return await fn(*args, **kwargs)
 
@@ -565,7 +598,7 @@ class RateLimiter(Policy):
         tokens = self.tokens()
         owner = self._owner
         with owner._lock:
-            rejected, waited = owner._rejected, owner._waited
+            rejected, waited = owner._rejected.value, owner._waited
         out: dict[str, Any] = {
             "kind": self.kind,
             "name": owner.name,
