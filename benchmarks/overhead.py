@@ -558,14 +558,14 @@ def b_full_bulkhead(heard: bool = False) -> Fn:
 
 def b_drained_limiter(heard: bool = False) -> Fn:
     limiter = buttress.RateLimiter(rate=1, per=NEVER, max_wait=0, listeners=_listeners(heard))
-    limiter.acquire()  # the only permit of the hour
+    limiter.try_acquire()  # the only permit of the hour
     return _caught(limiter(work), buttress.RateLimited)
 
 
 def floor_drained_limiter() -> Fn:
-    limited = floor_gcra(1 / NEVER, 1)(work)
-    limited(1)
-    return _caught(limited, FloorLimited)
+    call = _caught(floor_gcra(1 / NEVER, 1)(work), FloorLimited)
+    call(1)  # the only admission of the hour (or already refused: float rounding)
+    return call
 
 
 def _limits_drained() -> Fn:
@@ -573,7 +573,7 @@ def _limits_drained() -> Fn:
 
     item = RateLimitItemPerHour(1)
     hit = strategies.FixedWindowRateLimiter(storage.MemoryStorage()).hit
-    hit(item, "bench")
+    hit(item, "bench")  # the only admission of the hour
 
     def limited(x: int) -> int:
         if not hit(item, "bench"):
