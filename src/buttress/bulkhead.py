@@ -313,7 +313,11 @@ class Bulkhead(PermitGuard, Policy):
         return exc
 
     def _report(self, exc: BulkheadFull) -> None:
-        self.emit(_events.CallRejected, reason=exc.reason, retry_after=exc.retry_after)
+        self._deliver(
+            _events.CallRejected(
+                self.kind, self.name, self._clock.now(), exc.reason, exc.retry_after
+            )
+        )
 
     def give_back(self, lease: object) -> None:
         """Free the slot of ``lease`` (what settling a :class:`BulkheadPermit` does)."""

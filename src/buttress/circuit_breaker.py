@@ -502,7 +502,11 @@ class CircuitBreaker(PermitGuard, Policy):
         return exc
 
     def _report_open(self, exc: CircuitOpenError) -> None:
-        self.emit(_events.CallRejected, reason=exc.reason, retry_after=exc.retry_after)
+        self._deliver(
+            _events.CallRejected(
+                self.kind, self.name, self._clock.now(), exc.reason, exc.retry_after
+            )
+        )
 
     def is_neutral(self, exc: BaseException) -> bool:
         """Whether ``exc`` ends a call as neither success nor failure: not included,

@@ -343,6 +343,15 @@ def check_listeners(listeners: Iterable[Listener] | None) -> tuple[Listener, ...
     return items
 
 
+def deliver(listeners: tuple[Listener, ...], event: Event) -> None:
+    """Deliver ``event`` to each of ``listeners``; one that raises is logged and skipped."""
+    for listener in listeners:
+        try:
+            listener(event)
+        except Exception:
+            _log.exception("buttress event listener %r failed on %s", listener, event.kind)
+
+
 def dispatch(local: tuple[Listener, ...], event: Event) -> None:
     """Deliver ``event`` to the primitive's own listeners, then the global ones."""
     shared = hub.listeners

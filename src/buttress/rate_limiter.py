@@ -499,7 +499,11 @@ class RateLimiter(Policy):
     def _count_rejection(self, exc: RateLimited) -> RateLimited:
         self._owner._rejected.incr()
         if self._listeners or _events.hub.listeners:
-            self.emit(_events.CallRejected, reason=exc.reason, retry_after=exc.retry_after)
+            self._deliver(
+                _events.CallRejected(
+                    self.kind, self.name, self._clock.now(), exc.reason, exc.retry_after
+                )
+            )
         return exc
 
     # -- per-key limiters -------------------------------------------------------------------

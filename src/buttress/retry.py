@@ -379,14 +379,22 @@ class RetryState:
                     _NOTES[key] = note
             _add_note(error, note)
         if policy._listeners or _events.hub.listeners:
-            policy.emit(
-                _events.RetryGaveUp,
-                attempts=self.attempt,
-                reason=reason,
-                error=error,
-                result=result,
-                **(self.details() if policy.event_details else {}),
-            )
+            if policy.event_details:
+                policy.emit(
+                    _events.RetryGaveUp,
+                    attempts=self.attempt,
+                    reason=reason,
+                    error=error,
+                    result=result,
+                    **self.details(),
+                )
+            else:
+                now = policy._clock.now()
+                policy._deliver(
+                    _events.RetryGaveUp(
+                        policy.kind, policy.name, now, self.attempt, reason, error, result
+                    )
+                )
 
     def __repr__(self) -> str:
         return f"<RetryState attempt={self.attempt} of {self.policy!r}>"
@@ -569,12 +577,10 @@ class Retry(Policy):
                 **state.details(),
             )
         else:
-            self.emit(
-                _events.RetryScheduled,
-                attempt=state.attempt,
-                delay=delay,
-                error=error,
-                result=result,
+            self._deliver(
+                _events.RetryScheduled(
+                    self.kind, self.name, self._clock.now(), state.attempt, delay, error, result
+                )
             )
 
     def start(self) -> RetryState:
