@@ -81,7 +81,9 @@ class Result:
 @dataclass(frozen=True)
 class Target:
     """``kind="ns"``: overhead at or under ``value`` ns. ``kind="ratio"``: overhead at or
-    under ``value`` times the reference (a candidate label, or ``"sum of parts"``)."""
+    under ``value`` times the reference (a candidate label, or ``"sum of parts"``).
+    ``kind="delta"``: overhead at most ``value`` ns above the reference candidate's (what
+    one feature adds to the same call, such as a listener)."""
 
     kind: str
     value: float
@@ -90,6 +92,8 @@ class Target:
     def describe(self) -> str:
         if self.kind == "ns":
             return f"<= {self.value:g} ns"
+        if self.kind == "delta":
+            return f"<= {self.reference} + {self.value:g} ns"
         return f"<= {self.value:g}x {self.reference}"
 
 
@@ -283,6 +287,16 @@ def verdict(group: Group) -> Verdict | None:
     else:
         ref = group.result(target.reference)
         reference = None if ref is None or ref.skipped else ref.overhead
+    if target.kind == "delta":
+        if reference is None:
+            return None
+        added = overhead - reference
+        return Verdict(
+            group,
+            added,
+            target.value,
+            f"{overhead:.0f} ns vs {reference:.0f} ns (+{added:.0f} ns)",
+        )
     if reference is None or reference <= 0:
         return None
     ratio = overhead / reference

@@ -49,6 +49,7 @@ PRIMITIVES = {
     "bulkhead": "Bulkhead",
     "timeout": "Timeout",
     "pipeline": "Pipeline",
+    "rejection": "Rejections and failures",
 }
 
 
@@ -139,7 +140,9 @@ def _target_ns(group: Group) -> float | None:
     else:
         ref = group.result(target.reference)
         reference = None if ref is None else ref.overhead
-    return None if reference is None else target.value * reference
+    if reference is None:
+        return None
+    return reference + target.value if target.kind == "delta" else target.value * reference
 
 
 def _has_parts(group: Group) -> int:

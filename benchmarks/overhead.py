@@ -53,7 +53,8 @@ def floor_retry(attempts: int, delay: float = 0.1) -> Callable[[Fn], Fn]:
                 except Exception:
                     if attempt == attempts - 1:
                         raise
-                    time.sleep(delay)
+                    if delay > 0:
+                        time.sleep(delay)
             return None
 
         return wrapper
@@ -70,7 +71,8 @@ def floor_retry_async(attempts: int, delay: float = 0.1) -> Callable[[Fn], Fn]:
                 except Exception:
                     if attempt == attempts - 1:
                         raise
-                    await asyncio.sleep(delay)
+                    if delay > 0:
+                        await asyncio.sleep(delay)
             return None
 
         return wrapper
@@ -135,10 +137,11 @@ class FloorFull(Exception):
     pass
 
 
-def floor_bulkhead(limit: int) -> Callable[[Fn], Fn]:
-    """A lock and a counter (thread-safe, reject when full, no queue)."""
+def floor_bulkhead(limit: int, held: int = 0) -> Callable[[Fn], Fn]:
+    """A lock and a counter (thread-safe, reject when full, no queue); ``held`` slots
+    start taken (a full bulkhead, for the rejection groups)."""
     lock = threading.Lock()
-    state = [0]
+    state = [held]
 
     def decorate(fn: Fn) -> Fn:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -486,6 +489,244 @@ def _hyx_timeout(fn: Fn) -> Fn:
     return timeout(10)(fn)
 
 
+# -- rejections and failures -------------------------------------------------------------------
+#
+# What runs during an outage: an open breaker, a full bulkhead and a drained limiter refuse
+# the call, and a retry sees every attempt fail. Each candidate catches the refusal (or the
+# last error) and returns its argument, so ``fn(1)`` is still 1; the floors pay for the same
+# catch. Rejections happen before the protected function runs, so it is ``work`` throughout.
+
+NEVER = 3600.0  # seconds: a breaker stays open and a limiter drained for the whole run
+
+
+class Boom(Exception):
+    """The failure of the retry groups (a new instance per attempt, as in real code)."""
+
+
+def fail(x: int) -> int:
+    raise Boom
+
+
+def ignore(event: object) -> None:
+    """The cheapest listener: what attaching one costs is the event itself."""
+
+
+def _caught(fn: Fn, errors: type[BaseException] | tuple[type[BaseException], ...]) -> Fn:
+    def call(x: int) -> Any:
+        try:
+            return fn(x)
+        except errors:
+            return x
+
+    return call
+
+
+def _listeners(heard: bool) -> list[Callable[[Any], None]] | None:
+    return [ignore] if heard else None
+
+
+def b_open_breaker(heard: bool = False) -> Fn:
+    breaker = buttress.CircuitBreaker(
+        failure_threshold=1, reset_timeout=NEVER, listeners=_listeners(heard)
+    )
+    _caught(breaker(fail), Boom)(1)  # one failure opens it
+    assert breaker.state == "open"
+    return _caught(breaker(work), buttress.CircuitOpenError)
+
+
+def floor_open_breaker() -> Fn:
+    breaker = FloorBreaker(threshold=1, reset_timeout=NEVER)
+    _caught(breaker(fail), Boom)(1)
+    return _caught(breaker(work), FloorOpen)
+
+
+def _pybreaker_open() -> Fn:
+    import pybreaker
+
+    breaker = pybreaker.CircuitBreaker(fail_max=1, reset_timeout=NEVER)
+    _caught(breaker(fail), (Boom, pybreaker.CircuitBreakerError))(1)
+    return _caught(breaker(work), pybreaker.CircuitBreakerError)
+
+
+def b_full_bulkhead(heard: bool = False) -> Fn:
+    bulkhead = buttress.Bulkhead(max_concurrent=1, listeners=_listeners(heard))
+    held = bulkhead.acquire()  # the one slot, kept for the whole run
+    call = _caught(bulkhead(work), buttress.BulkheadFull)
+    call.held = held  # type: ignore[attr-defined]
+    return call
+
+
+def b_drained_limiter(heard: bool = False) -> Fn:
+    limiter = buttress.RateLimiter(rate=1, per=NEVER, max_wait=0, listeners=_listeners(heard))
+    limiter.try_acquire()  # the only permit of the hour
+    return _caught(limiter(work), buttress.RateLimited)
+
+
+def floor_drained_limiter() -> Fn:
+    call = _caught(floor_gcra(1 / NEVER, 1)(work), FloorLimited)
+    call(1)  # the only admission of the hour (or already refused: float rounding)
+    return call
+
+
+def _limits_drained() -> Fn:
+    from limits import RateLimitItemPerHour, storage, strategies
+
+    item = RateLimitItemPerHour(1)
+    hit = strategies.FixedWindowRateLimiter(storage.MemoryStorage()).hit
+    hit(item, "bench")  # the only admission of the hour
+
+    def limited(x: int) -> int:
+        if not hit(item, "bench"):
+            raise FloorLimited
+        return work(x)
+
+    return _caught(limited, FloorLimited)
+
+
+def b_failing_retry(heard: bool = False) -> Fn:
+    return _caught(buttress.retry(3, backoff=[0.0], listeners=_listeners(heard))(fail), Boom)
+
+
+def _tenacity_failing() -> Fn:
+    import tenacity
+
+    policy = tenacity.retry(
+        stop=tenacity.stop_after_attempt(3),
+        wait=tenacity.wait_none(),
+        sleep=_no_zero_sleep,
+        reraise=True,
+    )
+    return _caught(policy(fail), Boom)
+
+
+def _no_zero_sleep(seconds: float) -> None:
+    # As buttress and the floor do: a zero wait is no syscall (time.sleep(0) yields the
+    # CPU, which costs hundreds of microseconds on a busy machine and measures nothing).
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+NO_LISTENER = "buttress, no listener"
+
+
+def rejection_groups() -> list[Group]:
+    """Rejections (2x the floor at most) and what one listener adds to them."""
+    caught = "catches the refusal"
+    return [
+        Group(
+            "rejection_breaker",
+            "open-breaker rejection (sync)",
+            False,
+            [
+                _bare(False),
+                _c("buttress.CircuitBreaker, open", BUTTRESS, b_open_breaker, "buttress"),
+                _c("floor: open check", FLOOR, floor_open_breaker, note=caught),
+                _c("pybreaker, open", PEER, _pybreaker_open, "pybreaker"),
+            ],
+            Target("ratio", 2.0, "floor: open check"),
+        ),
+        Group(
+            "rejection_bulkhead",
+            "full-bulkhead rejection (sync)",
+            False,
+            [
+                _bare(False),
+                _c("buttress.Bulkhead, full", BUTTRESS, b_full_bulkhead, "buttress"),
+                _c(
+                    "floor: lock + counter",
+                    FLOOR,
+                    lambda: _caught(floor_bulkhead(1, held=1)(work), FloorFull),
+                    note=caught,
+                ),
+            ],
+            Target("ratio", 2.0, "floor: lock + counter"),
+        ),
+        Group(
+            "rejection_limiter",
+            "rate-limited rejection (sync)",
+            False,
+            [
+                _bare(False),
+                _c("buttress.RateLimiter, drained", BUTTRESS, b_drained_limiter, "buttress"),
+                _c("floor: GCRA under a lock", FLOOR, floor_drained_limiter, note=caught),
+                _c("limits FixedWindow (memory)", PEER, _limits_drained, "limits"),
+            ],
+            Target("ratio", 2.0, "floor: GCRA under a lock"),
+        ),
+        Group(
+            "rejection_retry",
+            "retry failing 3 times, zero backoff (sync)",
+            False,
+            [
+                _bare(False),
+                _c("buttress.retry(3, backoff=[0])", BUTTRESS, b_failing_retry, "buttress"),
+                _c(
+                    "floor: try/except loop",
+                    FLOOR,
+                    lambda: _caught(floor_retry(3, delay=0.0)(fail), Boom),
+                    note="re-raises the last error",
+                ),
+                _c("tenacity", PEER, _tenacity_failing, "tenacity", "sleep= skips zero waits"),
+            ],
+            Target("ratio", 2.0, "floor: try/except loop"),
+        ),
+        Group(
+            "rejection_breakerheard",
+            "open-breaker rejection, one listener (sync)",
+            False,
+            [
+                _bare(False),
+                _c("buttress, one listener", BUTTRESS, lambda: b_open_breaker(True), "buttress"),
+                _c(NO_LISTENER, ALT, b_open_breaker, "buttress"),
+                _c("floor: open check", FLOOR, floor_open_breaker),
+            ],
+            Target("delta", 1000, NO_LISTENER),
+            note="one CallRejected event per call",
+        ),
+        Group(
+            "rejection_bulkheadheard",
+            "full-bulkhead rejection, one listener (sync)",
+            False,
+            [
+                _bare(False),
+                _c("buttress, one listener", BUTTRESS, lambda: b_full_bulkhead(True), "buttress"),
+                _c(NO_LISTENER, ALT, b_full_bulkhead, "buttress"),
+            ],
+            Target("delta", 1000, NO_LISTENER),
+            note="one CallRejected event per call",
+        ),
+        Group(
+            "rejection_limiterheard",
+            "rate-limited rejection, one listener (sync)",
+            False,
+            [
+                _bare(False),
+                _c("buttress, one listener", BUTTRESS, lambda: b_drained_limiter(True), "buttress"),
+                _c(NO_LISTENER, ALT, b_drained_limiter, "buttress"),
+            ],
+            Target("delta", 1000, NO_LISTENER),
+            note="one CallRejected event per call",
+        ),
+        Group(
+            "rejection_retryheard",
+            "retry failing 3 times, one listener (sync)",
+            False,
+            [
+                _bare(False),
+                _c("buttress, one listener", BUTTRESS, lambda: b_failing_retry(True), "buttress"),
+                _c(NO_LISTENER, ALT, b_failing_retry, "buttress"),
+                _c(
+                    "floor: try/except loop",
+                    FLOOR,
+                    lambda: _caught(floor_retry(3, delay=0.0)(fail), Boom),
+                ),
+            ],
+            Target("delta", 3000, NO_LISTENER),
+            note="three events per call (two RetryScheduled, one RetryGaveUp): 1 \u00b5s each",
+        ),
+    ]
+
+
 # -- the groups -------------------------------------------------------------------------------
 
 
@@ -610,6 +851,7 @@ def sync_groups() -> list[Group]:
             ],
             Target("ratio", 1.1, "sum of parts"),
         ),
+        *rejection_groups(),
     ]
 
 

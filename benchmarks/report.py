@@ -189,7 +189,7 @@ def summary_rows(groups: list[Group]) -> list[list[str]]:
         fastest = min(others, key=lambda r: r.overhead or 0.0) if others else None
         if group.target.reference == "sum of parts":
             ref = f"sum of parts {_ns(sum_of_parts(group))}"
-        elif group.target.kind == "ratio":
+        elif group.target.kind in ("ratio", "delta"):
             res = group.result(group.target.reference)
             ref = f"{group.target.reference} {_ns(res.overhead if res else None)}"
         else:

@@ -165,3 +165,99 @@ def test_events_moved_to_buttress_events_keep_their_old_import_paths():
     assert cache.CacheStaleServed is events.CacheStaleServed
     assert cache.CacheRefreshFailed is events.CacheRefreshFailed
     assert chaos.ChaosInjected is events.ChaosInjected
+
+
+def _rejections_and_failures(listeners: list[events.Listener] | None) -> list[Exception]:
+    """An open breaker, a full bulkhead, a drained limiter and a retry failing 3 times."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=1, clock=clock, listeners=listeners)
+    bulkhead = Bulkhead(max_concurrent=1, clock=clock, listeners=listeners)
+    limiter = RateLimiter(rate=1, per=60, max_wait=0, clock=clock, listeners=listeners)
+    failing = retry(3, backoff=[0], clock=clock, listeners=listeners)
+
+    def boom() -> None:
+        raise ValueError("down")
+
+    with pytest.raises(ValueError):
+        breaker(boom)()
+    held = bulkhead.acquire()
+    limiter.acquire()
+    caught: list[Exception] = []
+    for call in (breaker(lambda: None), bulkhead(lambda: None), limiter(lambda: None)):
+        with pytest.raises(buttress.RejectedError) as info:
+            call()
+        caught.append(info.value)
+    with pytest.raises(ValueError) as failed:
+        failing(boom)()
+    caught.append(failed.value)
+    held.release()
+    assert breaker.snapshot()["rejections"] == 1
+    assert bulkhead.snapshot()["rejected"] == 1
+    assert limiter.snapshot()["rejected"] == 1
+    assert failing.snapshot()["retries"] == 2
+    assert failing.snapshot()["gave_up"] == 1
+    return caught
+
+
+def test_nothing_is_built_for_events_when_nobody_listens(monkeypatch):
+    """Rejections and failed retries never reach emit() (so build no event and no
+    keyword dict) while no listener is attached; with one, every event arrives. (The
+    breaker's one transition, a rare event, still goes through emit, which builds nothing.)"""
+    emitted: list[type[events.Event]] = []
+
+    def counting_emit(self: object, event_type: type[events.Event], **fields: object) -> None:
+        emitted.append(event_type)
+
+    from buttress._policy import Policy
+
+    monkeypatch.setattr(Policy, "emit", counting_emit)
+    errors = _rejections_and_failures(None)
+    assert emitted == [events.CircuitStateChanged]
+    assert [type(e).__name__ for e in errors] == [
+        "CircuitOpenError",
+        "BulkheadFull",
+        "RateLimited",
+        "ValueError",
+    ]
+    monkeypatch.undo()
+    seen: list[events.Event] = []
+    _rejections_and_failures([seen.append])
+    kinds = [event.kind for event in seen]
+    assert kinds.count("call_rejected") == 3
+    assert kinds.count("retry_scheduled") == 2
+    assert kinds.count("retry_gave_up") == 1
+
+
+def test_cheaply_built_rejections_carry_what_the_constructor_would_set():
+    """The rejections built on the hot paths equal what their public constructors build:
+    message, retry_after, name and reason."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("db", failure_threshold=1, reset_timeout=30, clock=clock)
+    bulkhead = Bulkhead("pool", max_concurrent=1, clock=clock)
+    limiter = RateLimiter("api", rate=1, per=60, max_wait=0, clock=clock)
+    with pytest.raises(ValueError):
+        breaker(lambda: (_ for _ in ()).throw(ValueError("down")))()
+    clock.advance(10)
+    held = bulkhead.acquire()
+    limiter.acquire()
+    errors = []
+    for call in (breaker(lambda: None), bulkhead(lambda: None), limiter(lambda: None)):
+        with pytest.raises(buttress.RejectedError) as info:
+            call()
+        errors.append(info.value)
+    held.release()
+    opened, full, limited = errors
+    assert (str(opened), opened.retry_after, opened.name, opened.reason) == (
+        "circuit breaker 'db' is open",
+        20.0,
+        "db",
+        "circuit_open",
+    )
+    assert opened.args == (str(opened),)
+    assert (full.retry_after, full.name, full.reason) == (None, "pool", "bulkhead_full")
+    assert str(full) == "bulkhead 'pool' is full: all 1 slots busy and 0/0 queued"
+    assert limited.retry_after == pytest.approx(60.0)
+    assert (limited.name, limited.reason) == ("api", "rate_limited")
+    assert str(limited) == "rate limiter 'api': no permit within the allowed wait (next in 60.000s)"
+    for error in errors:
+        assert not error.__dict__  # slots only: no instance dict was made

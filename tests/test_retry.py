@@ -540,6 +540,8 @@ def test_every_buttress_error_survives_pickling(cls):
     assert type(copy) is cls
     assert str(copy) == str(error)
     assert copy.__dict__ == error.__dict__
+    for attribute in kwargs:  # slots (RejectedError's) as well as the instance dict
+        assert getattr(copy, attribute) == getattr(error, attribute)
 
 
 @settings(max_examples=200, deadline=None)

@@ -40,13 +40,14 @@ if TYPE_CHECKING:
 __all__ = ["Bulkhead", "BulkheadPermit", "LocalBulkhead"]
 
 _SLOT = "slot"  # the lease of an in-process slot: slots are counted, not named
+_new_error = BaseException.__new__
 
 
 class LocalBulkhead(BindingBase):
     """The in-process slots of one bulkhead: the reference
     :class:`~buttress.backends.BulkheadBinding`."""
 
-    __slots__ = ("in_flight", "lock", "max_concurrent", "max_queue", "waiters")
+    __slots__ = ("full_message", "in_flight", "lock", "max_concurrent", "max_queue", "waiters")
 
     def __init__(self, bulkhead: Bulkhead) -> None:
         super().__init__(bulkhead)
@@ -55,6 +56,22 @@ class LocalBulkhead(BindingBase):
         self.lock = threading.Lock()
         self.in_flight = 0
         self.waiters = WaiterQueue()
+        self.full_message = self._full_message(self.max_queue)
+
+    def _full_message(self, queued: int) -> str:
+        return (
+            f"{self.label} is full: all {self.max_concurrent} slots busy and "
+            f"{queued}/{self.max_queue} queued"
+        )
+
+    def full(self) -> BulkheadFull:
+        """The error for a call refused because every slot is busy and the queue is full:
+        what a bulkhead raises most during an outage, so it is built cheaply (the message
+        is made once, and RejectedError's __init__ is skipped for what it would set)."""
+        error = _new_error(BulkheadFull, self.full_message)
+        error.retry_after = None
+        error.name = self.name
+        return error
 
     def try_acquire(self) -> object | None:
         with self.lock:
@@ -69,13 +86,11 @@ class LocalBulkhead(BindingBase):
         if self.in_flight < self.max_concurrent and not self.waiters:
             self.in_flight += 1
             return None
-        if len(self.waiters) >= self.max_queue or (timeout is not None and timeout <= 0):
-            raise BulkheadFull(
-                f"{self.label} is full: all {self.max_concurrent} slots busy and "
-                f"{len(self.waiters)}/{self.max_queue} queued",
-                name=self.name,
-                reason="bulkhead_full",
-            )
+        queued = len(self.waiters)
+        if queued >= self.max_queue:
+            raise self.full()
+        if timeout is not None and timeout <= 0:
+            raise BulkheadFull(self._full_message(queued), name=self.name)
         waiter = Waiter(1, is_async)
         self.waiters.append(waiter)
         return waiter
@@ -318,8 +333,16 @@ class Bulkhead(PermitGuard, Policy):
             self._rejected += 1
             if exc.reason == "bulkhead_wait_timeout":
                 self._timed_out += 1
-        self.emit(_events.CallRejected, reason=exc.reason, retry_after=exc.retry_after)
+        if self._listeners or _events.hub.listeners:
+            self._report(exc)
         return exc
+
+    def _report(self, exc: BulkheadFull) -> None:
+        self._deliver(
+            _events.CallRejected(
+                self.kind, self.name, self._clock.now(), exc.reason, exc.retry_after
+            )
+        )
 
     def give_back(self, lease: object) -> None:
         """Free the slot of ``lease`` (what settling a :class:`BulkheadPermit` does)."""
@@ -352,7 +375,9 @@ class Bulkhead(PermitGuard, Policy):
             return guard_sync(fn, self._take, self._give_hook)
         take, release = self._take, core.release
         lock_acquire, lock_release = core.lock.acquire, core.lock.release
-        queue, limit = core.waiters.items, self.max_concurrent
+        queue, limit, room = core.waiters.items, self.max_concurrent, self.max_queue
+        waiters = core.waiters  # its len(): live waiters (cancelled ones may linger in items)
+        full, hub = core.full, _events.hub
 
         def guarded(*args: Any, **kwargs: Any) -> Any:
             lock_acquire()
@@ -360,6 +385,13 @@ class Bulkhead(PermitGuard, Policy):
                 core.in_flight += 1
                 self._accepted += 1
                 lock_release()
+            elif len(waiters) >= room:  # no slot, no room to queue: refused at once
+                self._rejected += 1
+                lock_release()
+                error = full()
+                if self._listeners or hub.listeners:
+                    self._report(error)
+                raise error
             else:
                 lock_release()
                 take()
@@ -384,7 +416,9 @@ class Bulkhead(PermitGuard, Policy):
         count_waited = self._accepted_after_wait.incr
         self._wrapped_async = True
         lock_acquire, lock_release = core.lock.acquire, core.lock.release
-        queue, limit = core.waiters.items, self.max_concurrent
+        queue, limit, room = core.waiters.items, self.max_concurrent, self.max_queue
+        waiters = core.waiters  # its len(): live waiters (cancelled ones may linger in items)
+        full, hub = core.full, _events.hub
 
         async def guarded(*args: Any, **kwargs: Any) -> Any:
             lock_acquire()
@@ -392,6 +426,13 @@ class Bulkhead(PermitGuard, Policy):
                 core.in_flight += 1
                 self._accepted += 1
                 lock_release()
+            elif len(waiters) >= room:  # no slot, no room to queue: refused at once
+                self._rejected += 1
+                lock_release()
+                error = full()
+                if self._listeners or hub.listeners:
+                    self._report(error)
+                raise error
             else:
                 lock_release()
                 # _take_async(), inlined: one coroutine less on the contended path, and

@@ -60,6 +60,7 @@ R = TypeVar("R")
 
 CLOSED = "closed"
 OPEN = "open"
+_new_error = BaseException.__new__
 HALF_OPEN = "half_open"
 
 
@@ -88,6 +89,7 @@ class LocalBreaker(BindingBase):
         "half_open_successes",
         "lock",
         "minimum_calls",
+        "open_message",
         "probes",
         "reset_timeout",
         "ring",
@@ -122,20 +124,49 @@ class LocalBreaker(BindingBase):
         self.ring_pos = 0
         self.ring_len = 0
         self.ring_failures = 0
+        self.open_message = f"{self.label} is open"
 
     # -- the binding protocol ---------------------------------------------------------------
+
+    def refusal(self) -> CircuitOpenError | None:
+        """The error for a call that the open circuit refuses right now, decided without
+        the lock, or ``None`` when it is not open or its probes are due (then
+        :meth:`acquire` decides under the lock).
+
+        A rejection during an outage is the path that runs most, so it takes no lock.
+        That is safe: a transition to open writes ``half_open_at`` (and ``forced``) before
+        ``state``, so a reader that sees ``"open"`` sees that circuit's deadline, and one
+        that reads a state being left was right at the moment it read it.
+        """
+        if self.state != OPEN:
+            return None
+        if self.forced:
+            left = None
+        else:
+            left = self.half_open_at - self.now()
+            if left <= 0:
+                return None
+        # What CircuitOpenError(message, retry_after=left, name=name) builds, without the
+        # Python-level __init__ (see RejectedError): a third of a rejection's cost.
+        error = _new_error(CircuitOpenError, self.open_message)
+        error.retry_after = left
+        error.name = self.name
+        return error
 
     def acquire(self) -> int:
         token = self.closed_token
         if token is not None:
             return token
+        refused = self.refusal()
+        if refused is not None:
+            raise refused
         changed = None
         with self.lock:
             if self.state == OPEN:
                 left = self.half_open_at - self.now()
                 if self.forced or left > 0:
                     raise CircuitOpenError(
-                        f"{self.label} is open",
+                        self.open_message,
                         retry_after=None if self.forced else left,
                         name=self.name,
                     )
@@ -148,7 +179,7 @@ class LocalBreaker(BindingBase):
             else:
                 token = None
         if changed is not None:
-            self.emit(_events.CircuitStateChanged, **changed)
+            self._report(changed)
         if token is None:
             raise CircuitOpenError(
                 f"{self.label} is half-open and its probe slots are taken",
@@ -175,7 +206,7 @@ class LocalBreaker(BindingBase):
                 return
             changed = self._settle(token, failed=failed)
         if changed is not None:
-            self.emit(_events.CircuitStateChanged, **changed)
+            self._report(changed)
 
     async def settle_async(self, token: int, outcome: Outcome) -> None:
         self.settle(token, outcome)
@@ -205,8 +236,8 @@ class LocalBreaker(BindingBase):
                 self.forced = False
                 changed = self._transition(HALF_OPEN, "forced half-open")
             elif state == "open":
+                self.forced = True  # before the state: see refusal()
                 changed = self._transition(OPEN, "forced open")
-                self.forced = True
             else:
                 self.forced = False
                 changed = self._transition(CLOSED, "forced closed")
@@ -214,10 +245,13 @@ class LocalBreaker(BindingBase):
                 self.consecutive = 0
                 self.ring_pos = self.ring_len = self.ring_failures = 0
         if changed is not None:
-            self.emit(_events.CircuitStateChanged, **changed)
+            self._report(changed)
 
     def snapshot(self) -> dict[str, Any]:
         return {}
+
+    def _report(self, changed: tuple[str, str, str]) -> None:
+        self.emit(_events.CircuitStateChanged, old=changed[0], new=changed[1], reason=changed[2])
 
     # -- internals (lock held) --------------------------------------------------------------
 
@@ -237,7 +271,7 @@ class LocalBreaker(BindingBase):
             and self.ring_failures >= self.failure_rate * self.ring_len  # type: ignore[operator]
         )
 
-    def _settle(self, token: int, *, failed: bool) -> dict[str, str] | None:
+    def _settle(self, token: int, *, failed: bool) -> tuple[str, str, str] | None:
         if token != self.gen or self.forced:
             return None  # the state moved on while this call ran
         if self.state == CLOSED:
@@ -264,24 +298,25 @@ class LocalBreaker(BindingBase):
             return self._transition(CLOSED, "probe succeeded")
         return None
 
-    def _transition(self, new: str, reason: str) -> dict[str, str] | None:
+    def _transition(self, new: str, reason: str) -> tuple[str, str, str] | None:
         old = self.state
         if old == new:
             return None
+        if new == OPEN:
+            # The deadline itself, not "now - opened_at >= reset_timeout": that difference
+            # can round to just below reset_timeout when the clock reads exactly the deadline.
+            # Written before the state: refusal() reads them without the lock.
+            self.half_open_at = self.now() + self.reset_timeout
         self.state = new
         self.gen += 1
         self.probes = 0
         self.half_open_successes = 0
-        if new == OPEN:
-            # The deadline itself, not "now - opened_at >= reset_timeout": that difference
-            # can round to just below reset_timeout when the clock reads exactly the deadline.
-            self.half_open_at = self.now() + self.reset_timeout
         if new == CLOSED:
             self.consecutive = 0
             self.ring_pos = self.ring_len = self.ring_failures = 0
             self.forced = False
         self.closed_token = self.gen if new == CLOSED else None
-        return {"old": old, "new": new, "reason": reason}
+        return old, new, reason
 
 
 class BreakerPermit(Permit):
@@ -407,7 +442,7 @@ class CircuitBreaker(PermitGuard, Policy):
         self._slow_calls = 0
         self._deadline_failures = 0
         self._neutral = 0
-        self._rejections = 0
+        self._rejections = Counter()  # one atomic increment per rejection, no lock
         self._timed = self.slow_call_duration is not None
         self._count_success = self._fast_successes.incr
         self.store: BreakerStore | None = None if store is None else check_store("breaker", store)
@@ -457,10 +492,22 @@ class CircuitBreaker(PermitGuard, Policy):
 
     def _count_rejection(self, exc: RejectedError) -> RejectedError:
         if isinstance(exc, CircuitOpenError):  # not a store's BackendUnavailable
-            with self._lock:
-                self._rejections += 1
-            self.emit(_events.CallRejected, reason=exc.reason, retry_after=exc.retry_after)
+            self._count_open(exc)
         return exc
+
+    def _count_open(self, exc: CircuitOpenError) -> CircuitOpenError:
+        """Count a call the open circuit refused (and report it, if anyone listens)."""
+        self._rejections.incr()
+        if self._listeners or _events.hub.listeners:
+            self._report_open(exc)
+        return exc
+
+    def _report_open(self, exc: CircuitOpenError) -> None:
+        self._deliver(
+            _events.CallRejected(
+                self.kind, self.name, self._clock.now(), exc.reason, exc.retry_after
+            )
+        )
 
     def is_neutral(self, exc: BaseException) -> bool:
         """Whether ``exc`` ends a call as neither success nor failure: not included,
@@ -576,7 +623,8 @@ class CircuitBreaker(PermitGuard, Policy):
         self.close()
         with self._lock:
             self._failures = self._slow_calls = self._deadline_failures = 0
-            self._neutral = self._rejections = 0
+            self._neutral = 0
+            self._rejections.reset()
             self._fast_successes.reset()
 
     # -- drivers ----------------------------------------------------------------------------
@@ -618,11 +666,18 @@ class CircuitBreaker(PermitGuard, Policy):
         core = self._local
         assert core is not None
         admit, outcome, settle = self._admit, self.outcome, core.settle
+        refusal, rejected, hub = core.refusal, self._rejections.incr, _events.hub
         count = self._fast_successes.incr
 
         def guarded_fast(*args: Any, **kwargs: Any) -> Any:
             token = core.closed_token
             if token is None:
+                error = refusal()
+                if error is not None:  # _count_open(), inlined: the path of an outage
+                    rejected()
+                    if self._listeners or hub.listeners:
+                        self._report_open(error)
+                    raise error
                 token = admit()
             try:
                 result = fn(*args, **kwargs)
@@ -641,11 +696,18 @@ class CircuitBreaker(PermitGuard, Policy):
         core = self._local
         assert core is not None
         admit, outcome, settle = self._admit, self.outcome, core.settle
+        refusal, rejected, hub = core.refusal, self._rejections.incr, _events.hub
         count = self._fast_successes.incr
 
         async def guarded_fast(*args: Any, **kwargs: Any) -> Any:
             token = core.closed_token
             if token is None:
+                error = refusal()
+                if error is not None:  # _count_open(), inlined: the path of an outage
+                    rejected()
+                    if self._listeners or hub.listeners:
+                        self._report_open(error)
+                    raise error
                 token = admit()
             try:
                 result = await fn(*args, **kwargs)
@@ -673,7 +735,7 @@ class CircuitBreaker(PermitGuard, Policy):
                 "slow_calls": self._slow_calls,
                 "deadline_failures": self._deadline_failures,
                 "neutral": self._neutral,
-                "rejections": self._rejections,
+                "rejections": self._rejections.value,
             }
         window = status.window_calls
         out: dict[str, Any] = {

@@ -13,8 +13,8 @@ import enum
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
-from typing import ClassVar
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, ClassVar
 
 __all__ = [
     "AbandonedCallCompleted",
@@ -359,9 +359,19 @@ def check_listeners(listeners: Iterable[Listener] | None) -> tuple[Listener, ...
     return items
 
 
+def deliver(listeners: tuple[Listener, ...], event: Event) -> None:
+    """Deliver ``event`` to each of ``listeners``; one that raises is logged and skipped."""
+    for listener in listeners:
+        try:
+            listener(event)
+        except Exception:
+            _log.exception("buttress event listener %r failed on %s", listener, event.kind)
+
+
 def dispatch(local: tuple[Listener, ...], event: Event) -> None:
     """Deliver ``event`` to the primitive's own listeners, then the global ones."""
-    for listener in (*local, *hub.listeners):
+    shared = hub.listeners
+    for listener in local + shared if local and shared else local or shared:
         try:
             listener(event)
         except Exception:
@@ -485,3 +495,38 @@ class CompensationFailed(SagaEvent):
     severity: ClassVar[Severity] = Severity.ERROR
     step: str = ""
     error: str | None = None
+
+
+def _cheap_init(cls: type[Event]) -> None:
+    """Give a frozen event class an ``__init__`` that stores each field through its slot
+    descriptor, with the same signature: the dataclass one goes through
+    ``object.__setattr__`` per field, which doubles what building an event costs, and an
+    event is built for every rejection, retry and transition while anyone listens."""
+    params: list[str] = []
+    lines: list[str] = []
+    env: dict[str, object] = {}
+    for field in fields(cls):
+        env[f"_set_{field.name}"] = getattr(cls, field.name).__set__
+        if field.default is MISSING:
+            params.append(field.name)
+        else:
+            env[f"_default_{field.name}"] = field.default
+            params.append(f"{field.name}=_default_{field.name}")
+        lines.append(f"        _set_{field.name}(self, {field.name})")
+    source = (
+        f"def _make({', '.join(env)}):\n"
+        f"    def __init__(self, {', '.join(params)}):\n" + "\n".join(lines) + "\n"
+        "    return __init__\n"
+    )
+    namespace: dict[str, Any] = {}
+    exec(source, namespace)  # built from the class's own field names only
+    init = namespace["_make"](**env)
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__annotations__ = dict(cls.__init__.__annotations__)
+    cls.__init__ = init  # type: ignore[method-assign]
+
+
+for _cls in list(globals().values()):
+    if isinstance(_cls, type) and issubclass(_cls, Event):
+        _cheap_init(_cls)
+del _cls

@@ -71,7 +71,14 @@ class ButtressError(Exception):
     def __reduce__(self) -> tuple[Any, ...]:
         # The default rebuilds by calling cls(*args), which fails for errors whose
         # __init__ takes required keyword-only arguments (RetryExhausted's result=).
-        return (_rebuild, (type(self), self.args), self.__dict__ or None)
+        slots = {
+            name: getattr(self, name)
+            for cls in type(self).__mro__
+            for name in cls.__dict__.get("__slots__", ())
+            if hasattr(self, name)
+        }
+        # BaseException.__setstate__ sets every key with setattr: slots included.
+        return (_rebuild, (type(self), self.args), {**self.__dict__, **slots} or None)
 
 
 class ConfigError(ButtressError):
@@ -102,6 +109,11 @@ class RejectedError(ButtressError):
             event.
     """
 
+    # Rejections are what a service raises most during an outage, so building one stays
+    # cheap: two slots instead of an instance dict, and no call to the base __init__
+    # (BaseException.__new__ already stored the message as ``args``).
+    __slots__ = ("name", "retry_after")
+
     reason: str = "rejected"
 
     def __init__(
@@ -112,7 +124,9 @@ class RejectedError(ButtressError):
         name: str | None = None,
         reason: str | None = None,
     ) -> None:
-        super().__init__(message)
+        args = self.args
+        if len(args) != 1 or args[0] is not message:  # given by keyword, or by a subclass
+            self.args = (message,)
         self.retry_after = retry_after
         self.name = name
         if reason is not None:

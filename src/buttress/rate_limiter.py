@@ -52,6 +52,7 @@ _EPS = 1e-9
 # Keys at the front of the round looked at per new key (dropped if idle, else moved
 # to the back): more than one, so that idle keys leave faster than new ones arrive.
 _INSPECTED = 3
+_new_error = BaseException.__new__
 
 
 def _never() -> bool:
@@ -210,12 +211,7 @@ class LocalLimiter(BindingBase):
         return 0.0
 
     def _too_late(self, wait: float) -> RateLimited:
-        retry_after = max(wait, 0.0)
-        return RateLimited(
-            f"{self.label}: no permit within the allowed wait (next in {retry_after:.3f}s)",
-            retry_after=retry_after,
-            name=self.name,
-        )
+        return self._limited(wait if wait > 0.0 else 0.0)
 
     def _admit_or_queue(
         self, bucket: _Bucket, weight: int, max_wait: float | None, is_async: bool
@@ -280,6 +276,27 @@ class LocalLimiter(BindingBase):
                 following.wake()
         if not bucket.waiters:
             self._settle(bucket)
+
+    def _limited(self, retry_after: float) -> RateLimited:
+        # What RateLimited(message, retry_after=..., name=...) builds, without the
+        # Python-level __init__ (see RejectedError): rejections are an outage's hot path.
+        error = _new_error(
+            RateLimited,
+            f"{self.label}: no permit within the allowed wait (next in {retry_after:.3f}s)",
+        )
+        error.retry_after = retry_after
+        error.name = self.name
+        return error
+
+    def refused(self) -> RateLimited:
+        """The error for one unit of the unkeyed bucket refused by the fast path (see
+        :meth:`make_fast`) to a caller that may not wait. Read without the lock: the
+        refusal is already decided, and ``retry_after`` is advice."""
+        now = self.now()
+        bucket = self.unkeyed
+        start = bucket.tat if bucket.tat > now else now
+        wait = start + (bucket.waiters.weight + 1) * self.interval - self.tolerance - now
+        return self._limited(wait if wait > 0.0 else 0.0)
 
     # -- the binding protocol ---------------------------------------------------------------
 
@@ -452,7 +469,7 @@ class RateLimiter(Policy):
             weakref.WeakValueDictionary()
         )
         self._admitted = Counter()
-        self._rejected = 0
+        self._rejected = Counter()
         self._waited = 0
         self.store: LimiterStore | None = None if store is None else check_store("limiter", store)
         self.binding: LimiterBinding = (
@@ -463,6 +480,10 @@ class RateLimiter(Policy):
         self._local = self.binding if type(self.binding) is LocalLimiter else None
         self._fast: Callable[[], bool] = (
             _never if self._local is None else self._local.make_fast(self._admitted.incr)
+        )
+        # A limiter that never waits refuses what the fast path refused at once.
+        self._instant: Callable[[], RateLimited] | None = (
+            self._local.refused if self._local is not None and self.max_wait == 0 else None
         )
         self._register()
 
@@ -524,14 +545,20 @@ class RateLimiter(Policy):
                 f"{self!r}: acquire() on a thread whose event loop is running blocks every "
                 f"task of the loop while it waits: await acquire_async() there"
             )
-        if weight == 1 and key is None and self._fast():
-            return
+        if weight == 1 and key is None:
+            if self._fast():
+                return
+            if self._instant is not None:
+                raise self._count_rejection(self._instant())
         self._acquire_slow(weight, key)
 
     async def acquire_async(self, weight: int = 1, *, key: Hashable | None = None) -> None:
         """Async twin of :meth:`acquire`; a cancelled waiter takes nothing."""
-        if weight == 1 and key is None and self._fast():
-            return
+        if weight == 1 and key is None:
+            if self._fast():
+                return
+            if self._instant is not None:
+                raise self._count_rejection(self._instant())
         await self._acquire_slow_async(weight, key)
 
     def _wait_budget(self) -> float | None:
@@ -571,10 +598,13 @@ class RateLimiter(Policy):
             self.emit(_events.AcquiredAfterWait, waited=waited)
 
     def _count_rejection(self, exc: RateLimited) -> RateLimited:
-        owner = self._owner
-        with owner._lock:
-            owner._rejected += 1
-        self.emit(_events.CallRejected, reason=exc.reason, retry_after=exc.retry_after)
+        self._owner._rejected.incr()
+        if self._listeners or _events.hub.listeners:
+            self._deliver(
+                _events.CallRejected(
+                    self.kind, self.name, self._clock.now(), exc.reason, exc.retry_after
+                )
+            )
         return exc
 
     # -- per-key limiters -------------------------------------------------------------------
@@ -623,9 +653,12 @@ class RateLimiter(Policy):
 
     def _wrap_sync(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         slow, fast = self._acquire_slow, self._fast
+        instant, rejected = self._instant, self._count_rejection
 
         def limited(*args: Any, **kwargs: Any) -> Any:
             if not fast():
+                if instant is not None:
+                    raise rejected(instant())
                 slow(1, None)
             return fn(*args, **kwargs)
 
@@ -633,9 +666,12 @@ class RateLimiter(Policy):
 
     def _wrap_async(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         slow, fast = self._acquire_slow_async, self._fast
+        instant, rejected = self._instant, self._count_rejection
 
         async def limited(*args: Any, **kwargs: Any) -> Any:
             if not fast():
+                if instant is not None:
+                    raise rejected(instant())
                 await slow(1, None)
             return await fn(*args, **kwargs)
 
@@ -690,7 +726,7 @@ class RateLimiter(Policy):
         tokens = self.tokens()
         owner = self._owner
         with owner._lock:
-            rejected, waited = owner._rejected, owner._waited
+            rejected, waited = owner._rejected.value, owner._waited
         out: dict[str, Any] = {
             "kind": self.kind,
             "name": owner.name,
@@ -747,6 +783,8 @@ def _view_class(cls: type[RateLimiter]) -> type[RateLimiter]:
             "name": None,
             "_registry": None,
             "_fast": staticmethod(_never),
+            # The owner's never-wait refusal judges the unkeyed bucket: a view has none.
+            "_instant": None,
         }
         view_class = _VIEW_CLASSES.setdefault(cls, type(cls.__name__, (cls,), namespace))
     return view_class

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from . import events as _events
 from ._config import config
+from ._counter import Counter
 from ._deadline import remaining
 from ._generators import NO_SESSION, NOTHING, Session, async_driver, delegate
 from ._policy import ExcType, Policy, PolicyOptions, Traceback
@@ -53,15 +54,24 @@ __all__ = ["Attempt", "Retry", "RetryBudget", "RetryOptions", "RetryState", "ret
 _DEFAULT_BACKOFF = exponential()
 
 
-def _add_note(exc: BaseException, note: str) -> None:
-    if sys.version_info >= (3, 11):
-        exc.add_note(note)
-    else:  # pragma: no cover - Python 3.10
-        notes = getattr(exc, "__notes__", None)
-        if not isinstance(notes, list):
-            notes = []
-            exc.__notes__ = notes  # type: ignore[attr-defined]
-        notes.append(note)
+def _add_note_310(exc: BaseException, note: str) -> None:  # pragma: no cover - Python 3.10
+    notes = getattr(exc, "__notes__", None)
+    if not isinstance(notes, list):
+        notes = []
+        exc.__notes__ = notes  # type: ignore[attr-defined]
+    notes.append(note)
+
+
+if sys.version_info >= (3, 11):
+    _add_note = BaseException.add_note
+else:  # pragma: no cover - Python 3.10
+    _add_note = _add_note_310
+# How a give-up note names what ran out.
+_EXHAUSTED = {"attempts": "attempts", "deadline": "deadline", "budget": "retry budget"}
+# The give-up notes already made, by (attempts, reason): one is added per failed call.
+_NOTES: dict[tuple[int, str], str] = {}
+# Errors that `on=` alone does not decide (see RetryState.on_error).
+_SPECIAL = (TryAgain, Permanent, CircuitOpenError)
 
 
 class RetryBudget:
@@ -239,11 +249,18 @@ class RetryState:
         policy = self.policy
         # Cancellation, KeyboardInterrupt and SystemExit are never retried, whatever `on`
         # says, and neither is an error its raiser declared Permanent. TryAgain always is:
-        # the function asked for another attempt.
-        if not isinstance(exc, Exception) or (
-            not isinstance(exc, TryAgain)
-            and (isinstance(exc, Permanent) or not policy._retryable(exc))
-        ):
+        # the function asked for another attempt. The common case (an ordinary error) is
+        # answered by one isinstance against `on`'s classes.
+        if not isinstance(exc, Exception):
+            retryable = False
+        elif isinstance(exc, _SPECIAL):
+            retryable = isinstance(exc, TryAgain) or (
+                not isinstance(exc, Permanent) and policy._retryable(exc)
+            )
+        else:
+            on = policy.on
+            retryable = isinstance(exc, on.types) or (bool(on.predicates) and on(exc))
+        if not retryable:
             if self.attempt > 1:
                 _add_note(exc, f"buttress: not retryable, raised on attempt {self.attempt}")
             return None
@@ -278,9 +295,9 @@ class RetryState:
         self.settled = True
         if self.attempt > 1:
             policy = self.policy
-            with policy._lock:
-                policy._recovered += 1
-            policy.emit(_events.RetryRecovered, attempts=self.attempt, **self.details())
+            policy._recovered.incr()
+            if policy._listeners or _events.hub.listeners:
+                policy.emit(_events.RetryRecovered, attempts=self.attempt, **self.details())
 
     def _rejected(self, result: object) -> float:
         """``retry_if_result`` rejected ``result``: the delay, or RetryExhausted."""
@@ -299,23 +316,37 @@ class RetryState:
         self, error: BaseException | None, result: object, retry_after: object
     ) -> float | None:
         policy = self.policy
-        if self.attempt >= self._max_attempts():
+        # _max_attempts(), inlined: this runs once per failed attempt.
+        attempts = policy.max_attempts
+        testing = config.testing
+        if attempts is None:
+            attempts = sys.maxsize
+        if testing and config.testing_attempts is not None:
+            attempts = min(attempts, config.testing_attempts)
+        if self.attempt >= attempts:
             self._give_up("attempts", error, result)
             return None
         delay = self.peeked
-        if delay is None:
-            delay = self._draw()
-        else:
+        if delay is not None:
             self.peeked = None
-        if isinstance(retry_after, timedelta):
-            retry_after = retry_after.total_seconds()
-        if (
-            isinstance(retry_after, (int, float))
-            and not isinstance(retry_after, bool)
-            and not math.isnan(retry_after)
-        ):
-            delay = max(delay, float(retry_after))
-        if config.testing:
+        else:  # _draw(), inlined
+            delays = self.delays
+            if delays is None:
+                delays = self.delays = iter(policy.backoff)
+            delay = next(delays, None)
+            if delay is None:  # a finite schedule ran out: its last delay repeats
+                delay = self.last_delay
+            self.last_delay = delay
+        if retry_after is not None:
+            if isinstance(retry_after, timedelta):
+                retry_after = retry_after.total_seconds()
+            if (
+                isinstance(retry_after, (int, float))
+                and not isinstance(retry_after, bool)
+                and not math.isnan(retry_after)
+            ):
+                delay = max(delay, float(retry_after))
+        if testing:
             delay = 0.0
         left = remaining()
         if policy.deadline is not None and self.started is not None:
@@ -328,30 +359,43 @@ class RetryState:
         if budget is not None and not budget.try_withdraw():
             self._give_up("budget", error, result)
             return None
-        policy._count_retry(self, delay, error, result)
+        policy._retries.incr()
+        if policy._listeners or _events.hub.listeners:
+            policy._report_retry(self, delay, error, result)
         self.attempt += 1
         self.waited += delay
         return delay
 
     def _give_up(self, reason: str, error: BaseException | None, result: object) -> None:
         policy = self.policy
-        with policy._lock:
-            policy._gave_up += 1
+        policy._gave_up.incr()
         if error is not None:
-            what = {"attempts": "attempts", "deadline": "deadline", "budget": "retry budget"}
-            _add_note(
-                error,
-                f"buttress: gave up after {self.attempt} attempt(s) ({what[reason]} exhausted)",
-            )
-        if policy.listening:
-            policy.emit(
-                _events.RetryGaveUp,
-                attempts=self.attempt,
-                reason=reason,
-                error=error,
-                result=result,
-                **self.details(),
-            )
+            key = (self.attempt, reason)
+            note = _NOTES.get(key)
+            if note is None:
+                note = (
+                    f"buttress: gave up after {key[0]} attempt(s) ({_EXHAUSTED[reason]} exhausted)"
+                )
+                if len(_NOTES) < 1024:
+                    _NOTES[key] = note
+            _add_note(error, note)
+        if policy._listeners or _events.hub.listeners:
+            if policy.event_details:
+                policy.emit(
+                    _events.RetryGaveUp,
+                    attempts=self.attempt,
+                    reason=reason,
+                    error=error,
+                    result=result,
+                    **self.details(),
+                )
+            else:
+                now = policy._clock.now()
+                policy._deliver(
+                    _events.RetryGaveUp(
+                        policy.kind, policy.name, now, self.attempt, reason, error, result
+                    )
+                )
 
     def __repr__(self) -> str:
         return f"<RetryState attempt={self.attempt} of {self.policy!r}>"
@@ -507,10 +551,10 @@ class Retry(Policy):
                 f"budget must be a buttress.RetryBudget, got {budget!r} ({type(budget).__name__})"
             )
         self.budget = budget
-        self._lock = threading.Lock()
-        self._retries = 0
-        self._gave_up = 0
-        self._recovered = 0
+        # Atomic counters, no lock: a failing dependency makes these the hot path.
+        self._retries = Counter()
+        self._gave_up = Counter()
+        self._recovered = Counter()
         self._register()
 
     # -- decisions shared by every driver ----------------------------------------------------
@@ -522,12 +566,10 @@ class Retry(Policy):
             return self._retries_open_circuit
         return self.on(exc)
 
-    def _count_retry(
+    def _report_retry(
         self, state: RetryState, delay: float, error: BaseException | None, result: object
     ) -> None:
-        with self._lock:
-            self._retries += 1
-        if self.listening:
+        if self.event_details:
             self.emit(
                 _events.RetryScheduled,
                 attempt=state.attempt,
@@ -535,6 +577,12 @@ class Retry(Policy):
                 error=error,
                 result=result,
                 **state.details(),
+            )
+        else:
+            self._deliver(
+                _events.RetryScheduled(
+                    self.kind, self.name, self._clock.now(), state.attempt, delay, error, result
+                )
             )
 
     def start(self) -> RetryState:
@@ -780,12 +828,11 @@ class Retry(Policy):
         return _Attempts(self)
 
     def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            counts = {
-                "retries": self._retries,
-                "gave_up": self._gave_up,
-                "recovered": self._recovered,
-            }
+        counts = {
+            "retries": self._retries.value,
+            "gave_up": self._gave_up.value,
+            "recovered": self._recovered.value,
+        }
         out: dict[str, Any] = {
             "kind": self.kind,
             "name": self.name,
