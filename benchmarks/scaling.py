@@ -149,29 +149,60 @@ class ScalingReport:
 
     def markdown(self) -> str:
         parts = [
-            "How the costs grow: with live keys, with concurrent callers (tasks, threads, "
+            "## Scaling",
+            "How the costs grow with live keys, with concurrent callers (tasks, threads, "
             "Redis callers) and with the length of a saga, buttress beside the peers and "
-            "floors that do the same job, measured in this run (the sections above give "
-            "the numbers and their targets).",
+            "floors that do the same job, all measured in this run (both axes are "
+            "logarithmic). The sections above give the same figures in tables, with their "
+            "targets; the saga-length figures are this section's own.",
         ]
         for chart, (title, x_label, y_label) in CHARTS.items():
             mine = [s for s in self.series if s.chart == chart]
             if not mine:
                 continue
-            xs = sorted({x for s in mine for x in s.xs})
-            head = f"| {x_label} | " + " | ".join(s.label for s in mine) + " |"
-            rule = "|---:|" + "---:|" * len(mine)
-            rows = []
-            for x in xs:
-                cells = []
-                for s in mine:
-                    found = [y for sx, y in zip(s.xs, s.ys, strict=True) if sx == x]
-                    cells.append(f"{found[0]:,.3g}" if found else "")
-                rows.append(f"| {x:,g} | " + " | ".join(cells) + " |")
-            parts += [f"**{title}** ({y_label})", "", head, rule, *rows]
+            parts += [
+                f"### {title}",
+                f"![{title}: {y_label} against {x_label}]"
+                f"(img/benchmarks/scaling-{chart.replace('_', '-')}.png)",
+                self._growth(mine, x_label),
+            ]
+            if chart == "saga_steps":
+                parts.append(self._table(mine, x_label))
         if self.skipped:
             parts.append("Not measured: " + "; ".join(self.skipped) + ".")
-        return "\n\n".join(parts[:1]) + "\n\n" + "\n".join(parts[1:]) + "\n"
+        return "\n\n".join(parts) + "\n"
+
+    @staticmethod
+    def _number(value: float) -> str:
+        if value >= 100:
+            return f"{value:,.0f}"
+        return f"{value:,.3g}"
+
+    def _growth(self, series: list[Series], x_label: str) -> str:
+        """One sentence per line: its first and last points and the growth between."""
+        lines = []
+        for s in series:
+            if len(s.xs) < 2 or not s.ys[0]:
+                continue
+            first, last = s.ys[0], s.ys[-1]
+            lines.append(
+                f"{s.label}: {self._number(first)} at {s.xs[0]:,.0f} {x_label}, "
+                f"{self._number(last)} at {s.xs[-1]:,.0f} ({last / first:.2f}x)"
+            )
+        return "\n".join(f"- {line}" for line in lines)
+
+    def _table(self, series: list[Series], x_label: str) -> str:
+        xs = sorted({x for s in series for x in s.xs})
+        head = f"| {x_label} | " + " | ".join(s.label for s in series) + " |"
+        rule = "|---:|" + "---:|" * len(series)
+        rows = []
+        for x in xs:
+            cells = []
+            for s in series:
+                found = [y for sx, y in zip(s.xs, s.ys, strict=True) if sx == x]
+                cells.append(self._number(found[0]) if found else "")
+            rows.append(f"| {x:,.0f} | " + " | ".join(cells) + " |")
+        return "\n".join([head, rule, *rows])
 
     def failures(self, factor: float) -> list[str]:
         return []  # the targets live in the sections that measured the points
