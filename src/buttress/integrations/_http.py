@@ -127,23 +127,30 @@ class Host:
         self.bulkhead = bulkhead
 
 
-def _options(
+def checked_options(
     what: Literal["breaker", "bulkhead", "limiter"],
     value: Mapping[str, Any],
     factory: type[Any],
-    clock: Clock,
     name: str | None,
+    common: Mapping[str, Any],
+    *,
+    owner: str = "transport",
+    scope: str = "per-host",
 ) -> dict[str, Any]:
-    """Check a mapping of policy options by building an unregistered policy from it."""
+    """Check a mapping of policy options by building an unregistered policy from it
+    (``common`` first, then ``value``); the options to build the real ones with.
+
+    ``owner`` and ``scope`` name, in the messages, what builds the policies and for what
+    (the HTTP transports per host, the gRPC interceptors per target)."""
     if not all(isinstance(key, str) for key in value):
         raise ConfigTypeError(f"{what} options must be keyword names, got {dict(value)!r}")
     for reserved in ("name", "registry"):
         if reserved in value:
             raise ConfigValueError(
-                f"{what} options must not set {reserved!r} (the transport names and "
-                f"registers its per-host {what}s), got {dict(value)!r}"
+                f"{what} options must not set {reserved!r} (the {owner} names and "
+                f"registers its {scope} {what}s), got {dict(value)!r}"
             )
-    options = {"clock": clock, **value}
+    options = {**common, **value}
     store = options.pop("store", None)
     try:
         factory(**options)
@@ -155,7 +162,7 @@ def _options(
         check_store(what, store)
         if name is None:
             raise ConfigValueError(
-                f"{what} options with a store need the transport's name=: the per-host "
+                f"{what} options with a store need the {owner}'s name=: the {scope} "
                 f"{what}s are shared by name, got name=None"
             )
         options["store"] = store
@@ -176,7 +183,7 @@ def _per_host(
     if value is None or isinstance(value, factory):
         return value, None
     if isinstance(value, Mapping):
-        return None, _options(what, value, factory, clock, name)
+        return None, checked_options(what, value, factory, name, {"clock": clock})
     kind = factory.__name__
     raise ConfigTypeError(
         f"{what} must be a {kind} (shared by every host), a mapping of {kind} options (one "

@@ -62,13 +62,11 @@ from buttress._deadline import remaining, reset_deadline, set_deadline
 from buttress._drivers import Plan, pump_async, pump_sync
 from buttress._policy import PolicyOptions
 from buttress._validate import check_bool, check_seconds, require_seconds
-from buttress.backends import check_store
 from buttress.bulkhead import Bulkhead, BulkheadPermit
 from buttress.circuit_breaker import BreakerPermit, CircuitBreaker
 from buttress.clock import resolve_clock
 from buttress.exceptions import (
     BulkheadFull,
-    ConfigError,
     ConfigTypeError,
     ConfigValueError,
     RateLimited,
@@ -78,6 +76,8 @@ from buttress.rate_limiter import RateLimiter
 from buttress.registry import Registry, default_registry
 from buttress.retry import Retry, RetryState
 from buttress.timeout import Timeout
+
+from . import _http
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -259,41 +259,6 @@ P = TypeVar("P", CircuitBreaker, RateLimiter, Bulkhead)
 Q = TypeVar("Q", Retry, Timeout)
 
 
-def _checked_options(
-    what: Literal["breaker", "bulkhead", "limiter"],
-    value: Mapping[str, Any],
-    factory: type[Any],
-    name: str | None,
-    common: dict[str, Any],
-) -> dict[str, Any]:
-    """Check a mapping of policy options by building an unregistered policy from it."""
-    if not all(isinstance(key, str) for key in value):
-        raise ConfigTypeError(f"{what} options must be keyword names, got {dict(value)!r}")
-    for reserved in ("name", "registry"):
-        if reserved in value:
-            raise ConfigValueError(
-                f"{what} options must not set {reserved!r} (the interceptor names and "
-                f"registers its per-target {what}), got {dict(value)!r}"
-            )
-    options = {**common, **value}
-    store = options.pop("store", None)
-    try:
-        factory(**options)
-    except ConfigError:
-        raise
-    except TypeError as exc:
-        raise ConfigTypeError(f"{what} options {dict(value)!r} are invalid: {exc}") from None
-    if store is not None:
-        check_store(what, store)
-        if name is None:
-            raise ConfigValueError(
-                f"{what} options with a store need the interceptor's name=: the per-target "
-                f"{what} is shared by name, got name=None"
-            )
-        options["store"] = store
-    return options
-
-
 def _policy(
     what: Literal["breaker", "bulkhead", "limiter"],
     value: object,
@@ -312,7 +277,9 @@ def _policy(
         raise ConfigTypeError(
             f"{what} must be a {kind}, a mapping of {kind} options or None, got {value!r}"
         )
-    options = _checked_options(what, value, factory, name, common)
+    options = _http.checked_options(
+        what, value, factory, name, common, owner="interceptor", scope="per-target"
+    )
     if label is not None:
         # Interceptors sharing a name share their per-target policies.
         existing = registry.get(factory.kind, label)
