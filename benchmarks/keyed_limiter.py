@@ -44,7 +44,6 @@ import gc
 import random
 import threading
 import time
-import tracemalloc
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +51,8 @@ from typing import Any
 import buttress
 from buttress.integrations.asgi import LoadSheddingMiddleware
 from buttress.testing import FakeClock, isolated_registry
+
+from .memory import traced
 
 COST_TARGET = 1.5  # cost at the largest size over cost at 10^3, at most
 BYTES_TARGET = 400.0  # bytes per live key, at most
@@ -429,20 +430,6 @@ def _cost(n: int, quick: bool, report: KeyedReport) -> None:
 # -- 2. bytes per key -------------------------------------------------------------------------
 
 
-def _traced(action: Callable[[], object]) -> int:
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        keep = action()
-        gc.collect()
-        after = tracemalloc.get_traced_memory()[0]
-    finally:
-        tracemalloc.stop()
-    del keep
-    return after - before
-
-
 def _live_limiter(n: int) -> buttress.RateLimiter:
     return buttress.RateLimiter(rate=1.0, per=3600.0, burst=5, max_keys=n, clock=FakeClock())
 
@@ -454,7 +441,7 @@ def _view_bytes(keys: list[str]) -> tuple[int, float]:
         for k in keys:
             lim.for_key(k).try_acquire()
 
-    size = _traced(via_views)
+    size = traced(via_views)
     return lim.keys, size / lim.keys
 
 
@@ -466,7 +453,7 @@ def _held_view_bytes(keys: list[str]) -> tuple[int, float]:
         for k in keys:
             held.append(lim.for_key(k))
 
-    size = _traced(holding) - 8 * len(held)  # the list's own slot per view
+    size = traced(holding) - 8 * len(held)  # the list's own slot per view
     return len(held), size / len(held)
 
 
@@ -477,7 +464,7 @@ def _floor_bytes(keys: list[str]) -> tuple[int, float]:
         for k in keys:
             floor.try_acquire(k)
 
-    return len(keys), _traced(via_floor) / len(keys)
+    return len(keys), traced(via_floor) / len(keys)
 
 
 def _memory(n: int, middleware_n: int, report: KeyedReport) -> None:
@@ -512,7 +499,7 @@ def _middleware_bytes(ips: list[str]) -> tuple[int, float]:
 
     loop = asyncio.new_event_loop()
     try:
-        size = _traced(lambda: loop.run_until_complete(serve()))
+        size = traced(lambda: loop.run_until_complete(serve()))
     finally:
         loop.close()
     return limiter.keys, size / limiter.keys

@@ -42,7 +42,7 @@ class MemoryReport:
     peers: list[tuple[str, str, float | None, str]] = field(default_factory=list)
 
 
-def _traced(action: Callable[[], object]) -> int:
+def traced(action: Callable[[], object]) -> int:
     """Bytes still allocated after ``action`` ran (traced by tracemalloc)."""
     gc.collect()
     tracemalloc.start()
@@ -71,7 +71,7 @@ def _fill_and_sweep(report: MemoryReport, keys: int) -> None:
         for name in names:
             lim.for_key(name).try_acquire()
 
-    grown = _traced(fill)
+    grown = traced(fill)
     report.live_after_fill = lim.keys
     report.bytes_per_key = grown / max(report.live_after_fill, 1)
 
@@ -139,7 +139,7 @@ def _peers(calls: int) -> list[tuple[str, str, float | None, str]]:
             lim.try_acquire()
         return lim
 
-    total = _traced(buttress_one_key)
+    total = traced(buttress_one_key)
     rows.append(
         (
             "buttress",
@@ -163,7 +163,7 @@ def _peers(calls: int) -> list[tuple[str, str, float | None, str]]:
             (
                 "pyrate-limiter",
                 "list bucket (sliding log)",
-                _traced(pyrate) / calls,
+                traced(pyrate) / calls,
                 "one RateItem per call, kept for the period",
             )
         )
@@ -186,7 +186,7 @@ def _peers(calls: int) -> list[tuple[str, str, float | None, str]]:
             (
                 "limits",
                 "MovingWindow (sliding log)",
-                _traced(limits_moving) / calls,
+                traced(limits_moving) / calls,
                 "one Entry per call, kept for the period",
             )
         )
