@@ -16,7 +16,6 @@ that answers at once, against calling that handler directly (best of five runs).
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -30,7 +29,7 @@ from buttress.integrations.aiohttp import ResilientMiddleware
 from buttress.testing import isolated_registry
 
 # The same variants, and the same per-round statistics, as the httpx transport's rows.
-from .integrations import _VARIANTS, ClientReport, TransportRow, _row
+from .integrations import _VARIANTS, ClientReport, TransportRow, _row, spawn, stop
 
 TARGET = 0.05  # extra time per request, at most
 TARGETED = "retry only"
@@ -90,23 +89,11 @@ class _Server:
     """The aiohttp.web server in a subprocess."""
 
     def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line.strip():
-            self.close()
-            raise RuntimeError("the aiohttp.web server did not start")
-        self.url = f"http://127.0.0.1:{int(line)}/"
+        self.process, port = spawn([sys.executable, "-c", SERVER], "aiohttp.web")
+        self.url = f"http://127.0.0.1:{port}/"
 
     def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop(self.process)
 
 
 async def _timed_rounds(url: str, rounds: int) -> dict[str, list[float]]:

@@ -30,6 +30,8 @@ import grpc.aio
 from buttress.integrations.grpc import AsyncClientInterceptor, ClientInterceptor
 from buttress.testing import isolated_registry
 
+from .integrations import spawn
+
 TARGET = 0.05  # extra time per call over a pass-through interceptor (the floor), at most
 TARGETED = "retry only"
 FLOOR = "pass-through"  # a hand-written interceptor that only calls on: grpcio's own cost
@@ -68,18 +70,10 @@ def _cpu() -> int:
 
 class _Server:
     def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", SERVER, str(_cpu())],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+        self.process, port = spawn(
+            [sys.executable, "-c", SERVER, str(_cpu())], "gRPC", stdin=subprocess.PIPE
         )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line.strip():
-            self.close()
-            raise RuntimeError("the gRPC server did not start")
-        self.target = f"127.0.0.1:{int(line)}"
+        self.target = f"127.0.0.1:{port}"
 
     def close(self) -> None:
         if self.process.stdin is not None:

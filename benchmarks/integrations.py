@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import httpx
 
@@ -170,6 +170,28 @@ def _cpu(index: int) -> int:
     return cpus[index] if len(cpus) >= 2 else -1
 
 
+def spawn(argv: list[str], what: str, **popen: Any) -> tuple[subprocess.Popen[str], int]:
+    """Start a server process that prints its port on its first line; the process and
+    the port (the process is stopped, and RuntimeError raised, when no port comes)."""
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, **popen)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.strip():
+        stop(process)
+        raise RuntimeError(f"the {what} server did not start")
+    return process, int(line)
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    """Terminate a server process, killing it if it lingers."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class _Server:
     """uvicorn serving the trivial app (bare or behind the middleware) in a subprocess."""
 
@@ -202,12 +224,7 @@ class _Server:
                 time.sleep(0.05)
 
     def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop(self.process)
 
 
 def _load(
