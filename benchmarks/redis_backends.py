@@ -1185,7 +1185,6 @@ class RedisReport:
                     role,
                     [float(x.callers) for x in points],
                     [float(x.ops or 0.0) for x in points],
-                    higher_is_better=True,
                 )
             )
         return out

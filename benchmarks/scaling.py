@@ -37,7 +37,6 @@ class Series:
     role: str  # BUTTRESS, PEER or FLOOR (the colours of the other charts)
     xs: list[float]
     ys: list[float]
-    higher_is_better: bool = False
 
 
 # chart key -> (title, x axis, y axis)

@@ -39,7 +39,6 @@ __all__ = [
 
 NOTHING: Any = object()
 """No item taken yet (a prelude's third value when the generator has not started)."""
-_NOTHING = NOTHING
 
 
 class Session:
@@ -101,14 +100,14 @@ class PermitSession(Session):
             await self.permit.failure_async(exc, self.busy)
 
 
-def delegate(gen: Generator[Any, Any, Any], session: Session, first: Any = _NOTHING) -> Any:
+def delegate(gen: Generator[Any, Any, Any], session: Session, first: Any = NOTHING) -> Any:
     """Drive ``gen`` for the consumer of the generator this one is delegated from
     (``yield from delegate(...)``); ``first``: an item already taken from ``gen``."""
     value: Any = None
     thrown: BaseException | None = None
     item = first
     while True:
-        if item is _NOTHING:
+        if item is NOTHING:
             try:
                 token = session.before()
             except BaseException as exc:
@@ -146,12 +145,12 @@ def delegate(gen: Generator[Any, Any, Any], session: Session, first: Any = _NOTH
             raise
         except BaseException as exc:
             thrown = exc
-        item = _NOTHING
+        item = NOTHING
 
 
 Prelude = Callable[[tuple[Any, ...], dict[str, Any]], Awaitable[tuple[Any, Session, Any]]]
 """What an async driver runs when the first item is asked for: given the call's
-arguments, ``(async generator or None, session, first item or _NOTHING)``; ``None`` ends
+arguments, ``(async generator or None, session, first item or NOTHING)``; ``None`` ends
 the iteration at once (a retried generator that finished before yielding)."""
 
 
@@ -167,7 +166,7 @@ def async_driver(prelude: Prelude) -> Callable[..., AsyncGenerator[Any, Any]]:
         value: Any = None
         thrown: BaseException | None = None
         while True:
-            if item is _NOTHING:
+            if item is NOTHING:
                 try:
                     token = session.before()
                 except BaseException as exc:
@@ -205,7 +204,7 @@ def async_driver(prelude: Prelude) -> Callable[..., AsyncGenerator[Any, Any]]:
                 raise
             except BaseException as exc:
                 thrown = exc
-            item = _NOTHING
+            item = NOTHING
 
     return guarded
 
@@ -240,6 +239,6 @@ def wrap_async_generator(
         except BaseException as exc:
             await session.end_async(exc)
             raise
-        return agen, session, _NOTHING
+        return agen, session, NOTHING
 
     return async_driver(prelude)
