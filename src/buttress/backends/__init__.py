@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from buttress.rate_limiter import RateLimiter
 
 __all__ = [
+    "ACTIVE",
+    "CANCEL_SIGNAL",
     "NO_REPORT",
     "AsyncIdempotencyStore",
     "AsyncSagaStore",
@@ -54,6 +56,7 @@ __all__ = [
     "Outcome",
     "RunRecord",
     "SagaStore",
+    "Signal",
     "check_store",
 ]
 
@@ -265,14 +268,23 @@ def check_store(kind: Literal["breaker", "bulkhead", "limiter"], store: object) 
 
 # -- saga stores ----------------------------------------------------------------------------
 
-# Run statuses. "running" and "compensating" are incomplete (recoverable);
-# the other three are final.
+# Run statuses. "running", "compensating" and "waiting" are incomplete (recoverable);
+# the other three are final. A waiting run is parked: it holds no lease and no thread,
+# and is taken again when it is due (``wake_at``) or signalled.
 RUNNING = "running"
 COMPENSATING = "compensating"
+WAITING = "waiting"
 COMPLETED = "completed"
 FAILED = "failed"
 COMPENSATION_FAILED = "compensation_failed"
-INCOMPLETE = (RUNNING, COMPENSATING)
+INCOMPLETE = (RUNNING, COMPENSATING, WAITING)
+ACTIVE = (RUNNING, COMPENSATING)
+"""The incomplete statuses of a run that some process is (or was) driving: what
+:meth:`SagaStore.incomplete` returns. A waiting run is found by :meth:`SagaStore.due`."""
+
+CANCEL_SIGNAL = "buttress.cancel"
+"""The name of the signal that asks a run to cancel (``Saga.cancel``); it wakes a
+waiting run whatever the run waits for."""
 
 
 @dataclass
@@ -293,6 +305,28 @@ class RunRecord:
     result: dict[str, Any] | None = None
     expires_at: float | None = None
     ttl: float | None = None  # seconds a completed keyed run is remembered
+    version: str | None = None  # the version of the saga definition it started under
+    wake_at: float | None = None  # a waiting run: when it is due (None: a signal wakes it)
+    waiting_for: str | None = None  # a waiting run: the signal it waits for, if any
+    deadline: float | None = None  # the run's absolute deadline (epoch seconds), if any
+    parent: str | None = None  # the run id of the parent run, for a child saga's run
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """A payload sent to a run (``Saga.signal``), as stored.
+
+    Attributes:
+        id: its number, increasing in the order the store received signals.
+        name: what the run waits for (``ctx.wait_for(name)``).
+        payload: the JSON value sent (stored with the same rule as step outputs).
+        sent_at: when the store received it (epoch seconds).
+    """
+
+    id: int
+    name: str
+    payload: Any
+    sent_at: float
 
 
 @dataclass(slots=True)
@@ -327,7 +361,8 @@ class KeyClaim:
 
 def run_row(r: RunRecord) -> tuple[Any, ...]:
     """A new run's columns, in the order the SQL stores insert them: run_id, saga, status,
-    input (JSON), key, input_hash, created_at, updated_at, owner, lease_until, ttl."""
+    input (JSON), key, input_hash, created_at, updated_at, owner, lease_until, ttl,
+    version, deadline, parent."""
     return (
         r.run_id,
         r.saga,
@@ -340,6 +375,9 @@ def run_row(r: RunRecord) -> tuple[Any, ...]:
         r.owner,
         r.lease_until,
         r.ttl,
+        r.version,
+        r.deadline,
+        r.parent,
     )
 
 
@@ -351,10 +389,14 @@ def run_changes(
     error: str | None,
     result: dict[str, Any] | None,
     expires_at: float | None,
+    wake_at: float | None = None,
+    waiting_for: str | None = None,
 ) -> dict[str, Any]:
     """The columns of a run that one ``write()`` changes, by name (for the SQL stores).
 
-    A final status also records the outcome and releases the lease."""
+    A final status also records the outcome and releases the lease; ``"waiting"``
+    records when the run is due and what it waits for, and releases the lease; any
+    other status clears those two."""
     changes: dict[str, Any] = {}
     if entries:
         changes["updated_at"] = entries[-1].at
@@ -362,8 +404,14 @@ def run_changes(
         changes["lease_until"] = lease_until
     if status is not None:
         changes["status"] = status
-        if status not in INCOMPLETE:
-            changes.update(error=error, result=result, expires_at=expires_at, lease_until=0.0)
+        if status == WAITING:
+            changes.update(wake_at=wake_at, waiting_for=waiting_for, lease_until=0.0)
+        else:
+            changes.update(wake_at=None, waiting_for=None)
+            if status not in INCOMPLETE:
+                changes.update(
+                    error=error, result=result, expires_at=expires_at, lease_until=0.0
+                )
     return changes
 
 
@@ -387,9 +435,14 @@ class SagaStore(Protocol):
         error: str | None = None,
         result: dict[str, Any] | None = None,
         expires_at: float | None = None,
+        wake_at: float | None = None,
+        waiting_for: str | None = None,
     ) -> None:
         """Durably add log entries and, optionally, extend the lease or set the status
-        (with the final report), all in one write."""
+        (with the final report), all in one write. With ``status="waiting"`` the run
+        is parked: ``wake_at`` (when it is due, ``None``: only a signal wakes it) and
+        ``waiting_for`` (the signal it waits for) are recorded and the lease is
+        released; another status clears them (see :func:`run_changes`)."""
 
     def load(self, run_id: str) -> tuple[RunRecord, list[LogEntry]] | None:
         """A run and its log, or ``None``."""
@@ -407,12 +460,26 @@ class SagaStore(Protocol):
         ``expected_owner``, known to be dead); False if someone else holds it."""
 
     def incomplete(self, saga: str) -> list[str]:
-        """Ids of the saga's runs that are still running or compensating."""
+        """Ids of the saga's runs that are still running or compensating (not the
+        waiting ones: see :meth:`due`)."""
 
     def runs(
         self, *, saga: str | None = None, status: str | None = None, limit: int = 100
     ) -> list[RunRecord]:
         """The most recent runs, newest first."""
+
+    def due(self, saga: str, *, now: float, limit: int = 1000) -> list[str]:
+        """Ids of the saga's waiting runs whose ``wake_at`` is at or before ``now``,
+        the earliest first."""
+
+    def send_signal(self, run_id: str, name: str, payload: Any, *, at: float) -> RunRecord | None:
+        """Durably store a signal for ``run_id`` and, in the same write, make the run
+        due at ``at`` if it is waiting for ``name`` (or ``name`` is
+        :data:`CANCEL_SIGNAL`). Returns the run as it is after the write, or ``None``
+        (and stores nothing) when there is no such run."""
+
+    def signals(self, run_id: str) -> list[Signal]:
+        """Every signal sent to ``run_id``, in the order they were received."""
 
 
 @runtime_checkable
@@ -438,6 +505,8 @@ class IdempotencyStore(Protocol):
         error: str | None = None,
         result: dict[str, Any] | None = None,
         expires_at: float | None = None,
+        wake_at: float | None = None,
+        waiting_for: str | None = None,
     ) -> None:
         """Record the lease of ``run_id`` and, with a final status, its outcome (the
         runner passes no ``entries``: the log lives in the saga's ``store``)."""
@@ -460,6 +529,8 @@ class AsyncIdempotencyStore(Protocol):
         error: str | None = None,
         result: dict[str, Any] | None = None,
         expires_at: float | None = None,
+        wake_at: float | None = None,
+        waiting_for: str | None = None,
     ) -> None:
         """Async :meth:`IdempotencyStore.write`."""
 
@@ -486,6 +557,8 @@ class AsyncSagaStore(Protocol):
         error: str | None = None,
         result: dict[str, Any] | None = None,
         expires_at: float | None = None,
+        wake_at: float | None = None,
+        waiting_for: str | None = None,
     ) -> None:
         """Async :meth:`SagaStore.write`."""
 
@@ -510,3 +583,14 @@ class AsyncSagaStore(Protocol):
         self, *, saga: str | None = None, status: str | None = None, limit: int = 100
     ) -> list[RunRecord]:
         """Async :meth:`SagaStore.runs`."""
+
+    async def adue(self, saga: str, *, now: float, limit: int = 1000) -> list[str]:
+        """Async :meth:`SagaStore.due`."""
+
+    async def asend_signal(
+        self, run_id: str, name: str, payload: Any, *, at: float
+    ) -> RunRecord | None:
+        """Async :meth:`SagaStore.send_signal`."""
+
+    async def asignals(self, run_id: str) -> list[Signal]:
+        """Async :meth:`SagaStore.signals`."""

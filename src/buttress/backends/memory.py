@@ -14,6 +14,7 @@ built without a store holds the same state privately.
 from __future__ import annotations
 
 import copy
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,12 +24,16 @@ from buttress._validate import check_int
 from buttress.exceptions import ConfigValueError
 
 from . import (
+    ACTIVE,
+    CANCEL_SIGNAL,
     COMPENSATION_FAILED,
     COMPLETED,
     INCOMPLETE,
+    WAITING,
     KeyClaim,
     LogEntry,
     RunRecord,
+    Signal,
 )
 
 if TYPE_CHECKING:
@@ -135,6 +140,8 @@ class MemoryStore:
         self._runs: OrderedDict[str, RunRecord] = OrderedDict()
         self._logs: dict[str, list[LogEntry]] = {}
         self._keys: dict[tuple[str, str], str] = {}
+        self._signals: dict[str, list[Signal]] = {}
+        self._signal_ids = 0
 
     def _prune(self) -> None:
         excess = len(self._runs) - self.max_runs
@@ -152,6 +159,7 @@ class MemoryStore:
         for run_id in victims:
             record = self._runs.pop(run_id)
             self._logs.pop(run_id, None)
+            self._signals.pop(run_id, None)
             if record.key is not None and self._keys.get((record.saga, record.key)) == run_id:
                 del self._keys[(record.saga, record.key)]
 
@@ -193,6 +201,8 @@ class MemoryStore:
         error: str | None = None,
         result: dict[str, Any] | None = None,
         expires_at: float | None = None,
+        wake_at: float | None = None,
+        waiting_for: str | None = None,
     ) -> None:
         with self._lock:
             self._logs.setdefault(run_id, []).extend(entries)
@@ -207,6 +217,11 @@ class MemoryStore:
                 record.lease_until = lease_until
             if status is not None:
                 record.status = status
+                if status == WAITING:
+                    record.wake_at, record.waiting_for = wake_at, waiting_for
+                    record.lease_until = 0.0
+                elif record.wake_at is not None or record.waiting_for is not None:
+                    record.wake_at = record.waiting_for = None
                 if status not in INCOMPLETE:
                     record.error = error
                     record.result = result
@@ -244,9 +259,40 @@ class MemoryStore:
 
     def incomplete(self, saga: str) -> list[str]:
         with self._lock:
-            return [
-                r.run_id for r in self._runs.values() if r.saga == saga and r.status in INCOMPLETE
+            return [r.run_id for r in self._runs.values() if r.saga == saga and r.status in ACTIVE]
+
+    def due(self, saga: str, *, now: float, limit: int = 1000) -> list[str]:
+        with self._lock:
+            found = [
+                (r.wake_at, r.run_id)
+                for r in self._runs.values()
+                if r.saga == saga
+                and r.status == WAITING
+                and r.wake_at is not None
+                and r.wake_at <= now
             ]
+        found.sort()
+        return [run_id for _, run_id in found[:limit]]
+
+    def send_signal(self, run_id: str, name: str, payload: Any, *, at: float) -> RunRecord | None:
+        stored = _stored_json(payload)
+        with self._lock:
+            record = self._runs.get(run_id)
+            if record is None:
+                return None
+            self._signal_ids += 1
+            self._signals.setdefault(run_id, []).append(
+                Signal(self._signal_ids, name, stored, at)
+            )
+            if record.status == WAITING and (
+                name in (record.waiting_for, CANCEL_SIGNAL)
+            ):
+                record.wake_at = at if record.wake_at is None else min(record.wake_at, at)
+            return copy.copy(record)
+
+    def signals(self, run_id: str) -> list[Signal]:
+        with self._lock:
+            return list(self._signals.get(run_id, ()))
 
     def runs(
         self, *, saga: str | None = None, status: str | None = None, limit: int = 100
@@ -278,6 +324,8 @@ class MemoryStore:
         error: str | None = None,
         result: dict[str, Any] | None = None,
         expires_at: float | None = None,
+        wake_at: float | None = None,
+        waiting_for: str | None = None,
     ) -> None:
         self.write(
             run_id,
@@ -287,6 +335,8 @@ class MemoryStore:
             error=error,
             result=result,
             expires_at=expires_at,
+            wake_at=wake_at,
+            waiting_for=waiting_for,
         )
 
     async def aload(self, run_id: str) -> tuple[RunRecord, list[LogEntry]] | None:
@@ -312,6 +362,23 @@ class MemoryStore:
         self, *, saga: str | None = None, status: str | None = None, limit: int = 100
     ) -> list[RunRecord]:
         return self.runs(saga=saga, status=status, limit=limit)
+
+    async def adue(self, saga: str, *, now: float, limit: int = 1000) -> list[str]:
+        return self.due(saga, now=now, limit=limit)
+
+    async def asend_signal(
+        self, run_id: str, name: str, payload: Any, *, at: float
+    ) -> RunRecord | None:
+        return self.send_signal(run_id, name, payload, at=at)
+
+    async def asignals(self, run_id: str) -> list[Signal]:
+        return self.signals(run_id)
+
+
+def _stored_json(value: Any) -> Any:
+    """What a SQL store reads back of a JSON value it stored (the memory store keeps the
+    same, so that every store gives back equal payloads)."""
+    return json.loads(json.dumps(value))
 
 
 def _judge(existing: RunRecord, wanted: RunRecord, now: float) -> KeyClaim | None:
