@@ -409,9 +409,7 @@ def run_changes(
         else:
             changes.update(wake_at=None, waiting_for=None)
             if status not in INCOMPLETE:
-                changes.update(
-                    error=error, result=result, expires_at=expires_at, lease_until=0.0
-                )
+                changes.update(error=error, result=result, expires_at=expires_at, lease_until=0.0)
     return changes
 
 

@@ -281,12 +281,8 @@ class MemoryStore:
             if record is None:
                 return None
             self._signal_ids += 1
-            self._signals.setdefault(run_id, []).append(
-                Signal(self._signal_ids, name, stored, at)
-            )
-            if record.status == WAITING and (
-                name in (record.waiting_for, CANCEL_SIGNAL)
-            ):
+            self._signals.setdefault(run_id, []).append(Signal(self._signal_ids, name, stored, at))
+            if record.status == WAITING and (name in (record.waiting_for, CANCEL_SIGNAL)):
                 record.wake_at = at if record.wake_at is None else min(record.wake_at, at)
             return copy.copy(record)
 
