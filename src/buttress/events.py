@@ -26,6 +26,7 @@ __all__ = [
     "CallCompleted",
     "CallRejected",
     "ChaosInjected",
+    "ChildStarted",
     "CircuitStateChanged",
     "CompensationCompleted",
     "CompensationFailed",
@@ -33,23 +34,30 @@ __all__ = [
     "Event",
     "FallbackUsed",
     "HedgeLaunched",
+    "ItemFailed",
     "LimitChanged",
     "Listener",
     "RecoverySkipped",
     "RetryGaveUp",
     "RetryRecovered",
     "RetryScheduled",
+    "RunCancelled",
     "RunCompleted",
     "RunFailed",
+    "RunParked",
     "RunReplayed",
     "RunStarted",
     "SagaEvent",
     "Severity",
+    "SignalReceived",
+    "SignalSent",
     "StepCompleted",
     "StepFailed",
+    "StepHeartbeat",
     "StepRetrying",
     "StepStarted",
     "TimeoutFired",
+    "WaitExpired",
     "subscribe",
 ]
 
@@ -495,6 +503,82 @@ class CompensationFailed(SagaEvent):
     severity: ClassVar[Severity] = Severity.ERROR
     step: str = ""
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunParked(SagaEvent):
+    """A run parked on a durable sleep or wait: it holds no lease and no thread until it
+    is due (``wake_at``, epoch seconds; ``None``: only a signal wakes it) or signalled."""
+
+    kind: ClassVar[str] = "run_parked"
+    step: str = ""
+    wake_at: float | None = None
+    waiting_for: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SignalSent(SagaEvent):
+    """A signal was stored for a run (``Saga.signal``)."""
+
+    kind: ClassVar[str] = "signal_sent"
+    signal: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SignalReceived(SagaEvent):
+    """A step's ``ctx.wait_for`` consumed a signal."""
+
+    kind: ClassVar[str] = "signal_received"
+    step: str = ""
+    signal: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WaitExpired(SagaEvent):
+    """A step's ``ctx.wait_for`` passed its deadline (it raises ``WaitTimedOut``)."""
+
+    kind: ClassVar[str] = "wait_expired"
+    severity: ClassVar[Severity] = Severity.WARNING
+    step: str = ""
+    signal: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StepHeartbeat(SagaEvent):
+    """A long step reported progress (``ctx.heartbeat``) and renewed the run's lease."""
+
+    kind: ClassVar[str] = "step_heartbeat"
+    severity: ClassVar[Severity] = Severity.DEBUG
+    step: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ChildStarted(SagaEvent):
+    """A step started (or resumed) the run of a child saga."""
+
+    kind: ClassVar[str] = "child_started"
+    step: str = ""
+    child_run_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ItemFailed(SagaEvent):
+    """One item of a fan-out step failed (the completed items are compensated)."""
+
+    kind: ClassVar[str] = "item_failed"
+    severity: ClassVar[Severity] = Severity.WARNING
+    step: str = ""
+    index: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunCancelled(SagaEvent):
+    """A run was asked to cancel; it compensates what completed."""
+
+    kind: ClassVar[str] = "run_cancelled"
+    severity: ClassVar[Severity] = Severity.WARNING
+    reason: str = ""
 
 
 def _cheap_init(cls: type[Event]) -> None:

@@ -17,6 +17,12 @@ The hierarchy::
     ├── Permanent                   raised by a step (or wrapping its error): never retry
     ├── TryAgain                    raised by a retried function to ask for another attempt
     ├── IdempotencyConflict         a saga key is taken by another input or needs an operator
+    ├── SagaError                   a saga run could not go on as asked
+    │   ├── WaitTimedOut            (also a TimeoutError) ``ctx.wait_for`` passed its deadline
+    │   ├── RunCancelled            the run was cancelled (``Saga.cancel``, ``runs cancel``)
+    │   ├── ChildFailed             a child saga's run failed (its report is ``.result``)
+    │   └── VersionMismatch         (also a ValueError) the run started under a saga version
+    │                               this code does not define
     ├── BackendError                a store (SQLite, Redis, PostgreSQL) failed
     │   └── BackendUnavailable      (also a RejectedError) the shared backend is down and the
     │                               primitive fails closed: the call was not run
@@ -37,6 +43,7 @@ __all__ = [
     "BackendUnavailable",
     "BulkheadFull",
     "ButtressError",
+    "ChildFailed",
     "CircuitOpenError",
     "ConfigError",
     "ConfigTypeError",
@@ -48,9 +55,13 @@ __all__ = [
     "RateLimited",
     "RejectedError",
     "RetryExhausted",
+    "RunCancelled",
     "SagaClosed",
+    "SagaError",
     "TimeoutExceeded",
     "TryAgain",
+    "VersionMismatch",
+    "WaitTimedOut",
 ]
 
 
@@ -224,6 +235,58 @@ class IdempotencyConflict(ButtressError):
         super().__init__(message)
         self.key = key
         self.run_id = run_id
+
+
+class SagaError(ButtressError):
+    """A saga run could not go on as asked (see the subclasses)."""
+
+
+class WaitTimedOut(SagaError, TimeoutError):
+    """``ctx.wait_for(name)`` passed its deadline before the signal arrived.
+
+    Attributes:
+        signal: the signal waited for.
+        deadline: the absolute deadline that passed (epoch seconds).
+
+    A step that does not catch it fails without retrying (waiting again would only time
+    out again), so the saga compensates.
+    """
+
+    def __init__(self, message: str, *, signal: str = "", deadline: float | None = None) -> None:
+        super().__init__(message)
+        self.signal = signal
+        self.deadline = deadline
+
+
+class RunCancelled(SagaError):
+    """The run was cancelled (``Saga.cancel`` or ``python -m buttress runs cancel``); it
+    compensates what completed."""
+
+
+class ChildFailed(SagaError):
+    """A child saga's run failed (and compensated); ``result`` is its report."""
+
+    def __init__(self, message: str, *, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class VersionMismatch(SagaError, ValueError):
+    """A run was recorded under a version of its saga that this code does not define.
+
+    Attributes:
+        run_id: the run.
+        run_version: the version it started under.
+        versions: the versions this code defines for the saga, newest first.
+    """
+
+    def __init__(
+        self, message: str, *, run_id: str = "", run_version: str = "", versions: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.run_version = run_version
+        self.versions = versions
 
 
 class BackendError(ButtressError):
