@@ -108,6 +108,11 @@ class Policy:
         default)."""
         return self._clock
 
+    @property
+    def registry(self) -> Registry | None:
+        """The registry this policy joined (``None`` for an unnamed policy)."""
+        return self._registry
+
     # -- decoration -------------------------------------------------------------------------
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:

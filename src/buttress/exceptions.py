@@ -281,7 +281,12 @@ class VersionMismatch(SagaError, ValueError):
     """
 
     def __init__(
-        self, message: str, *, run_id: str = "", run_version: str = "", versions: tuple[str, ...] = ()
+        self,
+        message: str,
+        *,
+        run_id: str = "",
+        run_version: str = "",
+        versions: tuple[str, ...] = (),
     ) -> None:
         super().__init__(message)
         self.run_id = run_id

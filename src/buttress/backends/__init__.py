@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACTIVE",
+    "ANY_SIGNAL",
     "CANCEL_SIGNAL",
     "NO_REPORT",
     "AsyncIdempotencyStore",
@@ -286,6 +287,10 @@ CANCEL_SIGNAL = "buttress.cancel"
 """The name of the signal that asks a run to cancel (``Saga.cancel``); it wakes a
 waiting run whatever the run waits for."""
 
+ANY_SIGNAL = "buttress.any"
+"""The ``waiting_for`` of a run parked on waits for several signals: any signal wakes
+it (its steps park again if the signal was not theirs)."""
+
 
 @dataclass
 class RunRecord:
@@ -472,8 +477,8 @@ class SagaStore(Protocol):
 
     def send_signal(self, run_id: str, name: str, payload: Any, *, at: float) -> RunRecord | None:
         """Durably store a signal for ``run_id`` and, in the same write, make the run
-        due at ``at`` if it is waiting for ``name`` (or ``name`` is
-        :data:`CANCEL_SIGNAL`). Returns the run as it is after the write, or ``None``
+        due at ``at`` if it is waiting for ``name`` (or for :data:`ANY_SIGNAL`, or
+        ``name`` is :data:`CANCEL_SIGNAL`). Returns the run as it is after the write, or ``None``
         (and stores nothing) when there is no such run."""
 
     def signals(self, run_id: str) -> list[Signal]:

@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from buttress import backoff
@@ -61,22 +61,99 @@ class Context:
         run_id: the run's id (stable across crash recovery: use it for idempotent calls).
         step: the name of the step (or compensation) being run.
         attempt: 1 for the first attempt of this step, 2 for its first retry, ...
+
+    A forward step can also wait durably: :meth:`sleep`, :meth:`wait_for` (and their
+    ``_async`` twins) record what they wait for in the run log, so a run resumed after a
+    crash, a deploy or a long park waits only for what is left. Each call is numbered
+    within its step: when the step runs again (a resume, a retry) its n-th wait finds
+    what the n-th wait recorded. Code before a wait runs again on a resume, like any
+    step (steps are at-least-once): put side effects that must happen once in their own
+    step.
     """
 
-    __slots__ = ("attempt", "input", "results", "run_id", "step")
+    __slots__ = ("_run", "_waits", "attempt", "input", "results", "run_id", "step")
 
-    def __init__(self, input: Any, run_id: str, results: dict[str, Any]) -> None:
+    def __init__(self, input: Any, run_id: str, results: dict[str, Any], run: Any = None) -> None:
         self.input = input
         self.run_id = run_id
         self.results = results
         self.step = ""
         self.attempt = 0
+        self._run = run  # the runner's run (None for a context made by hand)
+        self._waits = 0  # waits made by this attempt so far: the index of the next
 
     def for_step(self, name: str) -> Context:
         """A copy for one step (parallel steps each get their own ``step``/``attempt``)."""
-        ctx = Context(self.input, self.run_id, self.results)
+        ctx = Context(self.input, self.run_id, self.results, self._run)
         ctx.step = name
         return ctx
+
+    def _durable(self) -> Any:
+        if self._run is None:
+            raise ConfigValueError(
+                "this Context is not part of a saga run: durable waits and heartbeats "
+                "need one (they are recorded in the run log)"
+            )
+        return self._run
+
+    def sleep(self, seconds: float | timedelta) -> None:
+        """Sleep durably: the wake-up time is recorded, so a resumed run wakes at it.
+
+        A sleep longer than the saga's ``park_after`` parks the run (status
+        ``"waiting"``, no lease or thread held); the recovery worker resumes it when it
+        is due, on any host.
+        """
+        self._durable().sleep(self, seconds)
+
+    async def sleep_async(self, seconds: float | timedelta) -> None:
+        """Async twin of :meth:`sleep`."""
+        await self._durable().sleep_async(self, seconds)
+
+    def wait_for(
+        self,
+        name: str,
+        *,
+        timeout: float | timedelta | None = None,
+        deadline: float | datetime | None = None,
+    ) -> Any:
+        """Wait for the signal ``name`` (``Saga.signal(run_id, name, payload)``) and
+        return its payload.
+
+        Args:
+            name: the signal's name.
+            timeout: seconds from when this wait *first* began (a resume does not
+                restart it).
+            deadline: an absolute time (epoch seconds or an aware ``datetime``).
+
+        A signal sent before the wait began is kept and consumed here, once. Past the
+        earlier of ``timeout`` and ``deadline`` it raises
+        :class:`~buttress.WaitTimedOut`: uncaught, the step fails (without retrying)
+        and the saga compensates; caught, the step decides (remind, then wait again).
+        A wait that may last longer than the saga's ``park_after`` parks the run.
+        """
+        return self._durable().wait_for(self, name, timeout, deadline)
+
+    async def wait_for_async(
+        self,
+        name: str,
+        *,
+        timeout: float | timedelta | None = None,
+        deadline: float | datetime | None = None,
+    ) -> Any:
+        """Async twin of :meth:`wait_for`."""
+        return await self._durable().wait_for_async(self, name, timeout, deadline)
+
+    def heartbeat(self, details: Any = None) -> None:
+        """Report progress: renews the run's lease and records ``details`` in the log.
+
+        A step with ``heartbeat_timeout=`` that stays silent longer is taken as dead by
+        recovery (instead of after the whole lease). Each call is one store write.
+        """
+        self._durable().heartbeat(self, details)
+
+    async def heartbeat_async(self, details: Any = None) -> None:
+        """Async twin of :meth:`heartbeat`."""
+        await self._durable().heartbeat_async(self, details)
 
     def __repr__(self) -> str:
         return f"Context(run_id={self.run_id!r}, step={self.step!r}, attempt={self.attempt})"
@@ -131,7 +208,13 @@ class Step:
         permanent: exception types that fail the step at once, without retrying.
         compensate_retry: the policy for the compensation (default: 5 attempts, 0.5 s,
             1 s, 2 s and 4 s apart, with jitter).
+        heartbeat_timeout: seconds the step may stay silent (no ``ctx.heartbeat()``)
+            before recovery takes its run as dead: while it runs, the run's lease is
+            this long, and each heartbeat renews it.
     """
+
+    kind = "step"  # "child" for a child saga, "map" for a fan-out (part of the version)
+    child_saga: Any = None  # the Saga a "child" step runs
 
     def __init__(
         self,
@@ -145,6 +228,7 @@ class Step:
         compensate_uncertain: bool = False,
         permanent: type[BaseException] | tuple[type[BaseException], ...] = (),
         compensate_retry: Retry | None = None,
+        heartbeat_timeout: float | timedelta | None = None,
     ) -> None:
         checked = check_name(name)
         if checked is None:
@@ -159,6 +243,11 @@ class Step:
         self.is_async = is_async_callable(fn)
         self.compensate_is_async = compensate is not None and is_async_callable(compensate)
         self.timeout = check_seconds("timeout", timeout, allow_none=True)
+        self.heartbeat_timeout = check_seconds(
+            "heartbeat_timeout", heartbeat_timeout, allow_none=True
+        )
+        if self.heartbeat_timeout is not None and self.heartbeat_timeout <= 0:
+            raise ConfigValueError(f"heartbeat_timeout must be > 0, got {heartbeat_timeout!r}")
         self._retry, self._policy = retry, policy
         self._compensate_retry = compensate_retry
         _policies(retry, self.timeout, policy)  # validates the options now
@@ -247,6 +336,7 @@ class StepResult:
     compensation_error: BaseException | None = None
     uncertain: bool = False
     group: str | None = None
+    child: SagaResult | None = None  # the report of a child saga's run
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of this record (what the report's ``to_dict()`` nests)."""
@@ -262,6 +352,7 @@ class StepResult:
             "history": [record.to_dict() for record in self.history],
             "compensation_error": describe(self.compensation_error),
             "uncertain": self.uncertain,
+            "child": None if self.child is None else self.child.to_dict(),
         }
 
 
@@ -270,7 +361,8 @@ class SagaResult:
     """The report of one run.
 
     Attributes:
-        status: ``"completed"`` or ``"failed"``.
+        status: ``"completed"``, ``"failed"`` or ``"waiting"`` (the run parked on a
+            durable sleep or wait: it goes on when it is due or signalled).
         run_id: the run's id.
         output: the last step's output.
         outputs: every completed step's output, by name.
@@ -299,6 +391,11 @@ class SagaResult:
     def ok(self) -> bool:
         """Whether the run completed (every step succeeded or was replayed)."""
         return self.status == "completed"
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the run parked on a durable sleep or wait (it is not over)."""
+        return self.status == "waiting"
 
     def step(self, name: str) -> StepResult:
         """The result of the step called ``name``."""
@@ -342,6 +439,7 @@ class SagaResult:
                 else None,
                 uncertain=s.get("uncertain", False),
                 group=s.get("group"),
+                child=SagaResult.from_dict(s["child"]) if s.get("child") else None,
             )
             for s in data.get("steps", [])
         ]
@@ -416,20 +514,21 @@ def jsonable(value: Any) -> Any:
     return storable_text(shown)
 
 
-def check_input(saga: str, value: Any) -> None:
-    """Refuse a run input that the log could not store (before any step runs)."""
+def check_input(saga: str, value: Any, *, what: str = "input") -> None:
+    """Refuse a run input (or a signal payload) that the log could not store (before
+    any step runs)."""
     if value is None or _strict_json(value) is not None:
         return
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, RecursionError) as exc:
         raise ConfigTypeError(
-            f"input of saga {saga!r} must be JSON-serialisable (it is stored in the run "
+            f"{what} of saga {saga!r} must be JSON-serialisable (it is stored in the run "
             f"log), got {_short(value)} ({type(value).__name__}): {exc}"
         ) from None
     except ValueError as exc:
         raise ConfigValueError(
-            f"input of saga {saga!r} must be strict JSON (no NaN or infinity), got "
+            f"{what} of saga {saga!r} must be strict JSON (no NaN or infinity), got "
             f"{_short(value)}: {exc}"
         ) from None
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
+import itertools
 import os
 import socket
 import time
@@ -32,15 +32,21 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from buttress import events as _events
 from buttress._deadline import reset_deadline, set_deadline
 from buttress.backends import (
+    ANY_SIGNAL,
+    CANCEL_SIGNAL,
     COMPENSATING,
     COMPENSATION_FAILED,
     COMPLETED,
     FAILED,
+    RUNNING,
+    WAITING,
     LogEntry,
 )
-from buttress.exceptions import Permanent, TimeoutExceeded
+from buttress.exceptions import ChildFailed, Permanent, TimeoutExceeded, WaitTimedOut
 from buttress.timeout import Timeout
 
+from . import _waits
+from ._calls import ASYNC, INLINE, THREAD, Call, Failed, store_call
 from ._model import (
     AttemptRecord,
     Context,
@@ -55,7 +61,18 @@ from ._model import (
 if TYPE_CHECKING:
     from ._saga import Saga
 
-__all__ = ["Call", "Failed", "Sleep", "drive_async", "drive_sync", "new_owner", "owner_is_dead"]
+__all__ = [
+    "ASYNC",
+    "INLINE",
+    "THREAD",
+    "Call",
+    "Failed",
+    "Sleep",
+    "drive_async",
+    "drive_sync",
+    "new_owner",
+    "owner_is_dead",
+]
 
 _HOST = socket.gethostname()
 
@@ -101,10 +118,11 @@ class _Outcome:
     history: list[AttemptRecord] = field(default_factory=list)
     started_at: float = 0.0
     duration: float = 0.0
+    park: _waits.Park | None = None  # the step parked the run (a durable wait)
 
     @property
     def ok(self) -> bool:
-        return self.error is None
+        return self.error is None and self.park is None
 
     @property
     def uncertain(self) -> bool:
@@ -142,32 +160,7 @@ class _Undo(_Save):
 # The ``final`` of the saves before the last (never mutated).
 _NOT_FINAL: dict[str, Any] = {}
 _COMPENSATING: dict[str, Any] = {"status": COMPENSATING}
-
-
-@dataclass(slots=True)
-class Call:
-    """Instruction: call ``store.<method>(*args, **kwargs)`` (awaiting
-    ``store.a<method>`` under ``drive_async`` when the store is async) and send back
-    its result."""
-
-    store: Any
-    face: str  # ASYNC, INLINE or THREAD: how drive_async calls the store
-    method: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    catch: bool = False  # send back a Failed instead of raising
-
-
-ASYNC = "async"  # await the store's a<method> twin
-INLINE = "inline"  # call the sync method on the loop (a store that waits on no I/O)
-THREAD = "thread"  # call the sync method on a worker thread
-
-
-@dataclass(slots=True)
-class Failed:
-    """What a :class:`Call` with ``catch`` sends back when the store raised."""
-
-    error: Exception
+_RUNNING: dict[str, Any] = {"status": RUNNING}  # the first save of a run woken from waiting
 
 
 @dataclass(slots=True)
@@ -178,6 +171,10 @@ class Sleep:
 
 
 Instruction = _Forward | _Undo | _Save | Call | Sleep
+
+# Log events that a durable wait or a fan-out step writes while its step runs.
+_MARKS = frozenset({"sleep", "wait", "received", "wait_expired", "child"})
+_FANOUT = frozenset({"items", "item", "item_compensated", "item_compensation_failed"})
 T = TypeVar("T")
 Flow = Generator[Instruction, Any, T]
 
@@ -195,6 +192,8 @@ class _Run:
         key: str | None,
         ttl: float | None,
         owner: str,
+        deadline: float | None = None,
+        parent: str | None = None,
     ) -> None:
         self.saga = saga
         self.run_id = run_id
@@ -203,7 +202,7 @@ class _Run:
         self.ttl = ttl
         self.owner = owner
         self.outputs: dict[str, Any] = {}
-        self.ctx = Context(value, run_id, self.outputs)
+        self.ctx = Context(value, run_id, self.outputs, self)
         self.results: dict[str, StepResult] = {
             s.name: StepResult(s.name, group=s.group) for s in saga.all_steps
         }
@@ -215,15 +214,57 @@ class _Run:
         self.resumed = False
         self.abort: BaseException | None = None  # set by a driver whose caller was cancelled
         self.pending: list[LogEntry] = []
-        self.seq = 0
+        self._seq = itertools.count(1)  # thread-safe: steps of a group log from threads
         self.started = saga.clock.now()
         self.open = True  # counted among the saga's running runs
+        # Durable waits: what each (step, index) wait recorded, the signals consumed.
+        self.marks: dict[tuple[str, int], dict[str, Any]] = {}
+        self.consumed: set[int] = set()
+        self.woken = False  # resumed from "waiting": the first save says "running"
+        self.parent = parent
+        self.children: dict[str, Any] = {}  # step -> the child run's SagaResult
+        # A fan-out step's recorded items, outputs by index, compensated indexes.
+        self.fanout: dict[str, dict[str, Any]] = {}
+        if deadline is None and saga.timeout is not None:
+            deadline = saga.wall() + saga.timeout
+        self.deadline_wall = deadline  # the run's absolute deadline (epoch seconds)
 
     # -- the log ----------------------------------------------------------------------------
 
     def note(self, step: str, event: str, **fields: Any) -> None:
-        self.seq += 1
-        self.pending.append(LogEntry(self.seq, step, event, at=self.saga.wall(), **fields))
+        self.pending.append(LogEntry(next(self._seq), step, event, at=self.saga.wall(), **fields))
+
+    def entry(self, step: str, event: str, **fields: Any) -> LogEntry:
+        """A log entry to write at once (by a wait or a heartbeat, while a step runs)."""
+        return LogEntry(next(self._seq), step, event, at=self.saga.wall(), **fields)
+
+    def deadline_error(self) -> TimeoutExceeded:
+        """The error of a run past its deadline."""
+        saga = self.saga
+        timeout = saga.timeout
+        shown = f"its {timeout:g}s timeout" if timeout is not None else "its deadline"
+        return TimeoutExceeded(f"saga {saga.name!r} ran out of {shown}", timeout=timeout)
+
+    # -- durable waits (what a step's Context calls) --------------------------------------------
+
+    def sleep(self, ctx: Context, seconds: Any) -> None:
+        _waits.pump_sync(self, _waits.sleep_flow(self, ctx, seconds))
+
+    async def sleep_async(self, ctx: Context, seconds: Any) -> None:
+        await _waits.pump_async(self, _waits.sleep_flow(self, ctx, seconds))
+
+    def wait_for(self, ctx: Context, name: str, timeout: Any, deadline: Any) -> Any:
+        return _waits.pump_sync(self, _waits.wait_flow(self, ctx, name, timeout, deadline))
+
+    async def wait_for_async(self, ctx: Context, name: str, timeout: Any, deadline: Any) -> Any:
+        flow = _waits.wait_flow(self, ctx, name, timeout, deadline)
+        return await _waits.pump_async(self, flow)
+
+    def heartbeat(self, ctx: Context, details: Any) -> None:
+        _waits.pump_sync(self, _waits.heartbeat_flow(self, ctx, details))
+
+    async def heartbeat_async(self, ctx: Context, details: Any) -> None:
+        await _waits.pump_async(self, _waits.heartbeat_flow(self, ctx, details))
 
     def save(self, **final: Any) -> _Save:
         """The final write: everything noted since the last save, with how the run ended
@@ -234,12 +275,20 @@ class _Run:
     def replay(self, entries: list[LogEntry], status: str, error: str | None) -> None:
         """Rebuild the state of a run from its log (crash recovery)."""
         self.resumed = True
+        self.woken = status == WAITING
         by_name = self.saga.step_by_name
+        last = 0
         for entry in entries:
-            self.seq = max(self.seq, entry.seq)
+            last = max(last, entry.seq)
             result = self.results.get(entry.step)
             if entry.event == "compensating":
                 self.compensating = True
+            if entry.event in _MARKS:
+                self._mark(entry)
+                continue
+            if entry.event in _FANOUT:
+                self._fanout_mark(entry)
+                continue
             if result is None:
                 continue
             if entry.event == "started":
@@ -269,10 +318,44 @@ class _Run:
                 result.compensation_error = StoredError(entry.error or "failed")
                 self.compensated.add(entry.step)
                 self.compensation_ok = False
+        self._seq = itertools.count(last + 1)
         if status == COMPENSATING:
             self.compensating = True
         if self.compensating and self.failure is None:
             self.failure = StoredError(error or "the run was compensating when it was interrupted")
+
+    def _mark(self, entry: LogEntry) -> None:
+        """Replay what a durable wait recorded (see :mod:`._waits`)."""
+        data = entry.output if isinstance(entry.output, dict) else {}
+        index = data.get("index")
+        if entry.event == "child":
+            self.marks[(entry.step, -1)] = data  # the child's run id
+            return
+        if not isinstance(index, int):
+            return
+        mark = self.marks.setdefault((entry.step, index), {"index": index})
+        mark.update(data)
+        if entry.event == "received" and isinstance(data.get("id"), int):
+            self.consumed.add(data["id"])
+        elif entry.event == "wait_expired":
+            mark["expired"] = True
+
+    def _fanout_mark(self, entry: LogEntry) -> None:
+        data = entry.output if isinstance(entry.output, dict) else {}
+        state = self.fanout.setdefault(entry.step, {"items": None, "done": {}, "undone": set()})
+        if entry.event == "items":
+            state["items"] = data.get("items")
+        elif entry.event == "item" and isinstance(data.get("index"), int):
+            state["done"][data["index"]] = data.get("output")
+        elif isinstance(data.get("index"), int):
+            state["undone"].add(data["index"])
+            if entry.event == "item_compensation_failed":
+                self.compensation_ok = False
+
+    def cancel_from(self, signals: list[Any]) -> None:
+        """A cancellation was asked while the run was away: it compensates now."""
+        if not self.compensating:
+            _waits.cancel_requested(self, signals)
 
     # -- the flow -----------------------------------------------------------------------------
 
@@ -283,7 +366,7 @@ class _Run:
         finally:
             if self.open:  # ended by an exception (a store error, a cancellation...)
                 self.open = False
-                self.saga.finished_run(None)
+                self.saga.finished_run(None, self.run_id)
 
     def _flow(self) -> Flow[SagaResult]:
         saga = self.saga
@@ -291,7 +374,9 @@ class _Run:
         # done here to skip the call and its arguments on the common path).
         if saga.listening:
             saga.emit(_events.RunStarted, run_id=self.run_id, resumed=self.resumed)
-        deadline = None if saga.timeout is None else saga.clock.now() + saga.timeout
+        deadline = None
+        if self.deadline_wall is not None:
+            deadline = saga.clock.now() + (self.deadline_wall - saga.wall())
         status = None
         if not self.compensating:
             for unit in saga.units:
@@ -302,10 +387,7 @@ class _Run:
                     self.failure = self.abort
                     break
                 if deadline is not None and saga.clock.now() >= deadline:
-                    self.failure = TimeoutExceeded(
-                        f"saga {saga.name!r} ran out of its {saga.timeout:g}s timeout",
-                        timeout=saga.timeout,
-                    )
+                    self.failure = self.deadline_error()
                     for step in todo:
                         self.results[step.name].status = "not_run"
                     break
@@ -314,15 +396,34 @@ class _Run:
                     if saga.listening:
                         saga.emit(_events.StepStarted, run_id=self.run_id, step=step.name)
                 entries, self.pending = self.pending, []
+                lease = saga.lease
+                for step in todo:
+                    if step.heartbeat_timeout is not None:
+                        lease = min(lease, step.heartbeat_timeout)
                 outcomes: list[_Outcome] = yield _Forward(
-                    self, entries, saga.wall() + saga.lease, _NOT_FINAL, todo, self.ctx, deadline
+                    self,
+                    entries,
+                    saga.wall() + lease,
+                    _RUNNING if self.woken else _NOT_FINAL,
+                    todo,
+                    self.ctx,
+                    deadline,
                 )
+                self.woken = False
+                parked = []
                 for outcome in outcomes:
-                    self._record(outcome)
-                failed = [outcome for outcome in outcomes if not outcome.ok]
+                    if outcome.park is None:
+                        self._record(outcome)
+                    else:
+                        parked.append(outcome)
+                failed = [o for o in outcomes if o.error is not None and o.park is None]
                 if failed:
                     self.failure = failed[0].error
+                    for outcome in parked:  # a member parked beside one that failed
+                        self.results[outcome.step.name].status = "not_run"
                     break
+                if parked:
+                    return (yield from self._park(parked))
                 aborted = self._aborted()  # a driver may have set it while we yielded
                 if aborted is not None:
                     self.failure = aborted
@@ -364,6 +465,61 @@ class _Run:
         report, final = self._conclude(status)
         yield final
         self._announce(status, report)
+        if self.parent is not None:
+            # A parent parked on this child learns that it ended (a failed call leaves
+            # the parent to its deadline or an operator: the child's outcome is stored).
+            yield Call(
+                saga.store,
+                saga.store_face,
+                "send_signal",
+                (self.parent, _waits.CHILD_SIGNAL, self.run_id),
+                {"at": saga.wall()},
+                True,
+            )
+        return report
+
+    def _park(self, parked: list[_Outcome]) -> Flow[SagaResult]:
+        """Park the run on the waits of ``parked``: saved as "waiting", due at the
+        earliest wake-up, holding no lease; a signal that arrived meanwhile takes it
+        again at once."""
+        saga = self.saga
+        wakes = [o.park.wake_at for o in parked if o.park is not None and o.park.wake_at]
+        names = {o.park.waiting_for for o in parked if o.park is not None and o.park.waiting_for}
+        wake_at = min(wakes) if wakes else None
+        # One signal wakes it when it waits for one; several: any signal does, and the
+        # steps park again if it was not theirs. A sleep alone waits for none.
+        waiting_for = None if not names else names.pop() if len(names) == 1 else ANY_SIGNAL
+        awaited = {o.park.waiting_for for o in parked if o.park is not None} | {CANCEL_SIGNAL}
+        first = parked[0].step.name
+        for outcome in parked:
+            self.results[outcome.step.name].status = "waiting"
+        self.note(first, "parked", output={"wake_at": wake_at, "waiting_for": waiting_for})
+        report = SagaResult(
+            saga=saga.name,
+            status=WAITING,
+            run_id=self.run_id,
+            key=self.key,
+            outputs=dict(self.outputs),
+            duration=saga.clock.now() - self.started,
+            compensated=False,
+            steps=[self.results[s.name] for s in saga.all_steps],
+        )
+        yield self.save(status=WAITING, wake_at=wake_at, waiting_for=waiting_for)
+        self.open = False
+        saga.finished_run("parked", self.run_id)
+        saga.emit(
+            _events.RunParked,
+            run_id=self.run_id,
+            step=first,
+            wake_at=wake_at,
+            waiting_for=waiting_for,
+        )
+        # A signal stored after our last look and before the park was saved found the
+        # run still running, so nobody woke it: look once more.
+        signals = yield Call(saga.store, saga.store_face, "signals", (self.run_id,), {})
+        if any(s.id not in self.consumed and s.name in awaited for s in signals):
+            taken: SagaResult = yield from saga.take_parked(self.run_id, report)
+            return taken
         return report
 
     def _aborted(self) -> BaseException | None:
@@ -374,6 +530,7 @@ class _Run:
         result = self.results[step.name]
         result.history = outcome.history
         result.attempts = len(outcome.history)
+        result.child = self.children.get(step.name)
         result.started_at = outcome.started_at
         result.duration = outcome.duration
         if outcome.ok:
@@ -441,7 +598,7 @@ class _Run:
         expires = None if self.ttl is None else saga.wall() + self.ttl
         # The stored report is read back by idempotent replays and by operators of a
         # durable store; an unkeyed run in memory has no reader, so it skips the cost.
-        keep = self.key is not None or not saga.store_is_ephemeral
+        keep = self.key is not None or not saga.store_is_ephemeral or self.parent is not None
         return report, self.save(
             status=status,
             error=describe(self.failure),
@@ -452,7 +609,7 @@ class _Run:
     def _announce(self, status: str, report: SagaResult) -> None:
         saga = self.saga
         self.open = False
-        saga.finished_run(status)
+        saga.finished_run(status, self.run_id)
         if status == COMPLETED:
             if saga.listening:
                 saga.emit(_events.RunCompleted, run_id=self.run_id, duration=report.duration)
@@ -477,6 +634,8 @@ def attempt_sync(
     started, t0 = run.saga.wall(), run.saga.clock.now()
     try:
         value = call(ctx)
+    except _waits.Park:
+        raise
     except BaseException as exc:
         permanent = _failed_attempt(run, step, history, exc, started=started, t0=t0, undo=undo)
         if permanent is not None:
@@ -494,6 +653,8 @@ async def attempt_async(
     started, t0 = run.saga.wall(), run.saga.clock.now()
     try:
         value = await call(ctx)
+    except _waits.Park:
+        raise
     except BaseException as exc:
         permanent = _failed_attempt(run, step, history, exc, started=started, t0=t0, undo=undo)
         if permanent is not None:
@@ -508,6 +669,7 @@ def _begin_attempt(
 ) -> Callable[[Context], Any] | None:
     """Number the attempt; the compensation to call when undoing, else ``None``."""
     ctx.attempt = len(history) + 1
+    ctx._waits = 0
     if undo:
         assert step.compensate is not None
         return step.compensate
@@ -534,7 +696,11 @@ def _failed_attempt(
 ) -> Permanent | None:
     """Record a failed attempt; a step error listed as permanent comes back wrapped."""
     history.append(AttemptRecord(started, run.saga.clock.now() - t0, describe(exc)))
-    if not undo and step.permanent and isinstance(exc, step.permanent):
+    if not undo and (
+        isinstance(exc, (WaitTimedOut, ChildFailed))
+        or (step.permanent and isinstance(exc, step.permanent))
+    ):
+        # A passed deadline passes again on every attempt: the step fails at once.
         return Permanent(str(exc), error=exc)
     return None
 
@@ -568,6 +734,8 @@ def _forward_one_sync(
                     own_loop.close()
         else:
             outcome.value = step.run_sync(run, step, ctx, history)
+    except _waits.Park as park:
+        outcome.park = park
     except Exception as exc:
         outcome.error = exc
     finally:
@@ -699,6 +867,8 @@ async def _forward_one_async(
         if deadline is not None:
             call = Timeout(max(deadline - t0, 1e-9), clock=run.saga.clock)(call)
         outcome.value = await call(run, step, ctx, history)
+    except _waits.Park as park:
+        outcome.park = park
     except (Exception, asyncio.CancelledError) as exc:
         outcome.error = exc
     outcome.duration = run.saga.clock.now() - t0
@@ -736,19 +906,10 @@ async def _undo_async(
     return outcome, None
 
 
-async def _store_call(store: Any, face: str, method: str, *args: Any, **kwargs: Any) -> Any:
-    """Await ``store.a<method>``, or call ``store.<method>`` inline or on a worker thread."""
-    if face is ASYNC:
-        return await getattr(store, "a" + method)(*args, **kwargs)
-    if face is INLINE:
-        return getattr(store, method)(*args, **kwargs)
-    return await asyncio.to_thread(functools.partial(getattr(store, method), *args, **kwargs))
-
-
 async def _save_async(save: _Save) -> None:
     run = save.run
     saga = run.saga
-    await _store_call(
+    await store_call(
         saga.store,
         saga.store_face,
         "write",
@@ -758,7 +919,7 @@ async def _save_async(save: _Save) -> None:
         **save.final,
     )
     if saga.keys is not saga.store and run.key is not None:
-        await _store_call(
+        await store_call(
             saga.keys,
             saga.keys_face,
             "write",
@@ -771,7 +932,7 @@ async def _save_async(save: _Save) -> None:
 
 async def _call_async(call: Call) -> Any:
     try:
-        return await _store_call(call.store, call.face, call.method, *call.args, **call.kwargs)
+        return await store_call(call.store, call.face, call.method, *call.args, **call.kwargs)
     except Exception as exc:
         if not call.catch:
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -15,10 +16,13 @@ from buttress import events as _events
 from buttress._policy import Policy
 from buttress._validate import check_callable, check_name, check_seconds
 from buttress.backends import (
+    ANY_SIGNAL,
+    CANCEL_SIGNAL,
     COMPENSATION_FAILED,
     FAILED,
     INCOMPLETE,
     RUNNING,
+    WAITING,
     AsyncIdempotencyStore,
     AsyncSagaStore,
     IdempotencyStore,
@@ -29,20 +33,30 @@ from buttress.backends import (
 from buttress.backends.memory import MemoryStore
 from buttress.clock import Clock
 from buttress.events import RecoverySkipped
-from buttress.exceptions import ConfigTypeError, ConfigValueError, IdempotencyConflict, SagaClosed
+from buttress.exceptions import (
+    ConfigTypeError,
+    ConfigValueError,
+    IdempotencyConflict,
+    RunCancelled,
+    SagaClosed,
+    VersionMismatch,
+)
 from buttress.registry import Registry
 from buttress.retry import Retry
 
 from ._model import (
+    Context,
     RecoveryReport,
     SagaResult,
     Step,
     StepFn,
     StepResult,
+    _policies,
     check_input,
     check_key,
     check_storable_name,
     describe,
+    jsonable,
     wall_clock,
 )
 from ._runner import (
@@ -93,6 +107,21 @@ def _check_run_id(run_id: object) -> None:
         raise ConfigTypeError(f"run_id must be a str, got {run_id!r} ({type(run_id).__name__})")
 
 
+def _fingerprint(steps: list[Step]) -> str:
+    """The default version: a hash of what the steps are, in order (a change inside a
+    step's function does not change it: pass ``version=`` to mark one)."""
+    text = "\n".join(f"{step.kind}:{step.group or ''}:{step.name}" for step in steps)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _check_signal_name(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise ConfigTypeError(f"name must be a non-empty str, got {name!r}")
+    if name.startswith("buttress."):
+        raise ConfigValueError(f"signal names starting with 'buttress.' are reserved, got {name!r}")
+    return check_storable_name("signal name", name)
+
+
 def _input_hash(value: Any) -> str:
     text = json.dumps(value, sort_keys=True, default=repr, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
@@ -122,6 +151,17 @@ class Saga(Policy):
         health_interval: seconds a ``health()`` answer about a durable store may be
             old (default 5): the store is queried at most that often, on a background
             thread (or by a recovery worker), never inside ``health()``.
+        version: the version of this definition, recorded by each run (default: a
+            fingerprint of the steps: their kinds, names and order). A run recorded
+            under another version is resumed only by the definition of that version.
+        previous: older definitions of this saga (same name and store, other versions)
+            whose runs may still be in flight: each run continues under its own.
+        park_after: a durable sleep or wait that may last longer than this many
+            seconds parks the run (status ``"waiting"``, no lease, thread or task held)
+            instead of waiting in this process (default 60; ``0``: always park;
+            ``None``: never park).
+        poll_interval: seconds between two looks at the store by a wait in this
+            process (a signal sent from this process wakes it at once; default 1).
     """
 
     kind = "saga"
@@ -139,6 +179,10 @@ class Saga(Policy):
         registry: Registry | None = None,
         clock: Clock | None = None,
         health_interval: float | timedelta = 5.0,
+        version: str | None = None,
+        previous: Iterable[Saga] = (),
+        park_after: float | timedelta | None = 60.0,
+        poll_interval: float | timedelta = 1.0,
     ) -> None:
         if check_name(name) is None:
             raise ConfigTypeError("a saga needs a name, got None")
@@ -179,6 +223,7 @@ class Saga(Policy):
         self.health_interval = interval
         self._health: tuple[float, int, str | None] | None = None  # (checked at, stuck, error)
         self._health_refreshing = False
+        self._waiting = 0  # runs parked in the store, as the last health refresh counted
         self.validate = check_callable("validate", validate, allow_none=True)
         self.timeout = check_seconds("timeout", timeout, allow_none=True)
         lease_value = check_seconds("lease", lease)
@@ -187,12 +232,100 @@ class Saga(Policy):
         self.units: list[list[Step]] = []
         self.all_steps: list[Step] = []
         self.step_by_name: dict[str, Step] = {}
-        self._counts = {"completed": 0, "failed": 0, "compensation_failed": 0, "replayed": 0}
+        self._counts = {
+            "completed": 0,
+            "failed": 0,
+            "compensation_failed": 0,
+            "replayed": 0,
+            "parked": 0,
+        }
         self._running = 0
         self._count_lock = threading.Lock()
         self._closed = False  # shutdown() was called: no new run starts
         self._idle = threading.Event()  # set when closed and no run is active
+        park = check_seconds("park_after", park_after, allow_none=True)
+        if park is not None and park < 0:
+            raise ConfigValueError(f"park_after must be >= 0 or None, got {park_after!r}")
+        self.park_after = park
+        poll = check_seconds("poll_interval", poll_interval)
+        assert poll is not None
+        if poll <= 0:
+            raise ConfigValueError(f"poll_interval must be > 0, got {poll_interval!r}")
+        self.poll_interval = poll
+        if version is not None:
+            if not isinstance(version, str) or not version:
+                raise ConfigTypeError(f"version must be a non-empty str, got {version!r}")
+            check_storable_name("version", version)
+        self._version = version
+        self._fingerprint = _fingerprint([])
+        self.children: list[Saga] = []  # the sagas run as steps of this one
+        self._active: dict[str, Any] = {}  # run id -> the run this process drives
+        self._watchers: dict[str, list[Callable[[], None]]] = {}
+        self._watch_lock = threading.Lock()
+        self.previous: list[Saga] = self._check_previous(previous)
         self._register()
+
+    def _check_previous(self, previous: Iterable[Saga]) -> list[Saga]:
+        older = list(previous)
+        for index, item in enumerate(older):
+            if not isinstance(item, Saga):
+                raise ConfigTypeError(f"previous[{index}] must be a Saga, got {item!r}")
+            if item.name != self.name or item.store is not self.store:
+                raise ConfigValueError(
+                    f"previous[{index}] must be an older definition of saga {self.name!r} "
+                    f"on the same store, got saga {item.name!r} on {item.store!r}"
+                )
+            # The newest definition stands for the saga in state() and health().
+            if item.registry is not None:
+                item.registry.unregister(item)
+        return older
+
+    @property
+    def version(self) -> str:
+        """The version runs of this definition record (explicit, or the fingerprint)."""
+        return self._version if self._version is not None else self._fingerprint
+
+    def definition_for(self, record: RunRecord) -> Saga:
+        """The definition a stored run continues under: this one, or the ``previous``
+        one of its version. Raises :class:`~buttress.VersionMismatch` when the run's
+        version is not defined here."""
+        recorded = record.version
+        if recorded is None or recorded == self.version:
+            return self
+        for older in self.previous:
+            if older.version == recorded:
+                return older
+        versions = (self.version, *(older.version for older in self.previous))
+        raise VersionMismatch(
+            f"run {record.run_id} of saga {self.name!r} started under version "
+            f"{recorded!r}, but this code defines version {self.version!r}"
+            + (f" (and {', '.join(map(repr, versions[1:]))})" if len(versions) > 1 else "")
+            + ": keep that definition registered (Saga(..., previous=[...])) until its "
+            "runs end, or cancel the run",
+            run_id=record.run_id,
+            run_version=recorded,
+            versions=versions,
+        )
+
+    def watch(self, run_id: str, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when this process signals ``run_id`` (a wait in progress)."""
+        with self._watch_lock:
+            self._watchers.setdefault(run_id, []).append(wake)
+
+    def unwatch(self, run_id: str, wake: Callable[[], None]) -> None:
+        """Stop calling ``wake`` for ``run_id``."""
+        with self._watch_lock:
+            wakes = self._watchers.get(run_id)
+            if wakes is not None and wake in wakes:
+                wakes.remove(wake)
+                if not wakes:
+                    del self._watchers[run_id]
+
+    def _notify(self, run_id: str) -> None:
+        with self._watch_lock:
+            wakes = list(self._watchers.get(run_id, ()))
+        for wake in wakes:
+            wake()
 
     # -- building -----------------------------------------------------------------------------
 
@@ -218,6 +351,7 @@ class Saga(Policy):
             self.step_by_name[step.name] = step
             self.all_steps.append(step)
         self.units.append(steps)
+        self._fingerprint = _fingerprint(self.all_steps)
 
     @overload
     def step(
@@ -232,6 +366,7 @@ class Saga(Policy):
         compensate_uncertain: bool = False,
         permanent: type[BaseException] | tuple[type[BaseException], ...] = (),
         compensate_retry: Retry | None = None,
+        heartbeat_timeout: float | timedelta | None = None,
     ) -> Callable[[StepF], StepF]: ...
 
     @overload
@@ -247,6 +382,7 @@ class Saga(Policy):
         compensate_uncertain: bool = False,
         permanent: type[BaseException] | tuple[type[BaseException], ...] = (),
         compensate_retry: Retry | None = None,
+        heartbeat_timeout: float | timedelta | None = None,
     ) -> Step: ...
 
     def step(
@@ -261,6 +397,7 @@ class Saga(Policy):
         compensate_uncertain: bool = False,
         permanent: type[BaseException] | tuple[type[BaseException], ...] = (),
         compensate_retry: Retry | None = None,
+        heartbeat_timeout: float | timedelta | None = None,
     ) -> Step | Callable[[StepF], StepF]:
         """Add a step (see :class:`Step` for the options).
 
@@ -275,6 +412,7 @@ class Saga(Policy):
             "compensate_uncertain": compensate_uncertain,
             "permanent": permanent,
             "compensate_retry": compensate_retry,
+            "heartbeat_timeout": heartbeat_timeout,
         }
         if fn is None:
 
@@ -284,6 +422,103 @@ class Saga(Policy):
 
             return decorator
         step = Step(name, fn, **options)
+        self._add([step])
+        return step
+
+    def child(
+        self,
+        name: str,
+        saga: Saga,
+        *,
+        input: Any = None,
+        timeout: float | timedelta | None = None,
+        policy: Policy | None = None,
+    ) -> Step:
+        """Add a step that runs another saga as a child run.
+
+        The child's run id is ``"<parent run id>/<name>"``, so a resumed parent never
+        starts a second child: it resumes the child, or reads back how it ended. The
+        child's report is nested in the parent's (``StepResult.child``); its output is
+        this step's output. A child that fails (and compensates itself) fails this step
+        with :class:`~buttress.ChildFailed`; when a later step fails, the completed child
+        is compensated, its steps last first. Cancelling the parent cancels the child,
+        and the parent's deadline bounds the child's. A child that parks (a durable
+        wait) parks the parent until it ends.
+
+        Args:
+            name: the step's name.
+            saga: the child saga; it must use this saga's store.
+            input: the child's input: a function of the parent's context, a value, or
+                ``None`` for the parent's own input.
+            timeout: seconds for the child run (the parent's deadline applies too).
+            policy: any other policy (a breaker, a limiter...) around the child run.
+        """
+        from ._compose import ChildRunner
+
+        if not isinstance(saga, Saga):
+            raise ConfigTypeError(f"saga must be a buttress Saga, got {saga!r}")
+        if saga is self:
+            raise ConfigValueError(f"saga {self.name!r} cannot be a child of itself")
+        if saga.store is not self.store:
+            raise ConfigValueError(
+                f"child saga {saga.name!r} must use the store of its parent {self.name!r} "
+                f"(a child run and its parent wake each other through it)"
+            )
+        runner = ChildRunner(saga, input)
+        step = Step(name, runner, compensate=runner.compensate, timeout=timeout, policy=policy)
+        step.kind = "child"
+        step.child_saga = saga
+        self._add([step])
+        self.children.append(saga)
+        return step
+
+    def map(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        items: Callable[[Context], Iterable[Any]],
+        compensate: Callable[..., Any] | None = None,
+        concurrency: int = 8,
+        retry: Retry | None = None,
+        timeout: float | timedelta | None = None,
+        policy: Policy | None = None,
+    ) -> Step:
+        """Add a step that calls ``fn(ctx, item)`` for each item of a collection
+        computed when the step runs (``items(ctx)``), at most ``concurrency`` at a time.
+
+        The items are recorded in the log the first time (a resume uses the same
+        ones), and each item's outcome as it ends: a resumed step runs only the items
+        that have no outcome. When an item fails, no new item starts, the completed
+        ones are undone with ``compensate(ctx, item, output)`` (last index first) and
+        the step fails with the first error; when a later step fails, every item is
+        undone the same way. The step's output is the list of item outputs.
+        ``retry``, ``timeout`` and ``policy`` apply to each item's call.
+        """
+        from ._compose import FanOut, fan_out_step_options
+
+        check_callable("fn", fn)
+        check_callable("items", items)
+        bound, undo = fan_out_step_options(concurrency, compensate, self.clock)
+        item_policy = _policies(
+            retry, check_seconds("timeout", timeout, allow_none=True), policy, self.clock
+        )
+        fanout = FanOut(
+            items, fn, compensate=compensate, concurrency=bound, call=item_policy, undo=undo
+        )
+        if fanout.is_async:
+            step = Step(
+                name,
+                fanout.run_async,
+                compensate=fanout.compensate_async if compensate is not None else None,
+            )
+        else:
+            step = Step(
+                name,
+                fanout.run_sync,
+                compensate=fanout.compensate_sync if compensate is not None else None,
+            )
+        step.kind = "map"
         self._add([step])
         return step
 
@@ -342,6 +577,8 @@ class Saga(Policy):
             updated_at=now,
             owner=owner,
             lease_until=now + self.lease,
+            version=self.version,
+            deadline=None if self.timeout is None else now + self.timeout,
         )
         if key is None:
             yield Call(self.store, self.store_face, "create_run", (record,), {})
@@ -383,12 +620,18 @@ class Saga(Policy):
                 return (yield from self._resume(claim.run_id, owner))
             if self.keys is not self.store:
                 yield self._store("create_run", record)
-        run = _Run(self, record.run_id, raw, value, key=key, ttl=ttl, owner=owner)
+        run = _Run(
+            self, record.run_id, raw, value, key=key, ttl=ttl, owner=owner, deadline=record.deadline
+        )
         if invalid is not None:
             return (yield from self._reject_input(run, invalid))
+        self._track(run)
+        return run
+
+    def _track(self, run: _Run) -> None:
         with self._count_lock:
             self._running += 1
-        return run
+            self._active[run.run_id] = run
 
     def _reject_input(self, run: _Run, error: BaseException) -> Flow[SagaResult]:
         self.emit(_events.RunStarted, run_id=run.run_id, resumed=False)
@@ -415,12 +658,35 @@ class Saga(Policy):
         if loaded is None:
             raise ConfigValueError(f"run {run_id!r} is not in the store of saga {self.name!r}")
         record, entries = loaded
-        value, _ = self._check_input(record.input)
-        run = _Run(self, run_id, record.input, value, key=record.key, ttl=record.ttl, owner=owner)
+        definition = self.definition_for(record)
+        signals = yield self._store("signals", run_id)
+        value, _ = definition._check_input(record.input)
+        run = _Run(
+            definition,
+            run_id,
+            record.input,
+            value,
+            key=record.key,
+            ttl=record.ttl,
+            owner=owner,
+            deadline=record.deadline,
+            parent=record.parent,
+        )
         run.replay(entries, record.status, record.error)
-        with self._count_lock:
-            self._running += 1
+        run.cancel_from(signals)
+        definition._track(run)
         return run
+
+    def take_parked(self, run_id: str, report: SagaResult | None) -> Flow[Any]:
+        """Take a parked run (or one whose holder is gone) and drive it on; ``report``
+        when another process took it first."""
+        owner = new_owner()
+        now = self.wall()
+        won = yield self._store("claim_run", run_id, owner, now=now, lease_until=now + self.lease)
+        if not won:
+            return report
+        run = yield from self._resume(run_id, owner)
+        return (yield from run.flow())
 
     @property
     def _needs_loop(self) -> bool:
@@ -432,11 +698,13 @@ class Saga(Policy):
         runner builds its hot events only then)."""
         return bool(self._listeners or _events.hub.listeners)
 
-    def finished_run(self, status: str | None) -> None:
+    def finished_run(self, status: str | None, run_id: str | None = None) -> None:
         """A run of this process ended (``status=None``: cut off by an exception; its log
-        stays where it was, for recovery)."""
+        stays where it was, for recovery; ``"parked"``: it waits, holding nothing)."""
         with self._count_lock:
             self._running -= 1
+            if run_id is not None:
+                self._active.pop(run_id, None)
             if status is not None:
                 self._counts[status if status in self._counts else "failed"] += 1
             if self._closed and self._running <= 0:
@@ -534,7 +802,8 @@ class Saga(Policy):
         """Take the incomplete runs one at a time (so that several recoverers share
         them, and one told to stop claims nothing more) and finish each."""
         report = RecoveryReport()
-        for run_id in (yield self._store("incomplete", self.name)):
+        due = yield self._store("due", self.name, now=self.wall())
+        for run_id in [*(yield self._store("incomplete", self.name)), *due]:
             if stop is not None and stop():
                 break
             loaded = yield Call(self.store, self.store_face, "load", (run_id,), {}, True)
@@ -544,6 +813,11 @@ class Saga(Policy):
             if loaded is None:
                 continue
             record, _ = loaded
+            try:
+                self.definition_for(record)
+            except VersionMismatch as exc:
+                self._skip(report, run_id, exc)
+                continue
             now = self.wall()
             dead = owner_is_dead(record.owner)
             claim = {
@@ -585,6 +859,118 @@ class Saga(Policy):
     async def recover_async(self, *, stop: Callable[[], bool] | None = None) -> RecoveryReport:
         """Async twin of :meth:`recover` (an async store is awaited)."""
         return await drive_async(self._recover(new_owner(), stop))
+
+    # -- signals and cancellation ---------------------------------------------------------------
+
+    def _load_live(self, run_id: str, what: str) -> Flow[tuple[RunRecord, list[LogEntry], Saga]]:
+        loaded = yield self._store("load", run_id)
+        if loaded is None:
+            raise ConfigValueError(f"run {run_id!r} is not in the store of saga {self.name!r}")
+        record, entries = loaded
+        if record.saga != self.name:
+            raise ConfigValueError(
+                f"run {run_id!r} is a run of saga {record.saga!r}, not of {self.name!r}"
+            )
+        definition = self.definition_for(record)  # refuses a version not defined here
+        if record.status not in INCOMPLETE:
+            raise ConfigValueError(
+                f"run {run_id!r} of saga {self.name!r} has ended ({record.status}): "
+                f"there is nothing to {what}"
+            )
+        return record, entries, definition
+
+    def _signal(self, run_id: str, name: str, payload: Any, resume: bool) -> Flow[Any]:
+        _, _, definition = yield from self._load_live(run_id, "signal")
+        stored = yield self._store("send_signal", run_id, name, jsonable(payload), at=self.wall())
+        if stored is None:
+            raise ConfigValueError(f"run {run_id!r} is not in the store of saga {self.name!r}")
+        self.emit(_events.SignalSent, run_id=run_id, signal=name)
+        self._notify(run_id)  # a wait of this process wakes at once
+        if resume and stored.status == WAITING and stored.waiting_for in (name, ANY_SIGNAL):
+            return (yield from definition.take_parked(run_id, None))
+        return None
+
+    def signal(
+        self, run_id: str, name: str, payload: Any = None, *, resume: bool = True
+    ) -> SagaResult | None:
+        """Send ``payload`` to the run's ``ctx.wait_for(name)``: durably, from any process
+        sharing the store; kept if the wait has not begun, consumed once.
+
+        With ``resume`` (the default), a run parked waiting for ``name`` is taken and
+        driven on right here, and its report (completed, failed, or waiting again) is
+        returned; else ``None`` (the run goes on where it is waiting, or a recovery
+        worker takes it on its next pass). Raises ``ConfigValueError`` for an unknown
+        or finished run and :class:`~buttress.VersionMismatch` for a run of a version
+        this code does not define.
+        """
+        _check_run_id(run_id)
+        name = _check_signal_name(name)
+        check_input(self.name, payload, what="signal payload")
+        result: SagaResult | None = drive_sync(self._signal(run_id, name, payload, resume))
+        return result
+
+    async def signal_async(
+        self, run_id: str, name: str, payload: Any = None, *, resume: bool = True
+    ) -> SagaResult | None:
+        """Async twin of :meth:`signal`."""
+        _check_run_id(run_id)
+        name = _check_signal_name(name)
+        check_input(self.name, payload, what="signal payload")
+        result: SagaResult | None = await drive_async(self._signal(run_id, name, payload, resume))
+        return result
+
+    def _cancel(self, run_id: str, reason: str) -> Flow[Any]:
+        record, entries, definition = yield from self._load_live(run_id, "cancel")
+        yield self._store("send_signal", run_id, CANCEL_SIGNAL, reason, at=self.wall())
+        self.emit(_events.RunCancelled, run_id=run_id, reason=reason)
+        # Children first: each compensates what it completed, then the parent does.
+        for entry in entries:
+            if entry.event != "child" or not isinstance(entry.output, dict):
+                continue
+            step = definition.step_by_name.get(entry.step)
+            child = getattr(step, "child_saga", None)
+            if isinstance(child, Saga):
+                with contextlib.suppress(ConfigValueError):  # it has ended already
+                    yield from child._cancel(
+                        str(entry.output.get("run_id")), f"its parent run {run_id} was cancelled"
+                    )
+        error = RunCancelled(f"run {run_id} was cancelled: {reason}")
+        active = definition._active.get(run_id)
+        if active is not None:  # this process drives it: it stops at its next step or wait
+            active.abort = error
+            self._notify(run_id)
+            return None
+        now = self.wall()
+        won = yield self._store(
+            "claim_run",
+            run_id,
+            new_owner(),
+            now=now,
+            lease_until=now + self.lease,
+            expected_owner=record.owner if owner_is_dead(record.owner) else None,
+        )
+        if not won:  # a live process elsewhere holds it: it sees the request at its next
+            return None  # wait, sleep, heartbeat or resume
+        run = yield from definition._resume(run_id, new_owner())
+        return (yield from run.flow())
+
+    def cancel(self, run_id: str, *, reason: str = "cancelled by an operator") -> SagaResult | None:
+        """Cancel an unfinished run: it compensates what it completed (its children
+        first), and its report is returned when this process could take it at once (a
+        waiting run, or one whose holder is gone). A run that this process is driving
+        stops at its next step, wait or heartbeat; one that another live process holds
+        sees the request at its next wait, sleep, heartbeat or resume (``None``)."""
+        _check_run_id(run_id)
+        result: SagaResult | None = drive_sync(self._cancel(run_id, str(reason)))
+        return result
+
+    async def cancel_async(
+        self, run_id: str, *, reason: str = "cancelled by an operator"
+    ) -> SagaResult | None:
+        """Async twin of :meth:`cancel`."""
+        _check_run_id(run_id)
+        result: SagaResult | None = await drive_async(self._cancel(run_id, str(reason)))
+        return result
 
     # -- shutting down --------------------------------------------------------------------------
 
@@ -649,33 +1035,36 @@ class Saga(Policy):
 
     # -- state ----------------------------------------------------------------------------------
 
-    def _probe(self) -> Flow[int]:
+    def _probe(self) -> Flow[tuple[int, int]]:
         stuck = yield self._store("runs", saga=self.name, status=COMPENSATION_FAILED, limit=1000)
-        return len(stuck)
+        waiting = yield self._store("runs", saga=self.name, status=WAITING, limit=100_000)
+        return len(stuck), len(waiting)
 
     def refresh_health(self) -> None:
         """Query the store now for what ``health()`` reports (runs stuck in
         ``compensation_failed``, or the store's error). A recovery worker calls it on
         every pass; ``health()`` itself only reads the answer."""
-        stuck, error = 0, None
+        stuck, waiting, error = 0, 0, None
         try:
-            stuck = drive_sync(self._probe())
+            stuck, waiting = drive_sync(self._probe())
         except Exception as exc:
             error = describe(exc)
         finally:
             self._health_refreshing = False
         self._health = (self.clock.now(), stuck, error)
+        self._waiting = waiting
 
     async def refresh_health_async(self) -> None:
         """Async twin of :meth:`refresh_health` (off the loop for a sync store)."""
-        stuck, error = 0, None
+        stuck, waiting, error = 0, 0, None
         try:
-            stuck = await drive_async(self._probe())
+            stuck, waiting = await drive_async(self._probe())
         except Exception as exc:
             error = describe(exc)
         finally:
             self._health_refreshing = False
         self._health = (self.clock.now(), stuck, error)
+        self._waiting = waiting
 
     def _cached_health(self) -> tuple[int, str | None] | None:
         """The last answer; a stale or missing one is refreshed in the background (an
@@ -703,6 +1092,8 @@ class Saga(Policy):
             "running": running,
             **counts,
             "stuck": None if cached is None else cached[0],
+            "waiting": None if cached is None else self._waiting,
+            "version": self.version,
             "store": type(self.store).__name__,
             "store_error": None if cached is None else cached[1],
         }
