@@ -240,7 +240,14 @@ def test_a_wait_that_passes_its_deadline_compensates(make_store, clock, face) ->
 
 
 def test_a_timed_out_wait_is_not_retried(make_store, clock) -> None:
-    saga = Saga("noretry", store=make_store(), clock=clock, registry=Registry(), park_after=None)
+    saga = Saga(
+        "noretry",
+        store=make_store(),
+        clock=clock,
+        registry=Registry(),
+        park_after=None,
+        poll_interval=5,
+    )
 
     @saga.step("wait", retry=retry(5, backoff=[0]))
     def wait(ctx: Any) -> Any:
@@ -281,7 +288,14 @@ def test_timeout_counts_from_when_the_wait_first_began(make_store, clock) -> Non
         saga.run()
     clock.advance(30)  # the lease expires (default 30 s)
     calls["n"] = 100
-    again = Saga("crashy", store=make_store(), clock=clock, registry=Registry(), park_after=None)
+    again = Saga(
+        "crashy",
+        store=make_store(),
+        clock=clock,
+        registry=Registry(),
+        park_after=None,
+        poll_interval=60,
+    )
 
     @again.step("wait")
     def wait_again(ctx: Any) -> Any:
@@ -341,7 +355,14 @@ def test_a_deadline_is_an_absolute_time(make_store, clock) -> None:
 
 
 def test_a_short_wait_waits_in_process(make_store, clock, face) -> None:
-    saga = Saga("short", store=make_store(), clock=clock, registry=Registry(), park_after=120)
+    saga = Saga(
+        "short",
+        store=make_store(),
+        clock=clock,
+        registry=Registry(),
+        park_after=120,
+        poll_interval=20,
+    )
 
     if face == "sync":
 
@@ -598,15 +619,20 @@ def test_a_silent_step_is_taken_as_dead_after_its_heartbeat_timeout(make_store, 
 def order_sagas(store: Any, clock: FakeClock, log: list[Any]) -> tuple[Saga, Saga]:
     registry = Registry()
     ship = Saga("ship", store=store, clock=clock, registry=registry)
-    ship.step("label", lambda ctx: log.append(("label", ctx.input)) or "L1",
-              compensate=lambda ctx: log.append("void label"))
+    ship.step(
+        "label",
+        lambda ctx: log.append(("label", ctx.input)) or "L1",
+        compensate=lambda ctx: log.append("void label"),
+    )
 
     @ship.step("pickup")
     def pickup(ctx: Any) -> Any:
         return ctx.wait_for("picked-up", timeout=24 * HOUR)
 
     order = Saga("order", store=store, clock=clock, registry=registry)
-    order.step("pay", lambda ctx: log.append("paid") or "P", compensate=lambda ctx: log.append("refund"))
+    order.step(
+        "pay", lambda ctx: log.append("paid") or "P", compensate=lambda ctx: log.append("refund")
+    )
     order.child("ship", ship, input=lambda ctx: {"order": ctx.input})
 
     @order.step("confirm")
@@ -764,8 +790,12 @@ def test_a_failed_item_compensates_the_completed_ones(make_store, clock) -> None
 def test_a_later_failure_compensates_every_item(make_store, clock) -> None:
     saga = Saga("fan-later", store=make_store(), clock=clock, registry=Registry())
     undone: list[str] = []
-    saga.map("send", lambda ctx, item: item, items=lambda ctx: ["x", "y"],
-             compensate=lambda ctx, item, output: undone.append(item))
+    saga.map(
+        "send",
+        lambda ctx, item: item,
+        items=lambda ctx: ["x", "y"],
+        compensate=lambda ctx, item, output: undone.append(item),
+    )
     saga.step("boom", lambda ctx: 1 / 0)
     result = saga.run()
     assert result.compensated and sorted(undone) == ["x", "y"] and undone[0] == "y"
@@ -843,8 +873,14 @@ def test_an_older_version_kept_registered_continues_its_runs(make_store, clock) 
     v1 = expense_saga(store, clock, "sync", log, version="1")
     first = v1.run()
     v1_again = expense_saga(store, clock, "sync", log, version="1")
-    v2 = Saga("expense", store=store, clock=clock, registry=v1_again.registry,
-              version="2", previous=[v1_again])
+    v2 = Saga(
+        "expense",
+        store=store,
+        clock=clock,
+        registry=v1_again.registry,
+        version="2",
+        previous=[v1_again],
+    )
     v2.step("only", lambda ctx: "v2")
     done = v2.signal(first.run_id, "decision", "yes")
     assert done is not None and done.ok and done.output == "paid"  # v1's steps

@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from buttress.backends import LogEntry, RunRecord
-from buttress.exceptions import BackendError, ConfigError
+from buttress.backends import INCOMPLETE, LogEntry, RunRecord, Signal
+from buttress.exceptions import BackendError, ConfigError, SagaError
 from buttress.saga._saga import Saga
 
 __all__ = ["add_runs_parser", "run_runs"]
 
-_STATUSES = ("running", "compensating", "completed", "failed", "compensation_failed")
+_STATUSES = ("running", "compensating", "waiting", "completed", "failed", "compensation_failed")
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _DEFAULT_SCHEMA = "buttress"
 
@@ -66,6 +66,26 @@ def add_runs_parser(commands: Any) -> None:
     show = actions.add_parser("show", help="the step-by-step timeline of one run")
     show.add_argument("run_id", help="a run id (or a unique prefix of one)")
     show.add_argument("--json", action="store_true", help="print JSON instead of a timeline")
+    send = actions.add_parser(
+        "signal",
+        help="send a signal (a JSON payload) to a run's ctx.wait_for(NAME)",
+        description=(
+            "Store a signal for a run: its ctx.wait_for(NAME) receives the payload. "
+            "With --app, a run parked waiting for it is resumed here; without, the run "
+            "is made due and a recovery worker resumes it on its next pass."
+        ),
+    )
+    send.add_argument("run_id", help="a run id (or a unique prefix of one)")
+    send.add_argument("name", help="the signal's name")
+    send.add_argument("payload", nargs="?", default="null", help="a JSON value (default null)")
+    send.add_argument("--app", help="where the saga is defined (as for recover), to resume it")
+    cancel = actions.add_parser(
+        "cancel",
+        help="cancel a run: it compensates what it completed, its child runs first",
+    )
+    cancel.add_argument("run_id", help="a run id (or a unique prefix of one)")
+    cancel.add_argument("--app", required=True, help="where the saga is defined (as for recover)")
+    cancel.add_argument("--reason", default="cancelled by an operator", help="recorded with it")
     recover = actions.add_parser("recover", help="finish the incomplete runs of a saga")
     recover.add_argument(
         "--app",
@@ -127,6 +147,11 @@ def _record_json(record: RunRecord) -> dict[str, Any]:
         "created_at": record.created_at,
         "updated_at": record.updated_at,
         "error": record.error,
+        "version": record.version,
+        "wake_at": record.wake_at,
+        "waiting_for": record.waiting_for,
+        "deadline": record.deadline,
+        "parent": record.parent,
     }
 
 
@@ -139,14 +164,20 @@ def _list(store: Any, args: argparse.Namespace, out: TextIO) -> int:
     if not records:
         out.write("no runs\n")
         return 0
-    rows = [["RUN", "SAGA", "STATUS", "KEY", "STARTED", "TOOK", "ERROR"]]
+    rows = [["RUN", "SAGA", "VERSION", "STATUS", "KEY", "STARTED", "TOOK", "ERROR"]]
     for r in records:
         took = f"{r.updated_at - r.created_at:.3f}s" if r.updated_at else "-"
+        status = r.status
+        if r.status == "waiting":
+            status += f" ({_waiting(r)})"
         rows.append(
             [
-                r.run_id[:12],
+                r.run_id[:12]
+                if r.parent is None
+                else r.run_id[:12] + "/" + r.run_id.rsplit("/")[-1],
                 r.saga,
-                r.status,
+                r.version or "-",
+                status,
                 r.key or "-",
                 _when(r.created_at),
                 took,
@@ -155,6 +186,45 @@ def _list(store: Any, args: argparse.Namespace, out: TextIO) -> int:
         )
     _table(rows, out)
     return 0
+
+
+def _waiting(record: RunRecord) -> str:
+    """What a waiting run waits for, in a few words."""
+    parts = []
+    if record.waiting_for == "buttress.child":
+        parts.append("for a child run")
+    elif record.waiting_for == "buttress.any":
+        parts.append("for signals")
+    elif record.waiting_for:
+        parts.append(f"for {record.waiting_for!r}")
+    if record.wake_at:
+        parts.append(f"until {_when(record.wake_at)}")
+    return " ".join(parts) or "for a signal"
+
+
+def _detail(entry: LogEntry, store: Any) -> str:
+    """The DETAIL column of one log line: what a durable wait recorded, readably."""
+    data = entry.output if isinstance(entry.output, dict) else {}
+    if entry.event == "sleep":
+        return f"until {_when(data.get('wake_at'))}"
+    if entry.event == "wait":
+        until = data.get("deadline")
+        return f"for {data.get('signal')!r}" + (f" until {_when(until)}" if until else "")
+    if entry.event == "received":
+        return f"{data.get('signal')!r} #{data.get('id')}: {json.dumps(data.get('payload'))}"
+    if entry.event == "wait_expired":
+        return f"no {data.get('signal')!r} by {_when(data.get('deadline'))}"
+    if entry.event == "parked":
+        record = RunRecord("", "", "waiting", None, wake_at=data.get("wake_at"))
+        record.waiting_for = data.get("waiting_for")
+        return _waiting(record)
+    if entry.event == "heartbeat":
+        return json.dumps(data.get("details"))
+    if entry.event == "child":
+        child = store.load(str(data.get("run_id")))
+        status = child[0].status if child is not None else "not started"
+        return f"{data.get('run_id')} ({status})"
+    return entry.error or ("" if entry.output is None else json.dumps(entry.output))
 
 
 def _find(store: Any, run_id: str) -> tuple[RunRecord, list[LogEntry]] | None:
@@ -173,25 +243,43 @@ def _show(store: Any, args: argparse.Namespace, out: TextIO) -> int:
         sys.stderr.write(f"no single run matches {args.run_id!r}\n")
         return 1
     record, entries = found
+    signals: list[Signal] = store.signals(record.run_id)
+    consumed = {
+        e.output.get("id") for e in entries if e.event == "received" and isinstance(e.output, dict)
+    }
     if args.json:
         data = _record_json(record)
         data["log"] = [dataclasses.asdict(entry) for entry in entries]
+        data["signals"] = [{**dataclasses.asdict(s), "consumed": s.id in consumed} for s in signals]
+        data["children"] = [
+            e.output.get("run_id")
+            for e in entries
+            if e.event == "child" and isinstance(e.output, dict)
+        ]
         data["result"] = record.result
         json.dump(data, out, indent=2, default=repr)
         out.write("\n")
         return 0
     out.write(f"run      {record.run_id}\n")
     out.write(f"saga     {record.saga}\n")
-    out.write(f"status   {record.status}\n")
+    out.write(f"version  {record.version or '-'}\n")
+    status = record.status
+    if record.status == "waiting":
+        status += f" ({_waiting(record)})"
+    out.write(f"status   {status}\n")
     out.write(f"key      {record.key or '-'}\n")
     out.write(f"input    {json.dumps(record.input)}\n")
     out.write(f"started  {_when(record.created_at)}\n")
+    if record.deadline:
+        out.write(f"deadline {_when(record.deadline)}\n")
+    if record.parent:
+        out.write(f"parent   {record.parent}\n")
     if record.error:
         out.write(f"error    {record.error}\n")
     out.write("\n")
     rows = [["+TIME", "STEP", "EVENT", "ATTEMPTS", "TOOK", "DETAIL"]]
     for e in entries:
-        detail = e.error or ("" if e.output is None else json.dumps(e.output))
+        detail = _detail(e, store)
         rows.append(
             [
                 f"{e.at - record.created_at:8.3f}s",
@@ -203,6 +291,86 @@ def _show(store: Any, args: argparse.Namespace, out: TextIO) -> int:
             ]
         )
     _table(rows, out)
+    if signals:
+        out.write("\n")
+        rows = [["SIGNAL", "NAME", "SENT", "STATE", "PAYLOAD"]]
+        for s in signals:
+            state = "consumed" if s.id in consumed else "pending"
+            rows.append([f"#{s.id}", s.name, _when(s.sent_at), state, json.dumps(s.payload)[:60]])
+        _table(rows, out)
+    return 0
+
+
+def _payload(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"the payload must be JSON, got {text!r}: {exc}") from None
+
+
+def _signal(db: str, schema: str | None, args: argparse.Namespace, out: TextIO) -> int:
+    payload = _payload(args.payload)
+    if args.app:
+        saga = _load_saga(db, schema, args)
+        if not isinstance(saga, Saga):
+            return saga
+        found = _find(saga.store, args.run_id)
+        if found is None:
+            sys.stderr.write(f"no single run matches {args.run_id!r}\n")
+            return 1
+        result = saga.signal(found[0].run_id, args.name, payload)
+        if result is None:
+            out.write(f"signal {args.name!r} sent to run {found[0].run_id}\n")
+        else:
+            out.write(f"signal {args.name!r} sent; run {result.run_id} is now {result.status}\n")
+        return 0
+    store = _open(db, schema)
+    if store is None:
+        return 1
+    try:
+        found = _find(store, args.run_id)
+        if found is None:
+            sys.stderr.write(f"no single run matches {args.run_id!r}\n")
+            return 1
+        record = found[0]
+        if record.status not in INCOMPLETE:
+            sys.stderr.write(f"run {record.run_id} has ended ({record.status})\n")
+            return 1
+        if not args.name or args.name.startswith("buttress."):
+            sys.stderr.write(
+                f"error: signal names starting with 'buttress.' are reserved, got {args.name!r}\n"
+            )
+            return 2
+        stored = store.send_signal(record.run_id, args.name, payload, at=time.time())
+        woke = stored is not None and stored.status == "waiting" and stored.wake_at is not None
+        out.write(
+            f"signal {args.name!r} sent to run {record.run_id}"
+            + (" (due now: a recovery worker resumes it)" if woke else "")
+            + "\n"
+        )
+        return 0
+    finally:
+        store.close()
+
+
+def _cancel(db: str, schema: str | None, args: argparse.Namespace, out: TextIO) -> int:
+    saga = _load_saga(db, schema, args)
+    if not isinstance(saga, Saga):
+        return saga
+    found = _find(saga.store, args.run_id)
+    if found is None:
+        sys.stderr.write(f"no single run matches {args.run_id!r}\n")
+        return 1
+    result = saga.cancel(found[0].run_id, reason=args.reason)
+    if result is None:
+        out.write(
+            f"run {found[0].run_id} is asked to cancel: the process holding it stops at its "
+            "next wait, heartbeat or resume\n"
+        )
+    else:
+        out.write(
+            f"run {result.run_id} cancelled: {result.status}, compensated={result.compensated}\n"
+        )
     return 0
 
 
@@ -332,6 +500,10 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         return _recover(args.db, schema, args, out)
     if args.action == "worker":
         return _worker(args.db, schema, args, out)
+    if args.action == "signal":
+        return _signal(args.db, schema, args, out)
+    if args.action == "cancel":
+        return _cancel(args.db, schema, args, out)
     store = _open(args.db, schema)
     if store is None:
         return 1
@@ -351,6 +523,9 @@ def run_runs(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except ConfigError as exc:  # a bad --schema, say
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    except SagaError as exc:  # a version this code does not define
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
     except ImportError as exc:  # the optional driver is not installed
         sys.stderr.write(f"error: {exc}\n")
         return 2

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from buttress import events as _events
-from buttress.backends import COMPLETED, INCOMPLETE, RUNNING, WAITING, RunRecord
+from buttress.backends import ANY_SIGNAL, COMPLETED, INCOMPLETE, RUNNING, WAITING, RunRecord
 from buttress.exceptions import ChildFailed, ConfigTypeError, ConfigValueError
 from buttress.pipeline import Pipeline
 
@@ -198,6 +198,15 @@ class ChildRunner:
 # -- a fan-out over items --------------------------------------------------------------------
 
 
+def merged(step: str, parks: list[Park]) -> Park:
+    """One park for the items of a fan-out that wait: due at the earliest, woken by the
+    signal they wait for (any signal when they wait for several)."""
+    wakes = [park.wake_at for park in parks if park.wake_at is not None]
+    names = {park.waiting_for for park in parks if park.waiting_for is not None}
+    waiting_for = None if not names else names.pop() if len(names) == 1 else ANY_SIGNAL
+    return Park(step, min(wakes) if wakes else None, waiting_for)
+
+
 class FanOut:
     """The function and compensation of a step that runs ``fn(ctx, item)`` for each item
     of a collection computed at run time, at most ``concurrency`` at a time.
@@ -239,6 +248,12 @@ class FanOut:
         state["items"] = items
         return state, items
 
+    @staticmethod
+    def item_context(ctx: Context, index: int) -> Context:
+        """An item's own context: ``step`` is ``"<step>[<index>]"``, so that its durable
+        waits are numbered apart from the other items'."""
+        return ctx.for_step(f"{ctx.step}[{index}]")
+
     # The log writes of one item (sync face: the store's sync methods, from its thread).
 
     def _log(self, run: _Run, ctx: Context, event: str, output: dict[str, Any]) -> Call:
@@ -258,13 +273,18 @@ class FanOut:
         done: dict[int, Any] = state["done"]
         todo = [i for i in range(len(items)) if i not in done]
         errors: dict[int, BaseException] = {}
+        parks: list[Park] = []
         lock = threading.Lock()
 
         def one(index: int) -> None:
             if errors:
                 return  # an item failed: start no new one
             try:
-                value = self.fn(ctx.for_step(ctx.step), items[index])
+                value = self.fn(self.item_context(ctx, index), items[index])
+            except Park as park:
+                with lock:
+                    parks.append(park)
+                return
             except Exception as exc:
                 with lock:
                     errors[index] = exc
@@ -291,6 +311,8 @@ class FanOut:
         if errors:
             self._undo_sync(run, ctx, state)
             raise errors[min(errors)]
+        if parks:
+            raise merged(ctx.step, parks)
         return [done[i] for i in range(len(items))]
 
     async def run_async(self, ctx: Context) -> list[Any]:
@@ -302,6 +324,7 @@ class FanOut:
         done: dict[int, Any] = state["done"]
         todo = [i for i in range(len(items)) if i not in done]
         errors: dict[int, BaseException] = {}
+        parks: list[Park] = []
         gate = asyncio.Semaphore(self.concurrency)
 
         async def one(index: int) -> None:
@@ -309,7 +332,10 @@ class FanOut:
                 if errors:
                     return
                 try:
-                    value = await self.fn(ctx.for_step(ctx.step), items[index])
+                    value = await self.fn(self.item_context(ctx, index), items[index])
+                except Park as park:
+                    parks.append(park)
+                    return
                 except Exception as exc:
                     errors[index] = exc
                     await self._awrite(
@@ -331,6 +357,8 @@ class FanOut:
         if errors:
             await self._undo_async(run, ctx, state)
             raise errors[min(errors)]
+        if parks:
+            raise merged(ctx.step, parks)
         return [done[i] for i in range(len(items))]
 
     @staticmethod
@@ -361,7 +389,9 @@ class FanOut:
             error: BaseException | None = None
             try:
                 assert self.undo is not None
-                self.undo(ctx.for_step(ctx.step), state["items"][index], state["done"][index])
+                self.undo(
+                    self.item_context(ctx, index), state["items"][index], state["done"][index]
+                )
             except Exception as exc:
                 error = exc
             self._do(self._undone(run, ctx, state, index, error))
@@ -371,7 +401,9 @@ class FanOut:
             error: BaseException | None = None
             try:
                 assert self.undo is not None
-                await self.undo(ctx.for_step(ctx.step), state["items"][index], state["done"][index])
+                await self.undo(
+                    self.item_context(ctx, index), state["items"][index], state["done"][index]
+                )
             except Exception as exc:
                 error = exc
             await self._awrite(self._undone(run, ctx, state, index, error))

@@ -220,6 +220,7 @@ class _Run:
         # Durable waits: what each (step, index) wait recorded, the signals consumed.
         self.marks: dict[tuple[str, int], dict[str, Any]] = {}
         self.consumed: set[int] = set()
+        self.seen_signal = 0  # the newest signal id a wait of this process has looked at
         self.woken = False  # resumed from "waiting": the first save says "running"
         self.parent = parent
         self.children: dict[str, Any] = {}  # step -> the child run's SagaResult
@@ -517,7 +518,8 @@ class _Run:
         # A signal stored after our last look and before the park was saved found the
         # run still running, so nobody woke it: look once more.
         signals = yield Call(saga.store, saga.store_face, "signals", (self.run_id,), {})
-        if any(s.id not in self.consumed and s.name in awaited for s in signals):
+        any_name = ANY_SIGNAL in awaited
+        if any(s.id > self.seen_signal and (any_name or s.name in awaited) for s in signals):
             taken: SagaResult = yield from saga.take_parked(self.run_id, report)
             return taken
         return report

@@ -213,6 +213,8 @@ def wait_flow(
             yield _write(run, pending, None)
             pending = []
         signals = yield Call(saga.store, saga.store_face, "signals", (run.run_id,), {})
+        if signals:
+            run.seen_signal = max(run.seen_signal, signals[-1].id)
         cancel = cancel_requested(run, signals)
         if cancel is not None:
             raise cancel
