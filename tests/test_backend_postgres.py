@@ -271,8 +271,9 @@ def test_the_schema_is_created_on_first_use(postgres_url, postgres_schema, pg):
         "buttress_log",
         "buttress_runs",
         "buttress_schema",
+        "buttress_signals",
     ]
-    assert pg.schema_version() == SCHEMA_VERSION == 1
+    assert pg.schema_version() == SCHEMA_VERSION == 2
 
     others = [PostgresStore(postgres_url, schema=postgres_schema) for _ in range(4)]
     racing = [threading.Thread(target=other.runs) for other in others]
@@ -282,8 +283,11 @@ def test_the_schema_is_created_on_first_use(postgres_url, postgres_schema, pg):
         thread.join()
     for other in others:
         other.close()
-    versions = sql(postgres_url, f'SELECT version FROM "{postgres_schema}".buttress_schema')
-    assert versions == [(1,)]
+    versions = sql(
+        postgres_url,
+        f'SELECT version FROM "{postgres_schema}".buttress_schema ORDER BY version',
+    )
+    assert versions == [(1,), (2,)]
 
 
 def test_many_stores_creating_a_schema_at_once_take_turns(postgres_url, postgres_schema):
@@ -350,15 +354,19 @@ def test_an_older_schema_is_upgraded_or_refused(postgres_url, postgres_schema, m
     first.migrate()
     first.close()
     upgrade = ("a test column", "ALTER TABLE {s}.buttress_runs ADD COLUMN note text")
-    monkeypatch.setattr(module, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(module.MIGRATIONS, 2, upgrade)
+    next_version = SCHEMA_VERSION + 1
+    monkeypatch.setattr(module, "SCHEMA_VERSION", next_version)
+    monkeypatch.setitem(module.MIGRATIONS, next_version, upgrade)
     strict = PostgresStore(postgres_url, schema=postgres_schema, create_schema=False)
-    with pytest.raises(BackendError, match="schema version 1; this buttress needs version 2"):
+    with pytest.raises(
+        BackendError,
+        match=f"schema version {SCHEMA_VERSION}; this buttress needs version {next_version}",
+    ):
         strict.runs()
     strict.close()
     upgrading = PostgresStore(postgres_url, schema=postgres_schema)
     assert upgrading.runs() == []
-    assert upgrading.schema_version() == 2
+    assert upgrading.schema_version() == next_version
     upgrading.close()
     columns = sql(
         postgres_url,
@@ -773,6 +781,15 @@ class AsyncMemoryStore(MemoryStore):
 
     async def aruns(self, *args: Any, **kwargs: Any) -> Any:
         return await self._twin("runs", *args, **kwargs)
+
+    async def adue(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._twin("due", *args, **kwargs)
+
+    async def asend_signal(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._twin("send_signal", *args, **kwargs)
+
+    async def asignals(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._twin("signals", *args, **kwargs)
 
 
 def test_the_async_driver_awaits_async_twins_and_calls_sync_stores_directly():

@@ -54,7 +54,18 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from buttress._validate import check_bool, check_int, require_seconds
 from buttress.exceptions import BackendError, ConfigTypeError, ConfigValueError
 
-from . import INCOMPLETE, KeyClaim, LogEntry, RunRecord, run_changes, run_row
+from . import (
+    ACTIVE,
+    CANCEL_SIGNAL,
+    INCOMPLETE,
+    WAITING,
+    KeyClaim,
+    LogEntry,
+    RunRecord,
+    Signal,
+    run_changes,
+    run_row,
+)
 from .memory import judge_claim
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
@@ -69,7 +80,7 @@ _DATA_ERRORS = (
     psycopg.errors.LockNotAvailable,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The version of the tables this buttress reads and writes."""
 
 T = TypeVar("T")
@@ -131,13 +142,37 @@ CREATE TABLE {s}.buttress_log (
 )
 """,
     ),
+    2: (
+        "durable waits: run version, wake_at, waiting_for, deadline, parent; signals",
+        """
+ALTER TABLE {s}.buttress_runs
+    ADD COLUMN version     text,
+    ADD COLUMN wake_at     double precision,
+    ADD COLUMN waiting_for text,
+    ADD COLUMN deadline    double precision,
+    ADD COLUMN parent      text;
+CREATE INDEX buttress_runs_due ON {s}.buttress_runs (saga, wake_at, run_id)
+    WHERE status = 'waiting';
+CREATE TABLE {s}.buttress_signals (
+    id      bigserial PRIMARY KEY,
+    run_id  text NOT NULL,
+    name    text NOT NULL,
+    payload json,
+    sent_at double precision NOT NULL
+);
+CREATE INDEX buttress_signals_run ON {s}.buttress_signals (run_id, id)
+""",
+    ),
 }
 
 _COLUMNS = (
     "run_id, saga, status, input, key, input_hash, created_at, updated_at, owner, "
-    "lease_until, error, result, expires_at, ttl"
+    "lease_until, error, result, expires_at, ttl, version, wake_at, waiting_for, deadline, "
+    "parent"
 )
+_N_COLUMNS = len(_COLUMNS.split(","))
 _INCOMPLETE_SQL = "(" + ", ".join(f"'{status}'" for status in INCOMPLETE) + ")"
+_ACTIVE_SQL = "(" + ", ".join(f"'{status}'" for status in ACTIVE) + ")"
 
 _SQL = {
     "version": "SELECT max(version) FROM {s}.buttress_schema",
@@ -145,8 +180,8 @@ _SQL = {
     "lock": "SELECT pg_advisory_xact_lock(hashtext(%s))",
     "insert_run": (
         "INSERT INTO {s}.buttress_runs (run_id, saga, status, input, key, input_hash, "
-        "created_at, updated_at, owner, lease_until, ttl) "
-        "VALUES (%s, %s, %s, %s::json, %s, %s, %s, %s, %s, %s, %s)"
+        "created_at, updated_at, owner, lease_until, ttl, version, deadline, parent) "
+        "VALUES (%s, %s, %s, %s::json, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
     ),
     "bind_key": (
         "INSERT INTO {s}.buttress_keys (saga, key, run_id) VALUES (%s, %s, %s) "
@@ -179,7 +214,8 @@ _SQL = {
         "WITH b AS (SELECT * FROM json_to_recordset(%s::json) AS b(run_id text, "
         "entries text, hu boolean, updated_at double precision, hl boolean, "
         "lease_until double precision, hs boolean, status text, fin boolean, error text, "
-        "result text, expires_at double precision)), "
+        "result text, expires_at double precision, hw boolean, wake_at double precision, "
+        "waiting_for text)), "
         "log AS (INSERT INTO {s}.buttress_log (run_id, seq, step, event, attempt, at, "
         "duration, output, error) SELECT b.run_id, e.seq, e.step, e.event, e.attempt, e.at, "
         "e.duration, e.output::json, e.error FROM b, json_to_recordset(b.entries::json) "
@@ -191,7 +227,9 @@ _SQL = {
         "status = CASE WHEN b.hs THEN b.status ELSE r.status END, "
         "error = CASE WHEN b.fin THEN b.error ELSE r.error END, "
         "result = CASE WHEN b.fin THEN b.result::json ELSE r.result END, "
-        "expires_at = CASE WHEN b.fin THEN b.expires_at ELSE r.expires_at END "
+        "expires_at = CASE WHEN b.fin THEN b.expires_at ELSE r.expires_at END, "
+        "wake_at = CASE WHEN b.hw THEN b.wake_at ELSE r.wake_at END, "
+        "waiting_for = CASE WHEN b.hw THEN b.waiting_for ELSE r.waiting_for END "
         "FROM b WHERE r.run_id = b.run_id"
     ),
     # A plain conditional UPDATE: it waits for a row another transaction holds (bounded
@@ -211,7 +249,25 @@ _SQL = {
     ),
     "incomplete": (
         "SELECT run_id FROM {s}.buttress_runs "
-        f"WHERE saga = %s AND status IN {_INCOMPLETE_SQL} ORDER BY created_at"
+        f"WHERE saga = %s AND status IN {_ACTIVE_SQL} ORDER BY created_at"
+    ),
+    "due": (
+        "SELECT run_id FROM {s}.buttress_runs WHERE saga = %s AND status = %s "
+        "AND wake_at <= %s ORDER BY wake_at, run_id LIMIT %s"
+    ),
+    # Locks the run's row (a concurrent write() of it waits, or is waited for) and, when
+    # it waits for this signal (or the signal cancels), makes it due at the latest now.
+    "signal_run": (
+        "UPDATE {s}.buttress_runs SET wake_at = CASE WHEN status = %s "
+        "AND (waiting_for = %s OR %s) THEN least(coalesce(wake_at, %s), %s) "
+        f"ELSE wake_at END WHERE run_id = %s RETURNING {_COLUMNS}"
+    ),
+    "insert_signal": (
+        "INSERT INTO {s}.buttress_signals (run_id, name, payload, sent_at) "
+        "VALUES (%s, %s, %s::json, %s)"
+    ),
+    "signals": (
+        "SELECT id, name, payload, sent_at FROM {s}.buttress_signals WHERE run_id = %s ORDER BY id"
     ),
 }
 
@@ -284,6 +340,9 @@ def _batch_row(run_id: str, entries: list[LogEntry], changes: dict[str, Any]) ->
         "error": changes.get("error"),
         "result": _dump(changes.get("result")),
         "expires_at": changes.get("expires_at"),
+        "hw": "wake_at" in changes,
+        "wake_at": changes.get("wake_at"),
+        "waiting_for": changes.get("waiting_for"),
     }
 
 
@@ -413,6 +472,11 @@ def _record(row: tuple[Any, ...] | Any) -> RunRecord:
         result=row[11],
         expires_at=row[12],
         ttl=row[13],
+        version=row[14],
+        wake_at=row[15],
+        waiting_for=row[16],
+        deadline=row[17],
+        parent=row[18],
     )
 
 
@@ -958,6 +1022,8 @@ class PostgresStore:
         error: str | None,
         result: dict[str, Any] | None,
         expires_at: float | None,
+        wake_at: float | None,
+        waiting_for: str | None,
     ) -> _Op[None]:
         changes = run_changes(
             entries,
@@ -966,6 +1032,8 @@ class PostgresStore:
             error=error,
             result=result,
             expires_at=expires_at,
+            wake_at=wake_at,
+            waiting_for=waiting_for,
         )
         return self._write_op(run_id, entries, changes)
 
@@ -992,7 +1060,7 @@ class PostgresStore:
         row = yield _Query(self._sql["load"], (run_id,), "one")
         if row is None:
             return None
-        return _record(row), [_entry(item) for item in row[14]]
+        return _record(row), [_entry(item) for item in row[_N_COLUMNS]]
 
     def _claim_run(
         self,
@@ -1030,6 +1098,29 @@ class PostgresStore:
         )
         return [_record(row) for row in rows]
 
+    def _due(self, saga: str, now: float, limit: int) -> _Op[list[str]]:
+        rows = yield _Query(self._sql["due"], (saga, WAITING, now, limit), "rows")
+        return [row[0] for row in rows]
+
+    def _send_signal(
+        self, run_id: str, name: str, payload: Any, at: float
+    ) -> _Op[RunRecord | None]:
+        # Run in a transaction: the run's row is locked first, so signals of one run get
+        # increasing ids in the order they commit, and no signal of a missing run stays.
+        row = yield _Query(
+            self._sql["signal_run"],
+            (WAITING, name, name == CANCEL_SIGNAL, at, at, run_id),
+            "one",
+        )
+        if row is None:
+            return None
+        yield _Query(self._sql["insert_signal"], (run_id, name, json.dumps(payload), at))
+        return _record(row)
+
+    def _signals(self, run_id: str) -> _Op[list[Signal]]:
+        rows = yield _Query(self._sql["signals"], (run_id,), "rows")
+        return [Signal(r[0], r[1], r[2], r[3]) for r in rows]
+
     # -- the sync face ----------------------------------------------------------------------
 
     def create_run(self, record: RunRecord) -> None:
@@ -1048,6 +1139,8 @@ class PostgresStore:
         error: str | None = None,
         result: dict[str, Any] | None = None,
         expires_at: float | None = None,
+        wake_at: float | None = None,
+        waiting_for: str | None = None,
     ) -> None:
         op = self._write(
             run_id,
@@ -1057,6 +1150,8 @@ class PostgresStore:
             error=error,
             result=result,
             expires_at=expires_at,
+            wake_at=wake_at,
+            waiting_for=waiting_for,
         )
         self._run_sync(op, tx=False)
 
@@ -1083,6 +1178,15 @@ class PostgresStore:
     ) -> list[RunRecord]:
         return self._run_sync(self._runs(saga, status, limit), tx=False)
 
+    def due(self, saga: str, *, now: float, limit: int = 1000) -> list[str]:
+        return self._run_sync(self._due(saga, now, limit), tx=False)
+
+    def send_signal(self, run_id: str, name: str, payload: Any, *, at: float) -> RunRecord | None:
+        return self._run_sync(self._send_signal(run_id, name, payload, at), tx=True)
+
+    def signals(self, run_id: str) -> list[Signal]:
+        return self._run_sync(self._signals(run_id), tx=False)
+
     # -- the async face ---------------------------------------------------------------------
 
     async def acreate_run(self, record: RunRecord) -> None:
@@ -1101,6 +1205,8 @@ class PostgresStore:
         error: str | None = None,
         result: dict[str, Any] | None = None,
         expires_at: float | None = None,
+        wake_at: float | None = None,
+        waiting_for: str | None = None,
     ) -> None:
         changes = run_changes(
             entries,
@@ -1109,6 +1215,8 @@ class PostgresStore:
             error=error,
             result=result,
             expires_at=expires_at,
+            wake_at=wake_at,
+            waiting_for=waiting_for,
         )
         if not self._async_native or not changes or not self.write_flushers:
             await self._run_async(self._write_op(run_id, entries, changes), tx=False)
@@ -1144,3 +1252,14 @@ class PostgresStore:
         self, *, saga: str | None = None, status: str | None = None, limit: int = 100
     ) -> list[RunRecord]:
         return await self._run_async(self._runs(saga, status, limit), tx=False)
+
+    async def adue(self, saga: str, *, now: float, limit: int = 1000) -> list[str]:
+        return await self._run_async(self._due(saga, now, limit), tx=False)
+
+    async def asend_signal(
+        self, run_id: str, name: str, payload: Any, *, at: float
+    ) -> RunRecord | None:
+        return await self._run_async(self._send_signal(run_id, name, payload, at), tx=True)
+
+    async def asignals(self, run_id: str) -> list[Signal]:
+        return await self._run_async(self._signals(run_id), tx=False)

@@ -39,10 +39,24 @@ from typing import Any
 from buttress._validate import check_choice, require_seconds
 from buttress.exceptions import BackendError, ConfigTypeError
 
-from . import KeyClaim, LogEntry, RunRecord, run_changes, run_row
+from . import (
+    ACTIVE,
+    CANCEL_SIGNAL,
+    INCOMPLETE,
+    WAITING,
+    KeyClaim,
+    LogEntry,
+    RunRecord,
+    Signal,
+    run_changes,
+    run_row,
+)
 from .memory import judge_claim
 
-__all__ = ["SQLiteStore"]
+__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+
+_ACTIVE_SQL = "(" + ", ".join(f"'{status}'" for status in ACTIVE) + ")"
+_INCOMPLETE_SQL = "(" + ", ".join(f"'{status}'" for status in INCOMPLETE) + ")"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS buttress_runs (
@@ -59,9 +73,13 @@ CREATE TABLE IF NOT EXISTS buttress_runs (
     error       TEXT,
     result      TEXT,
     expires_at  REAL,
-    ttl         REAL
+    ttl         REAL,
+    version     TEXT,
+    wake_at     REAL,
+    waiting_for TEXT,
+    deadline    REAL,
+    parent      TEXT
 );
-CREATE INDEX IF NOT EXISTS buttress_runs_saga_status ON buttress_runs (saga, status);
 CREATE TABLE IF NOT EXISTS buttress_keys (
     saga   TEXT NOT NULL,
     key    TEXT NOT NULL,
@@ -80,8 +98,33 @@ CREATE TABLE IF NOT EXISTS buttress_log (
     error    TEXT,
     PRIMARY KEY (run_id, seq)
 );
+CREATE TABLE IF NOT EXISTS buttress_signals (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id  TEXT NOT NULL,
+    name    TEXT NOT NULL,
+    payload TEXT,
+    sent_at REAL NOT NULL
+)
 """
-SCHEMA_VERSION = 1
+# The columns version 2 added to buttress_runs: an older database gains them in place.
+_ADDED_COLUMNS = {
+    "version": "TEXT",
+    "wake_at": "REAL",
+    "waiting_for": "TEXT",
+    "deadline": "REAL",
+    "parent": "TEXT",
+}
+# Made once the columns exist (an upgraded database has them only then).
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS buttress_runs_saga_status ON buttress_runs (saga, status);
+CREATE INDEX IF NOT EXISTS buttress_runs_due ON buttress_runs (saga, wake_at, run_id)
+    WHERE status = 'waiting';
+CREATE INDEX IF NOT EXISTS buttress_signals_run ON buttress_signals (run_id, id)
+"""
+SCHEMA_VERSION = 2
+"""The version of the tables this buttress reads and writes (``PRAGMA user_version``):
+1 had no waits; 2 added the run's version, wake_at, waiting_for, deadline and parent,
+and the signals table."""
 
 _BATCH = 256  # requests of the async face committed together, at most
 _SLICE = 0.001  # seconds of work the writer thread does before it lets the loop in
@@ -133,14 +176,8 @@ class SQLiteStore:
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={self.synchronous}")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise BackendError(
-                    f"the SQLite store at {self.path!r} has schema version {version}, newer "
-                    f"than this buttress understands ({SCHEMA_VERSION}): upgrade buttress"
-                )
-            self._db.executescript(SCHEMA)
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                self._migrate()
         except sqlite3.Error as exc:
             raise BackendError(f"cannot open the SQLite store at {self.path!r}: {exc}") from exc
 
@@ -150,6 +187,34 @@ class SQLiteStore:
         self._writer: threading.Thread | None = None
         self._closing = False
         self._local = threading.local()  # .batch: this thread is inside a group commit
+
+    def _migrate(self) -> None:
+        """Create the tables, or bring an older database to SCHEMA_VERSION in place, in one
+        IMMEDIATE transaction (so that processes opening it at once take turns)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise BackendError(
+                    f"the SQLite store at {self.path!r} has schema version {version}, newer "
+                    f"than this buttress understands ({SCHEMA_VERSION}): upgrade buttress"
+                )
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            present = {row[1] for row in db.execute("PRAGMA table_info(buttress_runs)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in present:
+                    db.execute(f"ALTER TABLE buttress_runs ADD COLUMN {column} {kind}")
+            for statement in _INDEXES.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def close(self) -> None:
         """Close the store's connections and stop its writer thread; later calls reopen."""
@@ -266,7 +331,8 @@ class SQLiteStore:
     def _insert_run(db: sqlite3.Connection, r: RunRecord) -> None:
         db.execute(
             "INSERT INTO buttress_runs (run_id, saga, status, input, key, input_hash, "
-            "created_at, updated_at, owner, lease_until, ttl) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "created_at, updated_at, owner, lease_until, ttl, version, deadline, parent) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             run_row(r),
         )
 
@@ -311,6 +377,8 @@ class SQLiteStore:
         error: str | None = None,
         result: dict[str, Any] | None = None,
         expires_at: float | None = None,
+        wake_at: float | None = None,
+        waiting_for: str | None = None,
     ) -> None:
         with self._tx() as db:
             if entries:
@@ -339,6 +407,8 @@ class SQLiteStore:
                 error=error,
                 result=result,
                 expires_at=expires_at,
+                wake_at=wake_at,
+                waiting_for=waiting_for,
             )
             if "result" in changes and changes["result"] is not None:
                 changes["result"] = json.dumps(changes["result"])
@@ -361,7 +431,7 @@ class SQLiteStore:
         with self._tx(immediate=True) as db:
             cursor = db.execute(
                 "UPDATE buttress_runs SET owner=?, lease_until=? WHERE run_id=? "
-                "AND status IN ('running', 'compensating') "
+                f"AND status IN {_INCOMPLETE_SQL} "
                 "AND (lease_until <= ? OR owner IS ?)",
                 (owner, lease_until, run_id, now, expected_owner),
             )
@@ -386,11 +456,17 @@ class SQLiteStore:
             result=None if row[11] is None else json.loads(row[11]),
             expires_at=row[12],
             ttl=row[13],
+            version=row[14],
+            wake_at=row[15],
+            waiting_for=row[16],
+            deadline=row[17],
+            parent=row[18],
         )
 
     _COLUMNS = (
         "run_id, saga, status, input, key, input_hash, created_at, updated_at, owner, "
-        "lease_until, error, result, expires_at, ttl"
+        "lease_until, error, result, expires_at, ttl, version, wake_at, waiting_for, "
+        "deadline, parent"
     )
 
     def _record(self, db: sqlite3.Connection, run_id: str) -> RunRecord | None:
@@ -430,8 +506,8 @@ class SQLiteStore:
     def incomplete(self, saga: str) -> list[str]:
         with self._tx() as db:
             rows = db.execute(
-                "SELECT run_id FROM buttress_runs WHERE saga=? AND status IN "
-                "('running', 'compensating') ORDER BY created_at",
+                f"SELECT run_id FROM buttress_runs WHERE saga=? AND status IN {_ACTIVE_SQL} "
+                "ORDER BY created_at",
                 (saga,),
             ).fetchall()
         return [row[0] for row in rows]
@@ -456,6 +532,46 @@ class SQLiteStore:
             ).fetchall()
         return [self._from_row(row) for row in rows]
 
+    def due(self, saga: str, *, now: float, limit: int = 1000) -> list[str]:
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT run_id FROM buttress_runs WHERE saga=? AND status=? "
+                "AND wake_at IS NOT NULL AND wake_at<=? ORDER BY wake_at, run_id LIMIT ?",
+                (saga, WAITING, now, limit),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def send_signal(self, run_id: str, name: str, payload: Any, *, at: float) -> RunRecord | None:
+        stored = json.dumps(payload)
+        # IMMEDIATE: the run is read and changed under the write lock, so a write() of
+        # the same run (from any process) lands wholly before or after the signal.
+        with self._tx(immediate=True) as db:
+            row = db.execute(
+                "SELECT status, waiting_for FROM buttress_runs WHERE run_id=?", (run_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "INSERT INTO buttress_signals (run_id, name, payload, sent_at) VALUES (?,?,?,?)",
+                (run_id, name, stored, at),
+            )
+            if row[0] == WAITING and name in (row[1], CANCEL_SIGNAL):
+                db.execute(
+                    "UPDATE buttress_runs SET wake_at=CASE WHEN wake_at IS NULL THEN ? "
+                    "ELSE min(wake_at, ?) END WHERE run_id=?",
+                    (at, at, run_id),
+                )
+            return self._record(db, run_id)
+
+    def signals(self, run_id: str) -> list[Signal]:
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT id, name, payload, sent_at FROM buttress_signals WHERE run_id=? "
+                "ORDER BY id",
+                (run_id,),
+            ).fetchall()
+        return [Signal(r[0], r[1], None if r[2] is None else json.loads(r[2]), r[3]) for r in rows]
+
     # -- the async face: the sync methods on the store's own thread -------------------------
 
     async def acreate_run(self, record: RunRecord) -> None:
@@ -475,6 +591,8 @@ class SQLiteStore:
         error: str | None = None,
         result: dict[str, Any] | None = None,
         expires_at: float | None = None,
+        wake_at: float | None = None,
+        waiting_for: str | None = None,
     ) -> None:
         await self._off_loop(
             self.write,
@@ -485,6 +603,8 @@ class SQLiteStore:
             error=error,
             result=result,
             expires_at=expires_at,
+            wake_at=wake_at,
+            waiting_for=waiting_for,
         )
 
     async def aload(self, run_id: str) -> tuple[RunRecord, list[LogEntry]] | None:
@@ -520,4 +640,20 @@ class SQLiteStore:
         found: list[RunRecord] = await self._off_loop(
             self.runs, saga=saga, status=status, limit=limit
         )
+        return found
+
+    async def adue(self, saga: str, *, now: float, limit: int = 1000) -> list[str]:
+        ids: list[str] = await self._off_loop(self.due, saga, now=now, limit=limit)
+        return ids
+
+    async def asend_signal(
+        self, run_id: str, name: str, payload: Any, *, at: float
+    ) -> RunRecord | None:
+        found: RunRecord | None = await self._off_loop(
+            self.send_signal, run_id, name, payload, at=at
+        )
+        return found
+
+    async def asignals(self, run_id: str) -> list[Signal]:
+        found: list[Signal] = await self._off_loop(self.signals, run_id)
         return found
