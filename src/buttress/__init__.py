@@ -23,6 +23,7 @@ from .exceptions import BackendError as BackendError
 from .exceptions import BackendUnavailable as BackendUnavailable
 from .exceptions import BulkheadFull as BulkheadFull
 from .exceptions import ButtressError as ButtressError
+from .exceptions import ChildFailed as ChildFailed
 from .exceptions import CircuitOpenError as CircuitOpenError
 from .exceptions import ConfigError as ConfigError
 from .exceptions import ConfigTypeError as ConfigTypeError
@@ -32,9 +33,13 @@ from .exceptions import LoopBlockingWarning as LoopBlockingWarning
 from .exceptions import RateLimited as RateLimited
 from .exceptions import RejectedError as RejectedError
 from .exceptions import RetryExhausted as RetryExhausted
+from .exceptions import RunCancelled as RunCancelled
 from .exceptions import SagaClosed as SagaClosed
+from .exceptions import SagaError as SagaError
 from .exceptions import TimeoutExceeded as TimeoutExceeded
 from .exceptions import TryAgain as TryAgain
+from .exceptions import VersionMismatch as VersionMismatch
+from .exceptions import WaitTimedOut as WaitTimedOut
 from .fallback import Fallback as Fallback
 from .fallback import fallback as fallback
 from .hedge import Hedge as Hedge
@@ -67,6 +72,7 @@ __all__ = [
     "BulkheadFull",
     "ButtressError",
     "Cache",
+    "ChildFailed",
     "CircuitBreaker",
     "CircuitOpenError",
     "Clock",
@@ -89,8 +95,10 @@ __all__ = [
     "RetryBudget",
     "RetryExhausted",
     "RetryState",
+    "RunCancelled",
     "Saga",
     "SagaClosed",
+    "SagaError",
     "SagaResult",
     "Step",
     "StepResult",
@@ -99,6 +107,8 @@ __all__ = [
     "Timeout",
     "TimeoutExceeded",
     "TryAgain",
+    "VersionMismatch",
+    "WaitTimedOut",
     "backoff",
     "cache",
     "chaos",

@@ -283,7 +283,9 @@ class MemoryStore:
                 return None
             self._signal_ids += 1
             self._signals.setdefault(run_id, []).append(Signal(self._signal_ids, name, stored, at))
-            if record.status == WAITING and ((record.waiting_for in (name, ANY_SIGNAL) or name == CANCEL_SIGNAL)):
+            if record.status == WAITING and (
+                record.waiting_for in (name, ANY_SIGNAL) or name == CANCEL_SIGNAL
+            ):
                 record.wake_at = at if record.wake_at is None else min(record.wake_at, at)
             return copy.copy(record)
 

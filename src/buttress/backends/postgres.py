@@ -56,6 +56,7 @@ from buttress.exceptions import BackendError, ConfigTypeError, ConfigValueError
 
 from . import (
     ACTIVE,
+    ANY_SIGNAL,
     CANCEL_SIGNAL,
     INCOMPLETE,
     WAITING,
@@ -259,7 +260,7 @@ _SQL = {
     # it waits for this signal (or the signal cancels), makes it due at the latest now.
     "signal_run": (
         "UPDATE {s}.buttress_runs SET wake_at = CASE WHEN status = %s "
-        "AND (waiting_for = %s OR %s) THEN least(coalesce(wake_at, %s), %s) "
+        "AND (waiting_for IN (%s, %s) OR %s) THEN least(coalesce(wake_at, %s), %s) "
         f"ELSE wake_at END WHERE run_id = %s RETURNING {_COLUMNS}"
     ),
     "insert_signal": (
@@ -1109,7 +1110,7 @@ class PostgresStore:
         # increasing ids in the order they commit, and no signal of a missing run stays.
         row = yield _Query(
             self._sql["signal_run"],
-            (WAITING, name, name == CANCEL_SIGNAL, at, at, run_id),
+            (WAITING, name, ANY_SIGNAL, name == CANCEL_SIGNAL, at, at, run_id),
             "one",
         )
         if row is None:

@@ -41,6 +41,7 @@ from buttress.exceptions import BackendError, ConfigTypeError
 
 from . import (
     ACTIVE,
+    ANY_SIGNAL,
     CANCEL_SIGNAL,
     INCOMPLETE,
     WAITING,
@@ -555,7 +556,7 @@ class SQLiteStore:
                 "INSERT INTO buttress_signals (run_id, name, payload, sent_at) VALUES (?,?,?,?)",
                 (run_id, name, stored, at),
             )
-            if row[0] == WAITING and name in (row[1], CANCEL_SIGNAL):
+            if row[0] == WAITING and (row[1] in (name, ANY_SIGNAL) or name == CANCEL_SIGNAL):
                 db.execute(
                     "UPDATE buttress_runs SET wake_at=CASE WHEN wake_at IS NULL THEN ? "
                     "ELSE min(wake_at, ?) END WHERE run_id=?",

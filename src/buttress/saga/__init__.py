@@ -1,7 +1,16 @@
 """Steps and sagas: named steps with compensations, idempotency and a durable run log."""
 
 from buttress.events import RecoverySkipped
-from buttress.exceptions import IdempotencyConflict, Permanent, SagaClosed
+from buttress.exceptions import (
+    ChildFailed,
+    IdempotencyConflict,
+    Permanent,
+    RunCancelled,
+    SagaClosed,
+    SagaError,
+    VersionMismatch,
+    WaitTimedOut,
+)
 
 from ._model import (
     AttemptRecord,
@@ -17,16 +26,21 @@ from ._worker import RecoveryWorker
 
 __all__ = [
     "AttemptRecord",
+    "ChildFailed",
     "Context",
     "IdempotencyConflict",
     "Permanent",
     "RecoveryReport",
     "RecoverySkipped",
     "RecoveryWorker",
+    "RunCancelled",
     "Saga",
     "SagaClosed",
+    "SagaError",
     "SagaResult",
     "Step",
     "StepResult",
     "StoredError",
+    "VersionMismatch",
+    "WaitTimedOut",
 ]
