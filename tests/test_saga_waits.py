@@ -158,7 +158,7 @@ def test_a_long_wait_parks_the_run_holding_nothing(make_store, clock, face) -> N
     assert record.waiting_for == "decision"
     assert record.wake_at == pytest.approx(clock.wall() + 48 * HOUR)
     assert saga.snapshot()["running"] == 0
-    assert [e for e in seen if isinstance(e, ev.RunParked)][0].waiting_for == "decision"
+    assert next(e for e in seen if isinstance(e, ev.RunParked)).waiting_for == "decision"
 
 
 def test_a_signal_resumes_the_parked_run_where_it_is_sent(make_store, clock, face) -> None:
@@ -347,11 +347,13 @@ def test_a_deadline_is_an_absolute_time(make_store, clock) -> None:
 
     first = saga.run()
     assert saga.store.load(first.run_id)[0].wake_at == pytest.approx(due.timestamp())
-    with pytest.raises(ConfigValueError, match="aware"):
-        Saga("naive", clock=clock, registry=Registry()).store  # noqa: B018
-        from buttress.saga._waits import check_deadline
-
-        check_deadline(datetime(2030, 1, 1))  # noqa: DTZ001
+    naive = Saga("naive", clock=clock, registry=Registry())
+    naive.step("wait", lambda ctx: ctx.wait_for("go", deadline=datetime(2030, 1, 1)))
+    refused = naive.run()
+    assert isinstance(refused.error, ConfigValueError) and "aware" in str(refused.error)
+    bad = Saga("bad-deadline", clock=clock, registry=Registry())
+    bad.step("wait", lambda ctx: ctx.wait_for("go", deadline="tomorrow"))
+    assert isinstance(bad.run().error, ConfigTypeError)
 
 
 def test_a_short_wait_waits_in_process(make_store, clock, face) -> None:
@@ -690,7 +692,7 @@ def test_a_failed_child_fails_its_step(make_store, clock) -> None:
 
 def test_cancelling_a_parent_cascades_into_its_child(make_store, clock, face) -> None:
     log: list[Any] = []
-    order, ship = order_sagas(make_store(), clock, log)
+    order, _ = order_sagas(make_store(), clock, log)
     seen = events_of(order)
     first = run(order, face, "A")
     if face == "sync":
@@ -856,7 +858,7 @@ def test_a_run_of_an_unknown_version_is_refused(make_store, clock) -> None:
     old = expense_saga(make_store(), clock, "sync", log, version="1")
     first = old.run()
     new = expense_saga(make_store(), clock, "sync", log, version="2")
-    with pytest.raises(VersionMismatch, match="'1'.*'2'") as caught:
+    with pytest.raises(VersionMismatch, match=r"'1'.*'2'") as caught:
         new.signal(first.run_id, "decision", "ok")
     assert caught.value.run_version == "1" and caught.value.versions == ("2",)
     seen = events_of(new)
