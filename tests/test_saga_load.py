@@ -228,16 +228,16 @@ def test_log_times_and_key_ttls_use_the_saga_clock():
 
 
 class CountingStore(SQLiteStore):
-    """A SQLite store that counts its listing queries and can be made to fail."""
+    """A SQLite store that counts the queries health makes and can be made to fail."""
 
     queries = 0
     down = False
 
-    def runs(self, **query: Any) -> list[RunRecord]:
+    def counts(self, saga: str) -> dict[str, int]:
         type(self).queries += 1
         if self.down:
             raise ButtressError("the database is unreachable")
-        return super().runs(**query)
+        return super().counts(saga)
 
 
 def test_health_reports_a_store_that_is_down(tmp_path):
@@ -267,13 +267,13 @@ def test_health_never_queries_the_store_itself(tmp_path):
     assert CountingStore.queries == 1
     main = threading.current_thread()
     seen: list[threading.Thread] = []
-    original = CountingStore.runs
+    original = CountingStore.counts
 
-    def spy(self: CountingStore, **query: Any) -> list[RunRecord]:
+    def spy(self: CountingStore, saga: str) -> dict[str, int]:
         seen.append(threading.current_thread())
-        return original(self, **query)
+        return original(self, saga)
 
-    CountingStore.runs = spy  # type: ignore[method-assign]
+    CountingStore.counts = spy  # type: ignore[method-assign]
     try:
         for _ in range(100):
             assert saga.health_check()[0] == "pass"
@@ -286,7 +286,7 @@ def test_health_never_queries_the_store_itself(tmp_path):
             threading.Event().wait(0.01)
         assert seen and main not in seen  # ...and refreshed off the caller's thread
     finally:
-        CountingStore.runs = original  # type: ignore[method-assign]
+        CountingStore.counts = original  # type: ignore[method-assign]
     store.close()
 
 

@@ -475,6 +475,10 @@ class SagaStore(Protocol):
         """Ids of the saga's waiting runs whose ``wake_at`` is at or before ``now``,
         the earliest first."""
 
+    def counts(self, saga: str) -> dict[str, int]:
+        """How many runs of the saga the store holds, by status (statuses with none
+        may be left out): what ``state()`` and ``health()`` report, in one query."""
+
     def send_signal(self, run_id: str, name: str, payload: Any, *, at: float) -> RunRecord | None:
         """Durably store a signal for ``run_id`` and, in the same write, make the run
         due at ``at`` if it is waiting for ``name`` (or for :data:`ANY_SIGNAL`, or
@@ -589,6 +593,9 @@ class AsyncSagaStore(Protocol):
 
     async def adue(self, saga: str, *, now: float, limit: int = 1000) -> list[str]:
         """Async :meth:`SagaStore.due`."""
+
+    async def acounts(self, saga: str) -> dict[str, int]:
+        """Async :meth:`SagaStore.counts`."""
 
     async def asend_signal(
         self, run_id: str, name: str, payload: Any, *, at: float

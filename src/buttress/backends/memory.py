@@ -275,6 +275,14 @@ class MemoryStore:
         found.sort()
         return [run_id for _, run_id in found[:limit]]
 
+    def counts(self, saga: str) -> dict[str, int]:
+        found: dict[str, int] = {}
+        with self._lock:
+            for record in self._runs.values():
+                if record.saga == saga:
+                    found[record.status] = found.get(record.status, 0) + 1
+        return found
+
     def send_signal(self, run_id: str, name: str, payload: Any, *, at: float) -> RunRecord | None:
         stored = _stored_json(payload)
         with self._lock:
@@ -364,6 +372,9 @@ class MemoryStore:
 
     async def adue(self, saga: str, *, now: float, limit: int = 1000) -> list[str]:
         return self.due(saga, now=now, limit=limit)
+
+    async def acounts(self, saga: str) -> dict[str, int]:
+        return self.counts(saga)
 
     async def asend_signal(
         self, run_id: str, name: str, payload: Any, *, at: float

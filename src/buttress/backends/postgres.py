@@ -252,6 +252,7 @@ _SQL = {
         "SELECT run_id FROM {s}.buttress_runs "
         f"WHERE saga = %s AND status IN {_ACTIVE_SQL} ORDER BY created_at"
     ),
+    "counts": "SELECT status, count(*) FROM {s}.buttress_runs WHERE saga = %s GROUP BY status",
     "due": (
         "SELECT run_id FROM {s}.buttress_runs WHERE saga = %s AND status = %s "
         "AND wake_at <= %s ORDER BY wake_at, run_id LIMIT %s"
@@ -1099,6 +1100,10 @@ class PostgresStore:
         )
         return [_record(row) for row in rows]
 
+    def _counts(self, saga: str) -> _Op[dict[str, int]]:
+        rows = yield _Query(self._sql["counts"], (saga,), "rows")
+        return {row[0]: int(row[1]) for row in rows}
+
     def _due(self, saga: str, now: float, limit: int) -> _Op[list[str]]:
         rows = yield _Query(self._sql["due"], (saga, WAITING, now, limit), "rows")
         return [row[0] for row in rows]
@@ -1179,6 +1184,9 @@ class PostgresStore:
     ) -> list[RunRecord]:
         return self._run_sync(self._runs(saga, status, limit), tx=False)
 
+    def counts(self, saga: str) -> dict[str, int]:
+        return self._run_sync(self._counts(saga), tx=False)
+
     def due(self, saga: str, *, now: float, limit: int = 1000) -> list[str]:
         return self._run_sync(self._due(saga, now, limit), tx=False)
 
@@ -1253,6 +1261,9 @@ class PostgresStore:
         self, *, saga: str | None = None, status: str | None = None, limit: int = 100
     ) -> list[RunRecord]:
         return await self._run_async(self._runs(saga, status, limit), tx=False)
+
+    async def acounts(self, saga: str) -> dict[str, int]:
+        return await self._run_async(self._counts(saga), tx=False)
 
     async def adue(self, saga: str, *, now: float, limit: int = 1000) -> list[str]:
         return await self._run_async(self._due(saga, now, limit), tx=False)

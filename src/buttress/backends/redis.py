@@ -1782,6 +1782,8 @@ class RedisIdempotencyStore(_RedisStore):
         error: str | None = None,
         result: dict[str, Any] | None = None,
         expires_at: float | None = None,
+        wake_at: float | None = None,
+        waiting_for: str | None = None,
     ) -> None:
         self._local.write(
             run_id,
@@ -1791,6 +1793,8 @@ class RedisIdempotencyStore(_RedisStore):
             error=error,
             result=result,
             expires_at=expires_at,
+            wake_at=wake_at,
+            waiting_for=waiting_for,
         )
         gate = self._gate_impl
         final = status is not None and status not in INCOMPLETE

@@ -533,6 +533,14 @@ class SQLiteStore:
             ).fetchall()
         return [self._from_row(row) for row in rows]
 
+    def counts(self, saga: str) -> dict[str, int]:
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT status, count(*) FROM buttress_runs WHERE saga=? GROUP BY status",
+                (saga,),
+            ).fetchall()
+        return dict(rows)
+
     def due(self, saga: str, *, now: float, limit: int = 1000) -> list[str]:
         with self._tx() as db:
             rows = db.execute(
@@ -641,6 +649,10 @@ class SQLiteStore:
         found: list[RunRecord] = await self._off_loop(
             self.runs, saga=saga, status=status, limit=limit
         )
+        return found
+
+    async def acounts(self, saga: str) -> dict[str, int]:
+        found: dict[str, int] = await self._off_loop(self.counts, saga)
         return found
 
     async def adue(self, saga: str, *, now: float, limit: int = 1000) -> list[str]:

@@ -1036,9 +1036,8 @@ class Saga(Policy):
     # -- state ----------------------------------------------------------------------------------
 
     def _probe(self) -> Flow[tuple[int, int]]:
-        stuck = yield self._store("runs", saga=self.name, status=COMPENSATION_FAILED, limit=1000)
-        waiting = yield self._store("runs", saga=self.name, status=WAITING, limit=100_000)
-        return len(stuck), len(waiting)
+        counts = yield self._store("counts", self.name)
+        return counts.get(COMPENSATION_FAILED, 0), counts.get(WAITING, 0)
 
     def refresh_health(self) -> None:
         """Query the store now for what ``health()`` reports (runs stuck in
