@@ -110,6 +110,24 @@ class CrashingStore:
         found: list[RunRecord] = self.inner.runs(**query)
         return found
 
+    def due(self, saga: str, **query: Any) -> list[str]:
+        ids: list[str] = self.inner.due(saga, **query)
+        return ids
+
+    def counts(self, saga: str) -> dict[str, int]:
+        found: dict[str, int] = self.inner.counts(saga)
+        return found
+
+    def send_signal(self, run_id: str, name: str, payload: Any, *, at: float) -> Any:
+        checkpoint("send_signal:before")
+        stored = self.inner.send_signal(run_id, name, payload, at=at)
+        checkpoint("send_signal:after")
+        return stored
+
+    def signals(self, run_id: str) -> list[Any]:
+        found: list[Any] = self.inner.signals(run_id)
+        return found
+
 
 def journal(path: str, **fields: Any) -> None:
     line = json.dumps({"pid": os.getpid(), **fields})

@@ -243,7 +243,7 @@ class Saga(Policy):
         self._count_lock = threading.Lock()
         self._closed = False  # shutdown() was called: no new run starts
         self._idle = threading.Event()  # set when closed and no run is active
-        park = check_seconds("park_after", park_after, allow_none=True)
+        park = check_seconds("park_after", park_after, allow_none=True, allow_zero=True)
         if park is not None and park < 0:
             raise ConfigValueError(f"park_after must be >= 0 or None, got {park_after!r}")
         self.park_after = park

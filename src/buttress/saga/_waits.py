@@ -130,7 +130,7 @@ def sleep_flow(run: _Run, ctx: Context, seconds: float | timedelta) -> WaitFlow[
     """``ctx.sleep(seconds)``: record the wake-up time once, then wait for it (parking
     the run when what is left is longer than the saga's ``park_after``)."""
     _forward_only(run, ctx, "ctx.sleep")
-    span = check_seconds("seconds", seconds)
+    span = check_seconds("seconds", seconds, allow_zero=True)
     assert span is not None
     saga = run.saga
     index = ctx._waits

@@ -31,7 +31,8 @@ class RecoveryWorker(Policy):
     """Recovers the incomplete runs of some sagas every ``interval`` seconds.
 
     Args:
-        sagas: the saga, or sagas, whose runs it recovers (each with its own store).
+        sagas: the saga, or sagas, whose runs it recovers (each with its own store),
+            with their child sagas.
         interval: seconds between passes (default 5).
         grace: seconds :meth:`stop` gives the recoveries in progress to finish
             (default 30); a run still going then is left with its log to the next
@@ -73,7 +74,15 @@ class RecoveryWorker(Policy):
             registry=registry,
             clock=clock,
         )
-        self.sagas = listed
+        # A parent's child sagas are recovered with it (a child wakes its parent when it
+        # ends, and a parked child is due like any run).
+        self.sagas: list[Saga] = []
+        pending = list(listed)
+        while pending:
+            saga = pending.pop(0)
+            if all(saga is not known for known in self.sagas):
+                self.sagas.append(saga)
+                pending.extend(saga.children)
         self.interval = every
         self.grace = wait
         self._stopping = threading.Event()
