@@ -305,6 +305,36 @@ def saga_usage() -> None:
     assert_type(checkout.step("ship", lambda ctx: None), buttress.Step)
     Saga("typed-callable", validate=lambda value: value)
 
+    # Durable waits take seconds or a timedelta, deadlines as epoch seconds or datetime.
+    from datetime import datetime, timezone
+
+    approvals = Saga(
+        "typed-approvals",
+        version="3",
+        park_after=timedelta(minutes=5),
+        poll_interval=timedelta(seconds=2),
+        previous=(),
+    )
+
+    @approvals.step("wait", heartbeat_timeout=timedelta(seconds=10))
+    def wait(ctx: Context) -> object:
+        ctx.sleep(timedelta(hours=1))
+        ctx.heartbeat({"done": 1})
+        ctx.wait_for("a", timeout=timedelta(days=2))
+        return ctx.wait_for("b", deadline=datetime(2030, 1, 1, tzinfo=timezone.utc))
+
+    @approvals.step("wait-async")
+    async def wait_async(ctx: Context) -> object:
+        await ctx.sleep_async(5)
+        await ctx.heartbeat_async()
+        return await ctx.wait_for_async("c", deadline=1_900_000_000.0)
+
+    approvals.child("child", checkout, input=lambda ctx: ctx.input)
+    approvals.map("fan", lambda ctx, item: item, items=lambda ctx: [1, 2], concurrency=2)
+    assert_type(approvals.signal("run", "a", {"ok": True}), buttress.SagaResult | None)
+    assert_type(approvals.cancel("run", reason="why"), buttress.SagaResult | None)
+    assert_type(approvals.version, str)
+
 
 # -- backoff: floors, new schedules, sums ------------------------------------------------------
 
