@@ -232,3 +232,100 @@ def test_version_flag_prints_the_installed_version() -> None:
         text=True,
     ).stdout.strip()
     assert shown == f"buttress {version('buttress')}" == f"buttress {buttress.__version__}"
+
+
+WAITS_APP = """
+from buttress import Saga
+from buttress.backends.sqlite import SQLiteStore
+
+
+def make(db):
+    store = SQLiteStore(db)
+    ship = Saga("ship", store=store, version="s1")
+    ship.step("label", lambda ctx: "L", compensate=lambda ctx: print("label voided"))
+    saga = Saga("expense", store=store, version="v1")
+    saga.step("submit", lambda ctx: "sent", compensate=lambda ctx: print("withdrawn"))
+    saga.step("nap", lambda ctx: ctx.sleep(0))
+    saga.step("decision", lambda ctx: ctx.wait_for("decision", timeout=3600))
+    saga.child("ship", ship)
+    saga.step("beat", lambda ctx: ctx.heartbeat({"done": 1}))
+    saga.step("wait-again", lambda ctx: ctx.wait_for("final"))
+    return saga
+"""
+
+
+def test_signal_show_list_and_cancel_waiting_runs(tmp_path):
+    """runs signal resumes (with --app) or makes due (without); show displays the waits,
+    signals, heartbeats and children; list shows versions; cancel compensates."""
+    db = tmp_path / "runs.db"
+    (tmp_path / "waitsapp.py").write_text(WAITS_APP)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import waitsapp
+    finally:
+        sys.path.remove(str(tmp_path))
+    with isolated_registry():
+        saga = waitsapp.make(str(db))
+        first = saga.run()
+        second = saga.run()
+        saga.store.close()
+    assert first.waiting and second.waiting
+    listing = cli("--db", str(db), "list", "--status", "waiting", cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    assert "v1" in listing.stdout and "for 'decision'" in listing.stdout
+    # Without --app the signal is stored and the run made due.
+    sent = cli(
+        "--db", str(db), "signal", first.run_id[:10], "decision", '{"ok": true}', cwd=tmp_path
+    )
+    assert sent.returncode == 0, sent.stderr
+    assert "due now" in sent.stdout
+    # With --app the run is resumed here, up to its next wait.
+    resumed = cli(
+        "--db",
+        str(db),
+        "signal",
+        second.run_id,
+        "decision",
+        "1",
+        "--app",
+        "waitsapp:make",
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "is now waiting" in resumed.stdout
+    shown = cli("--db", str(db), "show", second.run_id, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    for text in (
+        "version  v1",
+        "sleep",
+        "wait",
+        "received",
+        "'decision' #",
+        "heartbeat",
+        '{"done": 1}',
+        f"{second.run_id}/ship (completed)",
+        "parked",
+        "consumed",
+    ):
+        assert text in shown.stdout, text
+    as_json = json.loads(cli("--db", str(db), "show", second.run_id, "--json", cwd=tmp_path).stdout)
+    assert as_json["version"] == "v1" and as_json["waiting_for"] == "final"
+    assert as_json["children"] == [f"{second.run_id}/ship"]
+    assert [s["state"] for s in as_json["signals"]] == ["consumed", "child ended"]
+    # Bad input is refused.
+    assert (
+        cli("--db", str(db), "signal", second.run_id, "decision", "{oops", cwd=tmp_path).returncode
+        == 2
+    )
+    assert cli("--db", str(db), "signal", "nope", "decision", cwd=tmp_path).returncode == 1
+    reserved = cli("--db", str(db), "signal", second.run_id, "buttress.cancel", cwd=tmp_path)
+    assert reserved.returncode == 2
+    # Cancel: the child first, then the parent's completed steps.
+    cancelled = cli(
+        "--db", str(db), "cancel", second.run_id, "--app", "waitsapp:make", cwd=tmp_path
+    )
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert "cancelled: failed, compensated=True" in cancelled.stdout
+    assert cancelled.stdout.index("label voided") < cancelled.stdout.index("withdrawn")
+    again = cli("--db", str(db), "cancel", second.run_id, "--app", "waitsapp:make", cwd=tmp_path)
+    assert again.returncode == 2 and "has ended" in again.stderr

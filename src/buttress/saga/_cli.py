@@ -250,7 +250,9 @@ def _show(store: Any, args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         data = _record_json(record)
         data["log"] = [dataclasses.asdict(entry) for entry in entries]
-        data["signals"] = [{**dataclasses.asdict(s), "consumed": s.id in consumed} for s in signals]
+        data["signals"] = [
+            {**dataclasses.asdict(s), "state": _signal_state(s, consumed)} for s in signals
+        ]
         data["children"] = [
             e.output.get("run_id")
             for e in entries
@@ -295,10 +297,19 @@ def _show(store: Any, args: argparse.Namespace, out: TextIO) -> int:
         out.write("\n")
         rows = [["SIGNAL", "NAME", "SENT", "STATE", "PAYLOAD"]]
         for s in signals:
-            state = "consumed" if s.id in consumed else "pending"
+            state = _signal_state(s, consumed)
             rows.append([f"#{s.id}", s.name, _when(s.sent_at), state, json.dumps(s.payload)[:60]])
         _table(rows, out)
     return 0
+
+
+def _signal_state(signal: Signal, consumed: set[Any]) -> str:
+    """``consumed`` or ``pending`` for a user's signal; what buttress's own are."""
+    if signal.name == "buttress.child":
+        return "child ended"
+    if signal.name == "buttress.cancel":
+        return "cancel request"
+    return "consumed" if signal.id in consumed else "pending"
 
 
 def _payload(text: str) -> Any:
