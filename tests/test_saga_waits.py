@@ -938,3 +938,15 @@ def test_a_heartbeat_sees_a_cancellation(make_store, clock) -> None:
 
     result = saga.run()
     assert isinstance(result.error, RunCancelled) and undone == ["a"]
+
+
+def test_the_sync_faces_refuse_to_block_an_async_step(clock) -> None:
+    saga = Saga("blocking", clock=clock, registry=Registry())
+
+    @saga.step("wait")
+    async def wait(ctx: Any) -> Any:
+        return ctx.wait_for("go")
+
+    result = asyncio.run(saga.run_async())
+    assert isinstance(result.error, ConfigTypeError)
+    assert "wait_for_async" in str(result.error)

@@ -42,7 +42,13 @@ from buttress.backends import (
     WAITING,
     LogEntry,
 )
-from buttress.exceptions import ChildFailed, Permanent, TimeoutExceeded, WaitTimedOut
+from buttress.exceptions import (
+    ChildFailed,
+    ConfigTypeError,
+    Permanent,
+    TimeoutExceeded,
+    WaitTimedOut,
+)
 from buttress.timeout import Timeout
 
 from . import _waits
@@ -248,13 +254,25 @@ class _Run:
 
     # -- durable waits (what a step's Context calls) --------------------------------------------
 
+    def _sync_face(self, what: str) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        raise ConfigTypeError(
+            f"ctx.{what}() would block the event loop of this async step: use "
+            f"`await ctx.{what}_async(...)`"
+        )
+
     def sleep(self, ctx: Context, seconds: Any) -> None:
+        self._sync_face("sleep")
         _waits.pump_sync(self, _waits.sleep_flow(self, ctx, seconds))
 
     async def sleep_async(self, ctx: Context, seconds: Any) -> None:
         await _waits.pump_async(self, _waits.sleep_flow(self, ctx, seconds))
 
     def wait_for(self, ctx: Context, name: str, timeout: Any, deadline: Any) -> Any:
+        self._sync_face("wait_for")
         return _waits.pump_sync(self, _waits.wait_flow(self, ctx, name, timeout, deadline))
 
     async def wait_for_async(self, ctx: Context, name: str, timeout: Any, deadline: Any) -> Any:
@@ -262,6 +280,7 @@ class _Run:
         return await _waits.pump_async(self, flow)
 
     def heartbeat(self, ctx: Context, details: Any) -> None:
+        self._sync_face("heartbeat")
         _waits.pump_sync(self, _waits.heartbeat_flow(self, ctx, details))
 
     async def heartbeat_async(self, ctx: Context, details: Any) -> None:
