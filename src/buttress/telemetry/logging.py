@@ -68,6 +68,14 @@ _MESSAGES: dict[str, str] = {
     "compensation_started": "run {run_id}: compensating step {step!r}",
     "compensation_completed": "run {run_id}: step {step!r} compensated",
     "compensation_failed": "run {run_id}: compensating step {step!r} failed: {error}",
+    "run_parked": "run {run_id} parked at step {step!r} (waiting for {waiting_for}, due {wake_at})",
+    "signal_sent": "signal {signal!r} sent to run {run_id}",
+    "signal_received": "run {run_id}: step {step!r} received signal {signal!r}",
+    "wait_expired": "run {run_id}: step {step!r} waited for signal {signal!r} past its deadline",
+    "step_heartbeat": "run {run_id}: step {step!r} heartbeat",
+    "child_started": "run {run_id}: step {step!r} runs child run {child_run_id}",
+    "item_failed": "run {run_id}: item {index} of step {step!r} failed: {error}",
+    "run_cancelled": "run {run_id} cancelled: {reason}",
 }
 
 
