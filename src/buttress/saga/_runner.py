@@ -384,6 +384,9 @@ class _Run:
         try:
             return (yield from self._flow())
         finally:
+            # The context points back at this run for its durable waits: break the
+            # cycle, so that a finished run (and its saga) is freed without the GC.
+            self.ctx._run = None
             if self.open:  # ended by an exception (a store error, a cancellation...)
                 self.open = False
                 self.saga.finished_run(None, self.run_id)
