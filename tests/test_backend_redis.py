@@ -1514,6 +1514,9 @@ def test_a_failed_async_release_is_reported_and_carried_by_the_next_call(
         batcher.client = real
         assert any(type(e).__name__ == "BackendDegraded" for e in events), events
         assert raw.zcard(bulkhead.binding.key) == 1
+        # no longer posted: the loop's own calls carry it again, like every other call
+        args, _ = bulkhead.binding._script("acquire", "t", batcher.serial)
+        assert len(args) == 5
         assert bulkhead.binding.in_use() == 0  # carried by this call
         await store.aclose()
 

@@ -1353,7 +1353,10 @@ class _Unsent:
             if at is None:
                 return
             self._prune(key, poster)
-            self.by_key.setdefault(key, {})[token] = at
+            tokens = self.by_key.setdefault(key, {})
+            tokens[token] = at
+            if len(tokens) > self.LIMIT:
+                del tokens[next(iter(tokens))]
 
     def _prune(self, key: str, poster: int) -> None:
         groups = self.posted[key]
