@@ -7,13 +7,24 @@ bytes per key, new keys past ``max_keys``, and what eviction costs in accuracy.
    ``cachetools.TTLCache`` (drops idle keys by itself; full run only). Two traffic
    patterns: spread evenly over every live key, and on 10^3 of them while the table
    holds the rest.
+   A bare ``dict.get`` over the same keys is shown too: memory latency alone.
    Each figure is the fastest of several interleaved repeats, in CPU time of the
    measuring thread (a busy machine only ever adds time, and other processes'
-   turns are not counted). Target: from 10^3 keys to the largest size, buttress's
-   cost (by ``try_acquire(key=)`` and by ``for_key(key).try_acquire()``) grows at
-   most 1.5x as much as the dict floor's on the same traffic. The floor's own
-   growth is memory latency: once the table outgrows the CPU caches, lookups miss
-   them whatever the limiter does. Its raw growth is shown too.
+   turns are not counted).
+   Target (issue 16: "acquire cost within 1.5x of its 10^3 figure"): at the largest
+   size, buttress's cost (by ``try_acquire(key=)`` and by
+   ``for_key(key).try_acquire()``), less the nanoseconds the dict floor's cost grew
+   by on the same traffic, is at most 1.5x its 10^3-key cost; with the traffic on
+   10^3 keys, the raw cost is held to 1.5x as well.
+   Why not the raw ratio on spread traffic: there every lookup misses the CPU caches
+   once the table outgrows them, whatever the limiter does. That adds a fixed number
+   of nanoseconds per call (the floor's growth: about 700 ns at 10^6 keys on a 2-core
+   VM, 12x for a bare ``dict.get``), so a raw ratio only rewards a slow 10^3-key
+   figure: a limiter would need a 10^3-key cost of twice that growth to pass, and
+   making buttress faster makes its ratio worse. Subtracting the growth (not dividing
+   by the floor's ratio, which a slow limiter also games) leaves what buttress adds
+   per call as the table grows, and the 1.5x bound gives that half its own 10^3-key
+   cost at most: one extra cache miss per call, or any scan, would show.
 2. Bytes per live key (tracemalloc; the key objects themselves excluded) reached
    through ``for_key()`` and through the ASGI middleware keyed by client IP, beside
    the TTLCache floor. Target: at most 400 B.
@@ -54,7 +65,7 @@ from buttress.testing import FakeClock, isolated_registry
 
 from .memory import traced
 
-COST_TARGET = 1.5  # cost at the largest size over cost at 10^3, at most
+COST_TARGET = 1.5  # cost at the largest size, less the floor's growth, over cost at 10^3
 BYTES_TARGET = 400.0  # bytes per live key, at most
 NEW_KEYS = 1000  # brand-new keys past max_keys, all of which must be admitted
 SMALL = 1000
@@ -62,6 +73,7 @@ SMALL = 1000
 TRY = "buttress try_acquire(key=)"
 VIEW = "buttress for_key(k).try_acquire()"
 DICT_FLOOR = "floor: dict + lock (no eviction)"
+GET_FLOOR = "memory latency: dict.get alone"
 TTL_FLOOR = "floor: cachetools.TTLCache + lock"
 TARGETED = (TRY, VIEW)
 HOT = ", hot"  # the same, traffic on 10^3 of the live keys
@@ -110,21 +122,30 @@ class KeyedReport:
         small, large = self.cost(label, SMALL), self.cost(label, max(self.sizes))
         return None if not small or large is None else large / small
 
-    def relative(self, label: str) -> float | None:
-        """Growth of the cost from 10^3 keys to the largest size, over the dict floor's
-        growth on the same traffic (what is left once memory latency is taken out)."""
-        ours = self.ratio(label)
-        floor = self.ratio(DICT_FLOOR + HOT if label.endswith(HOT) else DICT_FLOOR)
-        return None if ours is None or not floor else ours / floor
+    def floor_growth(self, label: str) -> float | None:
+        """Nanoseconds the dict floor's cost grew by from 10^3 keys to the largest size,
+        on the traffic of ``label``: memory latency, which every keyed table pays."""
+        floor = DICT_FLOOR + HOT if label.endswith(HOT) else DICT_FLOOR
+        small, large = self.cost(floor, SMALL), self.cost(floor, max(self.sizes))
+        return None if small is None or large is None else large - small
+
+    def own(self, label: str) -> float | None:
+        """Cost at the largest size less the floor's growth on the same traffic, over
+        the cost at 10^3 keys: what buttress itself adds as the table grows."""
+        small, large = self.cost(label, SMALL), self.cost(label, max(self.sizes))
+        growth = self.floor_growth(label)
+        if not small or large is None or growth is None:
+            return None
+        return (large - max(growth, 0.0)) / small
 
     def targeted(self) -> list[tuple[str, float | None]]:
-        """The figures with a target: how much faster than the floor's the cost grows
-        from 10^3 keys to the largest size, for each traffic pattern."""
-        return [
-            (label + suffix, self.relative(label + suffix))
-            for label in TARGETED
-            for suffix in ("", HOT)
+        """The figures with a target: the cost's own growth (floor's growth taken out)
+        for each traffic pattern, and the raw growth with the traffic on 10^3 keys."""
+        out = [
+            (label + suffix, self.own(label + suffix)) for label in TARGETED for suffix in ("", HOT)
         ]
+        out += [(label + HOT + " (raw)", self.ratio(label + HOT)) for label in TARGETED]
+        return out
 
     def scaling_series(self) -> list[Any]:
         """The cost-against-keys lines for the scaling section's ``keys`` chart (in µs
@@ -144,10 +165,13 @@ class KeyedReport:
     def failures(self, factor: float) -> list[str]:
         out = []
         for label, ratio in self.targeted():
-            if ratio is not None and ratio > COST_TARGET * factor:
+            if ratio is None:
+                out.append(f"keyed limiter, {label}: not measured")
+            elif ratio > COST_TARGET * factor:
+                what = "its cost" if label.endswith("(raw)") else "its cost less the floor's growth"
                 out.append(
-                    f"keyed limiter, {label}: its cost grows {ratio:.2f}x the floor's from "
-                    f"10^3 to {max(self.sizes):,} keys (target {COST_TARGET:g}x)"
+                    f"keyed limiter, {label}: at {max(self.sizes):,} keys {what} is "
+                    f"{ratio:.2f}x its 10^3-key cost (target {COST_TARGET:g}x)"
                 )
         for label, (keys, size) in self.bytes_per_key.items():
             targeted = label.startswith("buttress") and "held" not in label
@@ -176,7 +200,9 @@ class KeyedReport:
     def cost_table(self, hot: bool) -> tuple[list[str], list[list[str]]]:
         suffix = HOT if hot else ""
         labels = [
-            x + suffix for x in (TRY, VIEW, DICT_FLOOR, TTL_FLOOR) if x + suffix in self.series
+            x + suffix
+            for x in (TRY, VIEW, DICT_FLOOR, TTL_FLOOR, GET_FLOOR)
+            if x + suffix in self.series
         ]
         head = ["live keys", *labels]
         rows = []
@@ -197,14 +223,17 @@ class KeyedReport:
     def target_lines(self) -> list[str]:
         lines = []
         largest = max(self.sizes)
-        for label, relative in self.targeted():
-            growth = self.ratio(label)
-            if growth is None or relative is None:
+        for label in (x + suffix for x in TARGETED for suffix in ("", HOT)):
+            growth, own, floor = self.ratio(label), self.own(label), self.floor_growth(label)
+            small, large = self.cost(label, SMALL), self.cost(label, largest)
+            if growth is None or own is None or floor is None or not small or large is None:
                 continue
+            raw = f" (target {COST_TARGET:g}x)" if label.endswith(HOT) else ""
             lines.append(
-                f"- {label}: {growth:.2f}x its 10^3-key cost at {largest:,} keys, "
-                f"{relative:.2f}x the floor's growth on the same traffic "
-                f"(target {COST_TARGET:g}x)"
+                f"- {label}: {large:,.0f} ns at {largest:,} keys, {growth:.2f}x its 10^3-key "
+                f"cost{raw}; it grew by {large - small:+,.0f} ns, the floor by "
+                f"{floor:+,.0f} ns on the same traffic; less the floor's growth, "
+                f"{own:.2f}x (target {COST_TARGET:g}x)"
             )
         return lines
 
@@ -271,11 +300,20 @@ class KeyedReport:
             "## Keyed limiter at scale",
             "",
             "Cost of one admission against the number of live keys, beside a dict of GCRA "
-            "arrival times under a lock (no eviction: the floor) and the same over "
-            "`cachetools.TTLCache`. First with the traffic spread evenly over every live "
-            "key (each lookup misses the CPU caches once the table outgrows them, for the "
-            "floor too), then with the traffic on 10^3 of them while the table holds all "
-            "the others (what holding many keys costs by itself).",
+            "arrival times under a lock (no eviction: the floor), the same over "
+            "`cachetools.TTLCache`, and a bare `dict.get` of the same keys (memory latency "
+            "alone). First with the traffic spread evenly over every live key (each lookup "
+            "misses the CPU caches once the table outgrows them, for the floor too), then "
+            "with the traffic on 10^3 of them while the table holds all the others (what "
+            "holding many keys costs by itself).",
+            "",
+            "Target: at the largest size, the cost less the nanoseconds the floor's cost "
+            f"grew by on the same traffic is at most {COST_TARGET:g}x the 10^3-key cost (and "
+            f"with the traffic on 10^3 keys, the raw cost too). On spread traffic a raw "
+            "ratio cannot be met by any keyed table: the cache misses add a fixed number of "
+            "nanoseconds per call (a bare `dict.get` grows most of all), so the raw ratio "
+            "only rewards a slow 10^3-key figure. Taking the floor's added nanoseconds out "
+            "leaves what the limiter itself adds as its table grows.",
             "",
             _md(*self.cost_table(False)),
             "",
@@ -359,10 +397,11 @@ def _ips(n: int, prefix: int = 10) -> list[str]:
     return [f"{prefix}.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(n)]
 
 
-def _candidates(n: int, peer: bool) -> dict[str, Callable[[list[str]], None]]:
+def _candidates(keys: list[str], peer: bool) -> dict[str, Callable[[list[str]], None]]:
     # Every key stays live (not refilled) for the whole run: one unit per key admitted
     # per hour, with room for a million back to back.
     rate, per, burst = 1.0, 3600.0, 10**6
+    n = len(keys)
     limiter = buttress.RateLimiter(rate=rate, per=per, burst=burst, max_keys=max(n, 100_000))
     now = time.monotonic
     floor = DictGCRA(rate, per, burst, now)
@@ -377,6 +416,13 @@ def _candidates(n: int, peer: bool) -> dict[str, Callable[[list[str]], None]]:
         for k in seq:
             fk(k).try_acquire()
 
+    # memory latency alone: one float per key, read back (the same keys, the same order)
+    get = dict.fromkeys(keys, 0.0).get
+
+    def bare_get(seq: list[str]) -> None:
+        for k in seq:
+            get(k)
+
     def floor_loop(gcra: DictGCRA) -> Callable[[list[str]], None]:
         acquire = gcra.try_acquire
 
@@ -389,6 +435,7 @@ def _candidates(n: int, peer: bool) -> dict[str, Callable[[list[str]], None]]:
     out[TRY] = by_key
     out[VIEW] = by_view
     out[DICT_FLOOR] = floor_loop(floor)
+    out[GET_FLOOR] = bare_get
     if not peer:
         return out
     with contextlib.suppress(ImportError):  # cachetools is in the dev extra
@@ -403,9 +450,9 @@ def _cost(n: int, quick: bool, report: KeyedReport) -> None:
     hot = keys[:: max(n // SMALL, 1)][:SMALL]  # spread over the table
     sequences = [[keys[rng.randrange(n)] for _ in range(calls)] for _ in range(repeats)]
     hot_sequences = [[hot[rng.randrange(len(hot))] for _ in range(calls)] for _ in range(repeats)]
-    candidates = _candidates(n, peer=not quick)  # the TTLCache floor is slow to fill
+    candidates = _candidates(keys, peer=not quick)  # the TTLCache floor is slow to fill
     for label, run in candidates.items():
-        if label != VIEW:  # the views' limiter is the first candidate's
+        if label not in (VIEW, GET_FLOOR):  # the views' limiter is the first candidate's
             run(keys)  # every key live before timing
     runs = [(label, run, False) for label, run in candidates.items()]
     runs += [(label + HOT, candidates[label], True) for label in HOT_LABELS]

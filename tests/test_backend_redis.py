@@ -1192,10 +1192,10 @@ def test_async_paths_never_make_a_blocking_redis_call(stores: Stores) -> None:
                 await asyncio.sleep(10)
             return await real_arun(script, key, *args)
 
-        def post(script: str, key: str, *args: Any) -> Any:
+        def post(script: str, key: str, *args: Any, **options: Any) -> Any:
             if args and args[0] == "release":
                 released.append(args[-1])
-            return real_post(script, key, *args)
+            return real_post(script, key, *args, **options)
 
         bulkhead_store._conn.arun = slow_arun
         bulkhead_store._conn.post = post
@@ -1394,6 +1394,94 @@ def test_an_async_release_costs_no_round_trip_and_aclose_flushes_it(
         raw.close()
 
 
+def test_releases_posted_to_one_pipeline_go_out_as_one_command_not_carried_by_acquires(
+    redis_url: str, stores: Stores
+) -> None:
+    """64 concurrent callers: every release posted to a pipeline goes out as one command,
+    and the loop's own acquires (queued after them) carry none of them; nothing leaks."""
+    raw = redis.Redis.from_url(redis_url)
+
+    async def main() -> None:
+        store = stores(RedisBulkheadStore)
+        bulkhead = Bulkhead("merged-releases", max_concurrent=100, store=store)
+        await (await bulkhead.acquire_async()).release_async()
+        batcher = store._conn.batcher()
+        real = batcher.client
+        batches: list[list[tuple[Any, ...]]] = []
+
+        class Recording:  # a pipeline that notes each script call's arguments
+            def __init__(self, pipe: Any) -> None:
+                self.pipe, self.calls = pipe, []
+
+            def execute_command(self, *args: Any) -> None:
+                self.calls.append(args[4:])  # EVALSHA sha 1 key, then the script's
+                self.pipe.execute_command(*args)
+
+            async def execute(self, raise_on_error: bool = True) -> Any:
+                batches.append(self.calls)
+                return await self.pipe.execute(raise_on_error=raise_on_error)
+
+        class Client:
+            def pipeline(self, transaction: bool = True) -> Recording:
+                return Recording(real.pipeline(transaction=transaction))
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+        batcher.client = Client()
+
+        async def caller() -> None:
+            for _ in range(10):
+                async with bulkhead:
+                    await asyncio.sleep(0)
+
+        await asyncio.gather(*(caller() for _ in range(64)))
+        await batcher.flush()
+        assert raw.zcard(bulkhead.binding.key) == 0
+        acquires = [args for batch in batches for args in batch if args[0] == "acquire"]
+        assert acquires
+        assert all(len(args) == 4 for args in acquires), "an acquire carried a posted release"
+        releases = [[args for args in batch if args[0] == "release"] for batch in batches]
+        assert all(len(found) <= 1 for found in releases)
+        assert max(len(found[0]) - 3 for found in releases if found) > 1  # several merged
+        batcher.client = real
+        await store.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        raw.close()
+
+
+def test_a_posted_release_is_still_carried_by_sync_calls_and_merges_at_most_256(
+    redis_url: str, stores: Stores
+) -> None:
+    """Before its pipeline goes out, a posted release is carried by a call from outside
+    the loop's pipeliner (here the sync face); one merged command holds 256 releases at
+    most."""
+    raw = redis.Redis.from_url(redis_url)
+
+    async def main() -> None:
+        store = stores(RedisBulkheadStore)
+        bulkhead = Bulkhead("carried-releases", max_concurrent=300, store=store)
+        leases = [await bulkhead.acquire_async() for _ in range(300)]
+        for lease in leases:  # no await in between: all posted to the same pipeline
+            await lease.release_async()
+        batcher = store._conn.batcher()
+        queued = [args for _, _, args, *_ in batcher.queue if args[0] == "release"]
+        assert sorted(len(args) - 3 for args in queued) == [44, 256]
+        assert raw.zcard(bulkhead.binding.key) == 300  # nothing sent yet
+        assert bulkhead.binding.in_use() == 0  # the sync call carried all 300
+        await batcher.flush()
+        assert raw.zcard(bulkhead.binding.key) == 0
+        await store.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        raw.close()
+
+
 def test_a_failed_async_release_is_reported_and_carried_by_the_next_call(
     redis_url: str, stores: Stores
 ) -> None:
@@ -1426,6 +1514,9 @@ def test_a_failed_async_release_is_reported_and_carried_by_the_next_call(
         batcher.client = real
         assert any(type(e).__name__ == "BackendDegraded" for e in events), events
         assert raw.zcard(bulkhead.binding.key) == 1
+        # no longer posted: the loop's own calls carry it again, like every other call
+        args, _ = bulkhead.binding._script("acquire", "t", batcher.serial)
+        assert len(args) == 5
         assert bulkhead.binding.in_use() == 0  # carried by this call
         await store.aclose()
 

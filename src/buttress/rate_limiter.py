@@ -532,7 +532,14 @@ class RateLimiter(Policy):
         ``key`` picks a per-key bucket (``None``: this limiter's own)."""
         if weight != 1:
             self._check_weight(weight)
-        admitted = self.binding.try_acquire(self._bucket_key(key), weight)
+        if key is None:
+            key = self._key
+        else:  # what _bucket_key() checks, inline: this is the keyed hot path
+            try:
+                hash(key)
+            except TypeError:
+                self._bucket_key(key)  # raises the ConfigTypeError naming the key
+        admitted = self.binding.try_acquire(key, weight)
         if admitted:
             self._owner._admitted.incr()
         return admitted

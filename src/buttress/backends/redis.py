@@ -274,10 +274,15 @@ class _Connection:
         finally:
             batcher.done()
 
-    def post(self, script: str, key: str, *args: Any) -> asyncio.Future[Any]:
+    def post(self, script: str, key: str, *args: Any, merge: bool = False) -> asyncio.Future[Any]:
         """EVALSHA in the next pipeline without waiting for it (fire and forget): the
-        future holds the reply or the error."""
-        return self.batcher().post(script, key, args)
+        future holds the reply or the error. ``merge``: the last argument joins a call
+        with the same other arguments already waiting for that pipeline, if any (one
+        command for many releases; they share its future)."""
+        batcher = self.batcher()
+        if merge:
+            return batcher.post_merged(script, key, args[:-1], args[-1])
+        return batcher.post(script, key, args)
 
     def close(self) -> None:
         with self._lock:
@@ -303,6 +308,10 @@ class _Connection:
 
 
 _Call = tuple[str, str, tuple[Any, ...], "asyncio.Future[Any]", "Callable[[Any], object] | None"]
+_serials = itertools.count()
+# Items one merged call carries at most (a Lua script unpacks its arguments on a stack of
+# about 8,000 slots).
+_MERGED = 256
 
 
 class _Batcher:
@@ -317,13 +326,27 @@ class _Batcher:
     """
 
     # No reference to the loop itself: the store's per-loop tables hold it weakly.
-    __slots__ = ("busy", "calls", "client", "cluster", "conn", "queue", "round_trips", "task")
+    __slots__ = (
+        "busy",
+        "calls",
+        "client",
+        "cluster",
+        "conn",
+        "merging",
+        "queue",
+        "round_trips",
+        "serial",
+        "task",
+    )
 
     def __init__(self, conn: _Connection, client: Any) -> None:
+        self.serial = next(_serials)  # names it in _UNSENT (never reused, unlike id())
         self.conn = conn
         self.client = client
         self.cluster = not isinstance(client, _client_kinds()[1][0])
         self.queue: list[_Call] = []
+        # (script, key, leading args) -> index in queue of a merged call still open
+        self.merging: dict[tuple[str, str, tuple[Any, ...]], int] = {}
         self.busy = False  # a round trip in flight, or a drain about to start
         self.task: asyncio.Task[None] | None = None
         self.round_trips = 0  # requests written (a pipeline is one)
@@ -349,6 +372,22 @@ class _Batcher:
             self._start()
         return future
 
+    def post_merged(
+        self, script: str, key: str, head: tuple[Any, ...], item: Any
+    ) -> asyncio.Future[Any]:
+        """Like :meth:`post` with arguments ``head + (item,)``, but ``item`` joins the
+        call with the same ``head`` queued for this pipeline, if there is one and it has
+        room: its future is shared."""
+        index = self.merging.get((script, key, head))
+        if index is not None:
+            script_, key_, args, future, orphan = self.queue[index]
+            self.queue[index] = (script_, key_, (*args, item), future, orphan)
+            if len(args) + 1 - len(head) >= _MERGED:
+                del self.merging[script, key, head]  # full: the next one opens another
+            return future
+        self.merging[script, key, head] = len(self.queue)
+        return self.post(script, key, (*head, item))
+
     def done(self) -> None:
         """The call sent alone is answered: send what queued meanwhile."""
         if self.queue:
@@ -364,6 +403,7 @@ class _Batcher:
         try:
             while self.queue:
                 batch, self.queue = self.queue, []
+                self.merging.clear()
                 # A round trip is never torn in half: cancelled (loop shutdown), the
                 # drain still waits for the replies and sends what is queued, then stops.
                 send = asyncio.get_running_loop().create_task(self._send(batch))
@@ -1269,13 +1309,22 @@ class _Unsent:
     key (shared by every binding of the process, so a second instance of the same
     bulkhead sees them too), each with the time it was released. Every later script
     call for the key removes them first, in its own round trip, so a release is never
-    waited for and never missed."""
+    waited for and never missed.
+
+    A release posted to an event loop's pipeliner is *posted* there: it reaches Redis
+    before any command that loop queues after it, so that loop's own calls need not
+    carry it (with 64 callers in flight, carrying every posted release made each acquire
+    carry the other 63: a pipeline of n acquires sent n * n tokens). Every other caller
+    (the sync face, another loop) still carries it, and a posted release that fails goes
+    back to the tokens every call carries."""
 
     LIMIT = 1000  # past this many (Redis down a long time), the leases return them
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.by_key: dict[str, dict[str, float]] = {}
+        self.by_key: dict[str, dict[str, float]] = {}  # not posted: every call carries
+        # key -> pipeliner serial -> token -> released at
+        self.posted: dict[str, dict[int, dict[str, float]]] = {}
 
     def add(self, key: str, token: str) -> None:
         with self.lock:
@@ -1284,15 +1333,54 @@ class _Unsent:
             if len(tokens) > self.LIMIT:
                 del tokens[next(iter(tokens))]
 
-    def tokens(self, key: str, released_before: float | None = None) -> tuple[str, ...]:
-        """The unsent tokens of ``key`` (only those released before a time, if given)."""
+    def post(self, key: str, token: str, poster: int) -> None:
+        """``token``'s release is queued in pipeliner ``poster``: its calls skip it."""
+        with self.lock:
+            tokens = self.by_key.get(key)
+            at = None if tokens is None else tokens.pop(token, None)
+            if at is None:
+                return  # sent already (carried by a call in between)
+            if not tokens:
+                del self.by_key[key]
+            self.posted.setdefault(key, {}).setdefault(poster, {})[token] = at
+
+    def unpost(self, key: str, token: str, poster: int) -> None:
+        """The posted release did not reach Redis: every call carries it again."""
+        with self.lock:
+            groups = self.posted.get(key)
+            group = None if groups is None else groups.get(poster)
+            at = None if group is None else group.pop(token, None)
+            if at is None:
+                return
+            self._prune(key, poster)
+            tokens = self.by_key.setdefault(key, {})
+            tokens[token] = at
+            if len(tokens) > self.LIMIT:
+                del tokens[next(iter(tokens))]
+
+    def _prune(self, key: str, poster: int) -> None:
+        groups = self.posted[key]
+        if not groups[poster]:
+            del groups[poster]
+            if not groups:
+                del self.posted[key]
+
+    def tokens(
+        self, key: str, released_before: float | None = None, poster: int | None = None
+    ) -> tuple[str, ...]:
+        """The unsent tokens of ``key`` (only those released before a time, if given),
+        but those posted in pipeliner ``poster``, which reach Redis ahead of its calls."""
         tokens = self.by_key.get(key)
-        if not tokens:
+        groups = self.posted.get(key)
+        if not tokens and not groups:
             return ()
         with self.lock:
+            carried = [] if tokens is None else [tokens]
+            if groups:
+                carried += [group for owner, group in groups.items() if owner != poster]
             if released_before is None:
-                return tuple(tokens)
-            return tuple(t for t, at in tokens.items() if at < released_before)
+                return tuple(t for group in carried for t in group)
+            return tuple(t for group in carried for t, at in group.items() if at < released_before)
 
     def sent(self, key: str, tokens: tuple[str, ...]) -> None:
         """``tokens`` are out of the sorted set: forget them."""
@@ -1305,6 +1393,12 @@ class _Unsent:
                     held.pop(token, None)
                 if not held:
                     del self.by_key[key]
+            groups = self.posted.get(key)
+            if groups is not None:
+                for poster, group in list(groups.items()):
+                    for token in tokens:
+                        group.pop(token, None)
+                    self._prune(key, poster)
 
 
 _UNSENT = _Unsent()
@@ -1499,9 +1593,12 @@ class RedisBulkheadBinding(_RedisBinding):
             return None  # the fallback had no free slot either
         return lease
 
-    def _script(self, op: str, token: str) -> tuple[tuple[Any, ...], tuple[str, ...]]:
-        """The script arguments of ``op``, carrying this process's unsent releases."""
-        unsent = _UNSENT.tokens(self.key)
+    def _script(
+        self, op: str, token: str, poster: int | None = None
+    ) -> tuple[tuple[Any, ...], tuple[str, ...]]:
+        """The script arguments of ``op``, carrying this process's unsent releases (but
+        those posted in pipeliner ``poster``, which go out ahead of the call)."""
+        unsent = _UNSENT.tokens(self.key, poster=poster)
         return (op, self.limit, self.lease_us, token, *unsent), unsent
 
     def try_acquire(self) -> object | None:
@@ -1541,7 +1638,8 @@ class RedisBulkheadBinding(_RedisBinding):
         poll = _Poll(self, timeout)
         while True:
             cancels = _cancels()
-            args, unsent = self._script("acquire", poll.token)
+            # releases posted in this loop's pipeliner reach Redis ahead of this call
+            args, unsent = self._script("acquire", poll.token, self.conn.batcher().serial)
             try:
                 reply = await self.conn.arun(scripts.BULKHEAD, self.key, *args)
                 _UNSENT.sent(self.key, unsent)
@@ -1585,16 +1683,19 @@ class RedisBulkheadBinding(_RedisBinding):
         token = self._unsend(lease)
         if token is None:
             return
-        future = self.conn.post(scripts.BULKHEAD, self.key, "release", 0, 0, token)
-        future.add_done_callback(functools.partial(self._released, (token,)))
+        # one command for every release of this key posted to the same pipeline
+        future = self.conn.post(scripts.BULKHEAD, self.key, "release", 0, 0, token, merge=True)
+        poster = self.conn.batcher().serial  # the pipeliner post() queued it in
+        _UNSENT.post(self.key, token, poster)
+        future.add_done_callback(functools.partial(self._released, token, poster))
 
-    def _released(self, tokens: tuple[str, ...], future: asyncio.Future[Any]) -> None:
-        if future.cancelled():
+    def _released(self, token: str, poster: int, future: asyncio.Future[Any]) -> None:
+        exc = None if future.cancelled() else future.exception()
+        if exc is None and not future.cancelled():
+            _UNSENT.sent(self.key, (token,))
             return
-        exc = future.exception()
-        if exc is None:
-            _UNSENT.sent(self.key, tokens)
-        elif isinstance(exc, self.soft_errors):
+        _UNSENT.unpost(self.key, token, poster)  # every later call carries it
+        if isinstance(exc, self.soft_errors):
             self.gate.failed(exc)
 
     def in_use(self) -> int | None:
