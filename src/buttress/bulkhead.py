@@ -499,11 +499,14 @@ class Bulkhead(PermitGuard, Policy):
 
     def health_check(self) -> tuple[str, Any, str]:
         core = self._local  # the two properties, inlined: health() calls this per bulkhead
-        with self._lock:
-            if core is None:
-                in_flight, queued = self._in_flight, 0
-            else:
-                in_flight, queued = core.in_flight, len(core.waiters)
+        if core is not None and not core.waiters:  # nobody queued: one read, no lock
+            in_flight, queued = core.in_flight, 0
+        else:
+            with self._lock:
+                if core is None:
+                    in_flight, queued = self._in_flight, 0
+                else:
+                    in_flight, queued = core.in_flight, len(core.waiters)
         observed = {"in_flight": in_flight, "queued": queued}
         if in_flight >= self.max_concurrent:
             return "warn", observed, "bulkhead saturated: every slot is busy"

@@ -385,16 +385,21 @@ class LocalLimiter(BindingBase):
             raise
 
     def tokens(self, key: Hashable | None) -> float:
-        with self.lock:
-            bucket = self.unkeyed if key is None else self.queued.get(key)
-            tat = self.tats.get(key, float("-inf")) if bucket is None else bucket.tat
-            debt = tat - self.now()
+        if key is None:  # one attribute read, atomic: no lock (health() reads it per limiter)
+            debt = self.unkeyed.tat - self.now()
+        else:
+            with self.lock:
+                bucket = self.queued.get(key)
+                tat = self.tats.get(key, float("-inf")) if bucket is None else bucket.tat
+                debt = tat - self.now()
         if debt < 0:
             debt = 0.0
         return max(self.tolerance - debt, 0.0) / self.interval
 
     def waiting(self, key: Hashable | None) -> int:
         """Callers queued for ``key``'s bucket."""
+        if key is None and not self.unkeyed.waiters:  # nobody queued: one read, no lock
+            return 0
         with self.lock:
             bucket = self.unkeyed if key is None else self.queued.get(key)
             return 0 if bucket is None else len(bucket.waiters)
@@ -725,8 +730,6 @@ class RateLimiter(Policy):
         """Settings, tokens and counters (a keyed view reports its own key and bucket)."""
         tokens = self.tokens()
         owner = self._owner
-        with owner._lock:
-            rejected, waited = owner._rejected.value, owner._waited
         out: dict[str, Any] = {
             "kind": self.kind,
             "name": owner.name,
@@ -737,8 +740,8 @@ class RateLimiter(Policy):
             "tokens": round(tokens, 6),
             "waiting": self._waiting(),
             "admitted": owner._admitted.value,
-            "rejected": rejected,
-            "waited": waited,
+            "rejected": owner._rejected.value,  # counters: atomic reads, no lock
+            "waited": owner._waited,
             "keys": owner.keys,
             "evicted_early": owner.evicted_early,
         }
