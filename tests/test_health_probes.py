@@ -77,7 +77,8 @@ def test_an_open_critical_breaker_fails_health():
     """A critical failing check makes the whole report fail, and says it is critical."""
     clock = FakeClock()
     database = CircuitBreaker("database", clock=clock, critical=True)
-    CircuitBreaker("recommendations").open()
+    recommendations = CircuitBreaker("recommendations")  # held: registries hold primitives weakly
+    recommendations.open()
     database.open()
     report = buttress.health()
     assert report["status"] == "fail"
@@ -88,8 +89,8 @@ def test_an_open_critical_breaker_fails_health():
 
 def test_health_passes_when_everything_passes():
     """Nothing degraded: pass, with critical primitives flagged in their checks."""
-    CircuitBreaker("database", critical=True)
-    retry(attempts=2, name="fetch")
+    _database = CircuitBreaker("database", critical=True)  # held: registries hold primitives weakly
+    _fetch = retry(attempts=2, name="fetch")
     report = buttress.health()
     assert report["status"] == "pass"
     assert report["checks"]["database:circuit_breaker"][0]["critical"] is True
@@ -101,8 +102,10 @@ def test_health_passes_when_everything_passes():
 
 def test_readiness_ignores_primitives_that_are_not_critical():
     """Every non-critical breaker open: still ready (the herd stays in rotation)."""
-    for name in ("recommendations", "reviews", "ads"):
-        CircuitBreaker(name).open()
+    breakers = [CircuitBreaker(name) for name in ("recommendations", "reviews", "ads")]
+    for breaker in breakers:
+        breaker.open()
+    assert buttress.health()["status"] == "warn"
     assert buttress.readiness() == {"status": "pass", "checks": {}}
 
 
@@ -112,7 +115,8 @@ def test_readiness_follows_the_critical_primitives():
     database = CircuitBreaker(
         "database", failure_threshold=1, reset_timeout=5, clock=clock, critical=True
     )
-    CircuitBreaker("recommendations").open()
+    recommendations = CircuitBreaker("recommendations")  # held: registries hold primitives weakly
+    recommendations.open()
     assert buttress.readiness()["status"] == "pass"
 
     @database
@@ -151,7 +155,9 @@ def test_a_saturated_critical_bulkhead_warns_but_stays_ready():
 def test_drain_fails_readiness_until_resume():
     """drain() takes the process out of rotation; health and liveness are unchanged."""
     registry = Registry()
-    CircuitBreaker("database", registry=registry, critical=True)
+    _database = CircuitBreaker(
+        "database", registry=registry, critical=True
+    )  # held: registries hold primitives weakly
     assert registry.draining is False
     registry.drain()
     assert registry.draining is True
@@ -184,7 +190,8 @@ def test_a_collected_critical_primitive_leaves_readiness():
 
 def test_liveness_never_depends_on_a_primitive():
     """Critical breakers open, draining: liveness still passes."""
-    CircuitBreaker("database", critical=True).open()
+    database = CircuitBreaker("database", critical=True)  # held: registries hold primitives weakly
+    database.open()
     buttress.default_registry().drain()
     assert buttress.liveness() == {"status": "pass"}
     assert buttress.readiness()["status"] == "fail"
@@ -206,7 +213,8 @@ def _call(app: Any, method: str = "GET", path: str = "/") -> httpx.Response:
 def test_readiness_app_200_then_503_on_a_critical_failure():
     """The readiness endpoint: 200 while ready, 503 with the JSON report when not."""
     database = CircuitBreaker("database", critical=True)
-    CircuitBreaker("recommendations").open()
+    recommendations = CircuitBreaker("recommendations")  # held: registries hold primitives weakly
+    recommendations.open()
     ok = _call(readiness_app(), path="/readyz")
     assert ok.status_code == 200
     assert ok.headers["content-type"] == "application/health+json"
@@ -237,7 +245,8 @@ def test_readiness_app_503_while_draining():
 
 def test_liveness_app_always_200():
     """The liveness endpoint answers 200 pass whatever the primitives say."""
-    CircuitBreaker("database", critical=True).open()
+    database = CircuitBreaker("database", critical=True)  # held: registries hold primitives weakly
+    database.open()
     response = _call(liveness_app(), path="/livez")
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/health+json"
@@ -248,7 +257,8 @@ def test_liveness_app_always_200():
 
 def test_health_app_serves_degraded_as_200():
     """An open breaker that is not critical: health answers 200 with status warn."""
-    CircuitBreaker("recommendations").open()
+    recommendations = CircuitBreaker("recommendations")  # held: registries hold primitives weakly
+    recommendations.open()
     response = _call(health_app())
     assert response.status_code == 200
     assert response.json()["status"] == "warn"
@@ -257,7 +267,10 @@ def test_health_app_serves_degraded_as_200():
 def test_probe_apps_report_on_a_given_registry():
     """registry= pins readiness to that registry; a bad one is refused at once."""
     mine = Registry()
-    CircuitBreaker("private", registry=mine, critical=True).open()
+    private = CircuitBreaker(
+        "private", registry=mine, critical=True
+    )  # held: registries hold primitives weakly
+    private.open()
     assert _call(readiness_app(mine)).status_code == 503
     assert _call(readiness_app()).status_code == 200  # the default registry is fine
     with pytest.raises(TypeError, match="registry must be"):
@@ -265,3 +278,14 @@ def test_probe_apps_report_on_a_given_registry():
     with pytest.raises(TypeError, match="registry must be"):
         liveness_app("default")  # type: ignore[arg-type]
     assert repr(readiness_app()) == "<buttress readiness app>"
+
+
+def test_a_critical_saga_is_in_readiness():
+    """Saga takes critical= like every policy: its store check then counts for readiness."""
+    from buttress.saga import Saga
+
+    saga = Saga("checkout", critical=True)
+    assert saga.critical is True
+    assert list(buttress.readiness()["checks"]) == ["checkout:saga"]
+    with pytest.raises(ConfigTypeError, match="critical must be True or False"):
+        Saga("refund", critical="yes")  # type: ignore[arg-type]

@@ -122,6 +122,8 @@ class Saga(Policy):
         health_interval: seconds a ``health()`` answer about a durable store may be
             old (default 5): the store is queried at most that often, on a background
             thread (or by a recovery worker), never inside ``health()``.
+        critical: whether an unreachable store fails readiness (default ``False``: it
+            degrades ``health()`` to ``"warn"``), as for every policy.
     """
 
     kind = "saga"
@@ -139,11 +141,14 @@ class Saga(Policy):
         registry: Registry | None = None,
         clock: Clock | None = None,
         health_interval: float | timedelta = 5.0,
+        critical: bool = False,
     ) -> None:
         if check_name(name) is None:
             raise ConfigTypeError("a saga needs a name, got None")
         check_storable_name("name", name)
-        super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
+        super().__init__(
+            name=name, listeners=listeners, registry=registry, clock=clock, critical=critical
+        )
         self.name: str = name
         if store is not None and not isinstance(store, SagaStore):
             raise ConfigTypeError(
