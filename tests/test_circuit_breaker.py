@@ -257,7 +257,8 @@ def test_health_reflects_the_state(clock):
     breaker = CircuitBreaker("api", failure_threshold=1, reset_timeout=5, clock=clock)
     assert buttress.health()["status"] == "pass"
     breaker.acquire().failure(Boom())
-    assert buttress.health()["status"] == "fail"
+    assert buttress.health()["checks"]["api:circuit_breaker"][0]["status"] == "fail"
+    assert buttress.health()["status"] == "warn"  # not critical: degraded, not failing
     clock.advance(5)
     health = buttress.health()
     assert health["status"] == "warn"

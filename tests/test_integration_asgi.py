@@ -31,6 +31,8 @@ from buttress.integrations.asgi import (
     _retry_after_seconds,
     client_ip,
     health_app,
+    liveness_app,
+    readiness_app,
     state_app,
 )
 from buttress.testing import FakeClock
@@ -271,14 +273,21 @@ def test_middleware_validation():
 
 
 def test_health_app_200_then_503_with_health_json():
-    """Served alone by uvicorn (lifespan on): pass -> 200, an open breaker -> 503 fail."""
+    """Served alone by uvicorn (lifespan on): pass -> 200, an open breaker that is not
+    critical -> 200 warn (degraded), an open critical breaker -> 503 fail."""
     clock = FakeClock()
-    breaker = CircuitBreaker("payments", failure_threshold=1, clock=clock)
+    breaker = CircuitBreaker("payments", failure_threshold=1, clock=clock, critical=True)
+    optional = CircuitBreaker("recommendations", clock=clock)
     with serve(health_app(), lifespan="on") as url, httpx.Client() as http:
         ok = http.get(url + "/anything")
         assert ok.status_code == 200
         assert ok.headers["content-type"] == "application/health+json"
         assert ok.json()["status"] == "pass"
+        optional.open()
+        degraded = http.get(url)
+        assert degraded.status_code == 200
+        assert degraded.json()["status"] == "warn"
+        assert degraded.json()["checks"]["recommendations:circuit_breaker"][0]["status"] == "fail"
         breaker.open()
         failing = http.get(url)
         assert failing.status_code == 503
@@ -306,7 +315,7 @@ def test_state_app_serves_state_as_json():
 def test_apps_report_on_a_given_registry():
     """registry= pins the apps to one registry instead of the default one."""
     registry = buttress.Registry()
-    breaker = CircuitBreaker("private", registry=registry)
+    breaker = CircuitBreaker("private", registry=registry, critical=True)
     breaker.open()
 
     async def main() -> tuple[httpx.Response, httpx.Response]:
@@ -372,16 +381,21 @@ def test_mounted_in_starlette_over_http():
         routes=[
             Route("/", home),
             Route("/health", health_app()),
+            Route("/livez", liveness_app()),
+            Route("/readyz", readiness_app()),
             Mount("/ops", routes=[Mount("/state", state_app())]),
         ],
         middleware=[Middleware(LoadSheddingMiddleware, bulkhead=bulkhead)],
     )
-    breaker = CircuitBreaker("db", failure_threshold=1)
+    breaker = CircuitBreaker("db", failure_threshold=1, critical=True)
     with serve(app, lifespan="on") as url, httpx.Client(base_url=url) as http:
         assert http.get("/").text == "home"
         assert http.get("/health").status_code == 200
+        assert http.get("/readyz").status_code == 200
         breaker.open()
         assert http.get("/health").status_code == 503
+        assert http.get("/readyz").status_code == 503
+        assert http.get("/livez").status_code == 200
         state = http.get("/ops/state/")
         assert state.headers["content-type"] == "application/json"
         assert state.json()["circuit_breaker"]["db"]["state"] == "open"

@@ -373,7 +373,7 @@ def test_4xx_do_not_count_and_5xx_open_the_circuit(clock):
             http.get("/")
         assert isinstance(info.value, ButtressError)
         assert mock.calls == 12
-        assert buttress.health()["status"] == "fail"
+        assert buttress.health()["checks"]["api:api.example:circuit_breaker"][0]["status"] == "fail"
 
 
 def test_breakers_are_per_host(clock):

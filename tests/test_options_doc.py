@@ -18,7 +18,7 @@ from buttress.saga import Saga
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "options.md"
 
-COMMON = {"name", "listeners", "registry", "clock"}
+COMMON = {"name", "listeners", "registry", "clock", "critical"}
 
 BUILDERS: dict[str, tuple[Callable[..., Any], set[str]]] = {
     # label in the table -> (what builds it, parameters that are not options)
@@ -90,7 +90,7 @@ def test_the_table_lists_exactly_the_options_of_each_primitive(label):
 
 
 def test_the_common_options_are_documented_once():
-    """name, listeners, registry and clock have their own rows, for every primitive."""
+    """name, listeners, registry, clock and critical have their own rows, for every primitive."""
     assert {option for label, option, _ in rows() if label == "every primitive"} == COMMON
 
 

@@ -44,7 +44,8 @@ def test_health_has_the_ietf_shape():
     check = health["checks"]["payments:circuit_breaker"][0]
     assert {"componentId", "componentType", "observedValue", "status", "time"} <= set(check)
     breaker.open()
-    assert buttress.health()["status"] == "fail"
+    assert buttress.health()["status"] == "warn"  # degraded: the breaker is not critical
+    assert buttress.health()["checks"]["payments:circuit_breaker"][0]["status"] == "fail"
     json.dumps(buttress.health())
 
 
@@ -261,3 +262,19 @@ def test_cheaply_built_rejections_carry_what_the_constructor_would_set():
     assert str(limited) == "rate limiter 'api': no permit within the allowed wait (next in 60.000s)"
     for error in errors:
         assert not error.__dict__  # slots only: no instance dict was made
+
+
+def test_a_refilled_limiter_reports_exactly_its_burst():
+    """A full bucket reads as its burst exactly (no float residue from per / rate), in
+    snapshot() and in health(); a partly refilled one is rounded to 6 decimals."""
+    clock = FakeClock()
+    limiter = RateLimiter("odd", rate=3, per=0.7, burst=10, clock=clock)
+    assert limiter.snapshot()["tokens"] == 10.0
+    assert buttress.health()["checks"]["odd:rate_limiter"][0]["observedValue"] == {
+        "tokens": 10.0,
+        "waiting": 0,
+    }
+    assert limiter.try_acquire()
+    clock.advance(0.1)
+    tokens = limiter.snapshot()["tokens"]
+    assert 9.0 < tokens < 10.0 and tokens == round(tokens, 6)

@@ -50,6 +50,8 @@ from .rate_limiter import RateLimiter as RateLimiter
 from .registry import Registry as Registry
 from .registry import default_registry as default_registry
 from .registry import health as health
+from .registry import liveness as liveness
+from .registry import readiness as readiness
 from .registry import state as state
 from .retry import Retry as Retry
 from .retry import RetryBudget as RetryBudget
@@ -118,7 +120,9 @@ __all__ = [
     "fallback",
     "health",
     "hedge",
+    "liveness",
     "pipeline",
+    "readiness",
     "remaining",
     "retry",
     "state",

@@ -40,8 +40,8 @@ class Counter:
 
     @property
     def value(self) -> int:
-        if GIL_ENABLED:
-            return self._raw() - self._base
+        if GIL_ENABLED:  # _raw(), inlined: snapshots read two counters per primitive
+            return int(repr(self._count)[6:-1]) - self._base
         return self._value  # pragma: no cover
 
     def _raw(self) -> int:

@@ -18,9 +18,9 @@ from types import FunctionType, TracebackType
 from typing import Any, ClassVar, ParamSpec, TypedDict, TypeVar
 
 from . import events as _events
-from ._validate import check_decoratable, check_name
+from ._validate import check_bool, check_decoratable, check_name
 from .clock import Clock, resolve_clock
-from .exceptions import ConfigTypeError
+from .exceptions import ConfigTypeError, ConfigValueError
 from .registry import Registry, default_registry
 
 __all__ = ["ExcType", "Policy", "PolicyOptions", "Traceback", "is_async_callable"]
@@ -56,6 +56,7 @@ class PolicyOptions(TypedDict, total=False):
     listeners: Iterable[_events.Listener] | None
     registry: Registry | None
     clock: Clock | None
+    critical: bool
 
 
 class Policy:
@@ -71,6 +72,11 @@ class Policy:
         registry: the :class:`~buttress.Registry` to join instead of the default one.
         clock: the time source (default: the system clock; ``buttress.testing.FakeClock``
             in tests).
+        critical: whether this policy's failing health check takes the process out of
+            rotation: it fails :func:`~buttress.readiness` and makes :func:`~buttress.health`
+            ``"fail"``. Default ``False``: a failing check (an open breaker, say) only
+            degrades health to ``"warn"``. Needs ``name=`` (only named policies are
+            registered).
     """
 
     kind: ClassVar[str] = "policy"
@@ -82,8 +88,15 @@ class Policy:
         listeners: Iterable[_events.Listener] | None = None,
         registry: Registry | None = None,
         clock: Clock | None = None,
+        critical: bool = False,
     ) -> None:
         self.name: str | None = None if name is None else check_name(name)
+        self._critical = check_bool("critical", critical)
+        if critical and self.name is None:
+            raise ConfigValueError(
+                f"critical=True needs name=: readiness reads the registry, and only named "
+                f"{self.kind} policies join one"
+            )
         self._listeners: tuple[_events.Listener, ...] = (
             () if listeners is None else _events.check_listeners(listeners)
         )
@@ -101,6 +114,11 @@ class Policy:
         """Join the registry; subclasses call this once they are fully built."""
         if self._registry is not None:
             self._registry.register(self)
+
+    @property
+    def critical(self) -> bool:
+        """Whether this policy's failing health check fails readiness (``critical=``)."""
+        return self._critical
 
     @property
     def clock(self) -> Clock:

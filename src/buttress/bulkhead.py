@@ -477,21 +477,26 @@ class Bulkhead(PermitGuard, Policy):
         return self._accepted
 
     def snapshot(self) -> dict[str, Any]:
-        with self._lock:
+        # Each reading is atomic on its own; a snapshot taken during calls is a moment's
+        # reading either way, so no lock (state() takes one snapshot per primitive).
+        core = self._local
+        if core is not None and not core.waiters.items:
+            in_flight, queued = core.in_flight, 0
+        else:
             in_flight, queued = self.in_flight, self.queued
-            out: dict[str, Any] = {
-                "kind": self.kind,
-                "name": self.name,
-                "max_concurrent": self.max_concurrent,
-                "max_queue": self.max_queue,
-                "max_wait": self.max_wait,
-                "in_flight": in_flight,
-                "queued": queued,
-                "available": self.max_concurrent - in_flight,
-                "accepted": self._accepted_count(),
-                "rejected": self._rejected,
-                "timed_out": self._timed_out,
-            }
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "name": self.name,
+            "max_concurrent": self.max_concurrent,
+            "max_queue": self.max_queue,
+            "max_wait": self.max_wait,
+            "in_flight": in_flight,
+            "queued": queued,
+            "available": self.max_concurrent - in_flight,
+            "accepted": self._accepted_count(),
+            "rejected": self._rejected,
+            "timed_out": self._timed_out,
+        }
         if self._local is None:
             out["store"] = self.binding.snapshot()
             out["shared_in_flight"] = self.binding.in_use()
@@ -499,11 +504,14 @@ class Bulkhead(PermitGuard, Policy):
 
     def health_check(self) -> tuple[str, Any, str]:
         core = self._local  # the two properties, inlined: health() calls this per bulkhead
-        with self._lock:
-            if core is None:
-                in_flight, queued = self._in_flight, 0
-            else:
-                in_flight, queued = core.in_flight, len(core.waiters)
+        if core is not None and not core.waiters.items:  # nobody queued: no lock
+            in_flight, queued = core.in_flight, 0
+        else:
+            with self._lock:
+                if core is None:
+                    in_flight, queued = self._in_flight, 0
+                else:
+                    in_flight, queued = core.in_flight, len(core.waiters)
         observed = {"in_flight": in_flight, "queued": queued}
         if in_flight >= self.max_concurrent:
             return "warn", observed, "bulkhead saturated: every slot is busy"

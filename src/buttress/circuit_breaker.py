@@ -212,23 +212,30 @@ class LocalBreaker(BindingBase):
         self.settle(token, outcome)
 
     def status(self) -> BreakerStatus:
+        return BreakerStatus(*self.reading())
+
+    def reading(self) -> tuple[str, bool, float | None, int, int | None, int | None, int]:
+        """What :meth:`status` reports, as a plain tuple in the field order of
+        :class:`~buttress.backends.BreakerStatus` (``snapshot()`` reads it per breaker
+        without building the frozen object)."""
         with self.lock:
-            state = self.state
-            until: float | None = None
-            if state == OPEN and not self.forced:
-                until = max(self.half_open_at - self.now(), 0.0)
-                if until == 0.0:
-                    state = HALF_OPEN
-            ring = bool(self.ring)
-            return BreakerStatus(
-                state=state,
-                forced=self.forced,
-                seconds_until_half_open=until if state == OPEN else None,
-                consecutive_failures=self.consecutive,
-                window_calls=self.ring_len if ring else None,
-                window_failures=self.ring_failures if ring else None,
-                half_open_probes=self.probes,
-            )
+            state, forced, probes = self.state, self.forced, self.probes
+            consecutive, half_open_at = self.consecutive, self.half_open_at
+            calls, failed = (self.ring_len, self.ring_failures) if self.ring else (None, None)
+        until: float | None = None
+        if state == OPEN and not forced:
+            until = half_open_at - self.now()
+            if until <= 0.0:
+                state, until = HALF_OPEN, None
+        return state, forced, until, consecutive, calls, failed, probes
+
+    def current_state(self) -> str:
+        """The state as :meth:`status` reads it, without the lock: one attribute read
+        (an open circuit's deadline is written before its state, see :meth:`refusal`)."""
+        state = self.state
+        if state == OPEN and not self.forced and self.half_open_at <= self.now():
+            return HALF_OPEN
+        return state
 
     def force(self, state: Literal["open", "closed", "half_open"]) -> None:
         with self.lock:
@@ -725,42 +732,44 @@ class CircuitBreaker(PermitGuard, Policy):
     # -- state views ------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        status = self.binding.status()
-        with self._lock:
-            successes = self._fast_successes.value
-            counts = {
-                "calls": successes + self._failures + self._neutral,
-                "successes": successes,
-                "failures": self._failures,
-                "slow_calls": self._slow_calls,
-                "deadline_failures": self._deadline_failures,
-                "neutral": self._neutral,
-                "rejections": self._rejections.value,
-            }
-        window = status.window_calls
+        core = self._local
+        if core is not None:  # in process: a plain tuple, no status object per call
+            state, forced, until, consecutive, window, failed, probes = core.reading()
+        else:
+            status = self.binding.status()
+            state, forced, until = status.state, status.forced, status.seconds_until_half_open
+            consecutive, probes = status.consecutive_failures, status.half_open_probes
+            window, failed = status.window_calls, status.window_failures
+        # Counters: each an atomic read, so no lock (a snapshot taken during calls is a
+        # moment's reading either way).
+        successes = self._fast_successes.value
+        failures, neutral = self._failures, self._neutral
         out: dict[str, Any] = {
             "kind": self.kind,
             "name": self.name,
-            "state": status.state,
-            "forced": status.forced,
+            "state": state,
+            "forced": forced,
             "mode": "consecutive" if self.failure_rate is None else "failure_rate",
-            "consecutive_failures": status.consecutive_failures,
-            "failure_rate": (
-                status.window_failures / window
-                if window and status.window_failures is not None
-                else None
-            ),
+            "consecutive_failures": consecutive,
+            "failure_rate": failed / window if window and failed is not None else None,
             "window_calls": window,
-            **counts,
-            "half_open_probes": status.half_open_probes,
-            "seconds_until_half_open": status.seconds_until_half_open,
+            "calls": successes + failures + neutral,
+            "successes": successes,
+            "failures": failures,
+            "slow_calls": self._slow_calls,
+            "deadline_failures": self._deadline_failures,
+            "neutral": neutral,
+            "rejections": self._rejections.value,
+            "half_open_probes": probes,
+            "seconds_until_half_open": until,
         }
-        if self._local is None:
+        if core is None:
             out["store"] = self.binding.snapshot()
         return out
 
     def health_check(self) -> tuple[str, Any, str]:
-        state = self.state
+        core = self._local  # health() calls this per breaker: no lock, no status object
+        state = core.current_state() if core is not None else self.state
         if state == OPEN:
             return "fail", state, "circuit open: calls are rejected"
         if state == HALF_OPEN:

@@ -385,24 +385,28 @@ class LocalLimiter(BindingBase):
             raise
 
     def tokens(self, key: Hashable | None) -> float:
-        with self.lock:
-            bucket = self.unkeyed if key is None else self.queued.get(key)
-            tat = self.tats.get(key, float("-inf")) if bucket is None else bucket.tat
-            debt = tat - self.now()
-        if debt < 0:
-            debt = 0.0
+        if key is None:  # one attribute read, atomic: no lock (health() reads it per limiter)
+            debt = self.unkeyed.tat - self.now()
+        else:
+            with self.lock:
+                bucket = self.queued.get(key)
+                tat = self.tats.get(key, float("-inf")) if bucket is None else bucket.tat
+                debt = tat - self.now()
+        if debt <= 0:  # refilled: exactly the burst (tolerance / interval may be off by an ulp)
+            return float(self.burst)
         return max(self.tolerance - debt, 0.0) / self.interval
 
     def waiting(self, key: Hashable | None) -> int:
         """Callers queued for ``key``'s bucket."""
+        if key is None and not self.unkeyed.waiters.items:  # nobody queued: no lock
+            return 0
         with self.lock:
             bucket = self.unkeyed if key is None else self.queued.get(key)
             return 0 if bucket is None else len(bucket.waiters)
 
     def keys(self) -> int:
-        """Live keyed buckets."""
-        with self.lock:
-            return len(self.tats) + len(self.queued)
+        """Live keyed buckets (two lengths, each read atomically: no lock)."""
+        return len(self.tats) + len(self.queued)
 
     def snapshot(self) -> dict[str, Any]:
         return {}
@@ -732,8 +736,6 @@ class RateLimiter(Policy):
         """Settings, tokens and counters (a keyed view reports its own key and bucket)."""
         tokens = self.tokens()
         owner = self._owner
-        with owner._lock:
-            rejected, waited = owner._rejected.value, owner._waited
         out: dict[str, Any] = {
             "kind": self.kind,
             "name": owner.name,
@@ -741,11 +743,11 @@ class RateLimiter(Policy):
             "per": self.per,
             "burst": self.burst,
             "max_wait": self.max_wait,
-            "tokens": round(tokens, 6),
+            "tokens": _rounded(tokens),
             "waiting": self._waiting(),
             "admitted": owner._admitted.value,
-            "rejected": rejected,
-            "waited": waited,
+            "rejected": owner._rejected.value,  # counters: atomic reads, no lock
+            "waited": owner._waited,
             "keys": owner.keys,
             "evicted_early": owner.evicted_early,
         }
@@ -756,14 +758,23 @@ class RateLimiter(Policy):
         return out
 
     def health_check(self) -> tuple[str, Any, str]:
-        tokens = self.tokens()
-        waiting = self._waiting()
-        observed = {"tokens": round(tokens, 6), "waiting": waiting}
+        local, key = self._local, self._key
+        if local is not None:  # in process: the bucket's own readings, two calls fewer
+            tokens, waiting = local.tokens(key), local.waiting(key)
+        else:
+            tokens, waiting = self.tokens(), 0
+        observed = {"tokens": _rounded(tokens), "waiting": waiting}
         # Saturated means demand exceeds the rate: callers are queued. An empty bucket
         # alone is normal between evenly spaced admissions (burst=1).
         if waiting:
             return "warn", observed, "rate limiter saturated: callers are queued"
         return "pass", observed, ""
+
+
+def _rounded(tokens: float) -> float:
+    """``tokens`` to 6 decimals for a report; a whole number (a full bucket) as it is,
+    since ``round`` with digits formats the float: the costliest step of a check."""
+    return tokens if tokens.is_integer() else round(tokens, 6)
 
 
 def _read_through(self: Any, attr: str) -> Any:

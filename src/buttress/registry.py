@@ -1,9 +1,18 @@
 """Named primitives, and the health and state views built from them.
 
 Every primitive built with ``name=`` registers itself in a :class:`Registry`
-(the default one unless ``registry=`` says otherwise). :func:`health` and
-:func:`state` are plain callables returning JSON-ready dicts, so any web
-framework can serve them.
+(the default one unless ``registry=`` says otherwise). :func:`health`,
+:func:`readiness`, :func:`liveness` and :func:`state` are plain callables returning
+JSON-ready dicts, so any web framework can serve them.
+
+Three questions, three answers:
+
+- :func:`liveness`: is this process alive? Always ``"pass"``: it never reads a
+  primitive, so no dependency can get the process restarted.
+- :func:`readiness`: should this process receive traffic? ``"fail"`` only when a
+  primitive built with ``critical=True`` fails its check, or the registry is draining.
+- :func:`health`: is anything degraded? Every check; a failing critical check makes it
+  ``"fail"``, any other failing or warning check ``"warn"``.
 """
 
 from __future__ import annotations
@@ -20,12 +29,11 @@ from .exceptions import ConfigTypeError, DuplicateNameError
 if TYPE_CHECKING:
     from ._policy import Policy
 
-__all__ = ["Registry", "default_registry", "health", "state"]
+__all__ = ["Registry", "default_registry", "health", "liveness", "readiness", "state"]
 
-_RANK = {"pass": 0, "warn": 1, "fail": 2}
-
-# A registry entry: (kind, name), the health-check name "name:kind", a weak reference.
-_Entry = tuple[tuple[str, str], str, "weakref.ref[Policy]"]
+# A registry entry: (kind, name), the health-check name "name:kind", a weak reference,
+# and whether the primitive is critical for readiness.
+_Entry = tuple[tuple[str, str], str, "weakref.ref[Policy]", bool]
 
 
 def _entry_key(entry: _Entry) -> tuple[str, str]:
@@ -56,6 +64,7 @@ class Registry:
         self._entries: list[_Entry] = []
         self._sorted = True
         self._shared = False  # handed to a reader: copy before changing it
+        self._draining = False
 
     def register(self, primitive: Policy) -> None:
         name = primitive.name
@@ -71,7 +80,9 @@ class Registry:
                 )
             self._items[key] = primitive
             if existing is None:
-                self._own().append((key, f"{name}:{primitive.kind}", weakref.ref(primitive)))
+                label = f"{name}:{primitive.kind}"
+                entry = (key, label, weakref.ref(primitive), bool(primitive.critical))
+                self._own().append(entry)
                 self._sorted = False
 
     def unregister(self, primitive: Policy) -> None:
@@ -137,7 +148,7 @@ class Registry:
 
     def __iter__(self) -> Iterator[Policy]:
         entries, live = self._read(), []
-        for _, _, ref in entries:
+        for _, _, ref, _ in entries:
             primitive = ref()
             if primitive is not None:
                 live.append(primitive)
@@ -161,7 +172,7 @@ class Registry:
         group: dict[str, Any] = {}
         kind = None
         entries, dead = self._read(), 0
-        for key, _, ref in entries:
+        for key, _, ref, _ in entries:
             primitive = ref()
             if primitive is None:
                 dead += 1
@@ -176,14 +187,66 @@ class Registry:
     def health(self) -> dict[str, Any]:
         """Health in the shape of the IETF health-check response draft.
 
-        ``status`` is the worst of the checks: an open breaker fails, a half-open
-        breaker or a saturated bulkhead or limiter warns.
+        Every primitive has a check: an open breaker fails, a half-open breaker or a
+        saturated bulkhead or limiter warns. ``status`` is ``"fail"`` when a *critical*
+        primitive fails; any other failing or warning check makes it ``"warn"``
+        (degraded: still serving); else ``"pass"``.
         """
+        checks, failed, degraded = self._checks(critical_only=False)
+        status = "fail" if failed else "warn" if degraded else "pass"
+        return {"status": status, "checks": checks}
+
+    def readiness(self) -> dict[str, Any]:
+        """Whether this process should receive traffic, in the shape of :meth:`health`.
+
+        ``checks`` holds the critical primitives only (``critical=True``); ``status`` is
+        ``"fail"`` when one of them fails or while the registry is :meth:`drain`-ing
+        (then ``output`` says so), ``"warn"`` when one of them warns, else ``"pass"``.
+        A failing primitive that is not critical never fails readiness.
+        """
+        checks, failed, degraded = self._checks(critical_only=True)
+        report: dict[str, Any] = {
+            "status": "fail" if failed or self._draining else "warn" if degraded else "pass",
+            "checks": checks,
+        }
+        if self._draining:
+            report["output"] = "draining: shutting down, send no new traffic"
+        return report
+
+    def liveness(self) -> dict[str, Any]:
+        """Whether this process is alive: always ``{"status": "pass"}``.
+
+        It reads no primitive on purpose: an answer at all is the signal. A restart
+        cures a wedged process, never a failing dependency, so no dependency (and no
+        critical primitive) may fail liveness.
+        """
+        return {"status": "pass"}
+
+    def drain(self) -> None:
+        """Fail :meth:`readiness` from now on (graceful shutdown: the load balancer stops
+        sending new requests while those in flight finish); :meth:`health` and
+        :meth:`liveness` are unchanged."""
+        self._draining = True
+
+    def resume(self) -> None:
+        """Stop draining: :meth:`readiness` reports the critical checks again."""
+        self._draining = False
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`drain` was called (and not :meth:`resume` since)."""
+        return self._draining
+
+    def _checks(self, *, critical_only: bool) -> tuple[dict[str, list[dict[str, Any]]], bool, bool]:
+        """The checks of the members (the critical ones only, if asked), and whether a
+        critical one failed and whether any other one is not ``"pass"``."""
         checks: dict[str, list[dict[str, Any]]] = {}
-        worst = "pass"
+        failed = degraded = False
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         entries, dead = self._read(), 0
-        for key, label, ref in entries:
+        for key, label, ref, critical in entries:
+            if critical_only and not critical:
+                continue
             primitive = ref()
             if primitive is None:
                 dead += 1
@@ -199,10 +262,17 @@ class Registry:
             if output:
                 entry["output"] = output
             checks[label] = [entry]
-            if status != "pass" and _RANK[status] > _RANK[worst]:
-                worst = status
-        self._tidy(entries, dead)
-        return {"status": worst, "checks": checks}
+            if critical:
+                entry["critical"] = True
+                if status == "fail":
+                    failed = True
+                elif status != "pass":
+                    degraded = True
+            elif status != "pass":
+                degraded = True
+        if not critical_only:  # a partial walk cannot tell the share of dead entries
+            self._tidy(entries, dead)
+        return checks, failed, degraded
 
 
 class _Default:
@@ -228,8 +298,20 @@ def set_default_registry(registry: Registry) -> Registry:
 
 
 def health() -> dict[str, Any]:
-    """Health of every primitive in the default registry (IETF health-check shape)."""
+    """Health of every primitive in the default registry (IETF health-check shape):
+    ``"fail"`` when a critical primitive fails, ``"warn"`` when anything is degraded."""
     return _default.registry.health()
+
+
+def readiness() -> dict[str, Any]:
+    """Whether this process should receive traffic: :meth:`Registry.readiness` of the
+    default registry."""
+    return _default.registry.readiness()
+
+
+def liveness() -> dict[str, Any]:
+    """Whether this process is alive: :meth:`Registry.liveness` (always ``"pass"``)."""
+    return _default.registry.liveness()
 
 
 def state() -> dict[str, Any]:

@@ -37,6 +37,13 @@ assert_type(parse("x", strict=True), int)
 assert_type(risky(), int)
 assert_type(buttress.remaining(), float | None)
 assert_type(buttress.health(), dict[str, Any])
+assert_type(buttress.readiness(), dict[str, Any])
+assert_type(buttress.liveness(), dict[str, Any])
+_database = buttress.CircuitBreaker("database", critical=True)
+assert_type(_database.critical, bool)
+buttress.default_registry().drain()
+assert_type(buttress.default_registry().draining, bool)
+buttress.default_registry().resume()
 
 
 @buttress.debounce(0.5)
@@ -146,7 +153,14 @@ def cached_method_usage(repo: UserRepo) -> None:
 def integrations() -> None:
     import httpx
 
-    from buttress.integrations.asgi import ASGIApp, LoadSheddingMiddleware, health_app, state_app
+    from buttress.integrations.asgi import (
+        ASGIApp,
+        LoadSheddingMiddleware,
+        health_app,
+        liveness_app,
+        readiness_app,
+        state_app,
+    )
     from buttress.integrations.httpx import AsyncResilientTransport, ResilientTransport
 
     transport = ResilientTransport(name="api", breaker={"failure_threshold": 3})
@@ -154,6 +168,8 @@ def integrations() -> None:
     assert_type(transport.breakers, dict[str, buttress.CircuitBreaker])
     assert_type(AsyncResilientTransport(retry=None).retry_after(httpx.Response(429)), float | None)
     assert_type(health_app(), ASGIApp)
+    assert_type(readiness_app(), ASGIApp)
+    assert_type(liveness_app(buttress.Registry()), ASGIApp)
     assert_type(LoadSheddingMiddleware(state_app(), key="header:x-api-key").app, ASGIApp)
 
 

@@ -7,6 +7,9 @@
   busy gets ``503 Service Unavailable``. Neither reaches the application.
 - :func:`health_app` serves :func:`buttress.health` (``application/health+json``,
   ``503`` when the status is ``fail``) and :func:`state_app` serves :func:`buttress.state`.
+- :func:`liveness_app` and :func:`readiness_app` serve :func:`buttress.liveness` and
+  :func:`buttress.readiness` for Kubernetes liveness and readiness probes (``200`` or
+  ``503``).
 
 No framework is imported: the same objects work under Starlette, FastAPI, Quart,
 Litestar or a bare ASGI server.
@@ -39,6 +42,8 @@ __all__ = [
     "Send",
     "client_ip",
     "health_app",
+    "liveness_app",
+    "readiness_app",
     "state_app",
 ]
 
@@ -262,18 +267,27 @@ class _ReportApp:
             )
             return
         registry = self.registry if self.registry is not None else default_registry()
-        # Off the event loop: a primitive on a shared store answers health() and state()
-        # with a round trip, which must not stall every other request while it lasts.
-        status, content_type, report = await asyncio.to_thread(self.report, registry)
+        if self.what == "liveness":
+            # Answered on the loop, reading nothing: that the loop answers is the signal.
+            status, content_type, report = self.report(registry)
+        else:
+            # Off the event loop: a primitive on a shared store answers health() and
+            # state() with a round trip, which must not stall every other request.
+            status, content_type, report = await asyncio.to_thread(self.report, registry)
         body = json.dumps(report, default=str, separators=(",", ":")).encode("utf-8")
         await _respond(send, status, body, content_type, head=method == "HEAD")
 
     def report(self, registry: Registry) -> tuple[int, bytes, dict[str, Any]]:
+        if self.what == "state":
+            return 200, b"application/json", registry.state()
         if self.what == "health":
-            health = registry.health()
-            status = 503 if health["status"] == "fail" else 200
-            return status, b"application/health+json", health
-        return 200, b"application/json", registry.state()
+            report = registry.health()
+        elif self.what == "readiness":
+            report = registry.readiness()
+        else:
+            report = registry.liveness()
+        status = 503 if report["status"] == "fail" else 200
+        return status, b"application/health+json", report
 
     def __repr__(self) -> str:
         return f"<buttress {self.what} app>"
@@ -282,9 +296,10 @@ class _ReportApp:
 def health_app(registry: Registry | None = None) -> ASGIApp:
     """An ASGI app serving :func:`buttress.health` as ``application/health+json``.
 
-    ``200`` when the status is ``pass`` or ``warn``, ``503`` when it is ``fail`` (so a
-    load balancer takes the instance out of rotation). Answers ``GET`` and ``HEAD`` on
-    any path: mount it where you like.
+    ``200`` when the status is ``pass`` or ``warn`` (degraded: an open breaker that is
+    not ``critical``), ``503`` when it is ``fail`` (a critical primitive fails). For
+    probes, prefer :func:`readiness_app` and :func:`liveness_app`. Answers ``GET`` and
+    ``HEAD`` on any path: mount it where you like.
 
     Args:
         registry: the registry to report on (default: the default registry, looked up
@@ -301,3 +316,35 @@ def state_app(registry: Registry | None = None) -> ASGIApp:
             on every request).
     """
     return _ReportApp(registry, "state")
+
+
+def readiness_app(registry: Registry | None = None) -> ASGIApp:
+    """An ASGI app serving :func:`buttress.readiness` as ``application/health+json``: the
+    endpoint for a Kubernetes readiness probe (or a load balancer's health check).
+
+    ``503`` when a primitive built with ``critical=True`` fails its check or the
+    registry is draining (:meth:`~buttress.Registry.drain`), else ``200``. An open
+    breaker that is not critical never fails it: every replica sees the same upstream
+    down, and failing them all at once would take the whole service out of rotation.
+    Answers ``GET`` and ``HEAD`` on any path.
+
+    Args:
+        registry: the registry to report on (default: the default registry, looked up
+            on every request).
+    """
+    return _ReportApp(registry, "readiness")
+
+
+def liveness_app(registry: Registry | None = None) -> ASGIApp:
+    """An ASGI app serving :func:`buttress.liveness` (always ``200`` with
+    ``{"status": "pass"}``): the endpoint for a Kubernetes liveness probe.
+
+    It reads no primitive, so no dependency can fail it and get the process restarted;
+    it is answered on the event loop, so a loop blocked for longer than the probe's
+    timeout does fail it. Answers ``GET`` and ``HEAD`` on any path.
+
+    Args:
+        registry: accepted for symmetry with the other apps (liveness reads nothing
+            from it).
+    """
+    return _ReportApp(registry, "liveness")

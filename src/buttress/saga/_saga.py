@@ -162,6 +162,8 @@ class Saga(Policy):
             ``None``: never park).
         poll_interval: seconds between two looks at the store by a wait in this
             process (a signal sent from this process wakes it at once; default 1).
+        critical: whether an unreachable store fails readiness (default ``False``: it
+            degrades ``health()`` to ``"warn"``), as for every policy.
     """
 
     kind = "saga"
@@ -183,11 +185,14 @@ class Saga(Policy):
         previous: Iterable[Saga] = (),
         park_after: float | timedelta | None = 60.0,
         poll_interval: float | timedelta = 1.0,
+        critical: bool = False,
     ) -> None:
         if check_name(name) is None:
             raise ConfigTypeError("a saga needs a name, got None")
         check_storable_name("name", name)
-        super().__init__(name=name, listeners=listeners, registry=registry, clock=clock)
+        super().__init__(
+            name=name, listeners=listeners, registry=registry, clock=clock, critical=critical
+        )
         self.name: str = name
         if store is not None and not isinstance(store, SagaStore):
             raise ConfigTypeError(
