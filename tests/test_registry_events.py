@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import pickle
 
 import pytest
 
@@ -278,3 +280,30 @@ def test_a_refilled_limiter_reports_exactly_its_burst():
     clock.advance(0.1)
     tokens = limiter.snapshot()["tokens"]
     assert 9.0 < tokens < 10.0 and tokens == round(tokens, 6)
+
+
+def test_events_are_built_frozen_and_of_their_own_class():
+    """An event built by its constructor is exactly of its class, equal to one built
+    again from its fields, frozen, and picklable; a plain subclass's instances keep the
+    subclass, and defaults fill the fields not given."""
+    error = ValueError("down")
+    event = events.RetryScheduled("retry", "db", 1.0, 2, 0.5, error)
+    assert type(event) is events.RetryScheduled
+    assert (event.attempt, event.delay, event.error, event.result, event.kwargs) == (
+        2,
+        0.5,
+        error,
+        None,
+        None,
+    )
+    assert event == dataclasses.replace(event)
+    assert pickle.loads(pickle.dumps(events.CallRejected("bulkhead", None, 1.0, "full", None)))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.attempt = 3  # type: ignore[misc]
+
+    class Mine(events.CallRejected):
+        __slots__ = ()
+
+    mine = Mine("bulkhead", "pool", 2.0, "bulkhead_full", None)
+    assert type(mine) is Mine
+    assert (mine.name, mine.reason, mine.retry_after) == ("pool", "bulkhead_full", None)

@@ -835,3 +835,64 @@ def test_events_carry_no_arguments_by_default(face, flaky, clock):
     assert captured and all((e.elapsed, e.args, e.kwargs) == (None, None, None) for e in captured)
     with pytest.raises(buttress.ConfigTypeError, match="event_details"):
         retry(3, event_details=1)  # type: ignore[arg-type]
+
+
+def test_a_predicate_is_asked_about_every_error_not_once_per_class(clock):
+    """Verdicts are remembered per class only when `on` has no predicate: a predicate
+    that looks at the instance is asked again for each error of the same class."""
+    errors = [Transient("again"), Transient("stop"), Transient("again")]
+    policy = retry(3, on=lambda e: e.args == ("again",), backoff=[0], clock=clock)
+    calls = 0
+
+    @policy
+    def sometimes() -> None:
+        nonlocal calls
+        calls += 1
+        raise errors.pop(0)
+
+    with pytest.raises(Transient, match="stop"):
+        sometimes()
+    assert calls == 2
+    errors[:] = [Transient("stop")]
+    with pytest.raises(Transient, match="stop"):
+        sometimes()
+    assert calls == 3
+
+
+def test_class_verdicts_stay_exact_across_calls(clock):
+    """A policy that has already retried one class still refuses other classes (and
+    subclasses of a refused class stay refused)."""
+    policy = retry(3, on=Transient, backoff=[0], clock=clock)
+    for error, expected_calls in [(Transient(), 3), (Fatal(), 1), (Transient(), 3)]:
+        behaviour = _always(error)
+        with pytest.raises(type(error)):
+            policy(behaviour)()
+        assert behaviour.calls == expected_calls
+
+
+def test_a_zero_delay_never_retries_past_an_expired_enclosing_timeout(clock):
+    """With backoff [0] inside a timeout whose deadline has passed, the retry gives up
+    at once (deadline exhausted) rather than attempt again."""
+    behaviour = _always(Transient())
+
+    def slow_then_failing() -> None:
+        clock.advance(5.0)
+        behaviour()
+
+    inner = retry(5, backoff=[0], clock=clock)(slow_then_failing)
+    with pytest.raises(Transient) as info:
+        buttress.timeout(1.0, clock=clock)(inner)()
+    assert behaviour.calls == 1
+    assert info.value.__notes__ == ["buttress: gave up after 1 attempt(s) (deadline exhausted)"]
+
+
+class _always:
+    """A function that raises ``error`` on every call and counts them."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        raise self.error

@@ -10,9 +10,13 @@ from contextvars import ContextVar, Token
 
 from .clock import Clock
 
-__all__ = ["remaining", "reset_deadline", "set_deadline"]
+__all__ = ["ambient", "remaining", "reset_deadline", "set_deadline"]
 
 _deadline: ContextVar[tuple[float, Clock] | None] = ContextVar("buttress_deadline", default=None)
+
+ambient = _deadline.get
+"""The innermost enclosing deadline as ``(deadline, clock)``, or ``None``: what
+:func:`remaining` reads, for the hot paths that cannot afford a Python call per use."""
 
 
 def remaining() -> float | None:

@@ -582,13 +582,34 @@ class RunCancelled(SagaEvent):
 
 
 def _cheap_init(cls: type[Event]) -> None:
-    """Give a frozen event class an ``__init__`` that stores each field through its slot
-    descriptor, with the same signature: the dataclass one goes through
-    ``object.__setattr__`` per field, which doubles what building an event costs, and an
-    event is built for every rejection, retry and transition while anyone listens."""
+    """Give a frozen event class a cheaper ``__init__`` with the same signature.
+
+    A frozen class refuses attribute stores (its ``__setattr__`` raises), so the
+    dataclass ``__init__`` stores each field through ``object.__setattr__``: one slow
+    call per field, most of what building an event costs, and an event is built for
+    every rejection, retry and transition while anyone listens. This one makes the new
+    instance, for the time of ``__init__``, an instance of a mutable twin of ``cls``
+    (a subclass adding no slots, so the memory layout is the same), stores the fields
+    with plain attribute stores, and gives it back its class: two slow calls instead
+    of one per field. Only the instance being built is ever seen as the twin. A
+    subclass of the event class (whose instances must keep their own class) gets the
+    fields stored through the slots' descriptors instead.
+    """
+    mutable = type(
+        cls.__name__,
+        (cls,),
+        {
+            "__slots__": (),
+            "__setattr__": object.__setattr__,
+            "__delattr__": object.__delattr__,
+            "__module__": cls.__module__,
+            "__qualname__": f"{cls.__qualname__}.<mutable while built>",
+        },
+    )
+    env: dict[str, object] = {"_cls": cls, "_mutable": mutable, "_osa": object.__setattr__}
     params: list[str] = []
-    lines: list[str] = []
-    env: dict[str, object] = {}
+    plain: list[str] = []
+    slow: list[str] = []
     for field in fields(cls):
         env[f"_set_{field.name}"] = getattr(cls, field.name).__set__
         if field.default is MISSING:
@@ -596,10 +617,16 @@ def _cheap_init(cls: type[Event]) -> None:
         else:
             env[f"_default_{field.name}"] = field.default
             params.append(f"{field.name}=_default_{field.name}")
-        lines.append(f"        _set_{field.name}(self, {field.name})")
+        plain.append(f"            self.{field.name} = {field.name}")
+        slow.append(f"            _set_{field.name}(self, {field.name})")
     source = (
         f"def _make({', '.join(env)}):\n"
-        f"    def __init__(self, {', '.join(params)}):\n" + "\n".join(lines) + "\n"
+        f"    def __init__(self, {', '.join(params)}):\n"
+        "        if type(self) is _cls:\n"
+        "            _osa(self, '__class__', _mutable)\n"
+        + "\n".join(plain)
+        + "\n            self.__class__ = _cls\n"
+        "        else:\n" + "\n".join(slow) + "\n"
         "    return __init__\n"
     )
     namespace: dict[str, Any] = {}

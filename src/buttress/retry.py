@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from . import events as _events
 from ._config import config
 from ._counter import Counter
-from ._deadline import remaining
+from ._deadline import ambient, remaining
 from ._generators import NO_SESSION, NOTHING, Session, async_driver, delegate
 from ._policy import ExcType, Policy, PolicyOptions, Traceback
 from ._validate import (
@@ -70,6 +70,14 @@ else:  # pragma: no cover - Python 3.10
 _EXHAUSTED = {"attempts": "attempts", "deadline": "deadline", "budget": "retry budget"}
 # The give-up notes already made, by (attempts, reason): one is added per failed call.
 _NOTES: dict[tuple[int, str], str] = {}
+
+
+def _gave_up_note(attempts: int, reason: str) -> str:
+    return f"buttress: gave up after {attempts} attempt(s) ({_EXHAUSTED[reason]} exhausted)"
+
+
+# At most this many exception classes' verdicts are kept per policy (see on_error).
+_VERDICTS = 64
 # Errors that `on=` alone does not decide (see RetryState.on_error).
 _SPECIAL = (TryAgain, Permanent, CircuitOpenError)
 
@@ -234,6 +242,9 @@ class RetryState:
         return attempts
 
     def _draw(self) -> float:
+        delay = self.policy._constant_delay
+        if delay is not None:
+            return delay
         if self.delays is None:
             self.delays = iter(self.policy.backoff)
         delay = next(self.delays, None)
@@ -251,20 +262,78 @@ class RetryState:
         # says, and neither is an error its raiser declared Permanent. TryAgain always is:
         # the function asked for another attempt. The common case (an ordinary error) is
         # answered by one isinstance against `on`'s classes.
-        if not isinstance(exc, Exception):
-            retryable = False
-        elif isinstance(exc, _SPECIAL):
-            retryable = isinstance(exc, TryAgain) or (
-                not isinstance(exc, Permanent) and policy._retryable(exc)
-            )
-        else:
-            on = policy.on
-            retryable = isinstance(exc, on.types) or (bool(on.predicates) and on(exc))
+        # Without predicates in `on`, the answer depends on the error's class alone: it is
+        # kept per class (a few classes fail in practice; the table is bounded).
+        verdicts = policy._verdicts
+        retryable = None if verdicts is None else verdicts.get(type(exc))
+        if retryable is None:
+            if not isinstance(exc, Exception):
+                retryable = False
+            elif isinstance(exc, _SPECIAL):
+                retryable = isinstance(exc, TryAgain) or (
+                    not isinstance(exc, Permanent) and policy._retryable(exc)
+                )
+            else:
+                on = policy.on
+                retryable = isinstance(exc, on.types) or (bool(on.predicates) and on(exc))
+            if verdicts is not None and len(verdicts) < _VERDICTS:
+                verdicts[type(exc)] = retryable
         if not retryable:
             if self.attempt > 1:
                 _add_note(exc, f"buttress: not retryable, raised on attempt {self.attempt}")
             return None
-        return self._next(exc, None, getattr(exc, "retry_after", None))
+        retry_after = getattr(exc, "retry_after", None)
+        if (
+            retry_after is not None
+            or config.testing
+            or policy.deadline is not None
+            or policy.budget is not None
+        ):
+            return self._next(exc, None, retry_after)
+        # What _next() does, specialised for the common case (no retry_after hint, no
+        # deadline or budget of the policy's own, no testing switch) and kept in this one
+        # frame: during an outage every attempt of every call comes through here.
+        attempts = policy.max_attempts
+        local = policy._listeners
+        if attempts is not None and self.attempt >= attempts:
+            if self.attempt == attempts and not (local or _events.hub.listeners):
+                # _give_up("attempts", ...) when there is no event to send.
+                policy._gave_up.incr()
+                _add_note(exc, policy._exhausted_note)
+            else:
+                self._give_up("attempts", exc, None)
+            return None
+        delay = self.peeked
+        if delay is not None:
+            self.peeked = None
+        else:  # _draw(), inlined
+            delay = policy._constant_delay
+            if delay is None:
+                delays = self.delays
+                if delays is None:
+                    delays = self.delays = iter(policy.backoff)
+                delay = next(delays, None)
+                if delay is None:  # a finite schedule ran out: its last delay repeats
+                    delay = self.last_delay
+                self.last_delay = delay
+        outer = ambient()  # an enclosing timeout's deadline: remaining(), inlined
+        if outer is not None and delay >= max(outer[0] - outer[1].now(), 0.0):
+            self._give_up("deadline", exc, None)
+            return None
+        policy._retries.incr()
+        if local or _events.hub.listeners:
+            if policy.event_details:
+                policy._report_retry(self, delay, exc, None)
+            else:
+                _events.dispatch(
+                    local,
+                    _events.RetryScheduled(
+                        policy.kind, policy.name, policy._clock.now(), self.attempt, delay, exc
+                    ),
+                )
+        self.attempt += 1
+        self.waited += delay
+        return delay
 
     def on_result(self, result: object) -> float | None:
         """The attempt returned ``result``; the policy's ``retry_if_result`` judges it.
@@ -330,13 +399,15 @@ class RetryState:
         if delay is not None:
             self.peeked = None
         else:  # _draw(), inlined
-            delays = self.delays
-            if delays is None:
-                delays = self.delays = iter(policy.backoff)
-            delay = next(delays, None)
-            if delay is None:  # a finite schedule ran out: its last delay repeats
-                delay = self.last_delay
-            self.last_delay = delay
+            delay = policy._constant_delay
+            if delay is None:
+                delays = self.delays
+                if delays is None:
+                    delays = self.delays = iter(policy.backoff)
+                delay = next(delays, None)
+                if delay is None:  # a finite schedule ran out: its last delay repeats
+                    delay = self.last_delay
+                self.last_delay = delay
         if retry_after is not None:
             if isinstance(retry_after, timedelta):
                 retry_after = retry_after.total_seconds()
@@ -370,14 +441,16 @@ class RetryState:
         policy = self.policy
         policy._gave_up.incr()
         if error is not None:
-            key = (self.attempt, reason)
-            note = _NOTES.get(key)
+            note: str | None
+            if reason == "attempts" and self.attempt == policy.max_attempts:
+                note = policy._exhausted_note  # the usual note, made once per policy
+            else:
+                key = (self.attempt, reason)
+                note = _NOTES.get(key)
             if note is None:
-                note = (
-                    f"buttress: gave up after {key[0]} attempt(s) ({_EXHAUSTED[reason]} exhausted)"
-                )
+                note = _gave_up_note(self.attempt, reason)
                 if len(_NOTES) < 1024:
-                    _NOTES[key] = note
+                    _NOTES[self.attempt, reason] = note
             _add_note(error, note)
         if policy._listeners or _events.hub.listeners:
             if policy.event_details:
@@ -390,11 +463,17 @@ class RetryState:
                     **self.details(),
                 )
             else:
-                now = policy._clock.now()
-                policy._deliver(
+                _events.dispatch(
+                    policy._listeners,
                     _events.RetryGaveUp(
-                        policy.kind, policy.name, now, self.attempt, reason, error, result
-                    )
+                        policy.kind,
+                        policy.name,
+                        policy._clock.now(),
+                        self.attempt,
+                        reason,
+                        error,
+                        result,
+                    ),
                 )
 
     def __repr__(self) -> str:
@@ -501,6 +580,9 @@ class Retry(Policy):
                 "got attempts=None and deadline=None"
             )
         self.on: ExceptionFilter = check_exception_filter("on", on)
+        # Whether each class of error is retried, learnt as they come (see on_error);
+        # None when `on` has predicates: then the answer depends on the instance.
+        self._verdicts: dict[type[BaseException], bool] | None = None if self.on.predicates else {}
         # An open circuit is retried only when on= names CircuitOpenError or RejectedError
         # by class (not a broader class such as Exception, and not a predicate).
         self._retries_open_circuit = any(
@@ -545,12 +627,19 @@ class Retry(Policy):
                 f"backoff must hold at least one delay (use [0] for no pause), got {backoff!r}"
             )
         self.backoff: Iterable[float] = backoff
+        # A one-delay schedule ([0], say) is that delay every time: no iterator per call.
+        self._constant_delay: float | None = (
+            backoff[0] if isinstance(backoff, tuple) and len(backoff) == 1 else None
+        )
         self.deadline = check_seconds("deadline", deadline, allow_none=True)
         if budget is not None and not isinstance(budget, RetryBudget):
             raise ConfigTypeError(
                 f"budget must be a buttress.RetryBudget, got {budget!r} ({type(budget).__name__})"
             )
         self.budget = budget
+        self._exhausted_note = (
+            "" if self.max_attempts is None else _gave_up_note(self.max_attempts, "attempts")
+        )
         # Atomic counters, no lock: a failing dependency makes these the hot path.
         self._retries = Counter()
         self._gave_up = Counter()
@@ -579,10 +668,11 @@ class Retry(Policy):
                 **state.details(),
             )
         else:
-            self._deliver(
+            _events.dispatch(
+                self._listeners,
                 _events.RetryScheduled(
                     self.kind, self.name, self._clock.now(), state.attempt, delay, error, result
-                )
+                ),
             )
 
     def start(self) -> RetryState:
@@ -623,7 +713,8 @@ class Retry(Policy):
         start, sleep, check = self._start, self._clock.sleep, self.retry_if_result
 
         def retrying(*args: Any, **kwargs: Any) -> Any:
-            state = start()
+            # _start() only when it has work (a budget or a deadline): a call saved.
+            state = None if self.budget is None and self.deadline is None else start()
             while True:
                 try:
                     result = fn(*args, **kwargs)
@@ -653,7 +744,7 @@ class Retry(Policy):
         asleep = self._clock.asleep
 
         async def retrying(*args: Any, **kwargs: Any) -> Any:
-            state = start()
+            state = None if self.budget is None and self.deadline is None else start()
             while True:
                 try:
                     result = await fn(*args, **kwargs)
