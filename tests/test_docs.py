@@ -15,10 +15,12 @@ when ``CI`` is set (see ``tests/services.py``).
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import re
 import textwrap
 import traceback
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -210,3 +212,12 @@ def test_page_examples_run(page: Path) -> None:
                     f"{printed.getvalue()}\nbut its Output block says:\n{expected}",
                     pytrace=False,
                 )
+    # A client a page forgets to close is reported here, against that page, rather than
+    # by whichever later test the garbage collector happens to run in.
+    namespace.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        gc.collect()
+    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    if leaks:
+        pytest.fail(f"{label}: its examples left resources open: {leaks[:3]}", pytrace=False)
