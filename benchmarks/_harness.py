@@ -254,7 +254,12 @@ class Verdict:
         """Within ``factor`` times the target. A nanosecond target was set on one machine,
         so on a slower one it stretches by ``slowdown`` (see :func:`machine_slowdown`), and a
         figure within ``factor`` times the floor measured in the same run passes too."""
-        if self.group.target is None or self.group.target.kind != "ns":
+        kind = None if self.group.target is None else self.group.target.kind
+        if kind == "delta":
+            # "+N ns over the reference" is a nanosecond budget set on the same machine as
+            # the absolute targets: it stretches with the machine too.
+            return self.value <= self.limit * factor * max(slowdown, 1.0)
+        if kind != "ns":
             return self.value <= self.limit * factor
         if self.value <= self.limit * factor * max(slowdown, 1.0):
             return True

@@ -49,6 +49,7 @@ LIMIT = 10  # concurrent calls allowed, async
 THREAD_LIMIT = 4  # concurrent calls allowed, threads
 TARGET_TASKS = 1_000
 ASYNC_TARGET = 1.3  # buttress over asyncio.Semaphore, CPU time per contended call
+RATIO_SLACK = 1.25  # what the quick guard allows on a ratio measured within one run
 PRIMITIVES = 10_000
 OPERATIONS_TARGET_MS = 5.0
 # The 5 ms target of health() and state() at 10^4 primitives is not met yet. The checks
@@ -163,8 +164,10 @@ class ContentionReport:
         ratio = self.async_ratio()
         if ratio is None:
             out.append(f"contended async bulkhead at {TARGET_TASKS:,} tasks: not measured")
-        elif ratio > ASYNC_TARGET:
-            # A ratio within one run: enforced as it is (see the module docstring).
+        elif ratio > ASYNC_TARGET * (RATIO_SLACK if factor > 1 else 1.0):
+            # A ratio within one run does not stretch with the machine; the quick guard
+            # (factor > 1) allows RATIO_SLACK for its shorter, noisier repeats, and the
+            # full run holds the target itself.
             out.append(
                 f"contended async bulkhead at {TARGET_TASKS:,} tasks: {ratio:.2f}x "
                 f"asyncio.Semaphore, target {ASYNC_TARGET:g}x"
