@@ -291,13 +291,7 @@ class FanOut:
                 self._do(
                     self._log(run, ctx, "item_failed", {"index": index, "error": describe(exc)})
                 )
-                run.saga.emit(
-                    _events.ItemFailed,
-                    run_id=run.run_id,
-                    step=ctx.step,
-                    index=index,
-                    error=describe(exc),
-                )
+                self._item_failed(run, ctx, index, exc)
                 return
             output = jsonable(value)
             self._do(self._log(run, ctx, "item", {"index": index, "output": output}))
@@ -341,13 +335,7 @@ class FanOut:
                     await self._awrite(
                         self._log(run, ctx, "item_failed", {"index": index, "error": describe(exc)})
                     )
-                    run.saga.emit(
-                        _events.ItemFailed,
-                        run_id=run.run_id,
-                        step=ctx.step,
-                        index=index,
-                        error=describe(exc),
-                    )
+                    self._item_failed(run, ctx, index, exc)
                     return
                 output = jsonable(value)
                 await self._awrite(self._log(run, ctx, "item", {"index": index, "output": output}))
@@ -360,6 +348,12 @@ class FanOut:
         if parks:
             raise merged(ctx.step, parks)
         return [done[i] for i in range(len(items))]
+
+    @staticmethod
+    def _item_failed(run: _Run, ctx: Context, index: int, exc: BaseException) -> None:
+        run.saga.emit(
+            _events.ItemFailed, run_id=run.run_id, step=ctx.step, index=index, error=describe(exc)
+        )
 
     @staticmethod
     async def _awrite(call: Call) -> None:
@@ -384,7 +378,6 @@ class FanOut:
         )
 
     def _undo_sync(self, run: _Run, ctx: Context, state: dict[str, Any]) -> None:
-        assert self.undo is not None or not self._pending_undo(state)
         for index in self._pending_undo(state):
             error: BaseException | None = None
             try:
